@@ -1,0 +1,217 @@
+//! The public face of the engine: load a checkpoint, embed many texts at once.
+//!
+//! Inputs are sorted by length and cut into batches whose padded size stays within a token
+//! budget, so short texts are not padded to the longest one; results come back in input order,
+//! and because padding never changes a result they do not depend on how batches were formed.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::Config;
+use crate::encoding::{EncodedInput, InputEncoder, DEFAULT_MAX_LENGTH};
+use crate::error::{Error, Result};
+use crate::nvembed_v2::Model;
+use crate::source::ModelFiles;
+use crate::weights::Weights;
+
+/// Default padded-token budget of one forward pass.
+pub const DEFAULT_BATCH_TOKENS: usize = 16_384;
+
+#[derive(Debug, Clone, Copy)]
+pub struct EmbedOptions {
+    /// Truncation limit in tokens, `<s>` included.
+    pub max_length: usize,
+    /// Upper bound on rows × padded length of one forward pass (a longer single input still runs).
+    pub batch_tokens: usize,
+}
+
+impl Default for EmbedOptions {
+    fn default() -> Self {
+        Self {
+            max_length: DEFAULT_MAX_LENGTH,
+            batch_tokens: DEFAULT_BATCH_TOKENS,
+        }
+    }
+}
+
+/// Parses `f32`, `f16` or `bf16`.
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    match name.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(Error::InvalidArgument(format!(
+            "unsupported dtype {other:?} (expected f32, f16 or bf16)"
+        ))),
+    }
+}
+
+/// What one `embed` call did, for progress and statistics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EmbedStats {
+    pub tokens: usize,
+    pub batches: usize,
+}
+
+pub struct Embedder {
+    model: Model,
+    encoder: InputEncoder,
+    config: Config,
+    device: Device,
+    dtype: DType,
+    load_seconds: f64,
+}
+
+impl std::fmt::Debug for Embedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedder")
+            .field("dtype", &self.dtype)
+            .field("device", &self.device)
+            .field("embedding_dim", &self.embedding_dim())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Embedder {
+    pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let started = Instant::now();
+        let config = Config::from_file(&files.config)?;
+        let encoder = InputEncoder::from_file(&files.tokenizer)?;
+        let weights = Weights::open(&files.weights, dtype, device)?;
+        let model = Model::load(&weights, &config)?;
+        Ok(Self {
+            model,
+            encoder,
+            config,
+            device: device.clone(),
+            dtype,
+            load_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn encoder(&self) -> &InputEncoder {
+        &self.encoder
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn embedding_dim(&self) -> usize {
+        self.config.embedding_dim()
+    }
+
+    pub fn load_seconds(&self) -> f64 {
+        self.load_seconds
+    }
+
+    /// Embeds `texts` with `instruction`; one unit vector per text,
+    /// in input order. Fails before any compute if some input would have nothing to pool.
+    pub fn embed(&self, instruction: &str, texts: &[&str], options: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
+        self.embed_with_progress(instruction, texts, options, |_| {})
+            .map(|(vectors, _)| vectors)
+    }
+
+    /// As `embed`, calling `progress` with the number of texts done after each batch.
+    pub fn embed_with_progress(
+        &self,
+        instruction: &str,
+        texts: &[&str],
+        options: &EmbedOptions,
+        mut progress: impl FnMut(usize),
+    ) -> Result<(Vec<Vec<f32>>, EmbedStats)> {
+        let inputs = self.encoder.encode(instruction, texts, options.max_length)?;
+        self.check_poolable(&inputs)?;
+        let mut results: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
+        let mut stats = EmbedStats::default();
+        let mut done = 0;
+        for batch in plan_batches(&inputs, options.batch_tokens) {
+            let members: Vec<&EncodedInput> = batch.iter().map(|&i| &inputs[i]).collect();
+            let vectors = self.forward(&members)?;
+            for (&index, vector) in batch.iter().zip(vectors) {
+                results[index] = vector;
+            }
+            stats.tokens += members.iter().map(|m| m.ids.len()).sum::<usize>();
+            stats.batches += 1;
+            done += batch.len();
+            progress(done);
+        }
+        Ok((results, stats))
+    }
+
+    /// The decoder's output (after its final RMSNorm) for `texts` as one padded batch,
+    /// (rows × padded length × hidden), for checking against reference implementations.
+    pub fn decoder_hidden_states(
+        &self,
+        instruction: &str,
+        texts: &[&str],
+        max_length: usize,
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        let inputs = self.encoder.encode(instruction, texts, max_length)?;
+        let batch = self.encoder.pad(&inputs.iter().collect::<Vec<_>>());
+        let ids = Tensor::new(batch.input_ids, &self.device)?;
+        let attention = Tensor::new(batch.attention_mask, &self.device)?;
+        let hidden = self.model.decoder_hidden_states(&ids, &attention)?;
+        Ok(hidden.to_dtype(DType::F32)?.to_vec3::<f32>()?)
+    }
+
+    fn check_poolable(&self, inputs: &[EncodedInput]) -> Result<()> {
+        if !self.config.is_mask_instruction {
+            return Ok(());
+        }
+        match inputs.iter().position(|input| input.pooled_tokens() == 0) {
+            Some(index) => Err(Error::NothingToPool {
+                index,
+                tokens: inputs[index].ids.len(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn forward(&self, members: &[&EncodedInput]) -> Result<Vec<Vec<f32>>> {
+        let mut batch = self.encoder.pad(members);
+        if !self.config.is_mask_instruction {
+            batch.pool_mask = batch.attention_mask.clone();
+        }
+        let ids = Tensor::new(batch.input_ids, &self.device)?;
+        let attention = Tensor::new(batch.attention_mask, &self.device)?;
+        let pool = Tensor::new(batch.pool_mask, &self.device)?;
+        let mut embeddings = self.model.forward(&ids, &attention, &pool)?;
+        if !self.config.latent_attention_config.output_normalize {
+            // The model then returns the raw pooled state; callers of the engine always get unit
+            // vectors, as the model card's F.normalize gives them.
+            let norms = embeddings.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
+            embeddings = embeddings.broadcast_div(&norms)?;
+        }
+        Ok(embeddings.to_vec2::<f32>()?)
+    }
+}
+
+/// Groups input indices into batches: sorted by length, each batch's rows × longest length
+/// within `batch_tokens` (an input longer than the budget runs alone).
+pub fn plan_batches(inputs: &[EncodedInput], batch_tokens: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..inputs.len()).collect();
+    order.sort_by_key(|&i| inputs[i].ids.len());
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    for index in order {
+        let longest = inputs[index].ids.len();
+        if !current.is_empty() && (current.len() + 1) * longest > batch_tokens {
+            batches.push(std::mem::take(&mut current));
+        }
+        current.push(index);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}

@@ -1,0 +1,133 @@
+//! Turning (instruction, text) pairs into the exact token ids and masks the reference feeds its
+//! model: `instruction + text + "</s>"`, `<s>` prepended by the tokenizer's post-processor,
+//! truncated to `max_length` *after* `</s>` is appended (so it can be cut off), right-padded with
+//! the eos id, and a pool mask that hides the first L positions, L being the instruction's token
+//! count when tokenized alone without special tokens.
+
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+
+/// The instruction NV-Embed-v2 was trained with for retrieval queries.
+pub const QUERY_INSTRUCTION: &str = "Instruct: Given a question, retrieve passages that answer the question\nQuery: ";
+/// Passages are embedded with no instruction.
+pub const PASSAGE_INSTRUCTION: &str = "";
+/// The reference's default truncation limit, in tokens including `<s>`.
+pub const DEFAULT_MAX_LENGTH: usize = 32_768;
+
+/// The instruction for a custom retrieval task, formatted as in the model card.
+pub fn task_instruction(task: &str) -> String {
+    format!("Instruct: {task}\nQuery: ")
+}
+
+/// One tokenized input, unpadded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedInput {
+    pub ids: Vec<u32>,
+    /// Leading positions excluded from pooling (the instruction length, capped at `ids.len()`).
+    pub masked_prefix: usize,
+}
+
+impl EncodedInput {
+    /// Positions that contribute to the pooled embedding.
+    pub fn pooled_tokens(&self) -> usize {
+        self.ids.len().saturating_sub(self.masked_prefix)
+    }
+}
+
+/// A right-padded batch exactly as the reference builds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaddedBatch {
+    pub input_ids: Vec<Vec<u32>>,
+    pub attention_mask: Vec<Vec<u32>>,
+    pub pool_mask: Vec<Vec<u32>>,
+}
+
+pub struct InputEncoder {
+    tokenizer: Tokenizer,
+    pad_id: u32,
+}
+
+impl InputEncoder {
+    const EOS_TOKEN: &'static str = "</s>";
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::MissingFile(path.to_path_buf()));
+        }
+        let tokenizer = Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        // The reference sets pad = eos at load time; the files leave pad unset.
+        let pad_id = tokenizer.token_to_id(Self::EOS_TOKEN).ok_or_else(|| Error::Tokenizer {
+            path: path.to_path_buf(),
+            reason: format!("the vocabulary has no {} token", Self::EOS_TOKEN),
+        })?;
+        Ok(Self {
+            tokenizer,
+            pad_id,
+        })
+    }
+
+    /// Token count of `instruction` alone, without special tokens.
+    pub fn instruction_len(&self, instruction: &str) -> Result<usize> {
+        if instruction.is_empty() {
+            return Ok(0);
+        }
+        let encoding = self
+            .tokenizer
+            .encode(instruction, false)
+            .map_err(|e| Error::Encode(e.to_string()))?;
+        Ok(encoding.get_ids().len())
+    }
+
+    /// Tokenizes each text with `instruction`; the instruction is measured once for all of them.
+    pub fn encode(&self, instruction: &str, texts: &[&str], max_length: usize) -> Result<Vec<EncodedInput>> {
+        if max_length == 0 {
+            return Err(Error::InvalidArgument("max_length must be at least 1".into()));
+        }
+        let prefix = self.instruction_len(instruction)?;
+        texts
+            .iter()
+            .map(|text| {
+                let full = format!("{instruction}{text}{}", Self::EOS_TOKEN);
+                let encoding = self
+                    .tokenizer
+                    .encode(full.as_str(), true)
+                    .map_err(|e| Error::Encode(e.to_string()))?;
+                let mut ids = encoding.get_ids().to_vec();
+                ids.truncate(max_length);
+                Ok(EncodedInput {
+                    masked_prefix: prefix.min(ids.len()),
+                    ids,
+                })
+            })
+            .collect()
+    }
+
+    /// Right-pads `inputs` to their longest member.
+    pub fn pad(&self, inputs: &[&EncodedInput]) -> PaddedBatch {
+        let width = inputs.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        let mut batch = PaddedBatch {
+            input_ids: Vec::with_capacity(inputs.len()),
+            attention_mask: Vec::with_capacity(inputs.len()),
+            pool_mask: Vec::with_capacity(inputs.len()),
+        };
+        for input in inputs {
+            let len = input.ids.len();
+            let mut ids = input.ids.clone();
+            ids.resize(width, self.pad_id);
+            let attention: Vec<u32> = (0..width).map(|i| u32::from(i < len)).collect();
+            let pool: Vec<u32> = (0..width)
+                .map(|i| u32::from(i < len && i >= input.masked_prefix))
+                .collect();
+            batch.input_ids.push(ids);
+            batch.attention_mask.push(attention);
+            batch.pool_mask.push(pool);
+        }
+        batch
+    }
+}

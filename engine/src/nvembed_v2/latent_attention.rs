@@ -1,0 +1,145 @@
+//! NV-Embed-v2's latent-attention pooling: token states attend to a trained latent array, then a
+//! GEGLU feed-forward, both with residuals, then a masked mean over the pool mask.
+
+use candle_core::{DType, Module, Result as CandleResult, Tensor, D};
+use candle_nn::Linear;
+
+use super::ops::{blocked_attention, in_token_chunks, LayerNorm};
+use crate::config::Config;
+use crate::error::Result;
+use crate::weights::Weights;
+
+const PREFIX: &str = "latent_attention_model";
+/// Width multiplier of the reference `FeedForward` (fixed, not in the config).
+const FEED_FORWARD_MULT: usize = 4;
+
+struct CrossAttention {
+    norm: LayerNorm,
+    to_q: Linear,
+    to_out: Linear,
+    /// Keys and values of the latent array, (1, heads, latents, head_dim) each, in f32. They do
+    /// not depend on the input, so they are computed once at load time and shared by every row
+    /// of every batch; `to_kv`, `norm_context` and the latents themselves are then not kept.
+    latent_k: Tensor,
+    latent_v: Tensor,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl CrossAttention {
+    fn load(w: &Weights, cfg: &Config) -> Result<Self> {
+        let l = &cfg.latent_attention_config;
+        let p = format!("{PREFIX}.cross_attend_blocks.0");
+        let inner = l.num_cross_heads * l.cross_dim_head;
+        let f32_param = |name: &str, width: usize| w.get_as(&format!("{p}.{name}"), &[width], DType::F32);
+        let norm_context = LayerNorm::new(
+            f32_param("norm_context.weight", l.hidden_dim)?,
+            f32_param("norm_context.bias", l.hidden_dim)?,
+        );
+        let to_kv = Linear::new(w.get(&format!("{p}.fn.to_kv.weight"), &[2 * inner, l.hidden_dim])?, None);
+        let latents = w.get(&format!("{PREFIX}.latents"), &[l.num_latents_value, l.latent_dim])?;
+        let kv = to_kv.forward(&norm_context.forward(&latents)?)?;
+        let split = |start: usize| -> CandleResult<Tensor> {
+            kv.narrow(D::Minus1, start, inner)?
+                .reshape((1, l.num_latents_value, l.num_cross_heads, l.cross_dim_head))?
+                .transpose(1, 2)?
+                .to_dtype(DType::F32)?
+                .contiguous()
+        };
+        Ok(Self {
+            norm: LayerNorm::new(f32_param("norm.weight", l.latent_dim)?, f32_param("norm.bias", l.latent_dim)?),
+            to_q: Linear::new(w.get(&format!("{p}.fn.to_q.weight"), &[inner, l.latent_dim])?, None),
+            to_out: Linear::new(w.get(&format!("{p}.fn.to_out.weight"), &[l.latent_dim, inner])?, None),
+            latent_k: split(0)?,
+            latent_v: split(inner)?,
+            heads: l.num_cross_heads,
+            head_dim: l.cross_dim_head,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> CandleResult<Tensor> {
+        let (b, l, _) = xs.dims3()?;
+        let q = self
+            .to_q
+            .forward(&self.norm.forward(xs)?)?
+            .reshape((b, l, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        let attn = blocked_attention(&q, &self.latent_k, &self.latent_v, None, 1.0 / (self.head_dim as f64).sqrt())?
+            .transpose(1, 2)?
+            .reshape((b, l, self.heads * self.head_dim))?
+            .to_dtype(xs.dtype())?;
+        self.to_out.forward(&attn)
+    }
+}
+
+struct FeedForward {
+    norm: LayerNorm,
+    proj_in: Linear,
+    proj_out: Linear,
+    inner: usize,
+}
+
+impl FeedForward {
+    fn load(w: &Weights, cfg: &Config) -> Result<Self> {
+        let d = cfg.latent_attention_config.latent_dim;
+        let inner = d * FEED_FORWARD_MULT;
+        let p = format!("{PREFIX}.cross_attend_blocks.1");
+        Ok(Self {
+            norm: LayerNorm::new(
+                w.get_as(&format!("{p}.norm.weight"), &[d], DType::F32)?,
+                w.get_as(&format!("{p}.norm.bias"), &[d], DType::F32)?,
+            ),
+            proj_in: Linear::new(
+                w.get(&format!("{p}.fn.net.0.weight"), &[2 * inner, d])?,
+                Some(w.get(&format!("{p}.fn.net.0.bias"), &[2 * inner])?),
+            ),
+            proj_out: Linear::new(
+                w.get(&format!("{p}.fn.net.2.weight"), &[d, inner])?,
+                Some(w.get(&format!("{p}.fn.net.2.bias"), &[d])?),
+            ),
+            inner,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, xs: &Tensor) -> CandleResult<Tensor> {
+        let hidden = self.proj_in.forward(&self.norm.forward(xs)?)?;
+        // GEGLU: first half times exact-erf GELU of the second half.
+        let value = hidden.narrow(D::Minus1, 0, self.inner)?;
+        let gate = hidden.narrow(D::Minus1, self.inner, self.inner)?;
+        self.proj_out.forward(&(value * gate.gelu_erf()?)?)
+    }
+}
+
+pub struct LatentAttention {
+    cross_attention: CrossAttention,
+    feed_forward: FeedForward,
+    output_normalize: bool,
+}
+
+impl LatentAttention {
+    pub fn load(w: &Weights, cfg: &Config) -> Result<Self> {
+        Ok(Self {
+            cross_attention: CrossAttention::load(w, cfg)?,
+            feed_forward: FeedForward::load(w, cfg)?,
+            output_normalize: cfg.latent_attention_config.output_normalize,
+        })
+    }
+
+    /// `hidden`: (b, l, d) decoder states; `pool_mask`: (b, l) 0/1. Returns (b, d) in f32.
+    pub fn forward(&self, hidden: &Tensor, pool_mask: &Tensor) -> CandleResult<Tensor> {
+        let xs = (hidden + self.cross_attention.forward(hidden)?)?;
+        let xs = (&xs + in_token_chunks(&xs, |chunk| self.feed_forward.forward(chunk))?)?;
+        let mask = pool_mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+        let summed = xs.to_dtype(DType::F32)?.broadcast_mul(&mask)?.sum(1)?;
+        let pooled = summed.broadcast_div(&mask.sum(1)?)?;
+        if self.output_normalize {
+            pooled.broadcast_div(&pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?)
+        } else {
+            Ok(pooled)
+        }
+    }
+}

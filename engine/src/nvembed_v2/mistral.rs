@@ -1,0 +1,184 @@
+//! The bidirectional Mistral decoder of NV-Embed-v2: Mistral-7B's blocks with the causal mask
+//! replaced by a padding-only key mask, and no sliding window.
+
+use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, D};
+use candle_nn::Linear;
+
+use super::ops::{blocked_attention, in_token_chunks, RmsNorm};
+use crate::config::Config;
+use crate::error::Result;
+use crate::weights::Weights;
+
+const PREFIX: &str = "embedding_model";
+
+/// cos/sin tables for rotary embeddings, computed in f32 for the positions of one batch.
+fn rotary_tables(head_dim: usize, theta: f64, len: usize, device: &Device) -> CandleResult<(Tensor, Tensor)> {
+    let inv_freq: Vec<f32> = (0..head_dim / 2)
+        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, head_dim / 2), device)?;
+    let positions = Tensor::arange(0u32, len as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((len, 1))?;
+    let angles = positions.broadcast_mul(&inv_freq)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
+
+struct SelfAttention {
+    /// q, k and v projections fused into one matmul.
+    qkv: Linear,
+    out: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl SelfAttention {
+    fn load(w: &Weights, cfg: &Config, prefix: &str) -> Result<Self> {
+        let t = &cfg.text_config;
+        let hd = cfg.head_dim();
+        let q = w.get(&format!("{prefix}.q_proj.weight"), &[t.num_attention_heads * hd, t.hidden_size])?;
+        let k = w.get(&format!("{prefix}.k_proj.weight"), &[t.num_key_value_heads * hd, t.hidden_size])?;
+        let v = w.get(&format!("{prefix}.v_proj.weight"), &[t.num_key_value_heads * hd, t.hidden_size])?;
+        let o = w.get(&format!("{prefix}.o_proj.weight"), &[t.hidden_size, t.num_attention_heads * hd])?;
+        Ok(Self {
+            qkv: Linear::new(Tensor::cat(&[q, k, v], 0)?, None),
+            out: Linear::new(o, None),
+            heads: t.num_attention_heads,
+            kv_heads: t.num_key_value_heads,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, key_bias: &Tensor) -> CandleResult<Tensor> {
+        let (b, l, _) = xs.dims3()?;
+        let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let qkv = self.qkv.forward(xs)?;
+        // Attention runs in f32 whatever the model dtype: rotary phases and score magnitudes
+        // are where half precision loses the most.
+        let split = |start: usize, heads: usize| -> CandleResult<Tensor> {
+            qkv.narrow(D::Minus1, start * hd, heads * hd)?
+                .reshape((b, l, heads, hd))?
+                .transpose(1, 2)?
+                .to_dtype(DType::F32)?
+                .contiguous()
+        };
+        let q = candle_nn::rotary_emb::rope(&split(0, h)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&split(h, kvh)?, cos, sin)?;
+        let v = split(h + kvh, kvh)?;
+        // Grouped-query attention without copying K/V: the n_rep query heads sharing one kv head
+        // become extra query rows of that kv head, (b, kvh, n_rep * l, hd).
+        let n_rep = h / kvh;
+        let q = q.reshape((b, kvh, n_rep * l, hd))?;
+        let attn = blocked_attention(&q, &k, &v, Some(key_bias), 1.0 / (hd as f64).sqrt())?;
+        let attn = attn
+            .reshape((b, h, l, hd))?
+            .transpose(1, 2)?
+            .reshape((b, l, h * hd))?
+            .to_dtype(xs.dtype())?;
+        self.out.forward(&attn)
+    }
+}
+
+struct Mlp {
+    /// gate and up projections fused into one matmul.
+    gate_up: Linear,
+    down: Linear,
+    intermediate: usize,
+}
+
+impl Mlp {
+    fn load(w: &Weights, cfg: &Config, prefix: &str) -> Result<Self> {
+        let t = &cfg.text_config;
+        let (hs, is) = (t.hidden_size, t.intermediate_size);
+        let gate = w.get(&format!("{prefix}.gate_proj.weight"), &[is, hs])?;
+        let up = w.get(&format!("{prefix}.up_proj.weight"), &[is, hs])?;
+        let down = w.get(&format!("{prefix}.down_proj.weight"), &[hs, is])?;
+        Ok(Self {
+            gate_up: Linear::new(Tensor::cat(&[gate, up], 0)?, None),
+            down: Linear::new(down, None),
+            intermediate: is,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> CandleResult<Tensor> {
+        let gate_up = self.gate_up.forward(xs)?;
+        let gate = gate_up.narrow(D::Minus1, 0, self.intermediate)?;
+        let up = gate_up.narrow(D::Minus1, self.intermediate, self.intermediate)?;
+        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+    }
+}
+
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    attention: SelfAttention,
+    post_attention_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn load(w: &Weights, cfg: &Config, prefix: &str) -> Result<Self> {
+        let hs = cfg.text_config.hidden_size;
+        let eps = cfg.text_config.rms_norm_eps;
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(w.get_as(&format!("{prefix}.{name}.weight"), &[hs], DType::F32)?, eps))
+        };
+        Ok(Self {
+            input_norm: norm("input_layernorm")?,
+            attention: SelfAttention::load(w, cfg, &format!("{prefix}.self_attn"))?,
+            post_attention_norm: norm("post_attention_layernorm")?,
+            mlp: Mlp::load(w, cfg, &format!("{prefix}.mlp"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, key_bias: &Tensor) -> CandleResult<Tensor> {
+        let attn = self.attention.forward(&self.input_norm.forward(xs)?, cos, sin, key_bias)?;
+        let xs = (xs + attn)?;
+        let mlp = in_token_chunks(&xs, |chunk| self.mlp.forward(&self.post_attention_norm.forward(chunk)?))?;
+        xs + mlp
+    }
+}
+
+/// The decoder: token ids in, final-RMSNorm hidden states out.
+pub struct Decoder {
+    embed_tokens: candle_nn::Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    head_dim: usize,
+    rope_theta: f64,
+}
+
+impl Decoder {
+    pub fn load(w: &Weights, cfg: &Config) -> Result<Self> {
+        let t = &cfg.text_config;
+        let embed = w.get(&format!("{PREFIX}.embed_tokens.weight"), &[t.vocab_size, t.hidden_size])?;
+        let layers = (0..t.num_hidden_layers)
+            .map(|i| DecoderLayer::load(w, cfg, &format!("{PREFIX}.layers.{i}")))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = w.get_as(&format!("{PREFIX}.norm.weight"), &[t.hidden_size], DType::F32)?;
+        Ok(Self {
+            embed_tokens: candle_nn::Embedding::new(embed, t.hidden_size),
+            layers,
+            norm: RmsNorm::new(norm, t.rms_norm_eps),
+            head_dim: cfg.head_dim(),
+            rope_theta: t.rope_theta,
+        })
+    }
+
+    /// `input_ids`: (b, l) u32; `attention_mask`: (b, l) f32 of 0/1. Returns (b, l, hidden).
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> CandleResult<Tensor> {
+        let (b, l) = input_ids.dims2()?;
+        let device = input_ids.device();
+        let (cos, sin) = rotary_tables(self.head_dim, self.rope_theta, l, device)?;
+        // Padding keys get a large negative bias (the reference uses the dtype's minimum);
+        // every other pair attends both ways.
+        let key_bias = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * f32::MAX as f64)?.reshape((b, 1, 1, l))?;
+        let mut xs = self.embed_tokens.forward(input_ids)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &cos, &sin, &key_bias)?;
+        }
+        self.norm.forward(&xs)
+    }
+}

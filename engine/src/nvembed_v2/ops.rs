@@ -1,0 +1,153 @@
+//! Numerical building blocks shared by the decoder and the latent-attention layer.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+
+/// Upper bound on the f32 attention-score block materialised at once. A full L×L score tensor
+/// for the real model at 32768 tokens would be ~137 GB; queries are processed in blocks so that
+/// one block's scores stay under this size (the softmax makes one more block-sized buffer).
+pub const ATTENTION_SCORE_BLOCK_BYTES: usize = 256 << 20;
+
+/// Token rows pushed through a position-wise feed-forward at once, so the intermediate
+/// activations of a very long input stay bounded (intermediate_size × this × 4 bytes).
+pub const FEED_FORWARD_CHUNK_TOKENS: usize = 4096;
+
+/// RMSNorm computed in f32 (weights kept in f32), result cast back to the input dtype.
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self {
+            weight,
+            eps: eps as f32,
+        }
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        candle_nn::ops::rms_norm(&xs.to_dtype(DType::F32)?, &self.weight, self.eps)?.to_dtype(dtype)
+    }
+}
+
+/// LayerNorm (PyTorch default eps 1e-5) computed in f32, result cast back to the input dtype.
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    const EPS: f32 = 1e-5;
+
+    pub fn new(weight: Tensor, bias: Tensor) -> Self {
+        Self { weight, bias }
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        candle_nn::ops::layer_norm(&xs.to_dtype(DType::F32)?, &self.weight, &self.bias, Self::EPS)?
+            .to_dtype(dtype)
+    }
+}
+
+/// Scaled dot-product attention over blocks of query rows, in f32.
+///
+/// `q`: (b, g, rows, d); `k`, `v`: (b or 1, g, keys, d) — a batch of 1 is broadcast, which is how
+/// the latent keys/values computed once are shared by every row. `key_bias`: optional additive
+/// (b, 1, 1, keys) f32 mask. Returns (b, g, rows, d) in f32.
+pub fn blocked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    attention_in_blocks(q, k, v, key_bias, scale, ATTENTION_SCORE_BLOCK_BYTES)
+}
+
+fn attention_in_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: Option<&Tensor>,
+    scale: f64,
+    block_bytes: usize,
+) -> Result<Tensor> {
+    let (b, g, rows, _) = q.dims4()?;
+    let keys = k.dim(2)?;
+    let k_t = k.transpose(2, 3)?.contiguous()?;
+    let row_bytes = b * g * keys * DType::F32.size_in_bytes();
+    let block = (block_bytes / row_bytes.max(1)).clamp(1, rows.max(1));
+    let mut outputs = Vec::with_capacity(rows.div_ceil(block));
+    let mut start = 0;
+    while start < rows {
+        let len = block.min(rows - start);
+        let q_block = (q.narrow(2, start, len)? * scale)?;
+        let mut scores = q_block.broadcast_matmul(&k_t)?;
+        if let Some(bias) = key_bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        drop(scores);
+        outputs.push(probs.broadcast_matmul(v)?);
+        start += len;
+    }
+    if outputs.len() == 1 {
+        Ok(outputs.remove(0))
+    } else {
+        Tensor::cat(&outputs, 2)
+    }
+}
+
+/// Applies a position-wise `f` to (b, l, h) in chunks of at most `FEED_FORWARD_CHUNK_TOKENS` rows.
+pub fn in_token_chunks(xs: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let (b, l, h) = xs.dims3()?;
+    if b * l <= FEED_FORWARD_CHUNK_TOKENS {
+        return f(xs);
+    }
+    let flat = xs.reshape((b * l, h))?;
+    let mut parts = Vec::with_capacity((b * l).div_ceil(FEED_FORWARD_CHUNK_TOKENS));
+    let mut start = 0;
+    while start < b * l {
+        let len = FEED_FORWARD_CHUNK_TOKENS.min(b * l - start);
+        parts.push(f(&flat.narrow(0, start, len)?.unsqueeze(0)?)?.squeeze(0)?);
+        start += len;
+    }
+    let out = Tensor::cat(&parts, 0)?;
+    let width = out.dim(D::Minus1)?;
+    out.reshape((b, l, width))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn blocks_give_the_same_result_as_one_full_score_matrix() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 3, 37, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
+        let mask = Tensor::from_iter((0..58).map(|i| if i % 29 > 20 { f32::MIN } else { 0.0 }), &dev)?
+            .reshape((2, 1, 1, 29))?;
+        let scale = 0.25;
+        let full = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?)?.matmul(&v)?;
+        // 7 query rows per block with this budget: 6 blocks, the last one partial.
+        let blocked = attention_in_blocks(&q, &k, &v, Some(&mask), scale, 7 * 2 * 3 * 29 * 4)?;
+        let diff = (full - blocked)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+        // A batch-1 key/value set is shared by every row (the latent-attention case).
+        let shared = attention_in_blocks(&q, &k.narrow(0, 0, 1)?, &v.narrow(0, 0, 1)?, None, scale, 1)?;
+        let row0 = candle_nn::ops::softmax_last_dim(&(q.narrow(0, 1, 1)?.matmul(&k.narrow(0, 0, 1)?.t()?)? * scale)?)?
+            .matmul(&v.narrow(0, 0, 1)?)?;
+        let diff = (shared.narrow(0, 1, 1)? - row0)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+        Ok(())
+    }
+}

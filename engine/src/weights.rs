@@ -1,0 +1,108 @@
+//! Checkpoint tensors, memory-mapped with candle's safetensors loader.
+//!
+//! Each tensor is checked against the shape the config implies, converted to the requested dtype
+//! and copied to the device; the mapped pages it came from are then released, so loading needs
+//! the weights' size in memory plus one tensor, not twice the checkpoint.
+
+use std::path::PathBuf;
+
+use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+pub struct Weights {
+    tensors: MmapedSafetensors,
+    files: Vec<PathBuf>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Weights {
+    pub fn open(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        for f in files {
+            if !f.is_file() {
+                return Err(Error::MissingFile(f.clone()));
+            }
+        }
+        // SAFETY (both blocks): the files are opened read-only; like every mmap-based loader we
+        // rely on them not being truncated underneath us while the model loads.
+        for f in files {
+            // Checked one by one first so that a corrupt shard is reported by its own name.
+            unsafe { MmapedSafetensors::new(f) }.map_err(|e| Error::Safetensors {
+                path: f.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        let tensors = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| Error::Safetensors {
+            path: files.first().cloned().unwrap_or_default(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            tensors,
+            files: files.to_vec(),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Loads `name`, which must have exactly `shape`, in the model dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_as(name, shape, self.dtype)
+    }
+
+    /// Loads `name` in `dtype` (used for the few parameters kept in f32 whatever the model dtype).
+    pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let view = self.tensors.get(name).map_err(|_| Error::MissingTensor {
+            name: name.to_string(),
+            files: self.describe_files(),
+        })?;
+        if view.shape() != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: view.shape().to_vec(),
+            });
+        }
+        let tensor = view
+            .load(&self.device)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| Error::Safetensors {
+                path: PathBuf::from(name),
+                reason: e.to_string(),
+            })?;
+        release_pages(view.data());
+        Ok(tensor)
+    }
+
+    fn describe_files(&self) -> String {
+        let names: Vec<String> = self.files.iter().map(|f| f.display().to_string()).collect();
+        names.join(", ")
+    }
+}
+
+/// Drops the mapped pages backing `bytes` from this process' resident set; the tensor has been
+/// copied out of them already and they would otherwise count against RSS until the model is built.
+fn release_pages(bytes: &[u8]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let page = if page > 0 { page as usize } else { 4096 };
+    let start = bytes.as_ptr() as usize;
+    let first = start.div_ceil(page) * page;
+    let end = (start + bytes.len()) / page * page;
+    if end > first {
+        // SAFETY: [first, end) lies inside a read-only private file mapping that stays mapped;
+        // MADV_DONTNEED on it only discards clean pages, which are re-read from the file if touched.
+        unsafe {
+            libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
+        }
+    }
+}
