@@ -75,6 +75,7 @@ impl std::fmt::Debug for Embedder {
 
 impl Embedder {
     pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
+        return_freed_activations_to_the_os();
         let started = Instant::now();
         let config = Config::from_file(&files.config)?;
         let encoder = InputEncoder::from_file(&files.tokenizer)?;
@@ -193,6 +194,22 @@ impl Embedder {
             embeddings = embeddings.broadcast_div(&norms)?;
         }
         Ok(embeddings.to_vec2::<f32>()?)
+    }
+}
+
+/// Activations are large, short-lived buffers. glibc's default raises its mmap threshold after
+/// the first large free, after which such buffers come from the heap and stay in the resident set
+/// once freed (measured: +70 % of the weights' size after one medium-model batch). A fixed
+/// threshold keeps every buffer above it in its own mapping, returned to the OS when dropped.
+fn return_freed_activations_to_the_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        const MMAP_THRESHOLD_BYTES: libc::c_int = 1 << 20;
+        // SAFETY: mallopt only changes allocator tuning and is safe to call at any time.
+        ONCE.call_once(|| unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+        });
     }
 }
 

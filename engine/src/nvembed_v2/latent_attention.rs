@@ -131,8 +131,12 @@ impl LatentAttention {
 
     /// `hidden`: (b, l, d) decoder states; `pool_mask`: (b, l) 0/1. Returns (b, d) in f32.
     pub fn forward(&self, hidden: &Tensor, pool_mask: &Tensor) -> CandleResult<Tensor> {
-        let xs = (hidden + self.cross_attention.forward(hidden)?)?;
-        let xs = (&xs + in_token_chunks(&xs, |chunk| self.feed_forward.forward(chunk))?)?;
+        // Every token is processed independently (the keys/values are the latents), so the
+        // whole block runs in bounded chunks of token rows.
+        let xs = in_token_chunks(hidden, |chunk| {
+            let xs = (chunk + self.cross_attention.forward(chunk)?)?;
+            &xs + self.feed_forward.forward(&xs)?
+        })?;
         let mask = pool_mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
         let summed = xs.to_dtype(DType::F32)?.broadcast_mul(&mask)?.sum(1)?;
         let pooled = summed.broadcast_div(&mask.sum(1)?)?;

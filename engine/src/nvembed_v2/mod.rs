@@ -8,7 +8,7 @@ mod ops;
 
 use candle_core::{Result as CandleResult, Tensor};
 
-pub use ops::{ATTENTION_SCORE_BLOCK_BYTES, FEED_FORWARD_CHUNK_TOKENS};
+pub use ops::{ATTENTION_SCORE_BLOCK_BYTES, TOKEN_CHUNK_ROWS};
 
 use crate::config::Config;
 use crate::error::Result;

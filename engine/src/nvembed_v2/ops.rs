@@ -7,9 +7,11 @@ use candle_core::{DType, Module, Result, Tensor, D};
 /// one block's scores stay under this size (the softmax makes one more block-sized buffer).
 pub const ATTENTION_SCORE_BLOCK_BYTES: usize = 256 << 20;
 
-/// Token rows pushed through a position-wise feed-forward at once, so the intermediate
-/// activations of a very long input stay bounded (intermediate_size × this × 4 bytes).
-pub const FEED_FORWARD_CHUNK_TOKENS: usize = 4096;
+/// Token rows pushed through a position-wise stage (decoder MLP, the whole latent-attention
+/// block) at once, so their wide intermediate activations (intermediate_size, or the latent
+/// block's 8 × hidden GEGLU and heads × cross_dim_head queries) stay bounded whatever the batch.
+/// Large enough for full-speed matmuls.
+pub const TOKEN_CHUNK_ROWS: usize = 512;
 
 /// RMSNorm computed in f32 (weights kept in f32), result cast back to the input dtype.
 pub struct RmsNorm {
@@ -104,17 +106,18 @@ fn attention_in_blocks(
     }
 }
 
-/// Applies a position-wise `f` to (b, l, h) in chunks of at most `FEED_FORWARD_CHUNK_TOKENS` rows.
+/// Applies a position-wise `f` to (b, l, h) in chunks of at most `TOKEN_CHUNK_ROWS` token rows,
+/// each passed as (1, rows, h).
 pub fn in_token_chunks(xs: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let (b, l, h) = xs.dims3()?;
-    if b * l <= FEED_FORWARD_CHUNK_TOKENS {
+    if b * l <= TOKEN_CHUNK_ROWS {
         return f(xs);
     }
     let flat = xs.reshape((b * l, h))?;
-    let mut parts = Vec::with_capacity((b * l).div_ceil(FEED_FORWARD_CHUNK_TOKENS));
+    let mut parts = Vec::with_capacity((b * l).div_ceil(TOKEN_CHUNK_ROWS));
     let mut start = 0;
     while start < b * l {
-        let len = FEED_FORWARD_CHUNK_TOKENS.min(b * l - start);
+        let len = TOKEN_CHUNK_ROWS.min(b * l - start);
         parts.push(f(&flat.narrow(0, start, len)?.unsqueeze(0)?)?.squeeze(0)?);
         start += len;
     }
