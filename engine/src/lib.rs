@@ -14,6 +14,7 @@ pub mod encoding;
 pub mod error;
 pub mod nvembed_v2;
 pub mod random_checkpoint;
+pub mod server;
 pub mod source;
 pub mod weights;
 

@@ -51,6 +51,18 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Serve embedding requests on a Unix socket (the model process of the Postgres extension).
+    Serve {
+        /// Socket path to create (a stale file there is replaced).
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        /// Compute threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Times the supervisor has restarted this server (reported in its status).
+        #[arg(long, default_value_t = 0)]
+        restarts: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,40 +89,57 @@ fn read_texts(input: impl BufRead) -> Result<Vec<String>, String> {
         .collect()
 }
 
-fn run(cli: Cli) -> Result<(), String> {
-    let Command::Embed {
-        model,
-        query,
-        passage,
-        instruction,
-        task,
-        max_length,
-        dtype,
-        batch_tokens,
-        threads,
-    } = cli.command;
-    if let Some(n) = threads {
-        if n == 0 {
-            return Err("--threads must be at least 1".into());
+/// Sets the compute thread count. Candle's CPU kernels and rayon read this variable when their
+/// pool starts; nothing has started one yet, and the process is still single-threaded.
+fn set_threads(threads: Option<usize>) -> Result<(), String> {
+    match threads {
+        Some(0) => Err("--threads must be at least 1".into()),
+        Some(n) => {
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            Ok(())
         }
-        // Candle's CPU kernels and rayon read this when their pool starts; nothing has started
-        // one yet, and this process is still single-threaded.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        None => Ok(()),
     }
-    let instruction = match (query, passage, instruction, task) {
-        (true, ..) => QUERY_INSTRUCTION.to_string(),
-        (_, true, ..) => PASSAGE_INSTRUCTION.to_string(),
-        (_, _, Some(instruction), _) => instruction,
-        (_, _, _, Some(task)) => task_instruction(&task),
-        _ => unreachable!("clap requires one of --query, --passage, --instruction, --task"),
-    };
-    let dtype = parse_dtype(&dtype).map_err(|e| e.to_string())?;
-    let options = EmbedOptions {
-        max_length,
-        batch_tokens,
-    };
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve {
+            socket,
+            threads,
+            restarts,
+        } => {
+            set_threads(threads)?;
+            nvembed_engine::server::serve(&socket, restarts).map_err(|e| e.to_string())
+        }
+        Command::Embed {
+            model,
+            query,
+            passage,
+            instruction,
+            task,
+            max_length,
+            dtype,
+            batch_tokens,
+            threads,
+        } => {
+            set_threads(threads)?;
+            let instruction = match (query, passage, instruction, task) {
+                (true, ..) => QUERY_INSTRUCTION.to_string(),
+                (_, true, ..) => PASSAGE_INSTRUCTION.to_string(),
+                (_, _, Some(instruction), _) => instruction,
+                (_, _, _, Some(task)) => task_instruction(&task),
+                _ => unreachable!("clap requires one of --query, --passage, --instruction, --task"),
+            };
+            embed(&model, &instruction, &dtype, EmbedOptions { max_length, batch_tokens })
+        }
+    }
+}
+
+fn embed(model: &str, instruction: &str, dtype: &str, options: EmbedOptions) -> Result<(), String> {
+    let dtype = parse_dtype(dtype).map_err(|e| e.to_string())?;
     let texts = read_texts(std::io::stdin().lock())?;
-    let files = ModelSource::parse(&model).resolve().map_err(|e| e.to_string())?;
+    let files = ModelSource::parse(model).resolve().map_err(|e| e.to_string())?;
     let embedder = Embedder::load(&files, dtype, &Device::Cpu).map_err(|e| e.to_string())?;
 
     let show_progress = std::io::stderr().is_terminal();
@@ -118,7 +147,7 @@ fn run(cli: Cli) -> Result<(), String> {
     let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
     for (chunk_index, chunk) in texts.chunks(TEXTS_PER_CHUNK).enumerate() {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let vectors = embedder.embed(&instruction, &refs, &options).map_err(|e| match e {
+        let vectors = embedder.embed(instruction, &refs, &options).map_err(|e| match e {
             nvembed_engine::Error::NothingToPool { index, .. } => {
                 format!("line {}: {e}", chunk_index * TEXTS_PER_CHUNK + index + 1)
             }

@@ -1,0 +1,38 @@
+# nvembed — the two commands users and CI run: `make test`, `make demo`; and `make install`.
+PG_CONFIG ?= pg_config
+PG_MAJOR := 15
+PGRX_VERSION := 0.18.1
+PGVECTOR_VERSION := 0.8.0
+FIXTURE := engine/tests/fixtures/nvembed-tiny-a
+# Test data must be readable by the postgres OS user (a checkout under /root is not).
+TEST_ROOT ?= $(shell mktemp -d -u /tmp/nvembed-test.XXXXXX)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+RUNAS := $(shell [ "$$(id -u)" = 0 ] && echo "--runas postgres --pgdata $(TEST_ROOT)/pgdata")
+
+.PHONY: setup test engine-test extension-test install server demo bench
+
+setup:
+	bash scripts/setup.sh "$(PG_CONFIG)" "$(PGRX_VERSION)" "$(PGVECTOR_VERSION)"
+
+server:
+	cargo build --release -p nvembed-engine --bin nvembed
+
+install: setup server
+	$(SUDO) install -m 755 target/release/nvembed "$$($(PG_CONFIG) --pkglibdir)/nvembed-model-server"
+	cargo pgrx install --release --pg-config "$$($(PG_CONFIG) --bindir)/pg_config" $(if $(SUDO),--sudo,)
+
+engine-test:
+	cargo test --release -p nvembed-engine -p nvembed-protocol
+
+extension-test: server
+	$(SUDO) install -m 755 target/release/nvembed "$$($(PG_CONFIG) --pkglibdir)/nvembed-model-server"
+	bash scripts/prepare-test-fixture.sh "$(FIXTURE)" "$(TEST_ROOT)/fixture"
+	NVEMBED_TEST_FIXTURE="$(TEST_ROOT)/fixture" cargo pgrx test pg$(PG_MAJOR) $(RUNAS)
+
+test: setup engine-test extension-test
+
+demo: setup server
+	bash scripts/demo.sh
+
+bench: server
+	cargo bench -p nvembed-engine --bench medium

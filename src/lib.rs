@@ -1,0 +1,39 @@
+//! nvembed: NV-Embed-v2 embeddings inside PostgreSQL.
+//!
+//! Postgres glue only: GUCs, the SQL surface, the supervisor worker and the IPC client. The model
+//! itself runs in the `nvembed-model-server` process (the `nvembed-engine` crate).
+
+use pgrx::prelude::*;
+
+mod client;
+mod functions;
+mod gucs;
+mod worker;
+
+::pgrx::pg_module_magic!(name, version);
+
+pgrx::extension_sql_file!("../sql/trigger.sql", name = "trigger", requires = [functions::nvembed_passage, functions::nvembed_query]);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::register();
+    // SAFETY: reading a flag the postmaster sets while it loads preload libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        client::PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
+        worker::register();
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod sql_tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'nvembed'"]
+    }
+}

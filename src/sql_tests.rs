@@ -1,0 +1,232 @@
+//! SQL-level tests on a real PostgreSQL 15 with pgvector, the tiny fixture as the model.
+//! `make test` prepares NVEMBED_TEST_FIXTURE: a copy of the fixture readable by the server's OS
+//! user, with `expected_*.jsonl` written by the engine's own CLI for the same texts.
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    const FIXTURE: &str = match option_env!("NVEMBED_TEST_FIXTURE") {
+        Some(dir) => dir,
+        None => "/tmp/nvembed-test-fixture",
+    };
+
+    fn model_dir() -> String {
+        format!("{FIXTURE}/nvembed-tiny-a")
+    }
+
+    fn use_fixture() {
+        Spi::run(&format!("SET nvembed.model = '{}'", model_dir())).unwrap();
+    }
+
+    fn expected(kind: &str) -> Vec<Vec<f32>> {
+        let text = std::fs::read_to_string(format!("{FIXTURE}/expected_{kind}.jsonl")).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    fn texts() -> Vec<String> {
+        let text = std::fs::read_to_string(format!("{FIXTURE}/texts.jsonl")).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    fn embed_sql(call: &str, text: &str) -> Vec<f32> {
+        Spi::get_one_with_args::<Vec<f32>>(&format!("SELECT {call}"), &[text.into()])
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Runs `statement` and asserts it fails with `sqlstate` and a message containing `needle`.
+    fn assert_error(statement: &str, sqlstate: &str, needle: &str) {
+        let check = format!(
+            "DO $t$ BEGIN {statement}; RAISE EXCEPTION 'no error raised' USING ERRCODE = 'P0004';
+             EXCEPTION WHEN OTHERS THEN
+               IF SQLSTATE <> '{sqlstate}' OR position({} in SQLERRM) = 0 THEN
+                 RAISE EXCEPTION 'got % %', SQLSTATE, SQLERRM;
+               END IF;
+             END $t$",
+            pgrx::spi::quote_literal(needle)
+        );
+        Spi::run(&check).unwrap();
+    }
+
+    #[pg_test]
+    fn values_equal_the_engine_for_query_passage_and_task() {
+        use_fixture();
+        let texts = texts();
+        for (kind, call) in [
+            ("query", "nvembed_query($1)"),
+            ("passage", "nvembed_passage($1)"),
+            ("task", "nvembed_query($1, 'Given a claim, find documents that refute it')"),
+        ] {
+            for (text, want) in texts.iter().zip(expected(kind)) {
+                let got = embed_sql(call, text);
+                assert!(max_abs_diff(&got, &want) <= 1e-6, "{kind} {text:?}");
+            }
+        }
+        let norm = Spi::get_one::<f64>("SELECT sqrt(sum(x * x)) FROM unnest(nvembed_passage('hello')) x")
+            .unwrap()
+            .unwrap();
+        assert!((norm - 1.0).abs() < 1e-5);
+    }
+
+    #[pg_test]
+    fn trigger_fills_vector_halfvec_and_array_columns() {
+        use_fixture();
+        Spi::run("CREATE EXTENSION IF NOT EXISTS vector").unwrap();
+        Spi::run(
+            "CREATE TABLE docs (id int PRIMARY KEY, body text, note text,
+                                embedding vector(32), half halfvec(32), arr real[]);
+             CREATE TRIGGER e1 BEFORE INSERT OR UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION nvembed_embed_trigger('body', 'embedding');
+             CREATE TRIGGER e2 BEFORE INSERT OR UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION nvembed_embed_trigger('body', 'half');
+             CREATE TRIGGER e3 BEFORE INSERT OR UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION nvembed_embed_trigger('body', 'arr', 'query');
+             INSERT INTO docs (id, body) VALUES (1, 'hello'), (2, 'Crème brûlée à Paris'), (3, NULL);",
+        )
+        .unwrap();
+        let check = |id: i32, body: &str| {
+            let got = Spi::get_one::<Vec<f32>>(&format!("SELECT embedding::real[] FROM docs WHERE id = {id}")).unwrap().unwrap();
+            assert!(max_abs_diff(&got, &embed_sql("nvembed_passage($1)", body)) <= 1e-7);
+            let half = Spi::get_one::<Vec<f32>>(&format!("SELECT half::vector::real[] FROM docs WHERE id = {id}")).unwrap().unwrap();
+            assert!(max_abs_diff(&half, &got) <= 1e-3);
+            let arr = Spi::get_one::<Vec<f32>>(&format!("SELECT arr FROM docs WHERE id = {id}")).unwrap().unwrap();
+            assert!(max_abs_diff(&arr, &embed_sql("nvembed_query($1)", body)) <= 1e-7);
+        };
+        check(1, "hello");
+        check(2, "Crème brûlée à Paris");
+        let nulls = Spi::get_one::<bool>("SELECT embedding IS NULL AND half IS NULL AND arr IS NULL FROM docs WHERE id = 3").unwrap();
+        assert_eq!(nulls, Some(true));
+        // UPDATE of the text re-embeds; UPDATE of another column does not.
+        Spi::run("UPDATE docs SET body = 'goodbye' WHERE id = 1").unwrap();
+        check(1, "goodbye");
+        Spi::run("UPDATE docs SET embedding = array_fill(0.5, ARRAY[32])::vector WHERE id = 2").unwrap();
+        Spi::run("UPDATE docs SET note = 'edited' WHERE id = 2").unwrap();
+        let kept = Spi::get_one::<bool>("SELECT embedding = array_fill(0.5, ARRAY[32])::vector FROM docs WHERE id = 2").unwrap();
+        assert_eq!(kept, Some(true), "an update of another column must not re-embed");
+        Spi::run("UPDATE docs SET body = NULL WHERE id = 1").unwrap();
+        let cleared = Spi::get_one::<bool>("SELECT embedding IS NULL FROM docs WHERE id = 1").unwrap();
+        assert_eq!(cleared, Some(true));
+        // Assignment casts: arrays go straight into vector / halfvec columns.
+        Spi::run("INSERT INTO docs (id, note, embedding, half) VALUES (9, 'x', nvembed_passage('x'), nvembed_passage('x'))").unwrap();
+        // A wrong column name is a clear error at first use.
+        Spi::run("CREATE TABLE bad (body text, e vector(32));
+                  CREATE TRIGGER b BEFORE INSERT ON bad FOR EACH ROW EXECUTE FUNCTION nvembed_embed_trigger('body', 'embeding')")
+            .unwrap();
+        assert_error("INSERT INTO bad (body) VALUES ('x')", "42703", "embeding");
+    }
+
+    #[pg_test]
+    fn inner_product_search_returns_the_true_top_k() {
+        use_fixture();
+        Spi::run("CREATE EXTENSION IF NOT EXISTS vector").unwrap();
+        Spi::run("CREATE TABLE corpus (id int, body text, embedding vector(32))").unwrap();
+        let texts = texts();
+        for (i, t) in texts.iter().enumerate() {
+            Spi::run_with_args(
+                "INSERT INTO corpus VALUES ($1, $2, nvembed_passage($2)::vector)",
+                &[(i as i32).into(), t.as_str().into()],
+            )
+            .unwrap();
+        }
+        let query = "how to become a radiology technician in michigan?";
+        let q = embed_sql("nvembed_query($1)", query);
+        let mut brute: Vec<(f32, i32)> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let p = embed_sql("nvembed_passage($1)", t);
+                (q.iter().zip(&p).map(|(a, b)| a * b).sum::<f32>(), i as i32)
+            })
+            .collect();
+        brute.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
+        let want: Vec<i32> = brute.iter().take(3).map(|x| x.1).collect();
+        let got = Spi::get_one_with_args::<Vec<i32>>(
+            "SELECT array_agg(id) FROM (SELECT id FROM corpus ORDER BY embedding <#> nvembed_query($1)::vector LIMIT 3) s",
+            &[query.into()],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[pg_test]
+    fn model_errors_name_the_path_and_recover() {
+        assert_error(
+            "SET nvembed.model = '/nonexistent/nvembed-model'; PERFORM nvembed_passage('x')",
+            "F0000",
+            "/nonexistent/nvembed-model",
+        );
+        // A corrupt shard.
+        let broken = format!("{FIXTURE}/broken");
+        std::fs::create_dir_all(&broken).unwrap();
+        for entry in std::fs::read_dir(model_dir()).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), format!("{broken}/{}", entry.file_name().to_string_lossy())).unwrap();
+        }
+        let shard = format!("{broken}/model-00001-of-00002.safetensors");
+        let bytes = std::fs::read(&shard).unwrap();
+        std::fs::write(&shard, &bytes[..bytes.len() / 3]).unwrap();
+        assert_error(
+            &format!("SET nvembed.model = '{broken}'; PERFORM nvembed_passage('x')"),
+            "F0000",
+            "model-00001-of-00002.safetensors",
+        );
+        // Fixing the setting makes the next call work.
+        use_fixture();
+        assert_eq!(embed_sql("nvembed_passage($1)", "x").len(), 32);
+        // Nothing to pool: an error, never NaN.
+        Spi::run("SET nvembed.max_length = 10").unwrap();
+        assert_error("PERFORM nvembed_query('x')", "22023", "nothing left to pool");
+        assert_error("SET nvembed.max_length = 0", "22023", "max_length");
+        assert_error("SET nvembed.max_length = 40000", "22023", "max_length");
+    }
+
+    #[pg_test]
+    fn killing_the_model_process_mid_call_errors_and_the_next_call_works() {
+        use_fixture();
+        embed_sql("nvembed_passage($1)", "warm up");
+        let pid = Spi::get_one::<i32>("SELECT pid FROM nvembed_status()").unwrap().unwrap();
+        let restarts_before = Spi::get_one::<i64>("SELECT restarts FROM nvembed_status()").unwrap().unwrap();
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            // SAFETY: signalling a process by pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        let long = "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(2000);
+        assert_error(
+            &format!("PERFORM nvembed_passage({})", pgrx::spi::quote_literal(&long)),
+            "58000",
+            "connection lost",
+        );
+        killer.join().unwrap();
+        assert_eq!(embed_sql("nvembed_passage($1)", "after").len(), 32);
+        let restarts_after = Spi::get_one::<i64>("SELECT restarts FROM nvembed_status()").unwrap().unwrap();
+        assert!(restarts_after > restarts_before);
+    }
+
+    #[pg_test]
+    fn status_reports_the_loaded_model() {
+        use_fixture();
+        embed_sql("nvembed_passage($1)", "x");
+        let (loaded, dim, model) = Spi::get_three::<bool, i32, String>("SELECT loaded, dimension, model FROM nvembed_status()").unwrap();
+        assert_eq!((loaded, dim), (Some(true), Some(32)));
+        assert_eq!(model, Some(model_dir()));
+    }
+
+    #[pg_test]
+    fn plain_roles_cannot_change_the_model_settings() {
+        Spi::run("CREATE ROLE nvembed_plain_user").unwrap();
+        Spi::run("SET ROLE nvembed_plain_user").unwrap();
+        for setting in ["nvembed.model = '/etc'", "nvembed.dtype = 'bf16'", "nvembed.device = 'cpu'"] {
+            assert_error(&format!("SET {setting}"), "42501", "permission denied");
+        }
+        assert_error("SET nvembed.threads = 1", "55P02", "nvembed.threads");
+        Spi::run("SET nvembed.max_length = 100").unwrap();
+        Spi::run("RESET ROLE").unwrap();
+    }
+}
