@@ -17,7 +17,17 @@ mod tests {
         format!("{FIXTURE}/nvembed-tiny-a")
     }
 
+    /// Tests run concurrently against one model server. Tests that kill it, load other models
+    /// or read its global status take this lock exclusively; the others share it.
+    const MODEL_SERVER_LOCK: i64 = 0x6e76_656d;
+
     fn use_fixture() {
+        Spi::run(&format!("SELECT pg_advisory_xact_lock_shared({MODEL_SERVER_LOCK})")).unwrap();
+        Spi::run(&format!("SET nvembed.model = '{}'", model_dir())).unwrap();
+    }
+
+    fn use_fixture_exclusively() {
+        Spi::run(&format!("SELECT pg_advisory_xact_lock({MODEL_SERVER_LOCK})")).unwrap();
         Spi::run(&format!("SET nvembed.model = '{}'", model_dir())).unwrap();
     }
 
@@ -156,6 +166,7 @@ mod tests {
 
     #[pg_test]
     fn model_errors_name_the_path_and_recover() {
+        use_fixture_exclusively();
         assert_error(
             "SET nvembed.model = '/nonexistent/nvembed-model'; PERFORM nvembed_passage('x')",
             "F0000",
@@ -188,7 +199,8 @@ mod tests {
 
     #[pg_test]
     fn killing_the_model_process_mid_call_errors_and_the_next_call_works() {
-        use_fixture();
+        use_fixture_exclusively();
+        let postmaster_started = Spi::get_one::<String>("SELECT pg_postmaster_start_time()::text").unwrap();
         embed_sql("nvembed_passage($1)", "warm up");
         let pid = Spi::get_one::<i32>("SELECT pid FROM nvembed_status()").unwrap().unwrap();
         let restarts_before = Spi::get_one::<i64>("SELECT restarts FROM nvembed_status()").unwrap().unwrap();
@@ -207,11 +219,14 @@ mod tests {
         assert_eq!(embed_sql("nvembed_passage($1)", "after").len(), 32);
         let restarts_after = Spi::get_one::<i64>("SELECT restarts FROM nvembed_status()").unwrap().unwrap();
         assert!(restarts_after > restarts_before);
+        // The postmaster did not crash-restart: same start time, and this session lives on.
+        let still = Spi::get_one::<String>("SELECT pg_postmaster_start_time()::text").unwrap();
+        assert_eq!(still, postmaster_started);
     }
 
     #[pg_test]
     fn status_reports_the_loaded_model() {
-        use_fixture();
+        use_fixture_exclusively();
         embed_sql("nvembed_passage($1)", "x");
         let (loaded, dim, model) = Spi::get_three::<bool, i32, String>("SELECT loaded, dimension, model FROM nvembed_status()").unwrap();
         assert_eq!((loaded, dim), (Some(true), Some(32)));

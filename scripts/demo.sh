@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# End-to-end demo: a throwaway PostgreSQL 15 cluster with nvembed and pgvector, a table with the
+# embedding trigger, the model card's passages and queries, scores and nvembed_status().
+# NVEMBED_MODEL: a hub id (default nvidia/NV-Embed-v2) or a local checkpoint directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL=${NVEMBED_MODEL:-nvidia/NV-Embed-v2}
+PG_CONFIG=${PG_CONFIG:-pg_config}
+BINDIR=$("$PG_CONFIG" --bindir)
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+AS_PG=(); [ "$(id -u)" = 0 ] && AS_PG=(sudo -u postgres)
+
+$SUDO install -m 755 target/release/nvembed "$("$PG_CONFIG" --pkglibdir)/nvembed-model-server"
+cargo pgrx install --release --pg-config "$BINDIR/pg_config" $([ -n "$SUDO" ] && echo --sudo) >/dev/null
+
+work=$(mktemp -d /tmp/nvembed-demo.XXXXXX)
+chmod 755 "$work"
+if [ -d "$MODEL" ]; then # the server's OS user must be able to read a local model
+  cp -r "$MODEL" "$work/model"; MODEL="$work/model"
+fi
+[ "$(id -u)" = 0 ] && chown -R postgres "$work"
+port=$((20000 + RANDOM % 10000))
+"${AS_PG[@]}" "$BINDIR/initdb" -D "$work/data" -A trust -U postgres >/dev/null
+cat >> "$work/data/postgresql.conf" <<CONF
+port = $port
+listen_addresses = ''
+unix_socket_directories = '$work'
+shared_preload_libraries = 'nvembed'
+nvembed.model = '$MODEL'
+CONF
+stop() { "${AS_PG[@]}" "$BINDIR/pg_ctl" -D "$work/data" -m fast stop >/dev/null 2>&1 || true; rm -rf "$work"; }
+trap stop EXIT
+"${AS_PG[@]}" "$BINDIR/pg_ctl" -D "$work/data" -l "$work/server.log" -w start >/dev/null
+
+"${AS_PG[@]}" "$BINDIR/psql" -h "$work" -p "$port" -U postgres -v ON_ERROR_STOP=1 -X -e <<'SQL'
+CREATE EXTENSION vector;
+CREATE EXTENSION nvembed;
+SELECT dimension FROM nvembed_status();
+CREATE TABLE docs (id serial PRIMARY KEY, body text NOT NULL, embedding real[]);
+CREATE TRIGGER docs_embed BEFORE INSERT OR UPDATE ON docs
+  FOR EACH ROW EXECUTE FUNCTION nvembed_embed_trigger('body', 'embedding');
+INSERT INTO docs (body) VALUES
+ ('Since you''re reading this, you are probably someone from a judo background or someone who is just wondering how judo techniques can be applied under wrestling rules. So without further ado, let''s get to the question. Are Judo throws allowed in wrestling? Yes, judo throws are allowed in freestyle and folkstyle wrestling. You only need to be careful to follow the slam rules when executing judo throws. In wrestling, a slam is lifting and returning an opponent to the mat with unnecessary force.'),
+ ('Below are the basic steps to becoming a radiologic technologist in Michigan:Earn a high school diploma. As with most careers in health care, a high school education is the first step to finding entry-level employment. Taking classes in math and science, such as anatomy, biology, chemistry, physiology, and physics, can help prepare students for their college studies and future careers.Earn an associate degree. Entry-level radiologic positions typically require at least an Associate of Applied Science. Before enrolling in one of these degree programs, students should make sure it has been properly accredited by the Joint Review Committee on Education in Radiologic Technology (JRCERT).Get licensed or certified in the state of Michigan.');
+WITH q(query) AS (VALUES ('are judo throws allowed in wrestling?'),
+                         ('how to become a radiology technician in michigan?'))
+SELECT q.query, d.id, round((100 * -(d.embedding::vector <#> nvembed_query(q.query)::vector))::numeric, 2) AS score
+FROM q CROSS JOIN docs d ORDER BY q.query, score DESC;
+SELECT * FROM nvembed_status();
+SQL
