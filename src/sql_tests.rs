@@ -56,7 +56,7 @@ mod tests {
     fn assert_error(statement: &str, sqlstate: &str, needle: &str) {
         let check = format!(
             "DO $t$ BEGIN {statement}; RAISE EXCEPTION 'no error raised' USING ERRCODE = 'P0004';
-             EXCEPTION WHEN OTHERS THEN
+             EXCEPTION WHEN OTHERS OR query_canceled THEN
                IF SQLSTATE <> '{sqlstate}' OR position({} in SQLERRM) = 0 THEN
                  RAISE EXCEPTION 'got % %', SQLSTATE, SQLERRM;
                END IF;
@@ -243,5 +243,122 @@ mod tests {
         assert_error("SET nvembed.threads = 1", "55P02", "nvembed.threads");
         Spi::run("SET nvembed.max_length = 100").unwrap();
         Spi::run("RESET ROLE").unwrap();
+    }
+
+    /// A connection string back to this test server, for dblink.
+    fn self_connection() -> String {
+        let socket_dir = Spi::get_one::<String>("SELECT split_part(current_setting('unix_socket_directories'), ',', 1)")
+            .unwrap()
+            .unwrap();
+        let port = Spi::get_one::<String>("SELECT current_setting('port')").unwrap().unwrap();
+        let db = Spi::get_one::<String>("SELECT current_database()::text").unwrap().unwrap();
+        format!("host={} port={port} dbname={db} user=postgres", socket_dir.trim())
+    }
+
+    fn resident_anon_kb(pid: i32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[pg_test]
+    fn eight_concurrent_sessions_get_correct_vectors_and_stay_small() {
+        use_fixture();
+        Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
+        let conn = self_connection();
+        let texts = texts();
+        let want = expected("passage");
+        let weight_kb: u64 = std::fs::read_dir(model_dir())
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+            .map(|e| e.metadata().unwrap().len() / 1024)
+            .sum();
+        let sessions = 8;
+        let mut pids = Vec::new();
+        for s in 0..sessions {
+            Spi::run_with_args("SELECT dblink_connect($1, $2)", &[format!("c{s}").into(), conn.clone().into()]).unwrap();
+            let setup = format!("SET nvembed.model = '{}'", model_dir());
+            Spi::run_with_args("SELECT dblink_exec($1, $2)", &[format!("c{s}").into(), setup.into()]).unwrap();
+            let pid = Spi::get_one_with_args::<i32>(
+                "SELECT pid FROM dblink($1, 'SELECT pg_backend_pid()') AS t(pid int)",
+                &[format!("c{s}").into()],
+            )
+            .unwrap()
+            .unwrap();
+            pids.push(pid);
+        }
+        let before: Vec<u64> = pids.iter().map(|&p| resident_anon_kb(p)).collect();
+        for round in 0..3 {
+            // Every session sends its call before any result is read: they run concurrently.
+            for s in 0..sessions {
+                let text = &texts[(s + round) % texts.len()];
+                let sql = format!("SELECT nvembed_passage({})::text", pgrx::spi::quote_literal(text));
+                Spi::run_with_args("SELECT dblink_send_query($1, $2)", &[format!("c{s}").into(), sql.into()]).unwrap();
+            }
+            for s in 0..sessions {
+                let got = Spi::get_one_with_args::<String>(
+                    "SELECT v FROM dblink_get_result($1) AS t(v text)",
+                    &[format!("c{s}").into()],
+                )
+                .unwrap()
+                .unwrap();
+                let got: Vec<f32> = got.trim_matches(|c| c == '{' || c == '}').split(',').map(|x| x.parse().unwrap()).collect();
+                let expected = &want[(s + round) % texts.len()];
+                assert!(max_abs_diff(&got, expected) <= 1e-6, "session {s} round {round}");
+                // Drain the end-of-results marker of the async query.
+                Spi::run_with_args("SELECT * FROM dblink_get_result($1) AS t(v text)", &[format!("c{s}").into()]).unwrap();
+            }
+        }
+        for (s, &pid) in pids.iter().enumerate() {
+            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+            assert!(!maps.contains(".safetensors"), "backend {pid} mapped the weights");
+            let grown = resident_anon_kb(pid).saturating_sub(before[s]);
+            assert!(grown < weight_kb, "backend {pid} grew by {grown} kB (weights: {weight_kb} kB)");
+            Spi::run_with_args("SELECT dblink_disconnect($1)", &[format!("c{s}").into()]).unwrap();
+        }
+    }
+
+    /// Feeds the FIFO a config that fails to parse, so the model server's blocked load ends
+    /// (whether or not the test got that far) and it serves the other tests again.
+    struct UnblockOnDrop(String);
+
+    impl Drop for UnblockOnDrop {
+        fn drop(&mut self) {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let writer = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&self.0);
+            if let Ok(mut w) = writer {
+                let _ = w.write_all(b"not json");
+            }
+        }
+    }
+
+    #[pg_test]
+    fn statement_timeout_cancels_a_call_waiting_for_the_model_to_load() {
+        use_fixture_exclusively();
+        // A model whose config.json is a FIFO: loading blocks until someone writes to it.
+        let slow = format!("{FIXTURE}/slow-load");
+        let _ = std::fs::remove_dir_all(&slow);
+        std::fs::create_dir_all(&slow).unwrap();
+        let fifo = format!("{slow}/config.json");
+        let fifo_c = std::ffi::CString::new(fifo.clone()).unwrap();
+        // SAFETY: creating a FIFO at a path we own.
+        assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) }, 0);
+        let _unblock = UnblockOnDrop(fifo.clone());
+        // statement_timeout arms at the start of a top-level statement: run the call as one, in
+        // another session.
+        Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
+        Spi::run_with_args("SELECT dblink_connect('slow', $1)", &[self_connection().into()]).unwrap();
+        let set_model = format!("SET nvembed.model = '{slow}'");
+        Spi::run_with_args("SELECT dblink_exec('slow', $1)", &[set_model.into()]).unwrap();
+        Spi::run("SELECT dblink_exec('slow', 'SET statement_timeout = 300')").unwrap();
+        let started = std::time::Instant::now();
+        assert_error("PERFORM dblink_exec('slow', 'SELECT nvembed_passage(''x'')')", "57014", "statement timeout");
+        let waited = started.elapsed();
+        assert!(waited < std::time::Duration::from_millis(1500), "cancel took {waited:?}");
+        Spi::run("SELECT dblink_disconnect('slow')").unwrap();
+        drop(_unblock);
+        assert_eq!(embed_sql("nvembed_passage($1)", "after the timeout").len(), 32);
     }
 }
