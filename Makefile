@@ -5,7 +5,7 @@ PGRX_VERSION := 0.18.1
 PGVECTOR_VERSION := 0.8.0
 FIXTURE := engine/tests/fixtures/nvembed-tiny-a
 # Test data must be readable by the postgres OS user (a checkout under /root is not).
-TEST_ROOT ?= $(shell mktemp -d -u /tmp/nvembed-test.XXXXXX)
+TEST_ROOT ?= /tmp/nvembed-test
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUNAS := $(shell [ "$$(id -u)" = 0 ] && echo "--runas postgres --pgdata $(TEST_ROOT)/pgdata")
 
