@@ -27,6 +27,8 @@ engine-test:
 extension-test: server
 	$(SUDO) install -m 755 target/release/nvembed "$$($(PG_CONFIG) --pkglibdir)/nvembed-model-server"
 	bash scripts/prepare-test-fixture.sh "$(FIXTURE)" "$(TEST_ROOT)/fixture"
+	rm -rf "$(TEST_ROOT)/pgdata"
+	if [ "$$(id -u)" = 0 ]; then install -d -o postgres "$(TEST_ROOT)/pgdata"; fi
 	NVEMBED_TEST_FIXTURE="$(TEST_ROOT)/fixture" cargo pgrx test pg$(PG_MAJOR) $(RUNAS)
 
 test: setup engine-test extension-test
@@ -34,5 +36,5 @@ test: setup engine-test extension-test
 demo: setup server
 	bash scripts/demo.sh
 
-bench: server
-	cargo bench -p nvembed-engine --bench medium
+bench: setup server
+	bash scripts/bench.sh

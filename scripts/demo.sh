@@ -4,35 +4,12 @@
 # NVEMBED_MODEL: a hub id (default nvidia/NV-Embed-v2) or a local checkpoint directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL=${NVEMBED_MODEL:-nvidia/NV-Embed-v2}
-PG_CONFIG=${PG_CONFIG:-pg_config}
-BINDIR=$("$PG_CONFIG" --bindir)
-SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-AS_PG=(); [ "$(id -u)" = 0 ] && AS_PG=(sudo -u postgres)
+source scripts/cluster.sh
+trap cluster_stop EXIT
+install_nvembed
+cluster_start "${NVEMBED_MODEL:-nvidia/NV-Embed-v2}"
 
-$SUDO install -m 755 target/release/nvembed "$("$PG_CONFIG" --pkglibdir)/nvembed-model-server"
-cargo pgrx install --release --pg-config "$BINDIR/pg_config" $([ -n "$SUDO" ] && echo --sudo) >/dev/null
-
-work=$(mktemp -d /tmp/nvembed-demo.XXXXXX)
-chmod 755 "$work"
-if [ -d "$MODEL" ]; then # the server's OS user must be able to read a local model
-  cp -r "$MODEL" "$work/model"; MODEL="$work/model"
-fi
-[ "$(id -u)" = 0 ] && chown -R postgres "$work"
-port=$((20000 + RANDOM % 10000))
-"${AS_PG[@]}" "$BINDIR/initdb" -D "$work/data" -A trust -U postgres >/dev/null
-cat >> "$work/data/postgresql.conf" <<CONF
-port = $port
-listen_addresses = ''
-unix_socket_directories = '$work'
-shared_preload_libraries = 'nvembed'
-nvembed.model = '$MODEL'
-CONF
-stop() { "${AS_PG[@]}" "$BINDIR/pg_ctl" -D "$work/data" -m fast stop >/dev/null 2>&1 || true; rm -rf "$work"; }
-trap stop EXIT
-"${AS_PG[@]}" "$BINDIR/pg_ctl" -D "$work/data" -l "$work/server.log" -w start >/dev/null
-
-"${AS_PG[@]}" "$BINDIR/psql" -h "$work" -p "$port" -U postgres -v ON_ERROR_STOP=1 -X -e <<'SQL'
+"${PSQL[@]}" -e <<'SQL'
 CREATE EXTENSION vector;
 CREATE EXTENSION nvembed;
 SELECT dimension FROM nvembed_status();

@@ -33,6 +33,7 @@ pub static MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::n
 pub static DTYPE: GucSetting<Dtype> = GucSetting::<Dtype>::new(Dtype::F32);
 pub static DEVICE: GucSetting<ComputeDevice> = GucSetting::<ComputeDevice>::new(ComputeDevice::Cpu);
 pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(16_384);
 pub static MAX_LENGTH: GucSetting<i32> = GucSetting::<i32>::new(MAX_LENGTH_LIMIT);
 pub static QUERY_INSTRUCTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(
     c"Instruct: Given a question, retrieve passages that answer the question\nQuery: ",
@@ -70,6 +71,17 @@ pub fn register() {
         &THREADS,
         0,
         1024,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"nvembed.max_batch_tokens",
+        c"Padded tokens per forward pass of the model process, across all sessions' requests.",
+        c"Larger batches amortise weight reads; a single text longer than this still runs. \
+          Takes effect when the model process restarts, which a configuration reload triggers.",
+        &MAX_BATCH_TOKENS,
+        1,
+        1 << 24,
         GucContext::Sighup,
         GucFlags::empty(),
     );
@@ -120,6 +132,11 @@ pub fn model_spec() -> ModelSpec {
 
 pub fn query_instruction() -> String {
     string(&QUERY_INSTRUCTION)
+}
+
+/// The model process' settings; when they change it must be restarted.
+pub fn server_settings() -> (i32, i32) {
+    (THREADS.get(), MAX_BATCH_TOKENS.get())
 }
 
 pub fn max_length() -> usize {

@@ -12,7 +12,16 @@ mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
-pgrx::extension_sql_file!("../sql/trigger.sql", name = "trigger", requires = [functions::nvembed_passage, functions::nvembed_query]);
+pgrx::extension_sql_file!(
+    "../sql/trigger.sql",
+    name = "trigger",
+    requires = [functions::nvembed_passage, functions::nvembed_query]
+);
+pgrx::extension_sql_file!(
+    "../sql/backfill.sql",
+    name = "backfill",
+    requires = [functions::nvembed_passages, functions::nvembed_queries]
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

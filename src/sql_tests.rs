@@ -361,4 +361,214 @@ mod tests {
         drop(_unblock);
         assert_eq!(embed_sql("nvembed_passage($1)", "after the timeout").len(), 32);
     }
+
+    #[pg_test]
+    fn batch_functions_keep_order_and_nulls() {
+        use_fixture();
+        let texts = texts();
+        let want = expected("passage");
+        let got = Spi::get_one_with_args::<Vec<Option<String>>>(
+            "SELECT array_agg(e::text ORDER BY n) FROM nvembed_passages($1) WITH ORDINALITY AS t(e, n)",
+            &[texts.clone().into()],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(got.len(), texts.len());
+        for (row, want) in got.iter().zip(&want) {
+            let row: Vec<f32> = row.as_ref().unwrap().trim_matches(|c| c == '{' || c == '}').split(',').map(|x| x.parse().unwrap()).collect();
+            assert!(max_abs_diff(&row, want) <= 1e-6);
+        }
+        let nulls = Spi::get_one::<Vec<bool>>(
+            "SELECT array_agg(e IS NULL ORDER BY n) FROM nvembed_queries(ARRAY['a', NULL, '', NULL]) WITH ORDINALITY AS t(e, n)",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(nulls, vec![false, true, false, true]);
+        let same = Spi::get_one::<bool>(
+            "SELECT e = nvembed_query('x', 'find claims') FROM nvembed_queries(ARRAY['x'], 'find claims') e",
+        )
+        .unwrap();
+        assert_eq!(same, Some(true));
+        let empty = Spi::get_one::<i64>("SELECT count(*) FROM nvembed_passages('{}'::text[])").unwrap();
+        assert_eq!(empty, Some(0));
+    }
+
+    #[pg_test]
+    fn backfill_embeds_every_missing_row_once_and_resumes() {
+        use_fixture();
+        Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
+        Spi::run_with_args("SELECT dblink_connect('bf', $1)", &[self_connection().into()]).unwrap();
+        let setup = format!(
+            "SET nvembed.model = '{}';
+             CREATE TABLE backfill_docs (id int PRIMARY KEY, body text, embedding real[]);
+             INSERT INTO backfill_docs SELECT g, CASE WHEN g % 10 = 0 THEN NULL ELSE 'passage number ' || g END, NULL
+             FROM generate_series(1, 95) g;
+             UPDATE backfill_docs SET embedding = '{{1}}' WHERE id = 3;",
+            model_dir()
+        );
+        Spi::run_with_args("SELECT dblink_exec('bf', $1)", &[setup.into()]).unwrap();
+        let call = "CALL nvembed_backfill('backfill_docs', 'body', 'embedding', 'passage', 20)";
+        Spi::run_with_args("SELECT dblink_exec('bf', $1)", &[call.into()]).unwrap();
+        let check = "SELECT count(*) FILTER (WHERE embedding IS NULL AND body IS NOT NULL),
+                            count(*) FILTER (WHERE embedding IS NOT NULL AND body IS NULL),
+                            count(*) FILTER (WHERE embedding = nvembed_passage(body))
+                     FROM backfill_docs";
+        let counts = Spi::get_one_with_args::<String>(
+            "SELECT m || ',' || n || ',' || k FROM dblink('bf', $1) AS t(m bigint, n bigint, k bigint)",
+            &[check.into()],
+        )
+        .unwrap()
+        .unwrap();
+        // 86 non-NULL texts: row 3 was already embedded (and kept), 85 backfilled, all correct.
+        assert_eq!(counts, "0,0,85");
+        let kept = "SELECT (embedding = '{1}')::text FROM backfill_docs WHERE id = 3";
+        let kept = Spi::get_one_with_args::<String>("SELECT v FROM dblink('bf', $1) AS t(v text)", &[kept.into()]).unwrap();
+        assert_eq!(kept.as_deref(), Some("true"));
+        // A re-run finds nothing to do; a wrong column is a clear error.
+        Spi::run_with_args("SELECT dblink_exec('bf', $1)", &[call.into()]).unwrap();
+        assert_error(
+            "PERFORM dblink_exec('bf', 'CALL nvembed_backfill(''backfill_docs'', ''bodyy'', ''embedding'')')",
+            "42703",
+            "bodyy",
+        );
+        Spi::run("SELECT dblink_exec('bf', 'DROP TABLE backfill_docs')").unwrap();
+        Spi::run("SELECT dblink_disconnect('bf')").unwrap();
+    }
+
+    /// Restart count and pid of the model server.
+    fn server_restarts_and_pid() -> (i64, i32) {
+        let (restarts, pid) = Spi::get_two::<i64, i32>("SELECT restarts, pid FROM nvembed_status()").unwrap();
+        (restarts.unwrap(), pid.unwrap())
+    }
+
+    fn kill_after(pid: i32, delay_ms: u64) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            // SAFETY: signalling a process by pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        })
+    }
+
+    #[pg_test]
+    fn killing_the_idle_or_loading_model_process_recovers() {
+        use_fixture_exclusively();
+        embed_sql("nvembed_passage($1)", "warm up");
+        // Idle: the next call is served by a new process.
+        let (restarts, pid) = server_restarts_and_pid();
+        kill_after(pid, 0).join().unwrap();
+        assert_eq!(embed_sql("nvembed_passage($1)", "after an idle kill").len(), 32);
+        let (after, new_pid) = server_restarts_and_pid();
+        assert!(after > restarts && new_pid != pid);
+        // While loading (config.json is a FIFO nobody writes): the waiting call errors promptly.
+        let slow = format!("{FIXTURE}/slow-load-kill");
+        let _ = std::fs::remove_dir_all(&slow);
+        std::fs::create_dir_all(&slow).unwrap();
+        let fifo = std::ffi::CString::new(format!("{slow}/config.json")).unwrap();
+        // SAFETY: creating a FIFO at a path we own.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        Spi::run(&format!("SET nvembed.model = '{slow}'")).unwrap();
+        let killer = kill_after(new_pid, 300);
+        let started = std::time::Instant::now();
+        assert_error("PERFORM nvembed_passage('x')", "58000", "connection lost");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+        killer.join().unwrap();
+        use_fixture();
+        assert_eq!(embed_sql("nvembed_passage($1)", "after a kill during load").len(), 32);
+    }
+
+    #[pg_test]
+    fn every_kind_of_broken_checkpoint_is_named_and_recoverable() {
+        use_fixture_exclusively();
+        let cases: [(&str, fn(&str)); 3] = [
+            ("tokenizer.json", |dir| std::fs::remove_file(format!("{dir}/tokenizer.json")).unwrap()),
+            ("embedding_model.layers.0.self_attn.q_proj.weight", |dir| {
+                let path = format!("{dir}/config.json");
+                let config = std::fs::read_to_string(&path).unwrap();
+                std::fs::write(&path, config.replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 8")).unwrap();
+            }),
+            ("config.json", |dir| std::fs::write(format!("{dir}/config.json"), "{").unwrap()),
+        ];
+        for (i, (needle, breakage)) in cases.iter().enumerate() {
+            let dir = format!("{FIXTURE}/broken-{i}");
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            for entry in std::fs::read_dir(model_dir()).unwrap() {
+                let entry = entry.unwrap();
+                std::fs::copy(entry.path(), format!("{dir}/{}", entry.file_name().to_string_lossy())).unwrap();
+            }
+            breakage(&dir);
+            assert_error(&format!("SET nvembed.model = '{dir}'; PERFORM nvembed_passage('x')"), "F0000", needle);
+        }
+        use_fixture();
+        assert_eq!(embed_sql("nvembed_passage($1)", "fixed").len(), 32);
+    }
+
+    #[pg_test]
+    fn bad_inputs_get_vectors_or_clear_errors() {
+        use_fixture();
+        for text in ["", "   \t\n  ", "😀"] {
+            let v = embed_sql("nvembed_passage($1)", text);
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5 && v.iter().all(|x| x.is_finite()), "{text:?}");
+        }
+        let nulls = Spi::get_one::<bool>("SELECT nvembed_passage(NULL) IS NULL AND nvembed_query(NULL) IS NULL AND nvembed_query('x', NULL) IS NULL").unwrap();
+        assert_eq!(nulls, Some(true));
+        // 1 MB of text is truncated to nvembed.max_length tokens.
+        Spi::run("SET nvembed.max_length = 512").unwrap();
+        let huge = Spi::get_one::<Vec<f32>>("SELECT nvembed_passage(repeat('lighthouse ', 100000))").unwrap().unwrap();
+        let cut = Spi::get_one::<Vec<f32>>("SELECT nvembed_passage(repeat('lighthouse ', 600))").unwrap().unwrap();
+        assert!(max_abs_diff(&huge, &cut) <= 1e-6, "the same first 512 tokens give the same vector");
+        assert_error("SET nvembed.max_length = -1", "22023", "max_length");
+        // A custom task that leaves nothing to pool.
+        Spi::run("SET nvembed.max_length = 8").unwrap();
+        assert_error("PERFORM nvembed_query('x', 'a task whose instruction is long')", "22023", "nothing left to pool");
+    }
+
+    #[pg_test]
+    fn garbage_on_the_socket_drops_that_connection_only() {
+        use_fixture();
+        use std::io::{Read, Write};
+        for garbage in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0xff, 0xff, 0xff, 0xff, 0, 1, 2][..], &[0, 0, 0, 3, b'{', b'}', b'x'][..]] {
+            let mut stream = std::os::unix::net::UnixStream::connect(nvembed_protocol::SOCKET_NAME).unwrap();
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+            stream.write_all(garbage).unwrap();
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            let mut rest = Vec::new();
+            let n = stream.read_to_end(&mut rest).unwrap_or(0);
+            assert_eq!(n, 0, "the server answers garbage by closing");
+        }
+        assert_eq!(embed_sql("nvembed_passage($1)", "still serving").len(), 32);
+    }
+
+    #[pg_test]
+    fn the_socket_is_private_to_the_server_user() {
+        use_fixture();
+        embed_sql("nvembed_passage($1)", "x");
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(nvembed_protocol::SOCKET_NAME).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(meta.uid(), unsafe { libc::geteuid() });
+        let data_dir = std::fs::metadata(".").unwrap();
+        assert_eq!(data_dir.permissions().mode() & 0o077, 0, "the data directory is closed to others");
+    }
+
+    #[pg_test]
+    fn rollback_leaves_nothing_and_roles_keep_their_privileges() {
+        use_fixture();
+        Spi::run("CREATE TABLE rb (body text, e real[]);
+                  CREATE TRIGGER t BEFORE INSERT ON rb FOR EACH ROW EXECUTE FUNCTION nvembed_embed_trigger('body', 'e')")
+            .unwrap();
+        Spi::run("DO $$ BEGIN INSERT INTO rb VALUES ('x'); RAISE EXCEPTION 'roll back'; EXCEPTION WHEN raise_exception THEN END $$")
+            .unwrap();
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM rb").unwrap(), Some(0));
+        // A role that may read but not write the table cannot write through the trigger or backfill.
+        Spi::run("CREATE ROLE nvembed_reader; GRANT SELECT ON rb TO nvembed_reader; INSERT INTO rb (body) VALUES ('y')").unwrap();
+        Spi::run("UPDATE rb SET e = NULL").unwrap();
+        Spi::run("SET ROLE nvembed_reader").unwrap();
+        assert_error("INSERT INTO rb VALUES ('z')", "42501", "permission denied");
+        assert_error("CALL nvembed_backfill('rb', 'body', 'e')", "42501", "permission denied");
+        Spi::run("RESET ROLE").unwrap();
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM rb WHERE e IS NOT NULL").unwrap(), Some(0));
+    }
 }

@@ -39,10 +39,11 @@ fn server_path() -> PathBuf {
 fn spawn(restarts: u64) -> std::io::Result<Child> {
     let mut command = Command::new(server_path());
     command.args(["serve", "--socket", SOCKET_NAME, "--restarts", &restarts.to_string()]);
-    let threads = crate::gucs::THREADS.get();
+    let (threads, batch_tokens) = crate::gucs::server_settings();
     if threads > 0 {
         command.args(["--threads", &threads.to_string()]);
     }
+    command.args(["--batch-tokens", &batch_tokens.to_string()]);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         command.pre_exec(|| {
@@ -71,14 +72,14 @@ pub extern "C-unwind" fn nvembed_worker_main(_arg: pg_sys::Datum) {
     let mut child: Option<Child> = None;
     // Every start after the first is a restart.
     let mut starts: u64 = 0;
-    let mut threads = crate::gucs::THREADS.get();
+    let mut settings = crate::gucs::server_settings();
     while BackgroundWorker::wait_latch(Some(POLL_INTERVAL)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: re-reading postgresql.conf is what a worker does on SIGHUP.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            if crate::gucs::THREADS.get() != threads {
-                threads = crate::gucs::THREADS.get();
-                log!("nvembed: nvembed.threads changed, restarting the model server");
+            if crate::gucs::server_settings() != settings {
+                settings = crate::gucs::server_settings();
+                log!("nvembed: nvembed.threads or nvembed.max_batch_tokens changed, restarting the model server");
                 stop(&mut child);
             }
         }

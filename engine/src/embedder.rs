@@ -118,24 +118,44 @@ impl Embedder {
     /// Embeds `texts` with `instruction`; one unit vector per text,
     /// in input order. Fails before any compute if some input would have nothing to pool.
     pub fn embed(&self, instruction: &str, texts: &[&str], options: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
-        self.embed_with_progress(instruction, texts, options, |_| {})
-            .map(|(vectors, _)| vectors)
+        self.embed_with_stats(instruction, texts, options).map(|(vectors, _)| vectors)
     }
 
-    /// As `embed`, calling `progress` with the number of texts done after each batch.
-    pub fn embed_with_progress(
+    /// As `embed`, also saying how many tokens and forward passes it took.
+    pub fn embed_with_stats(
         &self,
         instruction: &str,
         texts: &[&str],
         options: &EmbedOptions,
-        mut progress: impl FnMut(usize),
     ) -> Result<(Vec<Vec<f32>>, EmbedStats)> {
-        let inputs = self.encoder.encode(instruction, texts, options.max_length)?;
+        let inputs = self.encode(instruction, texts, options.max_length)?;
+        self.embed_encoded(&inputs, options.batch_tokens)
+    }
+
+    /// Tokenizes `texts` with `instruction`, failing if any would have nothing to pool or if
+    /// `max_length` exceeds the model's position limit.
+    pub fn encode(&self, instruction: &str, texts: &[&str], max_length: usize) -> Result<Vec<EncodedInput>> {
+        let limit = self.config.text_config.max_position_embeddings;
+        if max_length > limit {
+            return Err(Error::InvalidArgument(format!(
+                "max_length {max_length} exceeds the model's position limit ({limit} tokens)"
+            )));
+        }
+        let inputs = self.encoder.encode(instruction, texts, max_length)?;
         self.check_poolable(&inputs)?;
+        Ok(inputs)
+    }
+
+    /// Embeds already-encoded inputs — possibly from several callers with different
+    /// instructions — in length-sorted batches of at most `batch_tokens` padded tokens.
+    pub fn embed_encoded(
+        &self,
+        inputs: &[EncodedInput],
+        batch_tokens: usize,
+    ) -> Result<(Vec<Vec<f32>>, EmbedStats)> {
         let mut results: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
         let mut stats = EmbedStats::default();
-        let mut done = 0;
-        for batch in plan_batches(&inputs, options.batch_tokens) {
+        for batch in plan_batches(inputs, batch_tokens) {
             let members: Vec<&EncodedInput> = batch.iter().map(|&i| &inputs[i]).collect();
             let vectors = self.forward(&members)?;
             for (&index, vector) in batch.iter().zip(vectors) {
@@ -143,8 +163,6 @@ impl Embedder {
             }
             stats.tokens += members.iter().map(|m| m.ids.len()).sum::<usize>();
             stats.batches += 1;
-            done += batch.len();
-            progress(done);
         }
         Ok((results, stats))
     }

@@ -46,14 +46,6 @@ impl Weights {
         })
     }
 
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
     /// Loads `name`, which must have exactly `shape`, in the model dtype.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.get_as(name, shape, self.dtype)

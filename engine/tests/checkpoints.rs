@@ -221,6 +221,11 @@ fn bad_arguments_are_errors() {
     let embedder = load_dir(&fixture_dir()).unwrap();
     let zero = EmbedOptions { max_length: 0, ..EmbedOptions::default() };
     assert!(matches!(embedder.embed(PASSAGE_INSTRUCTION, &["x"], &zero), Err(Error::InvalidArgument(_))));
+    let beyond = EmbedOptions { max_length: 32_769, ..EmbedOptions::default() };
+    match embedder.embed(PASSAGE_INSTRUCTION, &["x"], &beyond) {
+        Err(Error::InvalidArgument(message)) => assert!(message.contains("position limit"), "{message}"),
+        other => panic!("{other:?}"),
+    }
     // An instruction that fills max_length leaves nothing to pool: error naming the input index.
     let tight = EmbedOptions { max_length: 18, ..EmbedOptions::default() };
     match embedder.embed(QUERY_INSTRUCTION, &["fine", "also fine"], &tight) {

@@ -62,6 +62,9 @@ enum Command {
         /// Times the supervisor has restarted this server (reported in its status).
         #[arg(long, default_value_t = 0)]
         restarts: u64,
+        /// Padded tokens per forward pass, across all queued requests.
+        #[arg(long, default_value_t = DEFAULT_BATCH_TOKENS)]
+        batch_tokens: usize,
     },
 }
 
@@ -108,9 +111,10 @@ fn run(cli: Cli) -> Result<(), String> {
             socket,
             threads,
             restarts,
+            batch_tokens,
         } => {
             set_threads(threads)?;
-            nvembed_engine::server::serve(&socket, restarts).map_err(|e| e.to_string())
+            nvembed_engine::server::serve(&socket, restarts, batch_tokens).map_err(|e| e.to_string())
         }
         Command::Embed {
             model,

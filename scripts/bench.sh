@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# `make bench`: nvembed's benchmark suite. Prints one table (workload | measured | target) and
+# writes it, with the date and machine, to bench/results-DATE.md. Not part of `make test`.
+# BENCH_BULK_ROWS (default 2000) and BENCH_SECONDS (pgbench duration, default 15) shorten it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/cluster.sh
+ROWS=${BENCH_BULK_ROWS:-2000}
+SECONDS_PER_RUN=${BENCH_SECONDS:-15}
+TINY=engine/tests/fixtures/nvembed-tiny-a
+MEDIUM=target/nvembed-bench/medium
+TABLE=()
+row() { TABLE+=("| $1 | $2 | $3 |"); echo "| $1 | $2 | $3 |" >&2; }
+now() { date +%s.%N; }
+calc() { python3 -c "print($1)"; }
+# The model server's RSS (VmRSS, bytes) via its pid in nvembed_status().
+server_rss() {
+  local pid; pid=$("${PSQL[@]}" -Atc "SELECT pid FROM nvembed_status()")
+  awk '/^VmRSS:/ {print $2 * 1024}' "/proc/$pid/status"
+}
+
+# 1. Engine (also generates the medium checkpoint once).
+while IFS= read -r line; do TABLE+=("$line"); echo "$line" >&2; done < <(
+  cargo bench -q -p nvembed-engine --bench medium 2>/dev/null | grep -E '^\| (embed|peak|RSS|load)' | sed 's/^| /| engine: /')
+install_nvembed
+PARAMS=$(python3 - "$MEDIUM/model.safetensors" <<'PY'
+import json, struct, sys
+with open(sys.argv[1], "rb") as f:
+    header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+print(sum(eval("*".join(map(str, v["shape"])) or "1") for k, v in header.items() if k != "__metadata__"))
+PY
+)
+
+# 2. SQL overhead per call, tiny model: 1000 sequential SELECTs vs 1000 direct engine forward passes.
+texts=$(mktemp); sqlfile=$(mktemp); trap 'rm -f "$texts" "$sqlfile"; cluster_stop' EXIT
+python3 - "$texts" "$sqlfile" <<'PY'
+import json, sys
+with open(sys.argv[1], "w") as t, open(sys.argv[2], "w") as s:
+    for i in range(1000):
+        text = f"a short passage number {i} about boats and harbours"
+        t.write(json.dumps(text) + "\n")
+        s.write(f"SELECT nvembed_passage('{text}') IS NOT NULL;\n")
+PY
+chmod a+r "$texts" "$sqlfile"
+cluster_start "$TINY"
+"${PSQL[@]}" -c "CREATE EXTENSION nvembed" -c "SELECT nvembed_passage('warm up') IS NOT NULL" >/dev/null
+t0=$(now); "${PSQL[@]}" -f "$sqlfile" >/dev/null; t1=$(now)
+t2=$(now); target/release/nvembed embed --model "$TINY" --passage --batch-tokens 1 < "$texts" >/dev/null; t3=$(now)
+t4=$(now); head -n1 "$texts" | target/release/nvembed embed --model "$TINY" --passage >/dev/null; t5=$(now)
+overhead=$(calc "round((($t1-$t0) - (($t3-$t2) - ($t5-$t4))) / 1000 * 1000, 3)")
+row "SQL overhead per call (tiny model, 1000 sequential SELECT nvembed_passage vs direct engine)" "$overhead ms" "≤ 1 ms"
+cluster_stop
+
+# Medium model from here on.
+cluster_start "$MEDIUM" "nvembed.threads = 2"
+"${PSQL[@]}" -c "CREATE EXTENSION nvembed" >/dev/null
+# 6. Load: first request to first vector.
+t0=$(now); "${PSQL[@]}" -c "SELECT nvembed_passage('first') IS NOT NULL" >/dev/null; t1=$(now)
+row "load: first request to first vector (medium, f32)" "$(calc "round($t1-$t0, 2)") s" "—"
+# 5a. Model process RSS after load.
+row "memory: model process RSS after load ÷ weight bytes (medium, f32)" "$(calc "round($(server_rss) / ($PARAMS * 4), 3)")" "≤ 1.15"
+
+# 3. Concurrency: ~12-token queries, 1 session vs 8.
+cat > "$sqlfile" <<'SQL'
+\set r random(1, 1000000000)
+SELECT nvembed_query('how do boats number ' || :r || ' cross the bay?') IS NOT NULL;
+SQL
+tps() { "${PGBENCH[@]}" -n -f "$sqlfile" -c "$1" -j "$1" -T "$SECONDS_PER_RUN" postgres 2>/dev/null | awk '/^tps/ {print $3}'; }
+one=$(tps 1); eight=$(tps 8)
+row "concurrency: short queries, 8 sessions vs 1 (medium; $one vs $eight q/s)" "$(calc "round($eight / $one, 2)")×" "≥ 3×"
+
+# 4. Bulk: backfill vs the per-row trigger, ~100-token passages.
+"${PSQL[@]}" <<SQL
+CREATE TABLE bulk (id int PRIMARY KEY, body text, embedding real[]);
+INSERT INTO bulk SELECT g, 'Passage ' || g || '. ' || repeat('The harbour town wakes slowly on winter mornings while boats rock at the quay. ', 6)
+FROM generate_series(1, $ROWS) g;
+CREATE TABLE bulk_trigger (LIKE bulk);
+CREATE TRIGGER e BEFORE INSERT ON bulk_trigger FOR EACH ROW EXECUTE FUNCTION nvembed_embed_trigger('body', 'embedding');
+SQL
+t0=$(now); "${PSQL[@]}" -c "CALL nvembed_backfill('bulk', 'body', 'embedding', 'passage', 64)" 2>/dev/null; t1=$(now)
+t2=$(now); "${PSQL[@]}" -c "INSERT INTO bulk_trigger SELECT id, body FROM bulk" ; t3=$(now)
+backfill=$(calc "round($ROWS / ($t1-$t0), 2)"); trigger=$(calc "round($ROWS / ($t3-$t2), 2)")
+row "bulk: backfill vs per-row trigger, $ROWS rows × ~100 tokens (medium; $backfill vs $trigger rows/s)" "$(calc "round($backfill / $trigger, 2)")×" "≥ 2×"
+
+# 5b. Backend RSS growth after 1000 calls.
+growth=$("${PSQL[@]}" -At <<'SQL'
+CREATE TEMP TABLE m AS SELECT (regexp_match(pg_read_file('/proc/' || pg_backend_pid() || '/status'), 'VmRSS:\s+(\d+)'))[1]::bigint AS kb;
+DO $$ BEGIN FOR i IN 1..1000 LOOP PERFORM nvembed_query('question ' || i); END LOOP; END $$;
+SELECT round(((regexp_match(pg_read_file('/proc/' || pg_backend_pid() || '/status'), 'VmRSS:\s+(\d+)'))[1]::bigint - kb) / 1024.0, 2) FROM m;
+SQL
+)
+row "memory: backend RSS growth after 1000 calls (medium)" "$growth MB" "< 10 MB"
+# 5c. bf16.
+"${PSQL[@]}" -c "SET nvembed.dtype = 'bf16'" -c "SELECT nvembed_passage('bf16') IS NOT NULL" >/dev/null
+row "memory: model process RSS after load ÷ weight bytes (medium, bf16)" "$(calc "round($(server_rss) / ($PARAMS * 2), 3)")" "≤ 1.15"
+cluster_stop
+
+mkdir -p bench
+out="bench/results-$(date +%F).md"
+{
+  echo "# nvembed benchmark, $(date -u '+%F %H:%M UTC')"
+  echo
+  echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo). Command: \`make bench\` (BENCH_BULK_ROWS=$ROWS, BENCH_SECONDS=$SECONDS_PER_RUN)."
+  echo
+  echo "| workload | measured | target |"
+  echo "|---|---|---|"
+  printf '%s\n' "${TABLE[@]}"
+} > "$out"
+cat "$out"
