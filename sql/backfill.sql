@@ -57,11 +57,11 @@ BEGIN
         COMMIT;
         elapsed := pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() - started);
         RAISE NOTICE 'nvembed_backfill: % / % rows, % rows/s, ETA % s', done, total,
-            pg_catalog.round((done / pg_catalog.greatest(elapsed, 1e-6))::numeric, 1),
-            pg_catalog.round((pg_catalog.greatest(total - done, 0) * elapsed / done)::numeric, 1);
+            pg_catalog.round((done / GREATEST(elapsed, 1e-6))::numeric, 1),
+            pg_catalog.round((GREATEST(total - done, 0) * elapsed / done)::numeric, 1);
     END LOOP;
     elapsed := pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() - started);
     RAISE NOTICE 'nvembed_backfill: done, % rows embedded in % s (% rows/s)', done,
-        pg_catalog.round(elapsed::numeric, 2), pg_catalog.round((done / pg_catalog.greatest(elapsed, 1e-6))::numeric, 1);
+        pg_catalog.round(elapsed::numeric, 2), pg_catalog.round((done / GREATEST(elapsed, 1e-6))::numeric, 1);
 END;
 $$;
