@@ -9,7 +9,7 @@ TEST_ROOT ?= /tmp/nvembed-test
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUNAS := $(shell [ "$$(id -u)" = 0 ] && echo "--runas postgres --pgdata $(TEST_ROOT)/pgdata")
 
-.PHONY: setup test engine-test extension-test install server demo bench
+.PHONY: setup test engine-test extension-test system-test install server demo bench
 
 setup:
 	bash scripts/setup.sh "$(PG_CONFIG)" "$(PGRX_VERSION)" "$(PGVECTOR_VERSION)"
@@ -31,7 +31,10 @@ extension-test: server
 	if [ "$$(id -u)" = 0 ]; then install -d -o postgres "$(TEST_ROOT)/pgdata"; fi
 	NVEMBED_TEST_FIXTURE="$(TEST_ROOT)/fixture" cargo pgrx test pg$(PG_MAJOR) $(RUNAS)
 
-test: setup engine-test extension-test
+system-test: server
+	bash scripts/system-tests.sh
+
+test: setup engine-test extension-test system-test
 
 demo: setup server
 	bash scripts/demo.sh

@@ -19,7 +19,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How long to wait for the model server's socket while the supervisor (re)starts it.
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
-fn fail(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
+/// Raises an ERROR with a SQLSTATE and a hint.
+pub fn fail(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
     ErrorReport::new(code, message, "nvembed").set_hint(hint).report(PgLogLevel::ERROR);
     unreachable!("ERROR does not return")
 }

@@ -1,67 +1,46 @@
-//! The SQL surface: embedding functions and status.
+//! The embedding entry points and status.
+//!
+//! The public SQL functions (`sql/functions.sql`) pass texts here as UTF-8 bytes
+//! (`convert_to(text, 'UTF8')`), so nvembed gives the same vectors in a database of any encoding;
+//! Rust's `&str` would only accept text that is already UTF-8.
 
 use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
 
 use crate::{client, gucs};
 
-fn one(instruction: &str, text: &str) -> Vec<f32> {
-    client::embed(instruction, vec![text.to_string()], gucs::max_length())
+fn utf8(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_string(),
+        Err(e) => client::fail(
+            PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            format!("nvembed: text is not valid UTF-8: {e}"),
+            "Call nvembed_query / nvembed_passage: they convert text from the database encoding.",
+        ),
+    }
+}
+
+/// One text with `instruction`, both UTF-8.
+#[pg_extern(strict, stable, parallel_safe)]
+fn nvembed_embed_utf8(text: &[u8], instruction: &[u8]) -> Vec<f32> {
+    client::embed(&utf8(instruction), vec![utf8(text)], gucs::max_length())
         .pop()
         .expect("one vector per text")
 }
 
-/// Embeds the non-NULL texts in one request; NULL in, NULL out, input order kept.
-fn many(instruction: &str, texts: Array<'_, &str>) -> SetOfIterator<'static, Option<Vec<f32>>> {
-    let texts: Vec<Option<String>> = texts.iter().map(|t| t.map(str::to_string)).collect();
+/// Many texts in one request; NULL in, NULL out, one row per input in input order.
+#[pg_extern(strict, stable, parallel_safe)]
+fn nvembed_embed_many_utf8(texts: Array<'_, &[u8]>, instruction: &[u8]) -> SetOfIterator<'static, Option<Vec<f32>>> {
+    let texts: Vec<Option<String>> = texts.iter().map(|t| t.map(utf8)).collect();
     let present: Vec<String> = texts.iter().flatten().cloned().collect();
     let mut vectors = if present.is_empty() {
         Vec::new()
     } else {
-        client::embed(instruction, present, gucs::max_length())
+        client::embed(&utf8(instruction), present, gucs::max_length())
     }
     .into_iter();
     let out: Vec<Option<Vec<f32>>> = texts.iter().map(|t| t.as_ref().and_then(|_| vectors.next())).collect();
     SetOfIterator::new(out)
-}
-
-fn task_instruction(task: &str) -> String {
-    format!("Instruct: {task}\nQuery: ")
-}
-
-/// Embeds a search query with the session's query instruction.
-#[pg_extern(strict, stable, parallel_safe)]
-fn nvembed_query(text: &str) -> Vec<f32> {
-    one(&gucs::query_instruction(), text)
-}
-
-/// Embeds a search query for a custom retrieval task.
-#[pg_extern(name = "nvembed_query", strict, stable, parallel_safe)]
-fn nvembed_query_task(text: &str, task: &str) -> Vec<f32> {
-    one(&task_instruction(task), text)
-}
-
-/// Embeds many passages in one round trip: one row per input, in input order.
-#[pg_extern(strict, stable, parallel_safe)]
-fn nvembed_passages(texts: Array<'_, &str>) -> SetOfIterator<'static, Option<Vec<f32>>> {
-    many("", texts)
-}
-
-/// Embeds many queries in one round trip: one row per input, in input order.
-#[pg_extern(strict, stable, parallel_safe)]
-fn nvembed_queries(texts: Array<'_, &str>) -> SetOfIterator<'static, Option<Vec<f32>>> {
-    many(&gucs::query_instruction(), texts)
-}
-
-/// Embeds many queries for a custom task in one round trip.
-#[pg_extern(name = "nvembed_queries", strict, stable, parallel_safe)]
-fn nvembed_queries_task(texts: Array<'_, &str>, task: &str) -> SetOfIterator<'static, Option<Vec<f32>>> {
-    many(&task_instruction(task), texts)
-}
-
-/// Embeds a passage (no instruction).
-#[pg_extern(strict, stable, parallel_safe)]
-fn nvembed_passage(text: &str) -> Vec<f32> {
-    one("", text)
 }
 
 /// What the model process is doing.

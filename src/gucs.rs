@@ -130,10 +130,6 @@ pub fn model_spec() -> ModelSpec {
     }
 }
 
-pub fn query_instruction() -> String {
-    string(&QUERY_INSTRUCTION)
-}
-
 /// The model process' settings; when they change it must be restarted.
 pub fn server_settings() -> (i32, i32) {
     (THREADS.get(), MAX_BATCH_TOKENS.get())

@@ -13,15 +13,12 @@ mod worker;
 ::pgrx::pg_module_magic!(name, version);
 
 pgrx::extension_sql_file!(
-    "../sql/trigger.sql",
-    name = "trigger",
-    requires = [functions::nvembed_passage, functions::nvembed_query]
+    "../sql/functions.sql",
+    name = "functions",
+    requires = [functions::nvembed_embed_utf8, functions::nvembed_embed_many_utf8]
 );
-pgrx::extension_sql_file!(
-    "../sql/backfill.sql",
-    name = "backfill",
-    requires = [functions::nvembed_passages, functions::nvembed_queries]
-);
+pgrx::extension_sql_file!("../sql/trigger.sql", name = "trigger", requires = ["functions"]);
+pgrx::extension_sql_file!("../sql/backfill.sql", name = "backfill", requires = ["functions"]);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
