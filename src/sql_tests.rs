@@ -681,4 +681,50 @@ mod tests {
             Err(e) => panic!("{e}"),
         }
     }
+
+    #[pg_test]
+    fn killing_the_model_process_mid_batch_fails_every_waiting_session_promptly() {
+        use_fixture_exclusively();
+        embed_sql("nvembed_passage($1)", "warm up");
+        let (restarts, pid) = server_restarts_and_pid();
+        Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
+        let long = "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(1500);
+        for s in 0..3 {
+            let name = format!("mk{s}");
+            Spi::run_with_args("SELECT dblink_connect($1, $2)", &[name.clone().into(), self_connection().into()]).unwrap();
+            let set_model = format!("SET nvembed.model = '{}'", model_dir());
+            Spi::run_with_args("SELECT dblink_exec($1, $2)", &[name.clone().into(), set_model.into()]).unwrap();
+            let call = format!("SELECT nvembed_passage({}) IS NOT NULL", pgrx::spi::quote_literal(&format!("{long} {s}")));
+            Spi::run_with_args("SELECT dblink_send_query($1, $2)", &[name.into(), call.into()]).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let waiting = Spi::get_one::<i64>("SELECT waiting FROM nvembed_status()").unwrap().unwrap();
+        assert!(waiting >= 2, "the sessions' calls are queued or running together: {waiting}");
+        let killed = std::time::Instant::now();
+        let killer = kill_after(pid, 0);
+        for s in 0..3 {
+            let name = format!("mk{s}");
+            Spi::run_with_args("SELECT * FROM dblink_get_result($1, false) AS t(ok bool)", &[name.clone().into()]).unwrap();
+            let message = Spi::get_one_with_args::<String>("SELECT dblink_error_message($1)", &[name.clone().into()])
+                .unwrap()
+                .unwrap();
+            assert!(message.contains("connection lost"), "session {s}: {message}");
+            Spi::run_with_args("SELECT * FROM dblink_get_result($1, false) AS t(ok bool)", &[name.into()]).unwrap();
+        }
+        assert!(seconds(killed) < 2.0, "the waiting calls failed after {:.2} s", seconds(killed));
+        killer.join().unwrap();
+        for s in 0..3 {
+            // Each session lives on and its next call works.
+            let name = format!("mk{s}");
+            let ok = Spi::get_one_with_args::<String>(
+                "SELECT v FROM dblink($1, 'SELECT (array_length(nvembed_passage(''again''), 1) = 32)::text') AS t(v text)",
+                &[name.clone().into()],
+            )
+            .unwrap();
+            assert_eq!(ok.as_deref(), Some("true"));
+            Spi::run_with_args("SELECT dblink_disconnect($1)", &[name.into()]).unwrap();
+        }
+        let (after, _) = server_restarts_and_pid();
+        assert!(after > restarts);
+    }
 }
