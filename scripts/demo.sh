@@ -12,7 +12,7 @@ cluster_start "${NVEMBED_MODEL:-nvidia/NV-Embed-v2}"
 "${PSQL[@]}" -e <<'SQL'
 CREATE EXTENSION vector;
 CREATE EXTENSION nvembed;
-SELECT dimension FROM nvembed_status();
+SELECT server_running, loaded FROM nvembed_status();  -- the model loads on the first call, not before
 CREATE TABLE docs (id serial PRIMARY KEY, body text NOT NULL, embedding real[]);
 CREATE TRIGGER docs_embed BEFORE INSERT OR UPDATE ON docs
   FOR EACH ROW EXECUTE FUNCTION nvembed_embed_trigger('body', 'embedding');
