@@ -25,7 +25,19 @@ pub fn fail(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
     unreachable!("ERROR does not return")
 }
 
+fn require_preload() {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        fail(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "nvembed is not loaded through shared_preload_libraries".into(),
+            "Add shared_preload_libraries = 'nvembed' to postgresql.conf and restart PostgreSQL.",
+        );
+    }
+}
+
+/// Connects, waiting up to CONNECT_WAIT while the supervisor (re)starts the server.
 fn connect() -> UnixStream {
+    require_preload();
     let started = Instant::now();
     loop {
         match UnixStream::connect(SOCKET_NAME) {
@@ -43,16 +55,13 @@ fn connect() -> UnixStream {
     }
 }
 
-/// Sends `request` and waits for the answer, checking for interrupts all along.
-fn round_trip(request: &Request) -> Response {
-    if !PRELOADED.load(Ordering::Relaxed) {
-        fail(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "nvembed is not loaded through shared_preload_libraries".into(),
-            "Add shared_preload_libraries = 'nvembed' to postgresql.conf and restart PostgreSQL.",
-        );
-    }
-    let mut stream = connect();
+/// The socket operation timed out or was interrupted: check for cancel and go on waiting.
+fn still_waiting(e: &std::io::Error) -> bool {
+    matches!(e.kind(), IoErrorKind::WouldBlock | IoErrorKind::TimedOut | IoErrorKind::Interrupted)
+}
+
+/// Sends `request` on `stream` and waits for the answer, checking for interrupts all along.
+fn round_trip(mut stream: UnixStream, request: &Request) -> Response {
     let lost = |e: std::io::Error| -> ! {
         fail(
             PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
@@ -69,8 +78,8 @@ fn round_trip(request: &Request) -> Response {
         match stream.write(&frame[sent..]) {
             Ok(0) => lost(IoErrorKind::WriteZero.into()),
             Ok(n) => sent += n,
-            Err(e) if matches!(e.kind(), IoErrorKind::WouldBlock | IoErrorKind::TimedOut | IoErrorKind::Interrupted) => {
-                pgrx::check_for_interrupts!()
+            Err(e) if still_waiting(&e) => {
+                pgrx::check_for_interrupts!();
             }
             Err(e) => lost(e),
         }
@@ -86,8 +95,8 @@ fn round_trip(request: &Request) -> Response {
         match stream.read(&mut chunk) {
             Ok(0) => lost(IoErrorKind::UnexpectedEof.into()),
             Ok(n) => received.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), IoErrorKind::WouldBlock | IoErrorKind::TimedOut | IoErrorKind::Interrupted) => {
-                pgrx::check_for_interrupts!()
+            Err(e) if still_waiting(&e) => {
+                pgrx::check_for_interrupts!();
             }
             Err(e) => lost(e),
         }
@@ -118,7 +127,7 @@ pub fn embed(instruction: &str, texts: Vec<String>, max_length: usize) -> Vec<Ve
         texts,
         max_length,
     };
-    match round_trip(&request) {
+    match round_trip(connect(), &request) {
         Response::Embeddings(vectors) => {
             LAST_CALL.with(|c| {
                 *c.borrow_mut() = Some(LastCall {
@@ -162,8 +171,9 @@ pub fn status() -> Option<Status> {
     if !PRELOADED.load(Ordering::Relaxed) {
         return None;
     }
-    UnixStream::connect(SOCKET_NAME).ok()?;
-    match round_trip(&Request::Status) {
+    // No waiting for a server that is not there: status reports that instead.
+    let stream = UnixStream::connect(SOCKET_NAME).ok()?;
+    match round_trip(stream, &Request::Status) {
         Response::Status(status) => Some(status),
         _ => None,
     }
