@@ -4,44 +4,55 @@
 -- SQL so the planner inlines them; every name is schema-qualified instead of pinning
 -- search_path (a SET clause would prevent inlining).
 
--- Query embedding with the session's nvembed.query_instruction.
-CREATE FUNCTION nvembed_query(text) RETURNS real[]
+-- Embedding of one text with any instruction prefix; the one place texts are converted.
+CREATE FUNCTION nvembed_embed(text, instruction text) RETURNS real[]
 LANGUAGE sql STRICT STABLE PARALLEL SAFE
-RETURN @extschema@.nvembed_embed_utf8(pg_catalog.convert_to($1, 'UTF8'),
-                                      pg_catalog.convert_to(pg_catalog.current_setting('nvembed.query_instruction'), 'UTF8'));
+RETURN @extschema@.nvembed_embed_utf8(pg_catalog.convert_to($1, 'UTF8'), pg_catalog.convert_to(instruction, 'UTF8'));
 
--- Query embedding for a custom retrieval task: "Instruct: {task}\nQuery: ".
-CREATE FUNCTION nvembed_query(text, task text) RETURNS real[]
-LANGUAGE sql STRICT STABLE PARALLEL SAFE
-RETURN @extschema@.nvembed_embed_utf8(pg_catalog.convert_to($1, 'UTF8'),
-                                      pg_catalog.convert_to('Instruct: ' OPERATOR(pg_catalog.||) $2 OPERATOR(pg_catalog.||) E'\nQuery: ', 'UTF8'));
-
--- Passage embedding (no instruction).
-CREATE FUNCTION nvembed_passage(text) RETURNS real[]
-LANGUAGE sql STRICT STABLE PARALLEL SAFE
-RETURN @extschema@.nvembed_embed_utf8(pg_catalog.convert_to($1, 'UTF8'), '\x'::pg_catalog.bytea);
-
--- Many texts in one round trip to the model: one row per input, in input order, NULL for NULL.
-CREATE FUNCTION nvembed_passages(texts text[]) RETURNS SETOF real[]
+-- Many texts with any instruction, in one round trip to the model: one row per input, in input
+-- order, NULL for NULL.
+CREATE FUNCTION nvembed_embed_many(texts text[], instruction text) RETURNS SETOF real[]
 LANGUAGE sql STRICT STABLE PARALLEL SAFE
 BEGIN ATOMIC
     SELECT @extschema@.nvembed_embed_many_utf8(
         ARRAY(SELECT pg_catalog.convert_to(t, 'UTF8') FROM pg_catalog.unnest(texts) WITH ORDINALITY AS u(t, n) ORDER BY n),
-        '\x'::pg_catalog.bytea);
+        pg_catalog.convert_to(instruction, 'UTF8'));
+END;
+
+-- The model card's instruction for a custom retrieval task.
+CREATE FUNCTION nvembed_task_instruction(task text) RETURNS text
+LANGUAGE sql STRICT IMMUTABLE PARALLEL SAFE
+RETURN 'Instruct: ' OPERATOR(pg_catalog.||) task OPERATOR(pg_catalog.||) E'\nQuery: ';
+
+-- Query embedding with the session's nvembed.query_instruction.
+CREATE FUNCTION nvembed_query(text) RETURNS real[]
+LANGUAGE sql STRICT STABLE PARALLEL SAFE
+RETURN @extschema@.nvembed_embed($1, pg_catalog.current_setting('nvembed.query_instruction'));
+
+-- Query embedding for a custom retrieval task.
+CREATE FUNCTION nvembed_query(text, task text) RETURNS real[]
+LANGUAGE sql STRICT STABLE PARALLEL SAFE
+RETURN @extschema@.nvembed_embed($1, @extschema@.nvembed_task_instruction(task));
+
+-- Passage embedding (no instruction).
+CREATE FUNCTION nvembed_passage(text) RETURNS real[]
+LANGUAGE sql STRICT STABLE PARALLEL SAFE
+RETURN @extschema@.nvembed_embed($1, '');
+
+CREATE FUNCTION nvembed_passages(texts text[]) RETURNS SETOF real[]
+LANGUAGE sql STRICT STABLE PARALLEL SAFE
+BEGIN ATOMIC
+    SELECT @extschema@.nvembed_embed_many(texts, '');
 END;
 
 CREATE FUNCTION nvembed_queries(texts text[]) RETURNS SETOF real[]
 LANGUAGE sql STRICT STABLE PARALLEL SAFE
 BEGIN ATOMIC
-    SELECT @extschema@.nvembed_embed_many_utf8(
-        ARRAY(SELECT pg_catalog.convert_to(t, 'UTF8') FROM pg_catalog.unnest(texts) WITH ORDINALITY AS u(t, n) ORDER BY n),
-        pg_catalog.convert_to(pg_catalog.current_setting('nvembed.query_instruction'), 'UTF8'));
+    SELECT @extschema@.nvembed_embed_many(texts, pg_catalog.current_setting('nvembed.query_instruction'));
 END;
 
 CREATE FUNCTION nvembed_queries(texts text[], task text) RETURNS SETOF real[]
 LANGUAGE sql STRICT STABLE PARALLEL SAFE
 BEGIN ATOMIC
-    SELECT @extschema@.nvembed_embed_many_utf8(
-        ARRAY(SELECT pg_catalog.convert_to(t, 'UTF8') FROM pg_catalog.unnest(texts) WITH ORDINALITY AS u(t, n) ORDER BY n),
-        pg_catalog.convert_to('Instruct: ' OPERATOR(pg_catalog.||) task OPERATOR(pg_catalog.||) E'\nQuery: ', 'UTF8'));
+    SELECT @extschema@.nvembed_embed_many(texts, @extschema@.nvembed_task_instruction(task));
 END;
