@@ -76,3 +76,25 @@ print(f'p50 {lat[len(lat) // 2]:.1f} ms, p99 {lat[int(len(lat) * 0.99)]:.1f} ms'
 python3 -c "import sys; b, a = $rss_before, $rss_after; sys.exit(0 if a <= b * 1.05 else 1)" \
   || fail "model process RSS grew from $rss_before kB to $rss_after kB"
 echo "PASS load: 16 sessions × 200 calls, 0 errors, 3200/3200 vectors equal to single-session results, $latency, model RSS $rss_before → $rss_after kB"
+
+# 3. Backfill NOTICEs: at most one progress line per ~2 s (not one per batch), true final counts
+#    with a row that another session holds locked throughout.
+"${PSQL[@]}" -c "CREATE TABLE bf (id int PRIMARY KEY, body text, embedding real[])" \
+  -c "INSERT INTO bf SELECT g, 'backfilled row ' || g FROM generate_series(1, 4000) g" >/dev/null
+"${PSQL[@]}" -c "BEGIN" -c "SELECT 1 FROM bf WHERE id = 7 FOR UPDATE" -c "SELECT pg_sleep(600)" >/dev/null 2>&1 &
+locker=$!
+for _ in $(seq 100); do
+  [ "$("${PSQL[@]}" -Atc "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(600)'")" = 1 ] && break
+  sleep 0.1
+done
+started=$(date +%s.%N)
+notices=$("${PSQL[@]}" -c "CALL nvembed_backfill('bf', 'body', 'embedding', batch_size => 1)" 2>&1)
+elapsed=$(python3 -c "import time; print(f'{time.time() - $started:.1f}')")
+"${PSQL[@]}" -c "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(600)'" >/dev/null
+wait "$locker" || true
+progress=$(grep -c 'rows read' <<<"$notices" || true)
+python3 -c "import sys; e, p = $elapsed, $progress; sys.exit(0 if e >= 4 and 1 <= p <= e / 2 + 1 else 1)" \
+  || { echo "$notices"; fail "$progress progress NOTICEs in $elapsed s for 4000 batches (want 1 ≤ n ≤ elapsed / 2 + 1, elapsed ≥ 4 s)"; }
+grep -q 'done in .* s: 3999 rows embedded, 1 skipped (locked by another session), 0 skipped (changed since read); 1 rows still have a NULL embedding' <<<"$notices" \
+  || { echo "$notices"; fail "final NOTICE of the backfill"; }
+echo "PASS backfill NOTICEs: $progress progress lines in $elapsed s (4000 batches), final counts 3999 embedded / 1 locked / 1 left NULL"

@@ -1,19 +1,30 @@
 -- nvembed_embed_trigger(source_column, target_column [, 'passage' | 'query'])
 --
--- BEFORE INSERT OR UPDATE ... FOR EACH ROW: fills target_column with the embedding of
--- source_column. On UPDATE it re-embeds only when the source text changed. NULL text gives a
--- NULL embedding. The target may be vector(N), halfvec(N) or real[]: the value is assigned
--- through the column type's own input, exactly as an INSERT of the array would be.
+-- BEFORE INSERT OR UPDATE ... FOR EACH ROW (on a plain table, or on a partitioned parent, where
+-- it fires for rows routed to any partition). Rules:
+--   INSERT  a non-NULL target is kept (COPY of precomputed vectors, pg_restore --data-only,
+--           logical replication with ENABLE ALWAYS); a NULL target gets the source's embedding.
+--   UPDATE  the source changed: re-embed, unless the same statement also set the target;
+--           the source is unchanged: a NULL target is filled, any other target is kept.
+-- A NULL source gives a NULL embedding. Only the two named columns are read, and only the
+-- target is written: the row is never converted as a whole (a 4096-float vector is ~50 KB of
+-- text). The target may be vector(N), halfvec(N) or real[]: the value is assigned through the
+-- column type's own input, exactly as an INSERT of the array would be.
 CREATE FUNCTION nvembed_embed_trigger() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+-- The new vector reaches the column as JSON numbers: shortest exact float output, whatever the
+-- session's extra_float_digits.
+SET extra_float_digits = 3
 AS $$
 DECLARE
     source_column text := TG_ARGV[0];
     target_column text := TG_ARGV[1];
     kind text := coalesce(TG_ARGV[2], 'passage');
-    new_row jsonb;
     source_text text;
+    target_is_null boolean;
+    source_changed boolean;
+    target_set boolean;
     embedding real[];
 BEGIN
     IF TG_WHEN <> 'BEFORE' OR TG_LEVEL <> 'ROW' OR TG_OP NOT IN ('INSERT', 'UPDATE') THEN
@@ -32,13 +43,33 @@ BEGIN
                       HINT = 'Check the column names given to nvembed_embed_trigger in the trigger definition.';
         END IF;
     END LOOP;
-    new_row := to_jsonb(NEW);
-    IF TG_OP = 'UPDATE' AND new_row -> source_column IS NOT DISTINCT FROM to_jsonb(OLD) -> source_column THEN
-        RETURN NEW;
+    IF TG_OP = 'INSERT' THEN
+        EXECUTE format('SELECT ($1).%I IS NULL', target_column) INTO target_is_null USING NEW;
+        IF NOT target_is_null THEN
+            RETURN NEW;
+        END IF;
+    ELSE
+        -- Byte-for-byte image comparison (*=): no equality operator of the column types needed,
+        -- and "changed" means any change. The target is compared only when the source changed.
+        EXECUTE format('SELECT NOT (ROW(($1).%1$I)::record *= ROW(($2).%1$I)::record), ($1).%2$I IS NULL',
+                       source_column, target_column)
+            INTO source_changed, target_is_null USING NEW, OLD;
+        IF source_changed THEN
+            EXECUTE format('SELECT NOT (ROW(($1).%1$I)::record *= ROW(($2).%1$I)::record)', target_column)
+                INTO target_set USING NEW, OLD;
+            IF target_set THEN
+                RETURN NEW;
+            END IF;
+        ELSIF NOT target_is_null THEN
+            RETURN NEW;
+        END IF;
     END IF;
-    source_text := new_row ->> source_column;
+    EXECUTE format('SELECT ($1).%I::text', source_column) INTO source_text USING NEW;
     IF source_text IS NULL THEN
         embedding := NULL;
+        IF target_is_null THEN
+            RETURN NEW;
+        END IF;
     ELSIF kind = 'query' THEN
         embedding := @extschema@.nvembed_query(source_text);
     ELSE

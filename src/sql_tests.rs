@@ -132,6 +132,66 @@ mod tests {
     }
 
     #[pg_test]
+    fn trigger_keeps_given_vectors_and_fills_missing_ones_in_every_partition() {
+        use_fixture();
+        // A partitioned parent whose second partition has another column order; the trigger is
+        // defined once, on the parent. Short float output in the session must not reach the
+        // stored vectors.
+        Spi::run(
+            "SET extra_float_digits = -4;
+             CREATE TABLE tr (id int, body text, note text, embedding real[]) PARTITION BY RANGE (id);
+             CREATE TABLE tr_low PARTITION OF tr FOR VALUES FROM (0) TO (100);
+             CREATE TABLE tr_high (embedding real[], note text, body text, id int);
+             ALTER TABLE tr ATTACH PARTITION tr_high FOR VALUES FROM (100) TO (MAXVALUE);
+             CREATE TRIGGER tr_embed BEFORE INSERT OR UPDATE ON tr FOR EACH ROW EXECUTE FUNCTION nvembed_embed_trigger('body', 'embedding');
+             CREATE TEMP TABLE marker AS SELECT array_fill(0.25::real, ARRAY[32]) AS v, array_fill(-0.5::real, ARRAY[32]) AS w;",
+        )
+        .unwrap();
+        let vector_of = |id: i32| -> Option<Vec<f32>> {
+            Spi::get_one::<Vec<f32>>(&format!("SELECT embedding FROM tr WHERE id = {id}")).unwrap()
+        };
+        let is_passage_of = |id: i32, text: &str| {
+            let got = vector_of(id).unwrap_or_else(|| panic!("row {id} has no vector"));
+            assert!(max_abs_diff(&got, &embed_sql("nvembed_passage($1)", text)) <= 1e-6, "row {id}: not the vector of {text:?}");
+        };
+        let is_marker = |id: i32, marker: &str| {
+            let kept = Spi::get_one::<bool>(&format!("SELECT embedding = (SELECT {marker} FROM marker) FROM tr WHERE id = {id}")).unwrap();
+            assert_eq!(kept, Some(true), "row {id} should hold marker {marker}");
+        };
+        // INSERT: a NULL target is filled (in either partition), a given one kept, also by COPY.
+        Spi::run("INSERT INTO tr (id, body) VALUES (1, 'alpha'), (101, 'gamma')").unwrap();
+        Spi::run("INSERT INTO tr (id, body, embedding) SELECT 2, 'beta', v FROM marker").unwrap();
+        let copied = format!("{FIXTURE}/trigger-copy.tsv");
+        let marker_text = Spi::get_one::<String>("SELECT v::text FROM marker").unwrap().unwrap();
+        std::fs::write(&copied, format!("3\tdelta\t{marker_text}\n4\tepsilon\t\\N\n")).unwrap();
+        Spi::run(&format!("COPY tr (id, body, embedding) FROM '{copied}'")).unwrap();
+        is_passage_of(1, "alpha");
+        is_passage_of(101, "gamma");
+        is_marker(2, "v");
+        is_marker(3, "v");
+        is_passage_of(4, "epsilon");
+        // UPDATE of the text re-embeds, unless the statement also set the target.
+        Spi::run("UPDATE tr SET body = 'alpha, edited' WHERE id = 1").unwrap();
+        is_passage_of(1, "alpha, edited");
+        Spi::run("UPDATE tr SET body = 'beta, edited', embedding = (SELECT w FROM marker) WHERE id = 2").unwrap();
+        is_marker(2, "w");
+        // Text unchanged: a set target is kept (no model call), a NULL one is filled.
+        Spi::run("UPDATE tr SET embedding = (SELECT v FROM marker) WHERE id = 101").unwrap();
+        Spi::run("UPDATE tr SET note = 'touched' WHERE id = 101").unwrap();
+        is_marker(101, "v");
+        Spi::run("UPDATE tr SET embedding = NULL WHERE id = 101").unwrap();
+        is_passage_of(101, "gamma");
+        // NULL text → NULL vector; a row moved to another partition is embedded there.
+        Spi::run("UPDATE tr SET body = NULL WHERE id = 4").unwrap();
+        assert_eq!(vector_of(4), None);
+        Spi::run("UPDATE tr SET id = 150, body = 'moved' WHERE id = 1").unwrap();
+        is_passage_of(150, "moved");
+        let partition = Spi::get_one::<String>("SELECT tableoid::regclass::text FROM tr WHERE id = 150").unwrap();
+        assert_eq!(partition.as_deref(), Some("tr_high"));
+        std::fs::remove_file(&copied).unwrap();
+    }
+
+    #[pg_test]
     fn inner_product_search_returns_the_true_top_k() {
         use_fixture();
         Spi::run("CREATE EXTENSION IF NOT EXISTS vector").unwrap();
@@ -431,6 +491,195 @@ mod tests {
         );
         Spi::run("SELECT dblink_exec('bf', 'DROP TABLE backfill_docs')").unwrap();
         Spi::run("SELECT dblink_disconnect('bf')").unwrap();
+    }
+
+    /// Opens dblink session `name` to this server, using the fixture model. Statements sent
+    /// there run in their own transactions: what they commit is what other sessions see.
+    fn remote_session(name: &str) {
+        Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
+        Spi::run_with_args("SELECT dblink_connect($1, $2)", &[name.into(), self_connection().into()]).unwrap();
+        remote_exec(name, &format!("SET nvembed.model = '{}'", model_dir()));
+    }
+
+    fn remote_exec(name: &str, sql: &str) {
+        Spi::run_with_args("SELECT dblink_exec($1, $2)", &[name.into(), sql.into()]).unwrap();
+    }
+
+    /// The one text value that `sql` returns in session `name`.
+    fn remote_text(name: &str, sql: &str) -> String {
+        Spi::get_one_with_args::<String>("SELECT v FROM dblink($1, $2) AS t(v text)", &[name.into(), sql.into()])
+            .unwrap()
+            .unwrap()
+    }
+
+    /// "rows with a text, of them rows holding their own text's passage vector (≤ 1e-6), rows
+    /// holding a vector but no text" of `table` (a SQL name) with `source` and `target` columns,
+    /// read in session `name`: this session never locks the tables the remote sessions drop.
+    fn embedding_state(name: &str, table: &str, source: &str, target: &str) -> String {
+        remote_text(
+            name,
+            &format!(
+                "SELECT count({source}) || ',' ||
+                        count(*) FILTER (WHERE (SELECT max(abs(x - y)) FROM unnest({target}::real[], nvembed_passage({source})) u(x, y)) <= 1e-6)
+                        || ',' || count(*) FILTER (WHERE {target} IS NOT NULL AND {source} IS NULL)
+                 FROM {table}"
+            ),
+        )
+    }
+
+    #[pg_test]
+    fn backfill_matches_rows_in_partitions_children_and_quoted_tables() {
+        use_fixture();
+        remote_session("parts");
+        // Three list partitions, one of them sub-partitioned, and a DEFAULT partition; no primary
+        // key anywhere: every partition has rows at the same ctids. The quoted table's target is
+        // a pgvector column (assignment cast from real[]).
+        remote_exec(
+            "parts",
+            "CREATE TABLE bf_parts (id int, grp text, body text, embedding real[]) PARTITION BY LIST (grp);
+             CREATE TABLE bf_parts_a PARTITION OF bf_parts FOR VALUES IN ('a');
+             CREATE TABLE bf_parts_b PARTITION OF bf_parts FOR VALUES IN ('b') PARTITION BY RANGE (id);
+             CREATE TABLE bf_parts_b1 PARTITION OF bf_parts_b FOR VALUES FROM (0) TO (50);
+             CREATE TABLE bf_parts_b2 PARTITION OF bf_parts_b FOR VALUES FROM (50) TO (MAXVALUE);
+             CREATE TABLE bf_parts_other PARTITION OF bf_parts DEFAULT;
+             INSERT INTO bf_parts SELECT g, (ARRAY['a', 'b', 'c'])[1 + g % 3], 'partitioned passage ' || g
+             FROM generate_series(1, 90) g;
+             CREATE TABLE bf_parent (body text, embedding real[]);
+             CREATE TABLE bf_child (extra int, body2 text) INHERITS (bf_parent);
+             CREATE TABLE bf_child2 () INHERITS (bf_parent);
+             INSERT INTO bf_parent (body) SELECT 'parent row ' || g FROM generate_series(1, 12) g;
+             INSERT INTO bf_child (body) SELECT 'child row ' || g FROM generate_series(1, 12) g;
+             INSERT INTO bf_child2 (body) SELECT 'second child row ' || g FROM generate_series(1, 12) g;
+             CREATE EXTENSION IF NOT EXISTS vector;
+             CREATE SCHEMA \"Back Fill\";
+             CREATE TABLE \"Back Fill\".\"My Docs\" (\"Body\" text, \"Embedding\" vector);
+             INSERT INTO \"Back Fill\".\"My Docs\" SELECT 'quoted ' || g FROM generate_series(1, 15) g;",
+        );
+        for call in [
+            "CALL nvembed_backfill('bf_parts', 'body', 'embedding', batch_size => 7)",
+            "CALL nvembed_backfill('bf_parent', 'body', 'embedding', batch_size => 5)",
+            "CALL nvembed_backfill('\"Back Fill\".\"My Docs\"', 'Body', 'Embedding', batch_size => 4)",
+        ] {
+            remote_exec("parts", call);
+        }
+        assert_eq!(embedding_state("parts", "bf_parts", "body", "embedding"), "90,90,0");
+        assert_eq!(embedding_state("parts", "bf_parent", "body", "embedding"), "36,36,0");
+        assert_eq!(embedding_state("parts", "\"Back Fill\".\"My Docs\"", "\"Body\"", "\"Embedding\""), "15,15,0");
+        // Every partition got its own rows' vectors.
+        let per_partition = remote_text(
+            "parts",
+            "SELECT string_agg(tableoid::regclass || '=' || n, ' ' ORDER BY tableoid::regclass::text)
+             FROM (SELECT tableoid, count(*) n FROM bf_parts GROUP BY tableoid) p",
+        );
+        assert_eq!(per_partition, "bf_parts_a=30 bf_parts_b1=17 bf_parts_b2=13 bf_parts_other=30");
+        remote_exec("parts", "DROP TABLE bf_parts, bf_parent CASCADE; DROP SCHEMA \"Back Fill\" CASCADE");
+        Spi::run("SELECT dblink_disconnect('parts')").unwrap();
+    }
+
+    /// Two-key advisory locks that session `pid` holds in nvembed_backfill's lock class.
+    fn backfill_locks_held(pid: i32) -> i64 {
+        Spi::get_one_with_args::<i64>(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1
+               AND classid = 1853252198 AND objsubid = 2",
+            &[pid.into()],
+        )
+        .unwrap()
+        .unwrap()
+    }
+
+    #[pg_test]
+    fn backfill_never_writes_a_vector_of_a_text_the_row_no_longer_has() {
+        use_fixture();
+        remote_session("reader");
+        remote_session("writer");
+        let long = "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(600);
+        remote_exec(
+            "writer",
+            &format!(
+                "CREATE TABLE bf_race (id int PRIMARY KEY, body text, embedding real[]);
+                 INSERT INTO bf_race SELECT g, CASE g WHEN 1 THEN {} ELSE 'race row ' || g END FROM generate_series(1, 6) g",
+                pgrx::spi::quote_literal(&long)
+            ),
+        );
+        // One batch in the reader's session; the first text (~8,000 tokens) keeps the model busy
+        // for seconds.
+        let reader_pid = remote_text("reader", "SELECT pg_backend_pid()::text").parse::<i32>().unwrap();
+        let batch = "SELECT concat_ws(',', read, embedded, locked, changed)
+                     FROM nvembed_backfill_batch('bf_race', 'body', 'embedding', 'passage', 100, 0, '(0,0)')";
+        Spi::run_with_args("SELECT dblink_send_query('reader', $1)", &[batch.into()]).unwrap();
+        let started = std::time::Instant::now();
+        while backfill_locks_held(reader_pid) == 0 {
+            assert!(seconds(started) < 10.0, "the batch never started");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // The batch has read its rows (right after taking the lock) and is embedding them: change
+        // one text and commit, and hold another row locked.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        remote_exec("writer", "UPDATE bf_race SET body = 'a text written during the batch' WHERE id = 3");
+        remote_exec("writer", "BEGIN");
+        assert_eq!(remote_text("writer", "SELECT body FROM bf_race WHERE id = 5 FOR UPDATE"), "race row 5");
+        assert_eq!(backfill_locks_held(reader_pid), 1, "the batch ended before the update: make its first text longer");
+        let counts = Spi::get_one::<String>("SELECT v FROM dblink_get_result('reader') AS t(v text)").unwrap().unwrap();
+        Spi::run("SELECT * FROM dblink_get_result('reader') AS t(v text)").unwrap();
+        // read 6: row 3 changed since read (left NULL), row 5 locked (skipped, not waited for).
+        assert_eq!(counts, "6,4,1,1");
+        let left = remote_text("reader", "SELECT string_agg(id::text, ',' ORDER BY id) FROM bf_race WHERE embedding IS NULL");
+        assert_eq!(left, "3,5");
+        remote_exec("writer", "COMMIT");
+        // The next run fills both with their current texts.
+        remote_exec("reader", "CALL nvembed_backfill('bf_race', 'body', 'embedding')");
+        assert_eq!(embedding_state("reader", "bf_race", "body", "embedding"), "6,6,0");
+        remote_exec("writer", "DROP TABLE bf_race");
+        Spi::run("SELECT dblink_disconnect('reader'), dblink_disconnect('writer')").unwrap();
+    }
+
+    #[pg_test]
+    fn backfill_runs_no_operator_from_the_callers_search_path() {
+        use_fixture();
+        remote_session("hostile");
+        // A role's operators on the exact and the mixed types the procedure computes with, first
+        // in the caller's search_path: any call of them fails the backfill.
+        let mut hostile = String::from(
+            "CREATE SCHEMA bf_hostile;
+             CREATE FUNCTION bf_hostile.trap() RETURNS boolean LANGUAGE plpgsql AS
+               'BEGIN RAISE EXCEPTION ''hostile operator called''; END';
+             CREATE TABLE bf_victim (body text, embedding real[]);
+             INSERT INTO bf_victim SELECT 'victim row ' || g FROM generate_series(1, 20) g;",
+        );
+        for (i, (op, left, right)) in [
+            ("/", "bigint", "double precision"),
+            ("*", "bigint", "double precision"),
+            ("+", "bigint", "integer"),
+            ("+", "bigint", "bigint"),
+            ("-", "bigint", "bigint"),
+            ("-", "timestamp with time zone", "timestamp with time zone"),
+            (">=", "interval", "interval"),
+            ("=", "integer", "integer"),
+            ("<", "integer", "integer"),
+            ("=", "text", "text"),
+            ("=", "name", "text"),
+            ("=", "oid", "oid"),
+            ("=", "tid", "tid"),
+            (">", "tid", "tid"),
+            (">", "smallint", "integer"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            hostile.push_str(&format!(
+                "CREATE FUNCTION bf_hostile.f{i}({left}, {right}) RETURNS boolean LANGUAGE sql AS 'SELECT bf_hostile.trap()';
+                 CREATE OPERATOR bf_hostile.{op} (LEFTARG = {left}, RIGHTARG = {right}, FUNCTION = bf_hostile.f{i});"
+            ));
+        }
+        remote_exec("hostile", &hostile);
+        remote_exec("hostile", "SET search_path = bf_hostile, public, pg_catalog");
+        // The trap is armed: an unqualified operator in this session runs it.
+        assert_error("PERFORM dblink_exec('hostile', 'SELECT 1::bigint - 1::bigint')", "P0001", "hostile operator called");
+        remote_exec("hostile", "CALL nvembed_backfill('public.bf_victim', 'body', 'embedding', batch_size => 3)");
+        remote_exec("hostile", "RESET search_path");
+        assert_eq!(embedding_state("hostile", "bf_victim", "body", "embedding"), "20,20,0");
+        remote_exec("hostile", "DROP SCHEMA bf_hostile CASCADE; DROP TABLE bf_victim");
+        Spi::run("SELECT dblink_disconnect('hostile')").unwrap();
     }
 
     /// Restart count and pid of the model server.
