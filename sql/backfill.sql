@@ -4,36 +4,34 @@
 -- round trip, committing after each batch: an interrupted run loses at most one batch, and a
 -- re-run continues where it stopped.
 --
--- Rows are identified by (tableoid, ctid), not by ctid alone (unique only inside one partition
--- or inheritance child) and not by primary key (tables without one must work too, and a key may
--- span several columns of any type). Within one batch's transaction a claimed row is locked, so
--- its (tableoid, ctid) cannot change between the claim and the write.
+-- A run first lists the positions of the rows to embed, once (one scan; the list is kept across
+-- COMMITs), then works through the list batch by batch, so each batch costs only its own rows
+-- whatever the table's size, and each row is visited once: rows that cannot be written (locked,
+-- changed, hidden by row-level security, cancelled by a trigger) never make it loop, and rows
+-- inserted or changed during the run are left for the next one.
 --
--- One batch (nvembed_backfill_batch) runs in four steps inside one transaction:
---   1. read the next batch_size rows after the previous batch, in (tableoid, ctid) order,
---      WITHOUT locking them: the model call that follows takes seconds per row with the real
---      model, and holding row locks that long would stall the application's UPDATEs;
---   2. embed their texts in one model round trip;
---   3. claim the rows whose source is still byte-for-byte the text that was embedded and whose
---      target is still NULL, FOR UPDATE SKIP LOCKED (rows another session holds are skipped and
---      counted, never waited for);
---   4. write the claimed rows, re-checking the text again in the UPDATE's WHERE.
--- A row whose text changed after step 1 is therefore left NULL for the next run. Each run visits
--- each row at most once (the (tableoid, ctid) cursor only moves forward), so rows that cannot be
--- written (locked, changed, hidden by row-level security, cancelled by a trigger) never make it
--- loop. Concurrent runs on the same table take turns batch by batch (a transaction-level
--- advisory lock), so no text is embedded twice and nothing is left locked after a cancel.
+-- Rows are identified by (tableoid, ctid), not by ctid alone (unique only inside one partition or
+-- inheritance child) and not by primary key (tables without one must work too, and a key may span
+-- several columns of any type). A position may come to hold another row (after a DELETE and a
+-- VACUUM), so it is trusted only together with the text re-checked at the write.
 
--- One batch of nvembed_backfill: the rows after (after_rel, after_row). Returns how many rows it
--- read, embedded, skipped because another session held them locked, and left because they changed
--- (text changed, row deleted, target filled, or the UPDATE was refused by a policy or trigger),
--- and the position of its last row for the next call. A plain function, so it can pin
--- search_path; the caller commits.
+-- One batch of nvembed_backfill: the rows at positions (rels[i], row_ids[i]), in one transaction
+-- (the caller commits):
+--   1. read the texts of those rows that still need a vector, WITHOUT locking them: the model
+--      call that follows takes seconds per row with the real model, and holding row locks that
+--      long would stall the application's UPDATEs;
+--   2. embed them in one model round trip;
+--   3. claim the rows whose source is still byte-for-byte the text that was embedded and whose
+--      target is still NULL, FOR NO KEY UPDATE SKIP LOCKED (the lock the UPDATE itself takes;
+--      rows another session holds are skipped and counted, never waited for);
+--   4. write the claimed rows, re-checking the text in the UPDATE's WHERE.
+-- Returns how many rows it embedded, skipped because another session held them locked, and
+-- skipped because they changed, went away or were filled since the run listed them.
+-- Concurrent batches on the same table (as named) take turns (a transaction-level advisory lock),
+-- so no text is embedded twice. A plain function, so it can pin search_path.
 CREATE FUNCTION nvembed_backfill_batch(
-    tbl regclass, source_column text, target_column text, kind text, batch_size integer,
-    after_rel oid, after_row tid,
-    OUT read integer, OUT embedded integer, OUT locked integer, OUT changed integer,
-    OUT last_rel oid, OUT last_row tid)
+    tbl regclass, source_column text, target_column text, kind text, rels oid[], row_ids tid[],
+    OUT embedded integer, OUT locked integer, OUT changed integer)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -41,14 +39,18 @@ DECLARE
     -- Advisory lock class of nvembed_backfill ('nvbf'); the second key is the table.
     backfill_lock_class CONSTANT integer := 1853252198;
     embed_call text;
-    rels oid[];
-    row_ids tid[];
+    todo_rels oid[];
+    todo_rows tid[];
     texts text[];
     vectors real[]; -- two-dimensional: one row per text, in batch order
-    claimed_rels oid[];
-    claimed_rows tid[];
-    claimed_n bigint[];
-    still_matching integer;
+    claim text;
+    claimed_rels oid[] := '{}';
+    claimed_rows tid[] := '{}';
+    claimed_n bigint[] := '{}';
+    some_rels oid[];
+    some_rows tid[];
+    some_n bigint[];
+    matching integer;
     -- The row still holds the text that was embedded (byte-for-byte: a nondeterministic
     -- collation could call different texts equal) and still needs a vector.
     unchanged text := format('t.%1$I IS NULL AND (t.%2$I::text COLLATE "C") = b.src', target_column, source_column);
@@ -59,49 +61,64 @@ BEGIN
         RAISE EXCEPTION 'nvembed_backfill: kind must be ''passage'' or ''query'', not %', quote_nullable(kind)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    embedded := 0;
+    locked := 0;
     PERFORM pg_advisory_xact_lock(backfill_lock_class, tbl::oid::integer);
 
     EXECUTE format(
-        'SELECT array_agg(tableoid ORDER BY tableoid, ctid), array_agg(ctid ORDER BY tableoid, ctid),
-                array_agg(src ORDER BY tableoid, ctid)
-         FROM (SELECT tableoid, ctid, %1$I::text AS src FROM %2$s
-               WHERE %3$I IS NULL AND %1$I IS NOT NULL AND (tableoid, ctid) > ($1, $2)
-               ORDER BY tableoid, ctid LIMIT $3) batch',
+        'SELECT array_agg(b.rel ORDER BY b.n), array_agg(b.row_id ORDER BY b.n), array_agg(t.%1$I::text ORDER BY b.n)
+         FROM unnest($1::oid[], $2::tid[]) WITH ORDINALITY AS b(rel, row_id, n)
+         JOIN %2$s AS t ON t.tableoid = b.rel AND t.ctid = b.row_id
+         WHERE t.%3$I IS NULL AND t.%1$I IS NOT NULL',
         source_column, tbl, target_column)
-        INTO rels, row_ids, texts USING after_rel, after_row, batch_size;
-    read := coalesce(cardinality(rels), 0);
-    embedded := 0; locked := 0; changed := 0;
-    IF read = 0 THEN
-        RETURN;
+        INTO todo_rels, todo_rows, texts USING rels, row_ids;
+
+    IF texts IS NOT NULL THEN
+        EXECUTE format('SELECT array_agg(e ORDER BY n) FROM %s($1) WITH ORDINALITY AS v(e, n)', embed_call)
+            INTO vectors USING texts;
+
+        claim := format(
+            'WITH b AS (SELECT * FROM unnest($1::oid[], $2::tid[], $3::text[], $4::bigint[]) AS b(rel, row_id, src, n)),
+                  matching AS (SELECT 1 FROM %1$s AS t JOIN b ON t.tableoid = b.rel AND t.ctid = b.row_id WHERE %2$s),
+                  claimed AS (SELECT t.tableoid AS rel, t.ctid AS row_id, b.n
+                              FROM %1$s AS t JOIN b ON t.tableoid = b.rel AND t.ctid = b.row_id WHERE %2$s
+                              FOR NO KEY UPDATE OF t SKIP LOCKED)
+             SELECT (SELECT count(*) FROM matching), array_agg(rel), array_agg(row_id), array_agg(n) FROM claimed',
+            tbl, unchanged);
+        BEGIN
+            EXECUTE claim INTO matching, claimed_rels, claimed_rows, claimed_n
+                USING todo_rels, todo_rows, texts, ARRAY(SELECT generate_series(1, cardinality(texts)));
+            locked := matching - coalesce(cardinality(claimed_n), 0);
+        EXCEPTION WHEN serialization_failure THEN
+            -- A row was moved to another partition, or (REPEATABLE READ) changed since this
+            -- transaction's snapshot: claim row by row, leaving the rows that fail.
+            claimed_rels := '{}'; claimed_rows := '{}'; claimed_n := '{}';
+            FOR i IN 1..cardinality(texts) LOOP
+                BEGIN
+                    EXECUTE claim INTO matching, some_rels, some_rows, some_n
+                        USING ARRAY[todo_rels[i]], ARRAY[todo_rows[i]], ARRAY[texts[i]], ARRAY[i::bigint];
+                    locked := locked + matching - coalesce(cardinality(some_n), 0);
+                    claimed_rels := claimed_rels || some_rels;
+                    claimed_rows := claimed_rows || some_rows;
+                    claimed_n := claimed_n || some_n;
+                EXCEPTION WHEN serialization_failure THEN
+                    NULL;
+                END;
+            END LOOP;
+        END;
+
+        IF cardinality(claimed_n) > 0 THEN
+            EXECUTE format(
+                'UPDATE %1$s AS t SET %2$I = ARRAY(SELECT unnest($4[b.n:b.n][:]))
+                 FROM (SELECT c.rel, c.row_id, c.n::integer AS n, $5[c.n] AS src
+                       FROM unnest($1::oid[], $2::tid[], $3::bigint[]) AS c(rel, row_id, n)) b
+                 WHERE t.tableoid = b.rel AND t.ctid = b.row_id AND %3$s',
+                tbl, target_column, unchanged)
+                USING claimed_rels, claimed_rows, claimed_n, vectors, texts;
+            GET DIAGNOSTICS embedded = ROW_COUNT;
+        END IF;
     END IF;
-    last_rel := rels[read];
-    last_row := row_ids[read];
-
-    EXECUTE format('SELECT array_agg(e ORDER BY n) FROM %s($1) WITH ORDINALITY AS v(e, n)', embed_call)
-        INTO vectors USING texts;
-
-    EXECUTE format(
-        'WITH b AS (SELECT * FROM unnest($1::oid[], $2::tid[], $3::text[]) WITH ORDINALITY AS b(rel, row_id, src, n)),
-              matching AS (SELECT 1 FROM %1$s AS t JOIN b ON t.tableoid = b.rel AND t.ctid = b.row_id WHERE %2$s),
-              claimed AS (SELECT t.tableoid AS rel, t.ctid AS row_id, b.n
-                          FROM %1$s AS t JOIN b ON t.tableoid = b.rel AND t.ctid = b.row_id WHERE %2$s
-                          FOR UPDATE OF t SKIP LOCKED)
-         SELECT (SELECT count(*) FROM matching), array_agg(rel), array_agg(row_id), array_agg(n) FROM claimed',
-        tbl, unchanged)
-        INTO still_matching, claimed_rels, claimed_rows, claimed_n USING rels, row_ids, texts;
-    locked := still_matching - coalesce(cardinality(claimed_n), 0);
-
-    IF claimed_n IS NOT NULL THEN
-        EXECUTE format(
-            'UPDATE %1$s AS t SET %2$I = ARRAY(SELECT unnest($4[b.n:b.n][:]))
-             FROM (SELECT c.rel, c.row_id, c.n::integer AS n, $5[c.n] AS src
-                   FROM unnest($1::oid[], $2::tid[], $3::bigint[]) AS c(rel, row_id, n)) b
-             WHERE t.tableoid = b.rel AND t.ctid = b.row_id AND %3$s',
-            tbl, target_column, unchanged)
-            USING claimed_rels, claimed_rows, claimed_n, vectors, texts;
-        GET DIAGNOSTICS embedded = ROW_COUNT;
-    END IF;
-    changed := read - embedded - locked;
+    changed := cardinality(rels) - embedded - locked;
 END;
 $$;
 
@@ -109,25 +126,25 @@ CREATE PROCEDURE nvembed_backfill(tbl regclass, source_column text, target_colum
                                   kind text DEFAULT 'passage', batch_size integer DEFAULT 64)
 LANGUAGE plpgsql
 -- SECURITY INVOKER: it writes only what the calling role could write itself. A procedure that
--- COMMITs cannot carry a SET search_path clause, so every function and operator below is
+-- COMMITs cannot carry a SET search_path clause, so every type, function and operator below is
 -- schema-qualified (an unqualified operator on mixed types would run whatever a role put first
 -- in the caller's search_path: CVE-2018-1058); the batch function pins its own search_path.
 AS $$
 DECLARE
     progress_interval CONSTANT interval := '2 s';
-    pending_query text;
+    pending_query pg_catalog.text;
     total bigint;
-    read bigint := 0;
+    visited bigint := 0;
     embedded bigint := 0;
     locked bigint := 0;
     changed bigint := 0;
-    started timestamptz := pg_catalog.clock_timestamp();
-    last_notice timestamptz := started;
+    started pg_catalog.timestamptz := pg_catalog.clock_timestamp();
+    -- The first batch reports at once: with the real model it may take minutes.
+    last_notice pg_catalog.timestamptz := started OPERATOR(pg_catalog.-) progress_interval;
     elapsed double precision;
-    batch record;
-    cursor_rel oid := 0;
-    cursor_row tid := '(0,0)';
-    column_name text;
+    todo pg_catalog.record;
+    batch pg_catalog.record;
+    column_name pg_catalog.text;
 BEGIN
     IF kind IS NULL OR NOT (kind OPERATOR(pg_catalog.=) ANY (ARRAY['passage', 'query'])) THEN
         RAISE EXCEPTION 'nvembed_backfill: kind must be ''passage'' or ''query'', not %', pg_catalog.quote_nullable(kind)
@@ -152,29 +169,34 @@ BEGIN
     pending_query := pg_catalog.format('SELECT pg_catalog.count(*) FROM %s WHERE %I IS NULL AND %I IS NOT NULL',
                                        tbl, target_column, source_column);
     EXECUTE pending_query INTO total;
+    -- The positions of the rows to embed, cut into batches; the loop's query result is kept
+    -- (materialised) across the COMMITs below.
+    FOR todo IN EXECUTE pg_catalog.format(
+        'SELECT pg_catalog.array_agg(tableoid) AS rels, pg_catalog.array_agg(ctid) AS row_ids
+         FROM (SELECT tableoid, ctid, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) $1 AS batch_no
+               FROM %s WHERE %I IS NULL AND %I IS NOT NULL) rows_to_embed
+         GROUP BY batch_no ORDER BY batch_no',
+        tbl, target_column, source_column) USING batch_size::bigint
     LOOP
         SELECT * INTO batch FROM @extschema@.nvembed_backfill_batch(
-            tbl, source_column, target_column, kind, batch_size, cursor_rel, cursor_row);
-        EXIT WHEN batch.read OPERATOR(pg_catalog.=) 0;
+            tbl, source_column, target_column, kind, todo.rels, todo.row_ids);
         COMMIT;
-        read := read OPERATOR(pg_catalog.+) batch.read;
+        visited := visited OPERATOR(pg_catalog.+) pg_catalog.cardinality(todo.rels);
         embedded := embedded OPERATOR(pg_catalog.+) batch.embedded;
         locked := locked OPERATOR(pg_catalog.+) batch.locked;
         changed := changed OPERATOR(pg_catalog.+) batch.changed;
-        cursor_rel := batch.last_rel;
-        cursor_row := batch.last_row;
         IF pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) last_notice OPERATOR(pg_catalog.>=) progress_interval THEN
             last_notice := pg_catalog.clock_timestamp();
-            elapsed := pg_catalog.date_part('epoch', last_notice OPERATOR(pg_catalog.-) started);
-            RAISE NOTICE 'nvembed_backfill: % of % rows read, % embedded, % rows/s, ETA % s', read, total, embedded,
+            elapsed := GREATEST(pg_catalog.date_part('epoch', last_notice OPERATOR(pg_catalog.-) started), 1e-6);
+            RAISE NOTICE 'nvembed_backfill: % of % rows, % embedded, % rows/s, ETA % s', visited, total, embedded,
                 pg_catalog.round((embedded::double precision OPERATOR(pg_catalog./) elapsed)::numeric, 1),
-                pg_catalog.round((GREATEST(total OPERATOR(pg_catalog.-) read, 0::bigint)::double precision
-                                  OPERATOR(pg_catalog.*) elapsed OPERATOR(pg_catalog./) read::double precision)::numeric, 0);
+                pg_catalog.round((GREATEST(total OPERATOR(pg_catalog.-) visited, 0)::double precision
+                                  OPERATOR(pg_catalog.*) elapsed OPERATOR(pg_catalog./) visited::double precision)::numeric, 0);
         END IF;
     END LOOP;
     EXECUTE pending_query INTO total;
     elapsed := pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) started);
-    RAISE NOTICE 'nvembed_backfill: done in % s: % rows embedded, % skipped (locked by another session), % skipped (changed since read); % rows still have a NULL %',
+    RAISE NOTICE 'nvembed_backfill: done in % s: % rows embedded, % skipped (locked by another session), % skipped (changed, deleted or filled meanwhile); % rows still have a NULL %',
         pg_catalog.round(elapsed::numeric, 1), embedded, locked, changed, total, pg_catalog.quote_ident(target_column);
 END;
 $$;

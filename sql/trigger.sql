@@ -4,7 +4,8 @@
 -- it fires for rows routed to any partition). Rules:
 --   INSERT  a non-NULL target is kept (COPY of precomputed vectors, pg_restore --data-only,
 --           logical replication with ENABLE ALWAYS); a NULL target gets the source's embedding.
---   UPDATE  the source changed: re-embed, unless the same statement also set the target;
+--   UPDATE  the source changed: re-embed, unless the same statement also set the target to
+--           another non-NULL vector (writing back the old vector, as ORMs do, or NULL re-embeds);
 --           the source is unchanged: a NULL target is filled, any other target is kept.
 -- A NULL source gives a NULL embedding. Only the two named columns are read, and only the
 -- target is written: the row is never converted as a whole (a 4096-float vector is ~50 KB of
@@ -57,7 +58,7 @@ BEGIN
         IF source_changed THEN
             EXECUTE format('SELECT NOT (ROW(($1).%1$I)::record *= ROW(($2).%1$I)::record)', target_column)
                 INTO target_set USING NEW, OLD;
-            IF target_set THEN
+            IF target_set AND NOT target_is_null THEN
                 RETURN NEW;
             END IF;
         ELSIF NOT target_is_null THEN

@@ -175,6 +175,11 @@ mod tests {
         is_passage_of(1, "alpha, edited");
         Spi::run("UPDATE tr SET body = 'beta, edited', embedding = (SELECT w FROM marker) WHERE id = 2").unwrap();
         is_marker(2, "w");
+        // Writing back the old vector (as ORMs do) or NULL with a new text re-embeds.
+        Spi::run("UPDATE tr SET body = 'beta, again', embedding = embedding WHERE id = 2").unwrap();
+        is_passage_of(2, "beta, again");
+        Spi::run("UPDATE tr SET body = 'beta, cleared', embedding = NULL WHERE id = 2").unwrap();
+        is_passage_of(2, "beta, cleared");
         // Text unchanged: a set target is kept (no model call), a NULL one is filled.
         Spi::run("UPDATE tr SET embedding = (SELECT v FROM marker) WHERE id = 101").unwrap();
         Spi::run("UPDATE tr SET note = 'touched' WHERE id = 101").unwrap();
@@ -550,7 +555,7 @@ mod tests {
              INSERT INTO bf_parent (body) SELECT 'parent row ' || g FROM generate_series(1, 12) g;
              INSERT INTO bf_child (body) SELECT 'child row ' || g FROM generate_series(1, 12) g;
              INSERT INTO bf_child2 (body) SELECT 'second child row ' || g FROM generate_series(1, 12) g;
-             CREATE EXTENSION IF NOT EXISTS vector;
+             CREATE EXTENSION IF NOT EXISTS vector; -- committed, and left for the other tests
              CREATE SCHEMA \"Back Fill\";
              CREATE TABLE \"Back Fill\".\"My Docs\" (\"Body\" text, \"Embedding\" vector);
              INSERT INTO \"Back Fill\".\"My Docs\" SELECT 'quoted ' || g FROM generate_series(1, 15) g;",
@@ -565,11 +570,13 @@ mod tests {
         assert_eq!(embedding_state("parts", "bf_parts", "body", "embedding"), "90,90,0");
         assert_eq!(embedding_state("parts", "bf_parent", "body", "embedding"), "36,36,0");
         assert_eq!(embedding_state("parts", "\"Back Fill\".\"My Docs\"", "\"Body\"", "\"Embedding\""), "15,15,0");
-        // Every partition got its own rows' vectors.
+        // Every partition holds its own rows' vectors.
         let per_partition = remote_text(
             "parts",
-            "SELECT string_agg(tableoid::regclass || '=' || n, ' ' ORDER BY tableoid::regclass::text)
-             FROM (SELECT tableoid, count(*) n FROM bf_parts GROUP BY tableoid) p",
+            "SELECT string_agg(p || '=' || n, ' ' ORDER BY p) FROM (
+                 SELECT tableoid::regclass::text AS p,
+                        count(*) FILTER (WHERE (SELECT max(abs(x - y)) FROM unnest(embedding, nvembed_passage(body)) u(x, y)) <= 1e-6) AS n
+                 FROM bf_parts GROUP BY 1) s",
         );
         assert_eq!(per_partition, "bf_parts_a=30 bf_parts_b1=17 bf_parts_b2=13 bf_parts_other=30");
         remote_exec("parts", "DROP TABLE bf_parts, bf_parent CASCADE; DROP SCHEMA \"Back Fill\" CASCADE");
@@ -593,43 +600,50 @@ mod tests {
         remote_session("reader");
         remote_session("writer");
         let long = "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(600);
-        remote_exec(
-            "writer",
-            &format!(
-                "CREATE TABLE bf_race (id int PRIMARY KEY, body text, embedding real[]);
-                 INSERT INTO bf_race SELECT g, CASE g WHEN 1 THEN {} ELSE 'race row ' || g END FROM generate_series(1, 6) g",
-                pgrx::spi::quote_literal(&long)
-            ),
-        );
-        // One batch in the reader's session; the first text (~8,000 tokens) keeps the model busy
-        // for seconds.
         let reader_pid = remote_text("reader", "SELECT pg_backend_pid()::text").parse::<i32>().unwrap();
-        let batch = "SELECT concat_ws(',', read, embedded, locked, changed)
-                     FROM nvembed_backfill_batch('bf_race', 'body', 'embedding', 'passage', 100, 0, '(0,0)')";
-        Spi::run_with_args("SELECT dblink_send_query('reader', $1)", &[batch.into()]).unwrap();
-        let started = std::time::Instant::now();
-        while backfill_locks_held(reader_pid) == 0 {
-            assert!(seconds(started) < 10.0, "the batch never started");
-            std::thread::sleep(std::time::Duration::from_millis(10));
+        // Under READ COMMITTED the changed row's new version is not at the listed position any
+        // more; under REPEATABLE READ the batch's snapshot still sees the old version there, and
+        // locking it fails (40001) for that row only.
+        for isolation in ["read committed", "repeatable read"] {
+            remote_exec(
+                "writer",
+                &format!(
+                    "CREATE TABLE bf_race (id int PRIMARY KEY, body text, embedding real[]);
+                     INSERT INTO bf_race SELECT g, CASE g WHEN 1 THEN {} ELSE 'race row ' || g END FROM generate_series(1, 6) g",
+                    pgrx::spi::quote_literal(&long)
+                ),
+            );
+            remote_exec("reader", &format!("SET default_transaction_isolation = '{isolation}'"));
+            // One batch of all rows in the reader's session; the first text (~8,000 tokens)
+            // keeps the model busy for seconds.
+            let batch = "SELECT concat_ws(',', b.embedded, b.locked, b.changed)
+                         FROM (SELECT array_agg(tableoid) AS rels, array_agg(ctid) AS row_ids FROM bf_race) todo,
+                              nvembed_backfill_batch('bf_race', 'body', 'embedding', 'passage', todo.rels, todo.row_ids) b";
+            Spi::run_with_args("SELECT dblink_send_query('reader', $1)", &[batch.into()]).unwrap();
+            let started = std::time::Instant::now();
+            while backfill_locks_held(reader_pid) == 0 {
+                assert!(seconds(started) < 10.0, "the batch never started");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            // The batch has read its texts (right after taking the lock) and is embedding them:
+            // change one text and commit, and hold another row locked.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            remote_exec("writer", "UPDATE bf_race SET body = 'a text written during the batch' WHERE id = 3");
+            remote_exec("writer", "BEGIN");
+            assert_eq!(remote_text("writer", "SELECT body FROM bf_race WHERE id = 5 FOR UPDATE"), "race row 5");
+            assert_eq!(backfill_locks_held(reader_pid), 1, "the batch ended before the update: make its first text longer");
+            let counts = Spi::get_one::<String>("SELECT v FROM dblink_get_result('reader') AS t(v text)").unwrap().unwrap();
+            Spi::run("SELECT * FROM dblink_get_result('reader') AS t(v text)").unwrap();
+            // Row 3 changed since read (left NULL), row 5 locked (skipped, not waited for).
+            assert_eq!(counts, "4,1,1", "{isolation}");
+            let left = remote_text("reader", "SELECT string_agg(id::text, ',' ORDER BY id) FROM bf_race WHERE embedding IS NULL");
+            assert_eq!(left, "3,5", "{isolation}");
+            remote_exec("writer", "COMMIT");
+            // The next run fills both with their current texts.
+            remote_exec("reader", "CALL nvembed_backfill('bf_race', 'body', 'embedding')");
+            assert_eq!(embedding_state("reader", "bf_race", "body", "embedding"), "6,6,0", "{isolation}");
+            remote_exec("writer", "DROP TABLE bf_race");
         }
-        // The batch has read its rows (right after taking the lock) and is embedding them: change
-        // one text and commit, and hold another row locked.
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        remote_exec("writer", "UPDATE bf_race SET body = 'a text written during the batch' WHERE id = 3");
-        remote_exec("writer", "BEGIN");
-        assert_eq!(remote_text("writer", "SELECT body FROM bf_race WHERE id = 5 FOR UPDATE"), "race row 5");
-        assert_eq!(backfill_locks_held(reader_pid), 1, "the batch ended before the update: make its first text longer");
-        let counts = Spi::get_one::<String>("SELECT v FROM dblink_get_result('reader') AS t(v text)").unwrap().unwrap();
-        Spi::run("SELECT * FROM dblink_get_result('reader') AS t(v text)").unwrap();
-        // read 6: row 3 changed since read (left NULL), row 5 locked (skipped, not waited for).
-        assert_eq!(counts, "6,4,1,1");
-        let left = remote_text("reader", "SELECT string_agg(id::text, ',' ORDER BY id) FROM bf_race WHERE embedding IS NULL");
-        assert_eq!(left, "3,5");
-        remote_exec("writer", "COMMIT");
-        // The next run fills both with their current texts.
-        remote_exec("reader", "CALL nvembed_backfill('bf_race', 'body', 'embedding')");
-        assert_eq!(embedding_state("reader", "bf_race", "body", "embedding"), "6,6,0");
-        remote_exec("writer", "DROP TABLE bf_race");
         Spi::run("SELECT dblink_disconnect('reader'), dblink_disconnect('writer')").unwrap();
     }
 
@@ -637,8 +651,10 @@ mod tests {
     fn backfill_runs_no_operator_from_the_callers_search_path() {
         use_fixture();
         remote_session("hostile");
-        // A role's operators on the exact and the mixed types the procedure computes with, first
-        // in the caller's search_path: any call of them fails the backfill.
+        // A role's operators on the exact and the mixed types the procedure computes with, and
+        // types named like the built-in ones, first in the caller's search_path: any use of them
+        // fails the backfill. Its first batch always prints a progress NOTICE, so the rate and
+        // ETA arithmetic runs too.
         let mut hostile = String::from(
             "CREATE SCHEMA bf_hostile;
              CREATE FUNCTION bf_hostile.trap() RETURNS boolean LANGUAGE plpgsql AS
@@ -649,18 +665,21 @@ mod tests {
         for (i, (op, left, right)) in [
             ("/", "bigint", "double precision"),
             ("*", "bigint", "double precision"),
+            ("/", "double precision", "double precision"),
+            ("*", "double precision", "double precision"),
+            ("/", "bigint", "bigint"),
             ("+", "bigint", "integer"),
             ("+", "bigint", "bigint"),
+            ("-", "bigint", "integer"),
             ("-", "bigint", "bigint"),
             ("-", "timestamp with time zone", "timestamp with time zone"),
+            ("-", "timestamp with time zone", "interval"),
             (">=", "interval", "interval"),
-            ("=", "integer", "integer"),
             ("<", "integer", "integer"),
             ("=", "text", "text"),
             ("=", "name", "text"),
             ("=", "oid", "oid"),
             ("=", "tid", "tid"),
-            (">", "tid", "tid"),
             (">", "smallint", "integer"),
         ]
         .iter()
@@ -670,6 +689,10 @@ mod tests {
                 "CREATE FUNCTION bf_hostile.f{i}({left}, {right}) RETURNS boolean LANGUAGE sql AS 'SELECT bf_hostile.trap()';
                  CREATE OPERATOR bf_hostile.{op} (LEFTARG = {left}, RIGHTARG = {right}, FUNCTION = bf_hostile.f{i});"
             ));
+        }
+        // And types that shadow the built-in ones by name.
+        for ty in ["text", "oid", "tid", "timestamptz"] {
+            hostile.push_str(&format!("CREATE DOMAIN bf_hostile.{ty} AS pg_catalog.{ty} CHECK (bf_hostile.trap());"));
         }
         remote_exec("hostile", &hostile);
         remote_exec("hostile", "SET search_path = bf_hostile, public, pg_catalog");
