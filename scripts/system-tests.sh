@@ -95,6 +95,6 @@ wait "$locker" || true
 progress=$(grep -c ' embedded, .* rows/s' <<<"$notices" || true)
 python3 -c "import sys; e, p = $elapsed, $progress; sys.exit(0 if 1 <= p <= e / 2 + 1 else 1)" \
   || { echo "$notices"; fail "$progress progress NOTICEs in $elapsed s for 4000 batches (want 1 ≤ n ≤ elapsed / 2 + 1)"; }
-grep -q 'done in .* s: 3999 rows embedded, 1 skipped (locked by another session), 0 skipped (changed, deleted or filled meanwhile); 1 rows still have a NULL embedding' <<<"$notices" \
+grep -q 'done in .* s: 3999 rows embedded, 1 skipped (locked by another session), 0 skipped (changed, deleted or filled meanwhile); 1 rows with a non-NULL body still have a NULL embedding' <<<"$notices" \
   || { echo "$notices"; fail "final NOTICE of the backfill"; }
 echo "PASS backfill NOTICEs: $progress progress lines in $elapsed s (4000 batches), final counts 3999 embedded / 1 locked / 1 left NULL"

@@ -44,13 +44,12 @@ DECLARE
     texts text[];
     vectors real[]; -- two-dimensional: one row per text, in batch order
     claim text;
-    claimed_rels oid[] := '{}';
-    claimed_rows tid[] := '{}';
-    claimed_n bigint[] := '{}';
-    some_rels oid[];
-    some_rows tid[];
-    some_n bigint[];
+    write text;
+    claimed_rels oid[];
+    claimed_rows tid[];
+    claimed_n bigint[];
     matching integer;
+    written integer;
     -- The row still holds the text that was embedded (byte-for-byte: a nondeterministic
     -- collation could call different texts equal) and still needs a vector.
     unchanged text := format('t.%1$I IS NULL AND (t.%2$I::text COLLATE "C") = b.src', target_column, source_column);
@@ -85,38 +84,42 @@ BEGIN
                               FOR NO KEY UPDATE OF t SKIP LOCKED)
              SELECT (SELECT count(*) FROM matching), array_agg(rel), array_agg(row_id), array_agg(n) FROM claimed',
             tbl, unchanged);
+        write := format(
+            'UPDATE %1$s AS t SET %2$I = ARRAY(SELECT unnest($4[b.n:b.n][:]))
+             FROM (SELECT c.rel, c.row_id, c.n::integer AS n, $5[c.n] AS src
+                   FROM unnest($1::oid[], $2::tid[], $3::bigint[]) AS c(rel, row_id, n)) b
+             WHERE t.tableoid = b.rel AND t.ctid = b.row_id AND %3$s',
+            tbl, target_column, unchanged);
+        -- Claim and write in one (sub)transaction: rows locked by one transaction id and
+        -- updated by another would each need a MultiXact.
         BEGIN
             EXECUTE claim INTO matching, claimed_rels, claimed_rows, claimed_n
                 USING todo_rels, todo_rows, texts, ARRAY(SELECT generate_series(1, cardinality(texts)));
             locked := matching - coalesce(cardinality(claimed_n), 0);
+            IF claimed_n IS NOT NULL THEN
+                EXECUTE write USING claimed_rels, claimed_rows, claimed_n, vectors, texts;
+                GET DIAGNOSTICS embedded = ROW_COUNT;
+            END IF;
         EXCEPTION WHEN serialization_failure THEN
             -- A row was moved to another partition, or (REPEATABLE READ) changed since this
-            -- transaction's snapshot: claim row by row, leaving the rows that fail.
-            claimed_rels := '{}'; claimed_rows := '{}'; claimed_n := '{}';
+            -- transaction's snapshot: claim and write row by row, leaving the rows that fail.
+            locked := 0;
+            embedded := 0;
             FOR i IN 1..cardinality(texts) LOOP
                 BEGIN
-                    EXECUTE claim INTO matching, some_rels, some_rows, some_n
+                    EXECUTE claim INTO matching, claimed_rels, claimed_rows, claimed_n
                         USING ARRAY[todo_rels[i]], ARRAY[todo_rows[i]], ARRAY[texts[i]], ARRAY[i::bigint];
-                    locked := locked + matching - coalesce(cardinality(some_n), 0);
-                    claimed_rels := claimed_rels || some_rels;
-                    claimed_rows := claimed_rows || some_rows;
-                    claimed_n := claimed_n || some_n;
+                    locked := locked + matching - coalesce(cardinality(claimed_n), 0);
+                    IF claimed_n IS NOT NULL THEN
+                        EXECUTE write USING claimed_rels, claimed_rows, claimed_n, vectors, texts;
+                        GET DIAGNOSTICS written = ROW_COUNT;
+                        embedded := embedded + written;
+                    END IF;
                 EXCEPTION WHEN serialization_failure THEN
                     NULL;
                 END;
             END LOOP;
         END;
-
-        IF cardinality(claimed_n) > 0 THEN
-            EXECUTE format(
-                'UPDATE %1$s AS t SET %2$I = ARRAY(SELECT unnest($4[b.n:b.n][:]))
-                 FROM (SELECT c.rel, c.row_id, c.n::integer AS n, $5[c.n] AS src
-                       FROM unnest($1::oid[], $2::tid[], $3::bigint[]) AS c(rel, row_id, n)) b
-                 WHERE t.tableoid = b.rel AND t.ctid = b.row_id AND %3$s',
-                tbl, target_column, unchanged)
-                USING claimed_rels, claimed_rows, claimed_n, vectors, texts;
-            GET DIAGNOSTICS embedded = ROW_COUNT;
-        END IF;
     END IF;
     changed := cardinality(rels) - embedded - locked;
 END;
@@ -196,7 +199,8 @@ BEGIN
     END LOOP;
     EXECUTE pending_query INTO total;
     elapsed := pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) started);
-    RAISE NOTICE 'nvembed_backfill: done in % s: % rows embedded, % skipped (locked by another session), % skipped (changed, deleted or filled meanwhile); % rows still have a NULL %',
-        pg_catalog.round(elapsed::numeric, 1), embedded, locked, changed, total, pg_catalog.quote_ident(target_column);
+    RAISE NOTICE 'nvembed_backfill: done in % s: % rows embedded, % skipped (locked by another session), % skipped (changed, deleted or filled meanwhile); % rows with a non-NULL % still have a NULL %',
+        pg_catalog.round(elapsed::numeric, 1), embedded, locked, changed, total,
+        pg_catalog.quote_ident(source_column), pg_catalog.quote_ident(target_column);
 END;
 $$;

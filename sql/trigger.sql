@@ -27,6 +27,10 @@ DECLARE
     source_changed boolean;
     target_set boolean;
     embedding real[];
+    -- What the dynamic reads below get instead of NEW itself: passing a row to EXECUTE flattens
+    -- it, fetching its out-of-line (TOASTed) values into it, and a NEW flattened that way would
+    -- make the UPDATE store its unchanged long values (the vector, the text) again.
+    new_row record;
 BEGIN
     IF TG_WHEN <> 'BEFORE' OR TG_LEVEL <> 'ROW' OR TG_OP NOT IN ('INSERT', 'UPDATE') THEN
         RAISE EXCEPTION 'nvembed_embed_trigger must be a BEFORE INSERT OR UPDATE ... FOR EACH ROW trigger'
@@ -44,8 +48,9 @@ BEGIN
                       HINT = 'Check the column names given to nvembed_embed_trigger in the trigger definition.';
         END IF;
     END LOOP;
+    new_row := NEW;
     IF TG_OP = 'INSERT' THEN
-        EXECUTE format('SELECT ($1).%I IS NULL', target_column) INTO target_is_null USING NEW;
+        EXECUTE format('SELECT ($1).%I IS NULL', target_column) INTO target_is_null USING new_row;
         IF NOT target_is_null THEN
             RETURN NEW;
         END IF;
@@ -54,10 +59,10 @@ BEGIN
         -- and "changed" means any change. The target is compared only when the source changed.
         EXECUTE format('SELECT NOT (ROW(($1).%1$I)::record *= ROW(($2).%1$I)::record), ($1).%2$I IS NULL',
                        source_column, target_column)
-            INTO source_changed, target_is_null USING NEW, OLD;
+            INTO source_changed, target_is_null USING new_row, OLD;
         IF source_changed THEN
             EXECUTE format('SELECT NOT (ROW(($1).%1$I)::record *= ROW(($2).%1$I)::record)', target_column)
-                INTO target_set USING NEW, OLD;
+                INTO target_set USING new_row, OLD;
             IF target_set AND NOT target_is_null THEN
                 RETURN NEW;
             END IF;
@@ -65,7 +70,7 @@ BEGIN
             RETURN NEW;
         END IF;
     END IF;
-    EXECUTE format('SELECT ($1).%I::text', source_column) INTO source_text USING NEW;
+    EXECUTE format('SELECT ($1).%I::text', source_column) INTO source_text USING new_row;
     IF source_text IS NULL THEN
         embedding := NULL;
         IF target_is_null THEN

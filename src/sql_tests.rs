@@ -139,10 +139,11 @@ mod tests {
         // stored vectors.
         Spi::run(
             "SET extra_float_digits = -4;
-             CREATE TABLE tr (id int, body text, note text, embedding real[]) PARTITION BY RANGE (id);
+             CREATE TABLE tr (id int, body text, note text, embedding real[], attachment text) PARTITION BY RANGE (id);
              CREATE TABLE tr_low PARTITION OF tr FOR VALUES FROM (0) TO (100);
-             CREATE TABLE tr_high (embedding real[], note text, body text, id int);
+             CREATE TABLE tr_high (embedding real[], attachment text, note text, body text, id int);
              ALTER TABLE tr ATTACH PARTITION tr_high FOR VALUES FROM (100) TO (MAXVALUE);
+             ALTER TABLE tr ALTER COLUMN attachment SET STORAGE EXTERNAL;
              CREATE TRIGGER tr_embed BEFORE INSERT OR UPDATE ON tr FOR EACH ROW EXECUTE FUNCTION nvembed_embed_trigger('body', 'embedding');
              CREATE TEMP TABLE marker AS SELECT array_fill(0.25::real, ARRAY[32]) AS v, array_fill(-0.5::real, ARRAY[32]) AS w;",
         )
@@ -184,6 +185,16 @@ mod tests {
         Spi::run("UPDATE tr SET embedding = (SELECT v FROM marker) WHERE id = 101").unwrap();
         Spi::run("UPDATE tr SET note = 'touched' WHERE id = 101").unwrap();
         is_marker(101, "v");
+        // ... and its unchanged out-of-line values are not stored again.
+        Spi::run("UPDATE tr SET attachment = repeat('x', 100000) WHERE id = 101").unwrap();
+        let toast_rows_written = || {
+            Spi::get_one::<i64>("SELECT pg_stat_get_xact_tuples_inserted(reltoastrelid) FROM pg_class WHERE relname = 'tr_high'")
+                .unwrap()
+                .unwrap()
+        };
+        let before = toast_rows_written();
+        Spi::run("UPDATE tr SET note = 'touched again' WHERE id = 101").unwrap();
+        assert_eq!(toast_rows_written(), before, "an update of another column stored the long value again");
         Spi::run("UPDATE tr SET embedding = NULL WHERE id = 101").unwrap();
         is_passage_of(101, "gamma");
         // NULL text → NULL vector; a row moved to another partition is embedded there.
