@@ -135,8 +135,7 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     progress_interval CONSTANT interval := '2 s';
-    pending_query pg_catalog.text;
-    total bigint;
+    still_null bigint;
     visited bigint := 0;
     embedded bigint := 0;
     locked bigint := 0;
@@ -169,13 +168,11 @@ BEGIN
         RAISE EXCEPTION 'permission denied to update column "%" of relation %', target_column, tbl
             USING ERRCODE = 'insufficient_privilege';
     END IF;
-    pending_query := pg_catalog.format('SELECT pg_catalog.count(*) FROM %s WHERE %I IS NULL AND %I IS NOT NULL',
-                                       tbl, target_column, source_column);
-    EXECUTE pending_query INTO total;
-    -- The positions of the rows to embed, cut into batches; the loop's query result is kept
-    -- (materialised) across the COMMITs below.
+    -- The positions of the rows to embed, cut into batches, each carrying the total; the loop's
+    -- query result is kept (materialised) across the COMMITs below.
     FOR todo IN EXECUTE pg_catalog.format(
-        'SELECT pg_catalog.array_agg(tableoid) AS rels, pg_catalog.array_agg(ctid) AS row_ids
+        'SELECT pg_catalog.array_agg(tableoid) AS rels, pg_catalog.array_agg(ctid) AS row_ids,
+                (pg_catalog.sum(pg_catalog.count(*)) OVER ())::bigint AS total
          FROM (SELECT tableoid, ctid, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) $1 AS batch_no
                FROM %s WHERE %I IS NULL AND %I IS NOT NULL) rows_to_embed
          GROUP BY batch_no ORDER BY batch_no',
@@ -191,16 +188,17 @@ BEGIN
         IF pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) last_notice OPERATOR(pg_catalog.>=) progress_interval THEN
             last_notice := pg_catalog.clock_timestamp();
             elapsed := GREATEST(pg_catalog.date_part('epoch', last_notice OPERATOR(pg_catalog.-) started), 1e-6);
-            RAISE NOTICE 'nvembed_backfill: % of % rows, % embedded, % rows/s, ETA % s', visited, total, embedded,
+            RAISE NOTICE 'nvembed_backfill: % of % rows, % embedded, % rows/s, ETA % s', visited, todo.total, embedded,
                 pg_catalog.round((embedded::double precision OPERATOR(pg_catalog./) elapsed)::numeric, 1),
-                pg_catalog.round((GREATEST(total OPERATOR(pg_catalog.-) visited, 0)::double precision
+                pg_catalog.round(((todo.total OPERATOR(pg_catalog.-) visited)::double precision
                                   OPERATOR(pg_catalog.*) elapsed OPERATOR(pg_catalog./) visited::double precision)::numeric, 0);
         END IF;
     END LOOP;
-    EXECUTE pending_query INTO total;
+    EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM %s WHERE %I IS NULL AND %I IS NOT NULL',
+                              tbl, target_column, source_column) INTO still_null;
     elapsed := pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) started);
     RAISE NOTICE 'nvembed_backfill: done in % s: % rows embedded, % skipped (locked by another session), % skipped (changed, deleted or filled meanwhile); % rows with a non-NULL % still have a NULL %',
-        pg_catalog.round(elapsed::numeric, 1), embedded, locked, changed, total,
+        pg_catalog.round(elapsed::numeric, 1), embedded, locked, changed, still_null,
         pg_catalog.quote_ident(source_column), pg_catalog.quote_ident(target_column);
 END;
 $$;
