@@ -15,17 +15,17 @@ setup:
 	bash scripts/setup.sh "$(PG_CONFIG)" "$(PGRX_VERSION)" "$(PGVECTOR_VERSION)"
 
 server:
-	cargo build --release -p nvembed-engine --bin nvembed
+	cargo build --release -p nvembed-engine --bin nvembed -p nvembed-server --bin nvembed-model-server
 
 install: setup server
-	$(SUDO) install -m 755 target/release/nvembed "$$($(PG_CONFIG) --pkglibdir)/nvembed-model-server"
+	$(SUDO) install -m 755 target/release/nvembed-model-server "$$($(PG_CONFIG) --pkglibdir)/"
 	cargo pgrx install --release --pg-config "$$($(PG_CONFIG) --bindir)/pg_config" $(if $(SUDO),--sudo,)
 
 engine-test:
-	cargo test --release -p nvembed-engine -p nvembed-protocol
+	cargo test --release -p nvembed-engine -p nvembed-protocol -p nvembed-server
 
 extension-test: server
-	$(SUDO) install -m 755 target/release/nvembed "$$($(PG_CONFIG) --pkglibdir)/nvembed-model-server"
+	$(SUDO) install -m 755 target/release/nvembed-model-server "$$($(PG_CONFIG) --pkglibdir)/"
 	bash scripts/prepare-test-fixture.sh "$(FIXTURE)" "$(TEST_ROOT)/fixture"
 	rm -rf "$(TEST_ROOT)/pgdata"
 	if [ "$$(id -u)" = 0 ]; then install -d -o postgres "$(TEST_ROOT)/pgdata"; fi

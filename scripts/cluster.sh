@@ -7,7 +7,7 @@ SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 AS_PG=(); [ "$(id -u)" = 0 ] && AS_PG=(sudo -u postgres)
 
 install_nvembed() {
-  $SUDO install -m 755 target/release/nvembed "$("$PG_CONFIG" --pkglibdir)/nvembed-model-server"
+  $SUDO install -m 755 target/release/nvembed-model-server "$("$PG_CONFIG" --pkglibdir)/"
   cargo pgrx install --release --pg-config "$PG_BINDIR/pg_config" $([ -n "$SUDO" ] && echo --sudo) >/dev/null
 }
 

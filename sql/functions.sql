@@ -19,11 +19,6 @@ BEGIN ATOMIC
         pg_catalog.convert_to(instruction, 'UTF8'));
 END;
 
--- The model card's instruction for a custom retrieval task.
-CREATE FUNCTION nvembed_task_instruction(task text) RETURNS text
-LANGUAGE sql STRICT IMMUTABLE PARALLEL SAFE
-RETURN 'Instruct: ' OPERATOR(pg_catalog.||) task OPERATOR(pg_catalog.||) E'\nQuery: ';
-
 -- Query embedding with the session's nvembed.query_instruction.
 CREATE FUNCTION nvembed_query(text) RETURNS real[]
 LANGUAGE sql STRICT STABLE PARALLEL SAFE

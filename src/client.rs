@@ -1,15 +1,22 @@
-//! Backend side of the IPC: one request to the model server, waited for without ever blocking
-//! query cancel or statement_timeout.
+//! Backend side of the IPC: one connection per call to the model server, waited on without ever
+//! blocking query cancel or statement_timeout. Leaving a call (an ERROR, a cancel, a LIMIT that
+//! stops reading rows) closes its connection, which is how the server learns to stop computing.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io::{ErrorKind as IoErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use nvembed_protocol::{decode_frame, ErrorKind, ModelSpec, Request, Response, Status, SOCKET_NAME};
+use nvembed_protocol::{
+    decode_frame, text_chunks, ClientMessage, EmbedHeader, ErrorKind, ServerMessage, Status,
+    WorkClass, BUILD_ID, MAX_FRAME_BYTES, SOCKET_NAME,
+};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+use crate::gucs;
 
 /// Set in `_PG_init` when loaded through shared_preload_libraries (inherited by backends).
 pub static PRELOADED: AtomicBool = AtomicBool::new(false);
@@ -21,149 +28,322 @@ const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
 /// Raises an ERROR with a SQLSTATE and a hint.
 pub fn fail(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
-    ErrorReport::new(code, message, "nvembed").set_hint(hint).report(PgLogLevel::ERROR);
+    ErrorReport::new(code, message, "nvembed")
+        .set_hint(hint)
+        .report(PgLogLevel::ERROR);
     unreachable!("ERROR does not return")
 }
 
-fn require_preload() {
-    if !PRELOADED.load(Ordering::Relaxed) {
-        fail(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "nvembed is not loaded through shared_preload_libraries".into(),
-            "Add shared_preload_libraries = 'nvembed' to postgresql.conf and restart PostgreSQL.",
-        );
-    }
-}
-
-/// Connects, waiting up to CONNECT_WAIT while the supervisor (re)starts the server.
-fn connect() -> UnixStream {
-    require_preload();
-    let started = Instant::now();
-    loop {
-        match UnixStream::connect(SOCKET_NAME) {
-            Ok(stream) => return stream,
-            Err(_) if started.elapsed() < CONNECT_WAIT => {
-                pgrx::check_for_interrupts!();
-                std::thread::sleep(POLL_INTERVAL);
-            }
-            Err(e) => fail(
-                PgSqlErrorCode::ERRCODE_CANNOT_CONNECT_NOW,
-                format!("nvembed model server is not reachable: {e}"),
-                "The nvembed background worker starts it; check the server log for its errors.",
-            ),
-        }
-    }
+fn lost(e: std::io::Error) -> ! {
+    fail(
+        PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+        format!("nvembed model server connection lost: {e}"),
+        "The model server exited (crash, out of memory or a settings change) and is being restarted: retry the call. \
+         See the server log.",
+    )
 }
 
 /// The socket operation timed out or was interrupted: check for cancel and go on waiting.
 fn still_waiting(e: &std::io::Error) -> bool {
-    matches!(e.kind(), IoErrorKind::WouldBlock | IoErrorKind::TimedOut | IoErrorKind::Interrupted)
+    matches!(
+        e.kind(),
+        IoErrorKind::WouldBlock | IoErrorKind::TimedOut | IoErrorKind::Interrupted
+    )
 }
 
-/// Sends `request` on `stream` and waits for the answer, checking for interrupts all along.
-fn round_trip(mut stream: UnixStream, request: &Request) -> Response {
-    let lost = |e: std::io::Error| -> ! {
-        fail(
-            PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-            format!("nvembed model server connection lost: {e}"),
-            "The model process exited (crash or out of memory); it is being restarted, retry the call.",
-        )
+/// A connection to the model server that passed the build handshake.
+struct Connection {
+    stream: UnixStream,
+    received: Vec<u8>,
+    start: usize,
+}
+
+impl Connection {
+    /// Connects, waiting up to CONNECT_WAIT while the supervisor (re)starts the server.
+    fn open() -> Self {
+        if !PRELOADED.load(Ordering::Relaxed) {
+            fail(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "nvembed is not loaded through shared_preload_libraries".into(),
+                "Add shared_preload_libraries = 'nvembed' to postgresql.conf and restart PostgreSQL.",
+            );
+        }
+        let started = Instant::now();
+        let stream = loop {
+            match UnixStream::connect(SOCKET_NAME) {
+                Ok(stream) => break stream,
+                Err(_) if started.elapsed() < CONNECT_WAIT => {
+                    pgrx::check_for_interrupts!();
+                    std::thread::sleep(POLL_INTERVAL);
+                }
+                // Not 57P03 ("the database system is starting up"): poolers and drivers take that
+                // to mean the whole database, and reconnect or wait.
+                Err(e) => fail(
+                    PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+                    format!("nvembed model server is not reachable: {e}"),
+                    "The nvembed background worker starts it; see the server log for why it is not running.",
+                ),
+            }
+        };
+        stream
+            .set_write_timeout(Some(POLL_INTERVAL))
+            .unwrap_or_else(|e| lost(e));
+        stream
+            .set_read_timeout(Some(POLL_INTERVAL))
+            .unwrap_or_else(|e| lost(e));
+        let mut connection = Self {
+            stream,
+            received: Vec::new(),
+            start: 0,
+        };
+        connection.send(&ClientMessage::Hello {
+            build: BUILD_ID.into(),
+        });
+        match connection.receive() {
+            ServerMessage::Hello { build } if build == BUILD_ID => connection,
+            ServerMessage::Hello { build } => fail(
+                PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+                format!("nvembed.so ({BUILD_ID}) and the model server ({build}) come from different builds"),
+                "Reinstall nvembed so that both come from one build (make install, or the package), then restart PostgreSQL.",
+            ),
+            other => protocol_violation(&other),
+        }
+    }
+
+    fn send(&mut self, message: &ClientMessage) {
+        let mut frame = Vec::new();
+        message.write(&mut frame).unwrap_or_else(|e| lost(e));
+        let mut sent = 0;
+        while sent < frame.len() {
+            match self.stream.write(&frame[sent..]) {
+                Ok(0) => lost(IoErrorKind::WriteZero.into()),
+                Ok(n) => sent += n,
+                Err(e) if still_waiting(&e) => {
+                    pgrx::check_for_interrupts!();
+                }
+                Err(e) => lost(e),
+            }
+        }
+    }
+
+    fn receive(&mut self) -> ServerMessage {
+        let mut chunk = vec![0u8; 256 << 10];
+        loop {
+            match decode_frame(&self.received[self.start..]) {
+                Ok(Some((frame, used))) => {
+                    self.start += used;
+                    if self.start == self.received.len() {
+                        self.received.clear();
+                        self.start = 0;
+                    }
+                    return ServerMessage::decode(frame).unwrap_or_else(|e| lost(e));
+                }
+                Ok(None) => {}
+                Err(e) => lost(e),
+            }
+            if self.start > 0 {
+                self.received.drain(..self.start);
+                self.start = 0;
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => lost(IoErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.received.extend_from_slice(&chunk[..n]),
+                Err(e) if still_waiting(&e) => {
+                    pgrx::check_for_interrupts!();
+                }
+                Err(e) => lost(e),
+            }
+        }
+    }
+}
+
+fn protocol_violation(message: &ServerMessage) -> ! {
+    let what = match message {
+        ServerMessage::Hello { .. } => "a handshake",
+        ServerMessage::Status(_) => "a status",
+        ServerMessage::Vectors { .. } => "vectors",
+        ServerMessage::Done => "the end of a call",
+        ServerMessage::Error { .. } => "an error",
     };
-    stream.set_write_timeout(Some(POLL_INTERVAL)).unwrap_or_else(|e| lost(e));
-    stream.set_read_timeout(Some(POLL_INTERVAL)).unwrap_or_else(|e| lost(e));
-    let mut frame = Vec::new();
-    nvembed_protocol::write_frame(&mut frame, request).unwrap_or_else(|e| lost(e));
-    let mut sent = 0;
-    while sent < frame.len() {
-        match stream.write(&frame[sent..]) {
-            Ok(0) => lost(IoErrorKind::WriteZero.into()),
-            Ok(n) => sent += n,
-            Err(e) if still_waiting(&e) => {
-                pgrx::check_for_interrupts!();
-            }
-            Err(e) => lost(e),
+    fail(
+        PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
+        format!("nvembed model server sent {what} out of turn"),
+        "See the server log.",
+    )
+}
+
+/// Turns the server's error for a call into an ERROR for the caller.
+fn call_failed(kind: ErrorKind, message: String) -> ! {
+    match kind {
+        ErrorKind::Load => fail(
+            PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR,
+            format!("nvembed could not load model \"{}\": {message}", gucs::model()),
+            "Check nvembed.model (a checkpoint directory readable by the server's OS user, or a hub id) and nvembed.dtype \
+             in postgresql.conf, then reload.",
+        ),
+        ErrorKind::InvalidInput => fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("nvembed: {message}"),
+            "Shorten the instruction or raise nvembed.max_length.",
+        ),
+        ErrorKind::TooLarge => fail(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("nvembed: {message}"),
+            "Split the call into smaller batches, or raise nvembed.max_request_tokens in postgresql.conf.",
+        ),
+        ErrorKind::NonFinite => fail(
+            PgSqlErrorCode::ERRCODE_FLOATING_POINT_EXCEPTION,
+            format!("nvembed: {message}"),
+            "A 16-bit dtype can overflow where f32 does not: try nvembed.dtype = 'f32'. See the server log.",
+        ),
+        ErrorKind::Internal => fail(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("nvembed model server error: {message}"),
+            "See the server log.",
+        ),
+    }
+}
+
+/// Checks what the backend can check before sending anything.
+fn check_limits(texts: &[String]) -> usize {
+    let max_length = gucs::max_length();
+    let limit = gucs::max_length_limit();
+    if max_length > limit {
+        fail(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("nvembed.max_length ({max_length}) exceeds nvembed.max_length_limit ({limit})"),
+            "Lower nvembed.max_length, or raise nvembed.max_length_limit in postgresql.conf.",
+        );
+    }
+    if let Some(text) = texts.iter().find(|t| t.len() > MAX_FRAME_BYTES / 2) {
+        fail(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "nvembed: a text of {} bytes is longer than the {} bytes one text may have",
+                text.len(),
+                MAX_FRAME_BYTES / 2
+            ),
+            "Split the text; at most nvembed.max_length tokens of it are embedded anyway.",
+        );
+    }
+    max_length
+}
+
+/// The vectors of one call, read from the server as the caller asks for them.
+pub struct VectorStream {
+    connection: Connection,
+    expected: usize,
+    delivered: usize,
+    ready: VecDeque<Vec<f32>>,
+}
+
+impl VectorStream {
+    fn start(class: WorkClass, instruction: &str, texts: &[String]) -> Self {
+        let max_length = check_limits(texts);
+        let mut connection = Connection::open();
+        connection.send(&ClientMessage::Embed(EmbedHeader {
+            class,
+            instruction: instruction.to_string(),
+            max_length,
+            max_request_tokens: gucs::max_request_tokens(),
+            count: texts.len(),
+        }));
+        for chunk in text_chunks(texts) {
+            connection.send(&ClientMessage::Texts(chunk.to_vec()));
+        }
+        Self {
+            connection,
+            expected: texts.len(),
+            delivered: 0,
+            ready: VecDeque::new(),
         }
     }
-    let mut received = Vec::new();
-    let mut chunk = vec![0u8; 64 << 10];
-    loop {
-        match decode_frame::<Response>(&received) {
-            Ok(Some((response, _))) => return response,
-            Ok(None) => {}
-            Err(e) => lost(e),
-        }
-        match stream.read(&mut chunk) {
-            Ok(0) => lost(IoErrorKind::UnexpectedEof.into()),
-            Ok(n) => received.extend_from_slice(&chunk[..n]),
-            Err(e) if still_waiting(&e) => {
-                pgrx::check_for_interrupts!();
+
+    fn wrong_count(&self, got: usize) -> ! {
+        fail(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!(
+                "nvembed model server returned {got} vectors for {} texts",
+                self.expected
+            ),
+            "See the server log.",
+        )
+    }
+}
+
+impl Iterator for VectorStream {
+    type Item = Vec<f32>;
+
+    fn next(&mut self) -> Option<Vec<f32>> {
+        loop {
+            if let Some(vector) = self.ready.pop_front() {
+                self.delivered += 1;
+                return Some(vector);
             }
-            Err(e) => lost(e),
+            match self.connection.receive() {
+                ServerMessage::Vectors { dimension, values } => {
+                    let got = self.delivered + values.len() / dimension;
+                    if got > self.expected {
+                        self.wrong_count(got);
+                    }
+                    self.ready
+                        .extend(values.chunks_exact(dimension).map(<[f32]>::to_vec));
+                }
+                ServerMessage::Done if self.delivered == self.expected => return None,
+                ServerMessage::Done => self.wrong_count(self.delivered),
+                ServerMessage::Error { kind, message } => call_failed(kind, message),
+                other => protocol_violation(&other),
+            }
         }
     }
 }
 
-/// One-entry cache per backend: `ORDER BY embedding <#> nvembed_query('...')` may evaluate the
-/// call once per row, and each would otherwise be a model round trip.
+/// Many texts as bulk work, streamed back in input order.
+pub fn embed_many(instruction: &str, texts: &[String]) -> VectorStream {
+    VectorStream::start(WorkClass::Bulk, instruction, texts)
+}
+
+/// One-entry cache per backend for single-text calls: `ORDER BY embedding <#> nvembed_query('...')`
+/// may evaluate the call once per row, and each would otherwise be a model call. Keyed by the
+/// model too, so a reload that changes it is never answered from the cache.
 struct LastCall {
-    key: (ModelSpec, String, Vec<String>, usize),
-    vectors: Vec<Vec<f32>>,
+    key: (String, String, String, usize),
+    vector: Vec<f32>,
 }
 
 thread_local! {
     static LAST_CALL: RefCell<Option<LastCall>> = const { RefCell::new(None) };
 }
 
-/// Embeds `texts` with `instruction` using the session's model settings.
-pub fn embed(instruction: &str, texts: Vec<String>, max_length: usize) -> Vec<Vec<f32>> {
-    let spec = crate::gucs::model_spec();
-    let key = (spec.clone(), instruction.to_string(), texts.clone(), max_length);
-    if let Some(vectors) = LAST_CALL.with(|c| c.borrow().as_ref().filter(|l| l.key == key).map(|l| l.vectors.clone())) {
-        return vectors;
+/// One text as interactive work.
+pub fn embed_one(instruction: &str, text: String) -> Vec<f32> {
+    let key = (
+        gucs::model(),
+        instruction.to_string(),
+        text,
+        gucs::max_length(),
+    );
+    if let Some(vector) = LAST_CALL.with(|c| {
+        c.borrow()
+            .as_ref()
+            .filter(|l| l.key == key)
+            .map(|l| l.vector.clone())
+    }) {
+        return vector;
     }
-    let request = Request::Embed {
-        spec: spec.clone(),
-        instruction: instruction.to_string(),
-        texts,
-        max_length,
-    };
-    match round_trip(connect(), &request) {
-        Response::Embeddings(vectors) => {
-            LAST_CALL.with(|c| {
-                *c.borrow_mut() = Some(LastCall {
-                    key,
-                    vectors: vectors.clone(),
-                })
-            });
-            vectors
-        }
-        Response::Error {
-            kind: ErrorKind::Load,
-            message,
-        } => fail(
-            PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR,
-            format!("nvembed could not load model \"{}\": {message}", spec.model),
-            "Check nvembed.model (a checkpoint directory readable by the server's OS user, or a hub id) and nvembed.dtype.",
-        ),
-        Response::Error {
-            kind: ErrorKind::InvalidInput,
-            message,
-        } => fail(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("nvembed: {message}"),
-            "Shorten the instruction or raise nvembed.max_length.",
-        ),
-        Response::Error { message, .. } => fail(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            format!("nvembed model server error: {message}"),
-            "See the server log.",
-        ),
-        Response::Status(_) => fail(
-            PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
-            "nvembed model server answered a status to an embedding request".into(),
-            "",
-        ),
+    let texts = [key.2.clone()];
+    let mut stream = VectorStream::start(WorkClass::Interactive, instruction, &texts);
+    let vector = stream.next().unwrap_or_else(|| stream.wrong_count(0));
+    if stream.next().is_some() {
+        stream.wrong_count(2);
     }
+    LAST_CALL.with(|c| {
+        *c.borrow_mut() = Some(LastCall {
+            key,
+            vector: vector.clone(),
+        })
+    });
+    vector
 }
 
 /// The model server's status, or None when it is not running.
@@ -172,9 +352,11 @@ pub fn status() -> Option<Status> {
         return None;
     }
     // No waiting for a server that is not there: status reports that instead.
-    let stream = UnixStream::connect(SOCKET_NAME).ok()?;
-    match round_trip(stream, &Request::Status) {
-        Response::Status(status) => Some(status),
-        _ => None,
+    UnixStream::connect(SOCKET_NAME).ok()?;
+    let mut connection = Connection::open();
+    connection.send(&ClientMessage::Status);
+    match connection.receive() {
+        ServerMessage::Status(status) => Some(status),
+        other => protocol_violation(&other),
     }
 }

@@ -7,7 +7,9 @@
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
-use crate::{client, gucs};
+use nvembed_protocol::{TASK_INSTRUCTION_PREFIX, TASK_INSTRUCTION_SUFFIX};
+
+use crate::client;
 
 fn utf8(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
@@ -20,30 +22,44 @@ fn utf8(bytes: &[u8]) -> String {
     }
 }
 
-/// One text with `instruction`, both UTF-8.
+/// One text with `instruction`, both UTF-8: interactive work for the model server.
 #[pg_extern(strict, stable, parallel_safe)]
 fn nvembed_embed_utf8(text: &[u8], instruction: &[u8]) -> Vec<f32> {
-    client::embed(&utf8(instruction), vec![utf8(text)], gucs::max_length())
-        .pop()
-        .expect("one vector per text")
+    client::embed_one(&utf8(instruction), utf8(text))
 }
 
-/// Many texts in one request; NULL in, NULL out, one row per input in input order.
+/// Many texts in one call, as bulk work; NULL in, NULL out, one row per input in input order.
+/// Rows are produced as the model server streams them, so neither side holds all the vectors.
 #[pg_extern(strict, stable, parallel_safe)]
-fn nvembed_embed_many_utf8(texts: Array<'_, &[u8]>, instruction: &[u8]) -> SetOfIterator<'static, Option<Vec<f32>>> {
-    let texts: Vec<Option<String>> = texts.iter().map(|t| t.map(utf8)).collect();
-    let present: Vec<String> = texts.iter().flatten().cloned().collect();
-    let mut vectors = if present.is_empty() {
-        Vec::new()
+fn nvembed_embed_many_utf8(
+    texts: Array<'_, &[u8]>,
+    instruction: &[u8],
+) -> SetOfIterator<'static, Option<Vec<f32>>> {
+    let present: Vec<bool> = texts.iter().map(|t| t.is_some()).collect();
+    let strings: Vec<String> = texts.iter().flatten().map(utf8).collect();
+    let mut vectors = if strings.is_empty() {
+        None
     } else {
-        client::embed(&utf8(instruction), present, gucs::max_length())
-    }
-    .into_iter();
-    let out: Vec<Option<Vec<f32>>> = texts.iter().map(|t| t.as_ref().and_then(|_| vectors.next())).collect();
-    SetOfIterator::new(out)
+        Some(client::embed_many(&utf8(instruction), &strings))
+    };
+    drop(strings);
+    SetOfIterator::new(present.into_iter().map(move |present| {
+        if present {
+            vectors.as_mut().and_then(Iterator::next)
+        } else {
+            None
+        }
+    }))
 }
 
-/// What the model process is doing.
+/// The model card's instruction for a custom retrieval task.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn nvembed_task_instruction(task: &str) -> String {
+    format!("{TASK_INSTRUCTION_PREFIX}{task}{TASK_INSTRUCTION_SUFFIX}")
+}
+
+/// What the model server is doing, for monitoring. Not granted to PUBLIC (it shows paths and
+/// process ids): `sql/status.sql` grants it to pg_monitor.
 #[pg_extern]
 #[allow(clippy::type_complexity)]
 fn nvembed_status() -> TableIterator<
@@ -59,6 +75,8 @@ fn nvembed_status() -> TableIterator<
         name!(requests, i64),
         name!(tokens, i64),
         name!(waiting, i64),
+        name!(active_rows, i64),
+        name!(cancelled_rows, i64),
         name!(restarts, i64),
         name!(pid, Option<i32>),
     ),
@@ -67,18 +85,22 @@ fn nvembed_status() -> TableIterator<
         Some(s) => (
             true,
             s.loaded,
-            s.model,
-            s.dtype,
-            s.device,
+            Some(s.model),
+            Some(s.dtype),
+            Some(s.device),
             s.dimension.map(|d| d as i32),
             s.load_seconds,
             s.requests as i64,
             s.tokens as i64,
             s.waiting as i64,
+            s.active_rows as i64,
+            s.cancelled_rows as i64,
             s.restarts as i64,
             Some(s.pid as i32),
         ),
-        None => (false, false, None, None, None, None, None, 0, 0, 0, 0, None),
+        None => (
+            false, false, None, None, None, None, None, 0, 0, 0, 0, 0, 0, None,
+        ),
     };
     TableIterator::once(row)
 }

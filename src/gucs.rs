@@ -1,73 +1,120 @@
-//! Configuration. What the model process loads is superuser-only (a model path is a file-read
-//! primitive); what shapes a single request may be set per session.
+//! Configuration. What the model server loads and how it runs are server-wide settings
+//! (postgresql.conf, applied on reload: the supervisor restarts the server with them), because
+//! one model process serves every session: a session's SET must not switch the model under the
+//! others. Limits on what one call may ask are server-wide too; what shapes a single call within
+//! them may be set per session.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
-use pgrx::PostgresGucEnum;
+use pgrx::pg_sys;
 
-use nvembed_protocol::ModelSpec;
+use nvembed_protocol::{
+    DEFAULT_BATCH_TOKENS, DEFAULT_MAX_REQUEST_TOKENS, DEVICE_NAMES, DTYPE_NAMES, MAX_LENGTH,
+    QUERY_INSTRUCTION_C,
+};
 
-/// The position limit of NV-Embed-v2 (and the reference's default truncation).
-pub const MAX_LENGTH_LIMIT: i32 = 32_768;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PostgresGucEnum)]
-pub enum Dtype {
-    #[name = c"f32"]
-    F32,
-    #[name = c"f16"]
-    F16,
-    #[name = c"bf16"]
-    Bf16,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PostgresGucEnum)]
-pub enum ComputeDevice {
-    #[name = c"cpu"]
-    Cpu,
-    #[name = c"cuda"]
-    Cuda,
-}
-
-pub static MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"nvidia/NV-Embed-v2"));
-pub static DTYPE: GucSetting<Dtype> = GucSetting::<Dtype>::new(Dtype::F32);
-pub static DEVICE: GucSetting<ComputeDevice> = GucSetting::<ComputeDevice>::new(ComputeDevice::Cpu);
+pub static MODEL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"nvidia/NV-Embed-v2"));
+pub static DTYPE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"f32"));
+pub static DEVICE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"cpu"));
+pub static PRELOAD: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
-pub static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(16_384);
-pub static MAX_LENGTH: GucSetting<i32> = GucSetting::<i32>::new(MAX_LENGTH_LIMIT);
-pub static QUERY_INSTRUCTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(
-    c"Instruct: Given a question, retrieve passages that answer the question\nQuery: ",
-));
+pub static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BATCH_TOKENS as i32);
+pub static MAX_LENGTH_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(MAX_LENGTH as i32);
+pub static MAX_REQUEST_TOKENS: GucSetting<i32> =
+    GucSetting::<i32>::new(DEFAULT_MAX_REQUEST_TOKENS as i32);
+pub static MAX_LENGTH_SETTING: GucSetting<i32> = GucSetting::<i32>::new(MAX_LENGTH as i32);
+pub static QUERY_INSTRUCTION: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(QUERY_INSTRUCTION_C));
+
+/// Accepts only the names in `allowed`, and says which they are.
+///
+/// # Safety
+/// Called by the GUC machinery with a valid (possibly NULL) string.
+unsafe fn check_name(newval: *mut *mut std::ffi::c_char, allowed: &[&str]) -> bool {
+    // SAFETY: the GUC machinery passes a valid pointer to a NUL-terminated string or NULL.
+    let value = unsafe {
+        (*newval)
+            .as_ref()
+            .map(|p| CStr::from_ptr(p).to_string_lossy().into_owned())
+    };
+    if value.as_deref().is_some_and(|v| allowed.contains(&v)) {
+        return true;
+    }
+    let detail =
+        CString::new(format!("Valid values are: {}.", allowed.join(", "))).expect("no NUL");
+    // SAFETY: GUC_check_errdetail_string takes a palloc'd string, as GUC_check_errdetail does.
+    unsafe { pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr()) };
+    false
+}
+
+unsafe extern "C-unwind" fn check_dtype(
+    newval: *mut *mut std::ffi::c_char,
+    _: *mut *mut std::ffi::c_void,
+    _: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: called by the GUC machinery.
+    unsafe { check_name(newval, &DTYPE_NAMES) }
+}
+
+unsafe extern "C-unwind" fn check_device(
+    newval: *mut *mut std::ffi::c_char,
+    _: *mut *mut std::ffi::c_void,
+    _: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: called by the GUC machinery.
+    unsafe { check_name(newval, &DEVICE_NAMES) }
+}
 
 pub fn register() {
+    const RESTARTS: &CStr =
+        c"Set in postgresql.conf; a reload restarts the model server, which loads the model again.";
     GucRegistry::define_string_guc(
         c"nvembed.model",
-        c"Model directory or Hugging Face hub id served by the model process.",
-        c"Superuser only. Changing it makes the model process load the new model on the next call.",
+        c"Model directory or Hugging Face hub id (org/name or org/name@revision) served by the model server.",
+        RESTARTS,
         &MODEL,
-        GucContext::Suset,
+        GucContext::Sighup,
         GucFlags::empty(),
     );
-    GucRegistry::define_enum_guc(
-        c"nvembed.dtype",
-        c"Precision of the model weights: f32, f16 or bf16.",
-        c"bf16 halves memory (about 15 GB for NV-Embed-v2) at a small accuracy cost.",
-        &DTYPE,
-        GucContext::Suset,
-        GucFlags::empty(),
-    );
-    GucRegistry::define_enum_guc(
-        c"nvembed.device",
-        c"Where the model runs: cpu, or cuda when the model server was built with CUDA.",
-        c"",
-        &DEVICE,
-        GucContext::Suset,
+    // SAFETY: the hooks are valid for the life of the process.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"nvembed.dtype",
+            c"Precision of the model weights: f32, f16 or bf16.",
+            c"bf16 halves memory (about 15 GB for NV-Embed-v2) at a small accuracy cost. A reload restarts the model server.",
+            &DTYPE,
+            GucContext::Sighup,
+            GucFlags::empty(),
+            Some(check_dtype),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"nvembed.device",
+            c"Where the model runs: cpu, or cuda when the model server was built with CUDA.",
+            RESTARTS,
+            &DEVICE,
+            GucContext::Sighup,
+            GucFlags::empty(),
+            Some(check_device),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_bool_guc(
+        c"nvembed.preload",
+        c"Load the model when the model server starts instead of on the first call.",
+        c"Lazy loading (off) keeps memory free until nvembed is used.",
+        &PRELOAD,
+        GucContext::Sighup,
         GucFlags::empty(),
     );
     GucRegistry::define_int_guc(
         c"nvembed.threads",
-        c"Compute threads of the model process (0 = all cores).",
-        c"Takes effect when the model process restarts, which a configuration reload triggers.",
+        c"Compute threads of the model server (0 = all cores).",
+        RESTARTS,
         &THREADS,
         0,
         1024,
@@ -76,9 +123,8 @@ pub fn register() {
     );
     GucRegistry::define_int_guc(
         c"nvembed.max_batch_tokens",
-        c"Padded tokens per forward pass of the model process, across all sessions' requests.",
-        c"Larger batches amortise weight reads; a single text longer than this still runs. \
-          Takes effect when the model process restarts, which a configuration reload triggers.",
+        c"Padded tokens per forward pass of the model server at most, across all sessions' calls.",
+        c"Larger passes amortise weight reads; a single text longer than this still runs. A reload restarts the model server.",
         &MAX_BATCH_TOKENS,
         1,
         1 << 24,
@@ -86,12 +132,32 @@ pub fn register() {
         GucFlags::empty(),
     );
     GucRegistry::define_int_guc(
+        c"nvembed.max_length_limit",
+        c"The highest nvembed.max_length a session may use.",
+        c"Each token costs compute: NV-Embed-v2 needs about 15 GFLOP per token, more for long texts.",
+        &MAX_LENGTH_LIMIT,
+        1,
+        MAX_LENGTH as i32,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"nvembed.max_request_tokens",
+        c"The most tokens one call may submit (all its texts, after truncation).",
+        c"Calls over the limit are refused before any compute.",
+        &MAX_REQUEST_TOKENS,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
         c"nvembed.max_length",
         c"Truncation limit in tokens (including <s>) for each text.",
-        c"",
-        &MAX_LENGTH,
+        c"At most nvembed.max_length_limit.",
+        &MAX_LENGTH_SETTING,
         1,
-        MAX_LENGTH_LIMIT,
+        MAX_LENGTH as i32,
         GucContext::Userset,
         GucFlags::empty(),
     );
@@ -112,29 +178,41 @@ fn string(setting: &GucSetting<Option<CString>>) -> String {
         .unwrap_or_default()
 }
 
-/// The model this session asks for.
-pub fn model_spec() -> ModelSpec {
-    ModelSpec {
+/// The model server's command line settings; when they change it must be restarted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    pub model: String,
+    pub dtype: String,
+    pub device: String,
+    pub preload: bool,
+    pub threads: i32,
+    pub batch_tokens: i32,
+}
+
+pub fn server_settings() -> ServerSettings {
+    ServerSettings {
         model: string(&MODEL),
-        dtype: match DTYPE.get() {
-            Dtype::F32 => "f32",
-            Dtype::F16 => "f16",
-            Dtype::Bf16 => "bf16",
-        }
-        .to_string(),
-        device: match DEVICE.get() {
-            ComputeDevice::Cpu => "cpu",
-            ComputeDevice::Cuda => "cuda",
-        }
-        .to_string(),
+        dtype: string(&DTYPE),
+        device: string(&DEVICE),
+        preload: PRELOAD.get(),
+        threads: THREADS.get(),
+        batch_tokens: MAX_BATCH_TOKENS.get(),
     }
 }
 
-/// The model process' settings; when they change it must be restarted.
-pub fn server_settings() -> (i32, i32) {
-    (THREADS.get(), MAX_BATCH_TOKENS.get())
+/// The model this session's backend last read from the configuration (to key its cache).
+pub fn model() -> String {
+    string(&MODEL)
 }
 
 pub fn max_length() -> usize {
-    MAX_LENGTH.get() as usize
+    MAX_LENGTH_SETTING.get() as usize
+}
+
+pub fn max_length_limit() -> usize {
+    MAX_LENGTH_LIMIT.get() as usize
+}
+
+pub fn max_request_tokens() -> usize {
+    MAX_REQUEST_TOKENS.get() as usize
 }

@@ -15,10 +15,27 @@ mod worker;
 pgrx::extension_sql_file!(
     "../sql/functions.sql",
     name = "functions",
-    requires = [functions::nvembed_embed_utf8, functions::nvembed_embed_many_utf8]
+    requires = [
+        functions::nvembed_embed_utf8,
+        functions::nvembed_embed_many_utf8,
+        functions::nvembed_task_instruction
+    ]
 );
-pgrx::extension_sql_file!("../sql/trigger.sql", name = "trigger", requires = ["functions"]);
-pgrx::extension_sql_file!("../sql/backfill.sql", name = "backfill", requires = ["functions"]);
+pgrx::extension_sql_file!(
+    "../sql/status.sql",
+    name = "status",
+    requires = [functions::nvembed_status]
+);
+pgrx::extension_sql_file!(
+    "../sql/trigger.sql",
+    name = "trigger",
+    requires = ["functions"]
+);
+pgrx::extension_sql_file!(
+    "../sql/backfill.sql",
+    name = "backfill",
+    requires = ["functions"]
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

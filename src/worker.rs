@@ -2,23 +2,40 @@
 //!
 //! The model runs in a separate executable, not in a Postgres process: if it crashes or is
 //! OOM-killed, only it dies (a background worker dying by a signal would make the postmaster
-//! restart every session). The supervisor notices within a poll interval and starts it again.
+//! restart every session). The supervisor starts it with the server-wide settings, restarts it
+//! when it exits (with exponential backoff, so a server that cannot start does not spin), when
+//! a reload changes its settings, and when it stops answering (a liveness check): a wedged
+//! server is killed and started again. Each change of state is logged once.
 
 use std::ffi::CStr;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 
-use nvembed_protocol::SOCKET_NAME;
+use nvembed_protocol::{
+    read_frame, ClientMessage, ServerMessage, BUILD_ID, SERVER_EXECUTABLE, SOCKET_NAME,
+};
 
-/// File name of the model server executable, installed beside nvembed.so.
-pub const SERVER_EXECUTABLE: &str = "nvembed-model-server";
-/// How often the supervisor checks that the model server is alive.
+use crate::gucs::ServerSettings;
+
+/// How often the supervisor checks that the model server process exists.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Delay before the first restart after an exit; it doubles with each exit in a row.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A server that ran this long before exiting is restarted after FIRST_BACKOFF again.
+const STABLE_RUN: Duration = Duration::from_secs(10);
+/// How often a running server is asked for its status, how long it may take to answer, and
+/// how many checks in a row it may miss before it is taken for wedged.
+const LIVENESS_INTERVAL: Duration = Duration::from_secs(5);
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(5);
+const LIVENESS_MISSES: u32 = 3;
 
 pub fn register() {
     BackgroundWorkerBuilder::new("nvembed model supervisor")
@@ -36,20 +53,40 @@ fn server_path() -> PathBuf {
     PathBuf::from(pkglib.to_string_lossy().into_owned()).join(SERVER_EXECUTABLE)
 }
 
-fn spawn(restarts: u64) -> std::io::Result<Child> {
+fn spawn(settings: &ServerSettings, restarts: u64) -> std::io::Result<Child> {
     let mut command = Command::new(server_path());
-    command.args(["serve", "--socket", SOCKET_NAME, "--restarts", &restarts.to_string()]);
-    let (threads, batch_tokens) = crate::gucs::server_settings();
-    if threads > 0 {
-        command.args(["--threads", &threads.to_string()]);
+    command.args([
+        "--socket",
+        SOCKET_NAME,
+        "--model",
+        &settings.model,
+        "--dtype",
+        &settings.dtype,
+    ]);
+    command.args([
+        "--device",
+        &settings.device,
+        "--batch-tokens",
+        &settings.batch_tokens.to_string(),
+    ]);
+    command.args(["--restarts", &restarts.to_string()]);
+    if settings.threads > 0 {
+        command.args(["--threads", &settings.threads.to_string()]);
     }
-    command.args(["--batch-tokens", &batch_tokens.to_string()]);
+    if settings.preload {
+        command.arg("--preload");
+    }
+    let supervisor = std::process::id() as libc::pid_t;
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             // Die with the supervisor, so no model process outlives the server.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // The supervisor may have died between fork and prctl: then no signal will come.
+            if libc::getppid() != supervisor {
+                libc::_exit(1);
             }
             Ok(())
         });
@@ -65,42 +102,156 @@ fn stop(child: &mut Option<Child>) {
     }
 }
 
+/// Whether the server answers a status request within LIVENESS_TIMEOUT.
+fn answers() -> bool {
+    let ask = || -> std::io::Result<bool> {
+        let mut stream = UnixStream::connect(SOCKET_NAME)?;
+        stream.set_read_timeout(Some(LIVENESS_TIMEOUT))?;
+        stream.set_write_timeout(Some(LIVENESS_TIMEOUT))?;
+        let mut request = Vec::new();
+        ClientMessage::Hello {
+            build: BUILD_ID.into(),
+        }
+        .write(&mut request)?;
+        ClientMessage::Status.write(&mut request)?;
+        stream.write_all(&request)?;
+        let hello = ServerMessage::decode(read_frame(&mut stream)?)?;
+        let status = ServerMessage::decode(read_frame(&mut stream)?)?;
+        let _ = stream.read(&mut [0u8; 1]);
+        Ok(matches!(hello, ServerMessage::Hello { .. })
+            && matches!(status, ServerMessage::Status(_)))
+    };
+    ask().unwrap_or(false)
+}
+
+/// The supervisor's view of the model server.
+struct Supervised {
+    child: Option<Child>,
+    started: Instant,
+    starts: u64,
+    backoff: Duration,
+    next_start: Instant,
+    /// The last reason the executable could not be started, logged once.
+    spawn_error: Option<String>,
+    next_check: Instant,
+    misses: u32,
+}
+
+impl Supervised {
+    fn start(&mut self, settings: &ServerSettings) {
+        match spawn(settings, self.starts) {
+            Ok(c) => {
+                log!(
+                    "nvembed: model server started (pid {}, model {})",
+                    c.id(),
+                    settings.model
+                );
+                self.child = Some(c);
+                self.started = Instant::now();
+                self.starts += 1;
+                self.spawn_error = None;
+                self.next_check = Instant::now() + LIVENESS_INTERVAL;
+                self.misses = 0;
+            }
+            Err(e) => {
+                let reason = if e.kind() == std::io::ErrorKind::NotFound {
+                    format!(
+                        "the model server executable {} is missing; install nvembed completely (make install, or the package)",
+                        server_path().display()
+                    )
+                } else {
+                    format!("cannot start {}: {e}", server_path().display())
+                };
+                if self.spawn_error.as_ref() != Some(&reason) {
+                    warning!("nvembed: {reason}; retrying with backoff");
+                    self.spawn_error = Some(reason);
+                }
+                self.schedule_restart();
+            }
+        }
+    }
+
+    fn schedule_restart(&mut self) {
+        self.next_start = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    fn exited(&mut self, status: std::process::ExitStatus) {
+        if self.started.elapsed() >= STABLE_RUN {
+            self.backoff = FIRST_BACKOFF;
+        }
+        warning!(
+            "nvembed: model server exited ({status}); restarting it in {:.1} s",
+            self.backoff.as_secs_f64()
+        );
+        self.child = None;
+        self.schedule_restart();
+    }
+
+    /// Asks a running server for its status now and then; kills it after LIVENESS_MISSES
+    /// unanswered checks in a row.
+    fn check_liveness(&mut self) {
+        if self.child.is_none() || Instant::now() < self.next_check {
+            return;
+        }
+        self.next_check = Instant::now() + LIVENESS_INTERVAL;
+        if answers() {
+            self.misses = 0;
+            return;
+        }
+        self.misses += 1;
+        if self.misses >= LIVENESS_MISSES {
+            let pid = self.child.as_ref().map_or(0, |c| c.id());
+            warning!("nvembed: model server (pid {pid}) did not answer {LIVENESS_MISSES} status checks in a row; killing it");
+            if let Some(c) = self.child.as_mut() {
+                let _ = c.kill();
+            }
+        }
+    }
+}
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn nvembed_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let mut child: Option<Child> = None;
-    // Every start after the first is a restart.
-    let mut starts: u64 = 0;
     let mut settings = crate::gucs::server_settings();
+    let mut server = Supervised {
+        child: None,
+        started: Instant::now(),
+        starts: 0,
+        backoff: FIRST_BACKOFF,
+        next_start: Instant::now(),
+        spawn_error: None,
+        next_check: Instant::now(),
+        misses: 0,
+    };
     while BackgroundWorker::wait_latch(Some(POLL_INTERVAL)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: re-reading postgresql.conf is what a worker does on SIGHUP.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            if crate::gucs::server_settings() != settings {
-                settings = crate::gucs::server_settings();
-                log!("nvembed: nvembed.threads or nvembed.max_batch_tokens changed, restarting the model server");
-                stop(&mut child);
+            let changed = crate::gucs::server_settings();
+            if changed != settings {
+                settings = changed;
+                log!(
+                    "nvembed: model server settings changed; restarting it with model {}",
+                    settings.model
+                );
+                stop(&mut server.child);
+                server.backoff = FIRST_BACKOFF;
+                server.next_start = Instant::now();
             }
         }
-        if let Some(c) = child.as_mut() {
+        if let Some(c) = server.child.as_mut() {
             match c.try_wait() {
-                Ok(Some(status)) => {
-                    warning!("nvembed: model server exited ({status}); restarting it");
-                    child = None;
-                }
-                Ok(None) => continue,
+                Ok(Some(status)) => server.exited(status),
+                Ok(None) => server.check_liveness(),
                 Err(e) => warning!("nvembed: cannot check the model server: {e}"),
             }
         }
-        if child.is_none() {
-            match spawn(starts) {
-                Ok(c) => child = Some(c),
-                Err(e) => warning!("nvembed: cannot start {}: {e}", server_path().display()),
-            }
-            starts += 1;
+        if server.child.is_none() && Instant::now() >= server.next_start {
+            server.start(&settings);
         }
     }
-    stop(&mut child);
+    stop(&mut server.child);
     let _ = std::fs::remove_file(SOCKET_NAME);
 }

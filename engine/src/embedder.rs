@@ -11,12 +11,11 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::Config;
 use crate::encoding::{EncodedInput, InputEncoder, DEFAULT_MAX_LENGTH};
 use crate::error::{Error, Result};
-use crate::nvembed_v2::Model;
+use crate::nvembed_v2::{Model, Pass};
 use crate::source::ModelFiles;
 use crate::weights::Weights;
 
-/// Default padded-token budget of one forward pass.
-pub const DEFAULT_BATCH_TOKENS: usize = 16_384;
+pub use nvembed_protocol::DEFAULT_BATCH_TOKENS;
 
 #[derive(Debug, Clone, Copy)]
 pub struct EmbedOptions {
@@ -37,12 +36,14 @@ impl Default for EmbedOptions {
 
 /// Parses `f32`, `f16` or `bf16`.
 pub fn parse_dtype(name: &str) -> Result<DType> {
+    let [f32_name, f16_name, bf16_name] = nvembed_protocol::DTYPE_NAMES;
     match name.to_ascii_lowercase().as_str() {
-        "f32" | "float32" => Ok(DType::F32),
-        "f16" | "float16" => Ok(DType::F16),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
+        n if n == f32_name || n == "float32" => Ok(DType::F32),
+        n if n == f16_name || n == "float16" => Ok(DType::F16),
+        n if n == bf16_name || n == "bfloat16" => Ok(DType::BF16),
         other => Err(Error::InvalidArgument(format!(
-            "unsupported dtype {other:?} (expected f32, f16 or bf16)"
+            "unsupported dtype {other:?} (expected one of {})",
+            nvembed_protocol::DTYPE_NAMES.join(", ")
         ))),
     }
 }
@@ -117,8 +118,14 @@ impl Embedder {
 
     /// Embeds `texts` with `instruction`; one unit vector per text,
     /// in input order. Fails before any compute if some input would have nothing to pool.
-    pub fn embed(&self, instruction: &str, texts: &[&str], options: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
-        self.embed_with_stats(instruction, texts, options).map(|(vectors, _)| vectors)
+    pub fn embed(
+        &self,
+        instruction: &str,
+        texts: &[&str],
+        options: &EmbedOptions,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.embed_with_stats(instruction, texts, options)
+            .map(|(vectors, _)| vectors)
     }
 
     /// As `embed`, also saying how many tokens and forward passes it took.
@@ -134,7 +141,12 @@ impl Embedder {
 
     /// Tokenizes `texts` with `instruction`, failing if any would have nothing to pool or if
     /// `max_length` exceeds the model's position limit.
-    pub fn encode(&self, instruction: &str, texts: &[&str], max_length: usize) -> Result<Vec<EncodedInput>> {
+    pub fn encode(
+        &self,
+        instruction: &str,
+        texts: &[&str],
+        max_length: usize,
+    ) -> Result<Vec<EncodedInput>> {
         let limit = self.config.text_config.max_position_embeddings;
         if max_length > limit {
             return Err(Error::InvalidArgument(format!(
@@ -159,6 +171,7 @@ impl Embedder {
             let members: Vec<&EncodedInput> = batch.iter().map(|&i| &inputs[i]).collect();
             let vectors = self.forward(&members)?;
             for (&index, vector) in batch.iter().zip(vectors) {
+                ensure_finite(index, &vector)?;
                 results[index] = vector;
             }
             stats.tokens += members.iter().map(|m| m.ids.len()).sum::<usize>();
@@ -196,7 +209,13 @@ impl Embedder {
         }
     }
 
-    fn forward(&self, members: &[&EncodedInput]) -> Result<Vec<Vec<f32>>> {
+    /// Decoder layers: the `step_pass` calls one pass takes.
+    pub fn layer_count(&self) -> usize {
+        self.model.layer_count()
+    }
+
+    /// Starts a forward pass over `members` as one padded batch.
+    pub fn begin_pass(&self, members: &[&EncodedInput]) -> Result<EmbedPass> {
         let mut batch = self.encoder.pad(members);
         if !self.config.is_mask_instruction {
             batch.pool_mask = batch.attention_mask.clone();
@@ -204,7 +223,18 @@ impl Embedder {
         let ids = Tensor::new(batch.input_ids, &self.device)?;
         let attention = Tensor::new(batch.attention_mask, &self.device)?;
         let pool = Tensor::new(batch.pool_mask, &self.device)?;
-        let mut embeddings = self.model.forward(&ids, &attention, &pool)?;
+        Ok(EmbedPass(self.model.begin(&ids, &attention, &pool)?))
+    }
+
+    /// Runs the next decoder layer of `pass`; false once it is ready for `finish_pass`.
+    pub fn step_pass(&self, pass: &mut EmbedPass) -> Result<bool> {
+        Ok(self.model.step(&mut pass.0)?)
+    }
+
+    /// Pools a pass whose layers have all run: one unit vector per remaining row, in row order.
+    /// Rows are not checked for finiteness here: see `ensure_finite`.
+    pub fn finish_pass(&self, pass: &EmbedPass) -> Result<Vec<Vec<f32>>> {
+        let mut embeddings = self.model.finish(&pass.0)?;
         if !self.config.latent_attention_config.output_normalize {
             // The model then returns the raw pooled state; callers of the engine always get unit
             // vectors, as the model card's F.normalize gives them.
@@ -213,6 +243,55 @@ impl Embedder {
         }
         Ok(embeddings.to_vec2::<f32>()?)
     }
+
+    fn forward(&self, members: &[&EncodedInput]) -> Result<Vec<Vec<f32>>> {
+        let mut pass = self.begin_pass(members)?;
+        while self.step_pass(&mut pass)? {}
+        self.finish_pass(&pass)
+    }
+}
+
+/// A batch on its way through the model (see `Embedder::begin_pass`).
+pub struct EmbedPass(Pass);
+
+impl EmbedPass {
+    pub fn rows(&self) -> usize {
+        self.0.rows()
+    }
+
+    /// Padded tokens one layer of this pass processes.
+    pub fn padded_tokens(&self) -> usize {
+        self.0.padded_tokens()
+    }
+
+    /// Keeps only the rows at `keep` (indices into the current rows, in order): the others stop
+    /// costing compute from the next layer on, and the kept rows' results do not change.
+    pub fn retain(&mut self, keep: &[usize]) -> Result<()> {
+        Ok(self.0.retain(keep)?)
+    }
+}
+
+/// An embedding is returned only if every value is finite: a NaN or infinity (an overflow in a
+/// 16-bit dtype, a corrupt checkpoint) would otherwise reach a vector column and poison every
+/// distance computed with it.
+pub fn ensure_finite(index: usize, vector: &[f32]) -> Result<()> {
+    if vector.iter().all(|x| x.is_finite()) {
+        Ok(())
+    } else {
+        Err(Error::NonFinite { index })
+    }
+}
+
+/// Sets the compute thread count; call it before the first model is loaded. Candle's CPU
+/// kernels and rayon read this variable when their pool starts, which nothing has done yet.
+pub fn set_compute_threads(threads: usize) -> Result<()> {
+    if threads == 0 {
+        return Err(Error::InvalidArgument(
+            "the thread count must be at least 1".into(),
+        ));
+    }
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    Ok(())
 }
 
 /// Activations are large, short-lived buffers. glibc's default raises its mmap threshold after

@@ -10,16 +10,19 @@ use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 
-/// The instruction NV-Embed-v2 was trained with for retrieval queries.
-pub const QUERY_INSTRUCTION: &str = "Instruct: Given a question, retrieve passages that answer the question\nQuery: ";
+pub use nvembed_protocol::QUERY_INSTRUCTION;
 /// Passages are embedded with no instruction.
 pub const PASSAGE_INSTRUCTION: &str = "";
 /// The reference's default truncation limit, in tokens including `<s>`.
-pub const DEFAULT_MAX_LENGTH: usize = 32_768;
+pub const DEFAULT_MAX_LENGTH: usize = nvembed_protocol::MAX_LENGTH;
 
 /// The instruction for a custom retrieval task, formatted as in the model card.
 pub fn task_instruction(task: &str) -> String {
-    format!("Instruct: {task}\nQuery: ")
+    format!(
+        "{}{task}{}",
+        nvembed_protocol::TASK_INSTRUCTION_PREFIX,
+        nvembed_protocol::TASK_INSTRUCTION_SUFFIX
+    )
 }
 
 /// One tokenized input, unpadded.
@@ -62,14 +65,13 @@ impl InputEncoder {
             reason: e.to_string(),
         })?;
         // The reference sets pad = eos at load time; the files leave pad unset.
-        let pad_id = tokenizer.token_to_id(Self::EOS_TOKEN).ok_or_else(|| Error::Tokenizer {
-            path: path.to_path_buf(),
-            reason: format!("the vocabulary has no {} token", Self::EOS_TOKEN),
-        })?;
-        Ok(Self {
-            tokenizer,
-            pad_id,
-        })
+        let pad_id = tokenizer
+            .token_to_id(Self::EOS_TOKEN)
+            .ok_or_else(|| Error::Tokenizer {
+                path: path.to_path_buf(),
+                reason: format!("the vocabulary has no {} token", Self::EOS_TOKEN),
+            })?;
+        Ok(Self { tokenizer, pad_id })
     }
 
     /// Token count of `instruction` alone, without special tokens.
@@ -85,9 +87,16 @@ impl InputEncoder {
     }
 
     /// Tokenizes each text with `instruction`; the instruction is measured once for all of them.
-    pub fn encode(&self, instruction: &str, texts: &[&str], max_length: usize) -> Result<Vec<EncodedInput>> {
+    pub fn encode(
+        &self,
+        instruction: &str,
+        texts: &[&str],
+        max_length: usize,
+    ) -> Result<Vec<EncodedInput>> {
         if max_length == 0 {
-            return Err(Error::InvalidArgument("max_length must be at least 1".into()));
+            return Err(Error::InvalidArgument(
+                "max_length must be at least 1".into(),
+            ));
         }
         let prefix = self.instruction_len(instruction)?;
         texts

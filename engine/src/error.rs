@@ -19,7 +19,9 @@ pub enum Error {
     Safetensors { path: PathBuf, reason: String },
     #[error("tensor {name} is missing from the checkpoint ({files})")]
     MissingTensor { name: String, files: String },
-    #[error("tensor {name} has shape {found:?} in the checkpoint but the config implies {expected:?}")]
+    #[error(
+        "tensor {name} has shape {found:?} in the checkpoint but the config implies {expected:?}"
+    )]
     ShapeMismatch {
         name: String,
         expected: Vec<usize>,
@@ -34,6 +36,11 @@ pub enum Error {
          raise max_length or shorten the instruction"
     )]
     NothingToPool { index: usize, tokens: usize },
+    #[error(
+        "the model produced a non-finite value (NaN or infinity) for input {index}: the checkpoint's weights \
+         or the chosen dtype overflow"
+    )]
+    NonFinite { index: usize },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("hub download of {file} from {repo} failed: {reason}")]

@@ -2,7 +2,7 @@
 //!
 //! ```no_run
 //! use nvembed_engine::{Embedder, EmbedOptions, ModelSource, QUERY_INSTRUCTION};
-//! let files = ModelSource::parse("nvidia/NV-Embed-v2").resolve()?;
+//! let files = ModelSource::parse("nvidia/NV-Embed-v2")?.resolve()?;
 //! let embedder = Embedder::load(&files, candle_core::DType::BF16, &candle_core::Device::Cpu)?;
 //! let vectors = embedder.embed(QUERY_INSTRUCTION, &["how do I vacuum a table?"], &EmbedOptions::default())?;
 //! # Ok::<(), nvembed_engine::Error>(())
@@ -14,13 +14,18 @@ pub mod encoding;
 pub mod error;
 pub mod nvembed_v2;
 pub mod random_checkpoint;
-pub mod server;
 pub mod source;
 pub mod weights;
 
 pub use candle_core::{DType, Device};
 pub use config::Config;
-pub use embedder::{parse_dtype, EmbedOptions, EmbedStats, Embedder, DEFAULT_BATCH_TOKENS};
-pub use encoding::{task_instruction, EncodedInput, InputEncoder, DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION};
+pub use embedder::{
+    ensure_finite, parse_dtype, set_compute_threads, EmbedOptions, EmbedPass, EmbedStats, Embedder,
+    DEFAULT_BATCH_TOKENS,
+};
+pub use encoding::{
+    task_instruction, EncodedInput, InputEncoder, DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION,
+    QUERY_INSTRUCTION,
+};
 pub use error::{Error, Result};
 pub use source::{ModelFiles, ModelSource, DEFAULT_HUB_MODEL};

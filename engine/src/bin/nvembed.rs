@@ -6,15 +6,20 @@ use std::time::Instant;
 
 use clap::{ArgGroup, Parser, Subcommand};
 use nvembed_engine::{
-    parse_dtype, task_instruction, Device, EmbedOptions, Embedder, ModelSource, DEFAULT_BATCH_TOKENS,
-    DEFAULT_HUB_MODEL, DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION,
+    parse_dtype, task_instruction, Device, EmbedOptions, Embedder, ModelSource,
+    DEFAULT_BATCH_TOKENS, DEFAULT_HUB_MODEL, DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION,
+    QUERY_INSTRUCTION,
 };
 
 /// Texts embedded between two writes to stdout: output streams out while a long run goes on.
 const TEXTS_PER_CHUNK: usize = 256;
 
 #[derive(Parser)]
-#[command(name = "nvembed", version, about = "NV-Embed-v2 text embeddings on the command line")]
+#[command(
+    name = "nvembed",
+    version,
+    about = "NV-Embed-v2 text embeddings on the command line"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,21 +56,6 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
-    /// Serve embedding requests on a Unix socket (the model process of the Postgres extension).
-    Serve {
-        /// Socket path to create (a stale file there is replaced).
-        #[arg(long)]
-        socket: std::path::PathBuf,
-        /// Compute threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Times the supervisor has restarted this server (reported in its status).
-        #[arg(long, default_value_t = 0)]
-        restarts: u64,
-        /// Padded tokens per forward pass, across all queued requests.
-        #[arg(long, default_value_t = DEFAULT_BATCH_TOKENS)]
-        batch_tokens: usize,
-    },
 }
 
 fn main() -> ExitCode {
@@ -92,30 +82,14 @@ fn read_texts(input: impl BufRead) -> Result<Vec<String>, String> {
         .collect()
 }
 
-/// Sets the compute thread count. Candle's CPU kernels and rayon read this variable when their
-/// pool starts; nothing has started one yet, and the process is still single-threaded.
 fn set_threads(threads: Option<usize>) -> Result<(), String> {
-    match threads {
-        Some(0) => Err("--threads must be at least 1".into()),
-        Some(n) => {
-            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-            Ok(())
-        }
-        None => Ok(()),
-    }
+    threads
+        .map_or(Ok(()), nvembed_engine::set_compute_threads)
+        .map_err(|e| e.to_string())
 }
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Serve {
-            socket,
-            threads,
-            restarts,
-            batch_tokens,
-        } => {
-            set_threads(threads)?;
-            nvembed_engine::server::serve(&socket, restarts, batch_tokens).map_err(|e| e.to_string())
-        }
         Command::Embed {
             model,
             query,
@@ -135,7 +109,15 @@ fn run(cli: Cli) -> Result<(), String> {
                 (_, _, _, Some(task)) => task_instruction(&task),
                 _ => unreachable!("clap requires one of --query, --passage, --instruction, --task"),
             };
-            embed(&model, &instruction, &dtype, EmbedOptions { max_length, batch_tokens })
+            embed(
+                &model,
+                &instruction,
+                &dtype,
+                EmbedOptions {
+                    max_length,
+                    batch_tokens,
+                },
+            )
         }
     }
 }
@@ -143,7 +125,9 @@ fn run(cli: Cli) -> Result<(), String> {
 fn embed(model: &str, instruction: &str, dtype: &str, options: EmbedOptions) -> Result<(), String> {
     let dtype = parse_dtype(dtype).map_err(|e| e.to_string())?;
     let texts = read_texts(std::io::stdin().lock())?;
-    let files = ModelSource::parse(model).resolve().map_err(|e| e.to_string())?;
+    let files = ModelSource::parse(model)
+        .and_then(|source| source.resolve())
+        .map_err(|e| e.to_string())?;
     let embedder = Embedder::load(&files, dtype, &Device::Cpu).map_err(|e| e.to_string())?;
 
     let show_progress = std::io::stderr().is_terminal();
@@ -151,12 +135,14 @@ fn embed(model: &str, instruction: &str, dtype: &str, options: EmbedOptions) -> 
     let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
     for (chunk_index, chunk) in texts.chunks(TEXTS_PER_CHUNK).enumerate() {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let vectors = embedder.embed(instruction, &refs, &options).map_err(|e| match e {
-            nvembed_engine::Error::NothingToPool { index, .. } => {
-                format!("line {}: {e}", chunk_index * TEXTS_PER_CHUNK + index + 1)
-            }
-            other => other.to_string(),
-        })?;
+        let vectors = embedder
+            .embed(instruction, &refs, &options)
+            .map_err(|e| match e {
+                nvembed_engine::Error::NothingToPool { index, .. } => {
+                    format!("line {}: {e}", chunk_index * TEXTS_PER_CHUNK + index + 1)
+                }
+                other => other.to_string(),
+            })?;
         for vector in vectors {
             serde_json::to_writer(&mut stdout, &vector).map_err(|e| e.to_string())?;
             writeln!(stdout).map_err(|e| e.to_string())?;
@@ -165,7 +151,10 @@ fn embed(model: &str, instruction: &str, dtype: &str, options: EmbedOptions) -> 
         if show_progress {
             let done = chunk_index * TEXTS_PER_CHUNK + chunk.len();
             let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            eprint!("\rembedded {done}/{} texts ({rate:.1} texts/s)", texts.len());
+            eprint!(
+                "\rembedded {done}/{} texts ({rate:.1} texts/s)",
+                texts.len()
+            );
         }
     }
     if show_progress {

@@ -1,0 +1,377 @@
+//! The messages. A connection starts with `Hello` both ways (the build check); then the client
+//! sends either `Status` or `Embed` followed by `Texts` chunks holding exactly `count` texts,
+//! and the server answers `Vectors` chunks in input order and `Done`, or `Error` at any point.
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::{write_frame, Frame};
+
+/// Identifies a build of the wire format: a backend and a model server must carry the same one.
+/// Raise the protocol number whenever a message changes shape.
+pub const BUILD_ID: &str = concat!("nvembed ", env!("CARGO_PKG_VERSION"), ", protocol 2");
+
+/// Texts per `Texts` frame are cut at about this many bytes.
+pub const TEXT_CHUNK_BYTES: usize = 1 << 20;
+/// Vectors per `Vectors` frame are cut at about this many bytes: neither side ever holds more
+/// than a few such chunks of one call's results.
+pub const VECTOR_CHUNK_BYTES: usize = 4 << 20;
+
+/// Rows of `dimension` floats that fit in one vector chunk (at least one).
+pub fn vectors_per_chunk(dimension: usize) -> usize {
+    (VECTOR_CHUNK_BYTES / (dimension.max(1) * 4)).max(1)
+}
+
+/// How the model server schedules a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkClass {
+    /// Single-text calls: a search waits for them. They go ahead of bulk work at the next
+    /// decoder layer.
+    Interactive,
+    /// Batch functions, backfill: cut into passes, run whenever no interactive call waits.
+    Bulk,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmbedHeader {
+    pub class: WorkClass,
+    pub instruction: String,
+    /// Truncation limit in tokens, `<s>` included.
+    pub max_length: usize,
+    /// Admission: the call is refused before any compute if its texts hold more tokens.
+    pub max_request_tokens: usize,
+    /// Texts that follow in `Texts` frames.
+    pub count: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The model could not be loaded (missing or corrupt files, bad config).
+    Load,
+    /// The request itself is wrong (e.g. nothing left to pool).
+    InvalidInput,
+    /// The request exceeds an admission limit (`nvembed.max_request_tokens`).
+    TooLarge,
+    /// The model produced NaN or infinity.
+    NonFinite,
+    /// Anything else inside the server.
+    Internal,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub loaded: bool,
+    pub model: String,
+    pub dtype: String,
+    pub device: String,
+    pub dimension: Option<usize>,
+    pub load_seconds: Option<f64>,
+    /// Calls answered with vectors.
+    pub requests: u64,
+    /// Tokens embedded (rows that finished, unpadded).
+    pub tokens: u64,
+    /// Calls queued or in a pass now.
+    pub waiting: u64,
+    /// Rows in forward passes now.
+    pub active_rows: u64,
+    /// Rows dropped part-way because their caller cancelled or hung up.
+    pub cancelled_rows: u64,
+    /// How many times the supervisor had to start the server again after it died.
+    pub restarts: u64,
+    /// OS process id of the model server.
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientMessage {
+    Hello { build: String },
+    Status,
+    Embed(EmbedHeader),
+    Texts(Vec<String>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServerMessage {
+    Hello {
+        build: String,
+    },
+    Status(Status),
+    /// Consecutive vectors of the call, in input order, each `dimension` floats.
+    Vectors {
+        dimension: usize,
+        values: Vec<f32>,
+    },
+    /// Every vector of the call was sent.
+    Done,
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+mod tag {
+    pub const HELLO: u8 = 1;
+    pub const STATUS: u8 = 2;
+    pub const EMBED: u8 = 3;
+    pub const TEXTS: u8 = 4;
+    pub const VECTORS: u8 = 5;
+    pub const DONE: u8 = 6;
+    pub const ERROR: u8 = 7;
+}
+
+fn invalid(what: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string())
+}
+
+fn json<T: Serialize>(value: &T) -> std::io::Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(std::io::Error::other)
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> std::io::Result<T> {
+    serde_json::from_slice(payload).map_err(invalid)
+}
+
+#[derive(Serialize, Deserialize)]
+struct ErrorPayload {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl ClientMessage {
+    pub fn write(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        match self {
+            ClientMessage::Hello { build } => write_frame(out, tag::HELLO, build.as_bytes()),
+            ClientMessage::Status => write_frame(out, tag::STATUS, &[]),
+            ClientMessage::Embed(header) => write_frame(out, tag::EMBED, &json(header)?),
+            ClientMessage::Texts(texts) => write_frame(out, tag::TEXTS, &json(texts)?),
+        }
+    }
+
+    pub fn decode(frame: Frame) -> std::io::Result<Self> {
+        match frame.tag {
+            tag::HELLO => Ok(ClientMessage::Hello {
+                build: String::from_utf8(frame.payload).map_err(invalid)?,
+            }),
+            tag::STATUS => Ok(ClientMessage::Status),
+            tag::EMBED => Ok(ClientMessage::Embed(from_json(&frame.payload)?)),
+            tag::TEXTS => Ok(ClientMessage::Texts(from_json(&frame.payload)?)),
+            other => Err(invalid(format!(
+                "unexpected message tag {other} from a client"
+            ))),
+        }
+    }
+}
+
+impl ServerMessage {
+    pub fn write(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        match self {
+            ServerMessage::Hello { build } => write_frame(out, tag::HELLO, build.as_bytes()),
+            ServerMessage::Status(status) => write_frame(out, tag::STATUS, &json(status)?),
+            ServerMessage::Vectors { dimension, values } => {
+                let mut payload = Vec::with_capacity(4 + values.len() * 4);
+                payload.extend_from_slice(&(*dimension as u32).to_le_bytes());
+                for value in values {
+                    payload.extend_from_slice(&value.to_le_bytes());
+                }
+                write_frame(out, tag::VECTORS, &payload)
+            }
+            ServerMessage::Done => write_frame(out, tag::DONE, &[]),
+            ServerMessage::Error { kind, message } => write_frame(
+                out,
+                tag::ERROR,
+                &json(&ErrorPayload {
+                    kind: *kind,
+                    message: message.clone(),
+                })?,
+            ),
+        }
+    }
+
+    pub fn decode(frame: Frame) -> std::io::Result<Self> {
+        match frame.tag {
+            tag::HELLO => Ok(ServerMessage::Hello {
+                build: String::from_utf8(frame.payload).map_err(invalid)?,
+            }),
+            tag::STATUS => Ok(ServerMessage::Status(from_json(&frame.payload)?)),
+            tag::VECTORS => {
+                let payload = frame.payload;
+                if payload.len() < 4 || (payload.len() - 4) % 4 != 0 {
+                    return Err(invalid("malformed vector chunk"));
+                }
+                let dimension =
+                    u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize;
+                let values: Vec<f32> = payload[4..]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                if dimension == 0 || values.len() % dimension != 0 {
+                    return Err(invalid("vector chunk is not a whole number of vectors"));
+                }
+                Ok(ServerMessage::Vectors { dimension, values })
+            }
+            tag::DONE => Ok(ServerMessage::Done),
+            tag::ERROR => {
+                let error: ErrorPayload = from_json(&frame.payload)?;
+                Ok(ServerMessage::Error {
+                    kind: error.kind,
+                    message: error.message,
+                })
+            }
+            other => Err(invalid(format!(
+                "unexpected message tag {other} from the model server"
+            ))),
+        }
+    }
+}
+
+/// Cuts `texts` into `Texts` messages of about `TEXT_CHUNK_BYTES` each (a longer text travels
+/// alone), without copying more than one chunk at a time.
+pub fn text_chunks(texts: &[String]) -> impl Iterator<Item = &[String]> {
+    let mut rest = texts;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        while n < rest.len() && (n == 0 || bytes + rest[n].len() <= TEXT_CHUNK_BYTES) {
+            bytes += rest[n].len();
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{decode_frame, read_frame};
+
+    fn round_trip_client(message: ClientMessage) -> ClientMessage {
+        let mut buf = Vec::new();
+        message.write(&mut buf).unwrap();
+        assert!(
+            decode_frame(&buf[..buf.len() - 1]).unwrap().is_none(),
+            "a partial frame waits"
+        );
+        let (frame, used) = decode_frame(&buf).unwrap().unwrap();
+        assert_eq!(used, buf.len());
+        ClientMessage::decode(frame).unwrap()
+    }
+
+    fn round_trip_server(message: ServerMessage) -> ServerMessage {
+        let mut buf = Vec::new();
+        message.write(&mut buf).unwrap();
+        ServerMessage::decode(read_frame(&mut buf.as_slice()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let header = EmbedHeader {
+            class: WorkClass::Bulk,
+            instruction: "i\n".into(),
+            max_length: 7,
+            max_request_tokens: 99,
+            count: 2,
+        };
+        for message in [
+            ClientMessage::Hello {
+                build: BUILD_ID.into(),
+            },
+            ClientMessage::Status,
+            ClientMessage::Embed(header),
+            ClientMessage::Texts(vec!["a".into(), "é\u{0}".into()]),
+        ] {
+            assert_eq!(round_trip_client(message.clone()), message);
+        }
+        let values = vec![0.1f32, -1.0e-7, 3.4028235e38, f32::MIN_POSITIVE, -0.0, 1.0];
+        for message in [
+            ServerMessage::Hello {
+                build: "other".into(),
+            },
+            ServerMessage::Status(Status {
+                model: "m".into(),
+                pid: 7,
+                ..Status::default()
+            }),
+            ServerMessage::Vectors {
+                dimension: 3,
+                values,
+            },
+            ServerMessage::Done,
+            ServerMessage::Error {
+                kind: ErrorKind::TooLarge,
+                message: "m".into(),
+            },
+        ] {
+            assert_eq!(round_trip_server(message.clone()), message);
+        }
+    }
+
+    #[test]
+    fn vectors_travel_as_four_bytes_per_float_bit_exact() {
+        let values: Vec<f32> = (0..4096).map(|i| (i as f32 * 0.37).sin() / 7.0).collect();
+        let mut buf = Vec::new();
+        ServerMessage::Vectors {
+            dimension: 4096,
+            values: values.clone(),
+        }
+        .write(&mut buf)
+        .unwrap();
+        assert_eq!(buf.len(), 4 + 1 + 4 + 4096 * 4);
+        match round_trip_server(ServerMessage::Vectors {
+            dimension: 4096,
+            values: values.clone(),
+        }) {
+            ServerMessage::Vectors { values: got, .. } => {
+                assert!(got
+                    .iter()
+                    .zip(&values)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(vectors_per_chunk(4096), 256);
+        assert_eq!(vectors_per_chunk(1 << 30), 1);
+    }
+
+    #[test]
+    fn malformed_frames_are_errors() {
+        let mut garbage: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2];
+        assert!(read_frame(&mut garbage).is_err());
+        assert!(decode_frame(&[0, 0, 0, 0]).is_err());
+        let frame = crate::Frame {
+            tag: 5,
+            payload: vec![3, 0, 0, 0, 1, 2, 3, 4],
+        };
+        assert!(
+            ServerMessage::decode(frame).is_err(),
+            "one float is not a 3-float vector"
+        );
+        let frame = crate::Frame {
+            tag: 42,
+            payload: vec![],
+        };
+        assert!(ClientMessage::decode(frame).is_err());
+    }
+
+    #[test]
+    fn texts_are_cut_into_bounded_chunks_in_order() {
+        let big = "x".repeat(TEXT_CHUNK_BYTES + 5);
+        let texts: Vec<String> = vec![
+            "a".into(),
+            big.clone(),
+            "b".repeat(TEXT_CHUNK_BYTES / 2),
+            "c".repeat(TEXT_CHUNK_BYTES / 2),
+            "d".into(),
+        ];
+        let chunks: Vec<&[String]> = text_chunks(&texts).collect();
+        assert_eq!(
+            chunks.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            vec![1, 1, 2, 1]
+        );
+        assert_eq!(chunks.concat(), texts);
+        assert_eq!(text_chunks(&[]).count(), 0);
+    }
+}

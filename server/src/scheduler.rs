@@ -1,0 +1,459 @@
+//! The model's time, shared by every call of every session.
+//!
+//! Two classes of work. *Interactive* calls (one text: a search, a trigger) wait for nothing but
+//! the decoder layer that is running when they arrive: at every layer boundary, the interactive
+//! calls that arrived are gathered into one pass (calls that arrive together share it) that runs
+//! to its end before the bulk pass in flight takes its next layer. *Bulk* calls (batches,
+//! backfill) are cut into passes: at most one is in flight, sized so that one of its layers
+//! takes about `LAYER_SECONDS` (never fewer than `MIN_PASS_TOKENS` padded tokens, where GEMMs
+//! are still efficient, and never more than the `batch_tokens` budget), filled round-robin from
+//! every waiting bulk call so none starves. Each call gets its vectors as soon as its own rows
+//! are pooled. A call whose client left is dropped from its pass at the next layer boundary:
+//! its rows stop costing anything, the other rows of the pass go on unchanged.
+//!
+//! Memory stays bounded for any call size: a call's rows are taken in windows of
+//! `RESULT_WINDOW_ROWS`, and a window opens only when the client has received all but one
+//! window of what came before.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nvembed_engine::{ensure_finite, EmbedPass, Embedder, EncodedInput};
+use nvembed_protocol::{ErrorKind, WorkClass};
+
+use crate::stats::Stats;
+
+/// Target time of one layer of a bulk pass: how long an arriving interactive call may wait.
+pub const LAYER_SECONDS: f64 = 0.05;
+/// Fewest padded tokens in a bulk pass: below this, matrix products lose efficiency.
+pub const MIN_PASS_TOKENS: usize = 256;
+/// Rows of one call that may be taken before the client has received the rows before them.
+pub const RESULT_WINDOW_ROWS: usize = 1024;
+/// How often an idle scheduler with blocked calls looks again.
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
+/// What a call's connection receives from the scheduler.
+#[derive(Debug)]
+pub enum Event {
+    Vector { index: usize, vector: Vec<f32> },
+    Failed { kind: ErrorKind, message: String },
+}
+
+/// One call, as submitted.
+struct Job {
+    id: u64,
+    class: WorkClass,
+    inputs: Vec<EncodedInput>,
+    embedder: Arc<Embedder>,
+    cancelled: AtomicBool,
+    /// Vectors the connection has written to its client, in input order.
+    written: AtomicUsize,
+    events: Mutex<Sender<Event>>,
+}
+
+impl Job {
+    fn send(&self, event: Event) {
+        // The connection may be gone: its results are then discarded.
+        let _ = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(event);
+    }
+}
+
+/// The connection's side of a call.
+pub struct JobHandle {
+    job: Arc<Job>,
+    pub events: Receiver<Event>,
+}
+
+impl JobHandle {
+    /// The client left: drop the call's rows at the next layer boundary.
+    pub fn cancel(&self) {
+        self.job.cancelled.store(true, Ordering::SeqCst);
+    }
+
+    /// The first `n` vectors have been written to the client.
+    pub fn set_written(&self, n: usize) {
+        self.job.written.store(n, Ordering::SeqCst);
+    }
+}
+
+pub struct Scheduler {
+    inbox: Mutex<Vec<Arc<Job>>>,
+    wake: Condvar,
+    next_id: AtomicUsize,
+    batch_tokens: usize,
+    stats: Arc<Stats>,
+}
+
+/// The scheduler's view of a call.
+struct Entry {
+    job: Arc<Job>,
+    /// Interactive calls longer than a bulk pass run as bulk: they would hold the model as long.
+    class: WorkClass,
+    /// Rows of the open window not yet taken, shortest first.
+    pending: VecDeque<usize>,
+    /// Rows [0, opened) have been taken into windows.
+    opened: usize,
+    done: usize,
+}
+
+impl Entry {
+    fn rows(&self) -> usize {
+        self.job.inputs.len()
+    }
+
+    fn len_of(&self, row: usize) -> usize {
+        self.job.inputs[row].ids.len()
+    }
+
+    /// Rows ready to be taken now, opening the next window when the client has kept up.
+    fn ready(&mut self) -> bool {
+        if self.pending.is_empty() && self.opened < self.rows() {
+            let written = self.job.written.load(Ordering::SeqCst);
+            if written + RESULT_WINDOW_ROWS >= self.opened {
+                let end = (self.opened + RESULT_WINDOW_ROWS).min(self.rows());
+                let mut window: Vec<usize> = (self.opened..end).collect();
+                window.sort_by_key(|&row| self.len_of(row));
+                self.pending.extend(window);
+                self.opened = end;
+            }
+        }
+        !self.pending.is_empty()
+    }
+}
+
+/// A pass in flight and whose rows it holds.
+struct Running {
+    pass: EmbedPass,
+    embedder: Arc<Embedder>,
+    rows: Vec<(u64, usize)>,
+}
+
+/// Measured seconds per padded token and layer, to size bulk passes by time.
+struct LayerCost(Option<f64>);
+
+impl LayerCost {
+    fn record(&mut self, seconds: f64, padded_tokens: usize) {
+        let sample = seconds / padded_tokens.max(1) as f64;
+        self.0 = Some(match self.0 {
+            Some(old) => 0.7 * old + 0.3 * sample,
+            None => sample,
+        });
+    }
+
+    /// Padded tokens of a bulk pass whose layer takes about LAYER_SECONDS.
+    fn pass_tokens(&self, batch_tokens: usize) -> usize {
+        let by_time = match self.0 {
+            Some(per_token) => (LAYER_SECONDS / per_token) as usize,
+            None => MIN_PASS_TOKENS, // nothing measured yet: start small
+        };
+        by_time.clamp(MIN_PASS_TOKENS.min(batch_tokens), batch_tokens.max(1))
+    }
+}
+
+#[derive(Default)]
+struct Calls {
+    entries: HashMap<u64, Entry>,
+    interactive: VecDeque<u64>,
+    bulk: VecDeque<u64>,
+}
+
+impl Scheduler {
+    pub fn new(batch_tokens: usize, stats: Arc<Stats>) -> Arc<Self> {
+        Arc::new(Self {
+            inbox: Mutex::new(Vec::new()),
+            wake: Condvar::new(),
+            next_id: AtomicUsize::new(0),
+            batch_tokens: batch_tokens.max(1),
+            stats,
+        })
+    }
+
+    /// Queues a call; its vectors and errors arrive on the handle's `events`.
+    pub fn submit(
+        &self,
+        class: WorkClass,
+        inputs: Vec<EncodedInput>,
+        embedder: Arc<Embedder>,
+    ) -> JobHandle {
+        let (sender, events) = mpsc::channel();
+        let job = Arc::new(Job {
+            id: self.next_id.fetch_add(1, Ordering::SeqCst) as u64,
+            class,
+            inputs,
+            embedder,
+            cancelled: AtomicBool::new(false),
+            written: AtomicUsize::new(0),
+            events: Mutex::new(sender),
+        });
+        self.inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(job.clone());
+        self.wake.notify_one();
+        JobHandle { job, events }
+    }
+
+    /// Runs the model on the calling thread, forever.
+    pub fn run(&self) {
+        let mut calls = Calls::default();
+        let mut cost = LayerCost(None);
+        let mut bulk: Option<Running> = None;
+        loop {
+            let idle = bulk.is_none() && calls.entries.is_empty();
+            self.admit(&mut calls, &cost, idle);
+            self.drop_cancelled(&mut calls);
+            if let Some(pass) = self.take_interactive_pass(&mut calls) {
+                let mut pass = Some(pass);
+                while pass.is_some() {
+                    self.advance(&mut pass, &mut calls, &mut cost);
+                    self.drop_cancelled(&mut calls);
+                }
+                continue;
+            }
+            if bulk.is_none() {
+                bulk = self.take_bulk_pass(&mut calls, &cost);
+            }
+            if bulk.is_some() {
+                self.advance(&mut bulk, &mut calls, &mut cost);
+            } else if !calls.entries.is_empty() {
+                // Every queued call waits for its client to read results.
+                let inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+                if inbox.is_empty() {
+                    let _unused = self.wake.wait_timeout(inbox, IDLE_POLL);
+                }
+            }
+        }
+    }
+
+    /// Moves submitted calls into the queues; waits for one when `block`.
+    fn admit(&self, calls: &mut Calls, cost: &LayerCost, block: bool) {
+        let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        while block && inbox.is_empty() {
+            inbox = self.wake.wait(inbox).unwrap_or_else(|p| p.into_inner());
+        }
+        let bulk_pass = cost.pass_tokens(self.batch_tokens);
+        for job in inbox.drain(..) {
+            let longest = job.inputs.iter().map(|i| i.ids.len()).max().unwrap_or(0);
+            let class = match job.class {
+                WorkClass::Interactive if longest > bulk_pass => WorkClass::Bulk,
+                other => other,
+            };
+            match class {
+                WorkClass::Interactive => calls.interactive.push_back(job.id),
+                WorkClass::Bulk => calls.bulk.push_back(job.id),
+            }
+            let entry = Entry {
+                job: job.clone(),
+                class,
+                pending: VecDeque::new(),
+                opened: 0,
+                done: 0,
+            };
+            calls.entries.insert(job.id, entry);
+        }
+    }
+
+    /// Forgets calls whose client left (their rows leave passes at the next `advance`).
+    fn drop_cancelled(&self, calls: &mut Calls) {
+        let gone: Vec<u64> = calls
+            .entries
+            .iter()
+            .filter(|(_, e)| e.job.cancelled.load(Ordering::SeqCst))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.forget(calls, id);
+        }
+    }
+
+    fn forget(&self, calls: &mut Calls, id: u64) {
+        if let Some(entry) = calls.entries.remove(&id) {
+            let queue = match entry.class {
+                WorkClass::Interactive => &mut calls.interactive,
+                WorkClass::Bulk => &mut calls.bulk,
+            };
+            queue.retain(|&other| other != id);
+            if entry.job.cancelled.load(Ordering::SeqCst) {
+                Stats::add(
+                    &self.stats.cancelled_rows,
+                    (entry.rows() - entry.done) as u64,
+                );
+            }
+        }
+    }
+
+    /// Every waiting interactive row that fits in one pass of `batch_tokens`, oldest first.
+    fn take_interactive_pass(&self, calls: &mut Calls) -> Option<Running> {
+        let mut rows = Vec::new();
+        let mut longest = 0;
+        'calls: for &id in &calls.interactive {
+            let entry = calls
+                .entries
+                .get_mut(&id)
+                .expect("queued calls have entries");
+            while entry.ready() {
+                let row = *entry.pending.front().expect("ready");
+                let len = longest.max(entry.len_of(row));
+                if !rows.is_empty() && (rows.len() + 1) * len > self.batch_tokens {
+                    break 'calls;
+                }
+                entry.pending.pop_front();
+                longest = len;
+                rows.push((id, row));
+            }
+        }
+        self.start(calls, rows)
+    }
+
+    /// A bulk pass sized by time, filled round-robin: each pass starts with the next call.
+    fn take_bulk_pass(&self, calls: &mut Calls, cost: &LayerCost) -> Option<Running> {
+        let budget = cost.pass_tokens(self.batch_tokens);
+        let mut rows = Vec::new();
+        let mut longest = 0;
+        let mut first_taken = None;
+        'calls: for &id in &calls.bulk {
+            let entry = calls
+                .entries
+                .get_mut(&id)
+                .expect("queued calls have entries");
+            while entry.ready() {
+                let row = *entry.pending.front().expect("ready");
+                let len = longest.max(entry.len_of(row));
+                if !rows.is_empty() && (rows.len() + 1) * len > budget {
+                    break 'calls;
+                }
+                entry.pending.pop_front();
+                longest = len;
+                rows.push((id, row));
+                first_taken.get_or_insert(id);
+            }
+        }
+        if let Some(first) = first_taken {
+            // Round-robin: the call that led this pass goes to the back of the queue.
+            calls.bulk.retain(|&id| id != first);
+            calls.bulk.push_back(first);
+        }
+        self.start(calls, rows)
+    }
+
+    fn start(&self, calls: &mut Calls, rows: Vec<(u64, usize)>) -> Option<Running> {
+        let (first_id, _) = *rows.first()?;
+        let embedder = calls.entries[&first_id].job.embedder.clone();
+        let members: Vec<&EncodedInput> = rows
+            .iter()
+            .map(|&(id, row)| &calls.entries[&id].job.inputs[row])
+            .collect();
+        match embedder.begin_pass(&members) {
+            Ok(pass) => {
+                Stats::add(&self.stats.active_rows, rows.len() as u64);
+                Some(Running {
+                    pass,
+                    embedder,
+                    rows,
+                })
+            }
+            Err(e) => {
+                self.fail_rows(calls, &rows, ErrorKind::Internal, &e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Drops the rows of calls that are gone, then runs one layer; pools and answers when the
+    /// last layer has run.
+    fn advance(&self, slot: &mut Option<Running>, calls: &mut Calls, cost: &mut LayerCost) {
+        let Some(running) = slot.as_mut() else { return };
+        let keep: Vec<usize> = (0..running.rows.len())
+            .filter(|&i| calls.entries.contains_key(&running.rows[i].0))
+            .collect();
+        if keep.len() < running.rows.len() {
+            Stats::sub(
+                &self.stats.active_rows,
+                (running.rows.len() - keep.len()) as u64,
+            );
+            if keep.is_empty() {
+                *slot = None;
+                return;
+            }
+            if let Err(e) = running.pass.retain(&keep) {
+                let rows = std::mem::take(&mut running.rows);
+                self.end_pass(slot, calls, &rows, Err(e.to_string()));
+                return;
+            }
+            running.rows = keep.iter().map(|&i| running.rows[i]).collect();
+        }
+        let started = Instant::now();
+        let tokens = running.pass.padded_tokens();
+        match running.embedder.step_pass(&mut running.pass) {
+            Ok(true) => cost.record(started.elapsed().as_secs_f64(), tokens),
+            Ok(false) => {
+                let result = running
+                    .embedder
+                    .finish_pass(&running.pass)
+                    .map_err(|e| e.to_string());
+                let rows = std::mem::take(&mut running.rows);
+                self.end_pass(slot, calls, &rows, result);
+            }
+            Err(e) => {
+                let rows = std::mem::take(&mut running.rows);
+                self.end_pass(slot, calls, &rows, Err(e.to_string()));
+            }
+        }
+    }
+
+    fn end_pass(
+        &self,
+        slot: &mut Option<Running>,
+        calls: &mut Calls,
+        rows: &[(u64, usize)],
+        result: Result<Vec<Vec<f32>>, String>,
+    ) {
+        *slot = None;
+        Stats::sub(&self.stats.active_rows, rows.len() as u64);
+        match result {
+            Ok(vectors) => {
+                for (&(id, row), vector) in rows.iter().zip(vectors) {
+                    self.deliver(calls, id, row, vector);
+                }
+            }
+            Err(message) => self.fail_rows(calls, rows, ErrorKind::Internal, &message),
+        }
+    }
+
+    fn deliver(&self, calls: &mut Calls, id: u64, row: usize, vector: Vec<f32>) {
+        let Some(entry) = calls.entries.get_mut(&id) else {
+            return;
+        };
+        if let Err(e) = ensure_finite(row, &vector) {
+            let message = e.to_string();
+            self.fail_rows(calls, &[(id, row)], ErrorKind::NonFinite, &message);
+            return;
+        }
+        Stats::add(&self.stats.tokens, entry.len_of(row) as u64);
+        entry.job.send(Event::Vector { index: row, vector });
+        entry.done += 1;
+        if entry.done == entry.rows() {
+            self.forget(calls, id);
+        }
+    }
+
+    /// Fails every call that owns one of `rows`, once.
+    fn fail_rows(&self, calls: &mut Calls, rows: &[(u64, usize)], kind: ErrorKind, message: &str) {
+        for &(id, _) in rows {
+            if let Some(entry) = calls.entries.get(&id) {
+                entry.job.send(Event::Failed {
+                    kind,
+                    message: message.to_string(),
+                });
+                self.forget(calls, id);
+            }
+        }
+    }
+}
