@@ -69,6 +69,30 @@ tps() { "${PGBENCH[@]}" -n -f "$sqlfile" -c "$1" -j "$1" -T "$SECONDS_PER_RUN" p
 one=$(tps 1); eight=$(tps 8)
 row "concurrency: short queries, 8 sessions vs 1 (medium; $one vs $eight q/s)" "$(calc "round($eight / $one, 2)")×" "≥ 3×"
 
+one_call=$(python3 -c "print(40 / $( { t0=$(now); "${PSQL[@]}" -c "SELECT count(*) FROM nvembed_queries(ARRAY(SELECT 'how do boats number ' || g || ' cross the bay?' FROM generate_series(1, 40) g))" >/dev/null; calc "$(now) - $t0"; } ))")
+row "serving: short queries, 8 sessions vs 40 in one call (medium; $eight vs $(calc "round($one_call, 2)") q/s)" "$(calc "round($eight / $one_call, 2)")×" "≥ 0.8×"
+
+# 7. Serving under load: single-query latency idle vs during a bulk call of ≥ 60 s, and the time
+#    from pg_cancel_backend of a bulk call until a fresh query is served.
+query_ms() { local t0; t0=$(now); "${PSQL[@]}" -c "SELECT nvembed_query('how do boats cross the bay, question $1?') IS NOT NULL" >/dev/null; calc "round(($(now) - $t0) * 1000)"; }
+worst() { python3 -c "import sys; print(max(int(x) for x in sys.argv[1:]))" "$@"; }
+idle=(); for i in $(seq 8); do idle+=("$(query_ms "idle $i")"); done
+idle_worst=$(worst "${idle[@]}")
+BULK_SQL="SELECT count(*) FROM nvembed_passages(ARRAY(SELECT g || ' ' || repeat('The harbour town wakes slowly on winter mornings while boats rock at the quay. ', 25) FROM generate_series(1, ${BENCH_BULK_TEXTS:-16}) g))"
+t0=$(now); "${PSQL[@]}" -c "$BULK_SQL" >/dev/null & bulk=$!
+sleep 3
+loaded=(); while kill -0 "$bulk" 2>/dev/null; do loaded+=("$(query_ms "loaded ${#loaded[@]}")"); sleep 1; done
+wait "$bulk"; bulk_s=$(calc "round($(now) - $t0)")
+load_worst=$(worst "${loaded[@]}")
+row "serving: worst single-query latency during a $bulk_s s bulk call vs idle (medium; $load_worst vs $idle_worst ms, ${#loaded[@]} vs ${#idle[@]} queries)" "$(calc "round($load_worst / $idle_worst, 2)")×" "≤ 2×"
+"${PSQL[@]}" -c "$BULK_SQL" >/dev/null 2>&1 & bulk=$!
+sleep 5
+t0=$(now)
+"${PSQL[@]}" -c "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE 'SELECT count(*) FROM nvembed_passages%'" >/dev/null
+after_cancel=$(query_ms "after cancel"); cancel_ms=$(calc "round(($(now) - $t0) * 1000)")
+wait "$bulk" || true
+row "serving: pg_cancel_backend of a bulk call until a fresh query is answered vs an idle query (medium; $cancel_ms vs $idle_worst ms)" "$(calc "round($cancel_ms / $idle_worst, 2)")×" "≤ 2×"
+
 # 4. Bulk: backfill vs the per-row trigger, ~100-token passages.
 "${PSQL[@]}" <<SQL
 CREATE TABLE bulk (id int PRIMARY KEY, body text, embedding real[]);
@@ -91,7 +115,11 @@ SQL
 )
 row "memory: backend RSS growth after 1000 calls (medium)" "$growth MB" "< 10 MB"
 # 5c. bf16.
-"${PSQL[@]}" -c "SET nvembed.dtype = 'bf16'" -c "SELECT nvembed_passage('bf16') IS NOT NULL" >/dev/null
+# The dtype is server-wide: a reload restarts the model server with it.
+old_pid=$("${PSQL[@]}" -Atc "SELECT pid FROM nvembed_status()")
+"${PSQL[@]}" -c "ALTER SYSTEM SET nvembed.dtype = 'bf16'" -c "SELECT pg_reload_conf()" >/dev/null
+until [ "$("${PSQL[@]}" -Atc "SELECT dtype = 'bf16' AND pid <> $old_pid FROM nvembed_status()" 2>/dev/null)" = t ]; do sleep 0.2; done
+"${PSQL[@]}" -c "SELECT nvembed_passage('bf16') IS NOT NULL" >/dev/null
 row "memory: model process RSS after load ÷ weight bytes (medium, bf16)" "$(calc "round($(server_rss) / ($PARAMS * 2), 3)")" "≤ 1.15"
 cluster_stop
 
@@ -100,7 +128,7 @@ out="bench/results-$(date +%F).md"
 {
   echo "# nvembed benchmark, $(date -u '+%F %H:%M UTC')"
   echo
-  echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo). Command: \`make bench\` (BENCH_BULK_ROWS=$ROWS, BENCH_SECONDS=$SECONDS_PER_RUN)."
+  echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo). Command: \`make bench\` (BENCH_BULK_ROWS=$ROWS, BENCH_SECONDS=$SECONDS_PER_RUN). CPU flags: $(grep -ow 'avx2\|avx512f\|avx512_bf16\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
   echo
   echo "| workload | measured | target |"
   echo "|---|---|---|"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# System tests that need a whole server: a restart with requests in flight, and a load test of
-# 16 sessions × 200 mixed calls. Run by `make test` after the SQL tests; bounded in time,
+# System tests that need a whole server: a restart with requests in flight, a load test of
+# 16 sessions × 200 mixed calls, backfill progress, a model server of another build or one that
+# misbehaves, a missing or wedged model server, and a 100,000-text call. Run by `make test` after the SQL tests; bounded in time,
 # loopback only, and they stop their cluster themselves. Each check prints PASS or fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 # Model servers of this cluster: children of its supervisor worker, a child of its postmaster.
 server_pids() {
   local postmaster; postmaster=$(head -n1 "$WORK/data/postmaster.pid" 2>/dev/null || echo 0)
-  for p in $(pgrep -f 'nvembed-model-server serve' || true); do
+  for p in $(pgrep -f 'nvembed-model-server --socket' || true); do
     local parent; parent=$(ps -o ppid= -p "$p" | tr -d ' ')
     [ -n "$parent" ] && [ "$(ps -o ppid= -p "$parent" | tr -d ' ')" = "$postmaster" ] && echo "$p"
   done
@@ -98,3 +99,85 @@ python3 -c "import sys; e, p = $elapsed, $progress; sys.exit(0 if 1 <= p <= e / 
 grep -q 'done in .* s: 3999 rows embedded, 1 skipped (locked by another session), 0 skipped (changed, deleted or filled meanwhile); 1 rows with a non-NULL body still have a NULL embedding' <<<"$notices" \
   || { echo "$notices"; fail "final NOTICE of the backfill"; }
 echo "PASS backfill NOTICEs: $progress progress lines in $elapsed s (4000 batches), final counts 3999 embedded / 1 locked / 1 left NULL"
+
+# Sections 4-7 replace the model server executable; put the real one back however they end.
+PKGLIB=$("$PG_CONFIG" --pkglibdir)
+REAL_SERVER="$WORK/real-model-server"
+cp "$PKGLIB/nvembed-model-server" "$REAL_SERVER"
+restore_server() { [ -f "$REAL_SERVER" ] && $SUDO install -m 755 "$REAL_SERVER" "$PKGLIB/nvembed-model-server"; cluster_stop; }
+trap restore_server EXIT
+reload() { "${PSQL[@]}" -c "$1" -c "SELECT pg_reload_conf()" >/dev/null; }
+# expect_error SQL SQLSTATE TEXT: the call fails with that SQLSTATE and TEXT in its message
+# (retried for up to 10 s while the supervisor restarts the server).
+expect_error() {
+  local out
+  for _ in $(seq 100); do
+    out=$("${PSQL[@]}" -v VERBOSITY=verbose -c "$1" 2>&1 || true)
+    if grep -qF "$3" <<<"$out"; then
+      grep -q "ERROR:  $2:" <<<"$out" || fail "expected SQLSTATE $2: $out"
+      echo "$out"; return 0
+    fi
+    sleep 0.1
+  done
+  fail "expected an error containing '$3', got: $out"
+}
+wait_for_call() {
+  for _ in $(seq 600); do
+    "${PSQL[@]}" -c "SELECT nvembed_passage('are you back?') IS NOT NULL" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  fail "no call worked within 60 s"
+}
+
+# 4. A model server from another build is refused with a clear ERROR; a server that returns
+#    fewer vectors than texts is an ERROR, never missing rows.
+$SUDO install -m 755 scripts/testing/fake-model-server.py "$PKGLIB/nvembed-model-server"
+reload "ALTER SYSTEM SET nvembed.model = 'other-build'"
+out=$(expect_error "SELECT nvembed_passage('x')" 58000 "come from different builds")
+grep -q "HINT:  Reinstall nvembed" <<<"$out" || fail "no reinstall hint: $out"
+reload "ALTER SYSTEM SET nvembed.model = 'fewer-vectors'"
+expect_error "SELECT count(*) FROM nvembed_passages(ARRAY['a', 'b', 'c'])" XX000 "returned 2 vectors for 3 texts" >/dev/null
+$SUDO install -m 755 "$REAL_SERVER" "$PKGLIB/nvembed-model-server"
+reload "ALTER SYSTEM RESET nvembed.model"
+wait_for_call
+echo "PASS another build: 58000 \"come from different builds\" + reinstall hint; fewer vectors than texts: XX000"
+
+# 5. A missing executable is named once in the log, not at every retry; the server comes back
+#    by itself once it is installed again.
+$SUDO rm "$PKGLIB/nvembed-model-server"
+kill -9 "$(server_pids)"
+sleep 4
+missing=$(grep -c "nvembed-model-server is missing" "$WORK/server.log" || true)
+[ "$missing" = 1 ] || fail "the missing executable was logged $missing times in 4 s (want once)"
+$SUDO install -m 755 "$REAL_SERVER" "$PKGLIB/nvembed-model-server"
+wait_for_call
+echo "PASS missing executable: one log line naming it in 4 s of retries; back by itself after reinstall"
+
+# 6. A wedged server (stopped, answering nothing) is killed and replaced by the liveness check.
+wedged=$(server_pids)
+kill -STOP "$wedged"
+started=$(date +%s)
+while [ "$(server_pids)" = "$wedged" ]; do
+  [ $(( $(date +%s) - started )) -lt 45 ] || fail "the wedged server $wedged was not replaced in 45 s"
+  sleep 0.5
+done
+wait_for_call
+grep -q "did not answer 3 status checks in a row; killing it" "$WORK/server.log" || fail "no liveness log line"
+echo "PASS wedged server: replaced after $(( $(date +%s) - started )) s, next call works"
+
+# 7. 100,000 texts in one call: refused up front by the default nvembed.max_request_tokens;
+#    with the limit raised, 100,000 rows stream back with bounded memory on both sides.
+big="SELECT count(*), count(e) FROM nvembed_passages(ARRAY(SELECT 'text ' || g FROM generate_series(1, 100000) g)) e"
+expect_error "$big" 54000 "more than nvembed.max_request_tokens (262144)" >/dev/null
+reload "ALTER SYSTEM SET nvembed.max_request_tokens = 2000000"
+server=$(server_pids)
+result=$("${PSQL[@]}" -At <<SQL
+$big;
+SELECT (regexp_match(pg_read_file('/proc/' || pg_backend_pid() || '/status'), 'VmHWM:\s+(\d+)'))[1];
+SQL
+)
+[ "$(head -n1 <<<"$result")" = "100000|100000" ] || fail "100,000 texts gave: $result"
+backend_kb=$(tail -n1 <<<"$result")
+server_kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$server/status")
+[ "$backend_kb" -lt 200000 ] || fail "the backend peaked at $backend_kb kB"
+echo "PASS 100,000 texts: refused with 54000 by default; with the limit raised 100000 rows, backend peak $backend_kb kB, model server peak $server_kb kB"

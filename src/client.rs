@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nvembed_protocol::{
-    decode_frame, text_chunks, ClientMessage, EmbedHeader, ErrorKind, ServerMessage, Status,
-    WorkClass, BUILD_ID, MAX_FRAME_BYTES, SOCKET_NAME,
+    decode_frame, text_chunks, ClientMessage, EmbedHeader, ErrorKind, ServerMessage, Status, WorkClass, BUILD_ID,
+    MAX_FRAME_BYTES, SOCKET_NAME,
 };
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
@@ -45,10 +45,7 @@ fn lost(e: std::io::Error) -> ! {
 
 /// The socket operation timed out or was interrupted: check for cancel and go on waiting.
 fn still_waiting(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        IoErrorKind::WouldBlock | IoErrorKind::TimedOut | IoErrorKind::Interrupted
-    )
+    matches!(e.kind(), IoErrorKind::WouldBlock | IoErrorKind::TimedOut | IoErrorKind::Interrupted)
 }
 
 /// A connection to the model server that passed the build handshake.
@@ -88,17 +85,13 @@ impl Connection {
         stream
             .set_write_timeout(Some(POLL_INTERVAL))
             .unwrap_or_else(|e| lost(e));
-        stream
-            .set_read_timeout(Some(POLL_INTERVAL))
-            .unwrap_or_else(|e| lost(e));
+        stream.set_read_timeout(Some(POLL_INTERVAL)).unwrap_or_else(|e| lost(e));
         let mut connection = Self {
             stream,
             received: Vec::new(),
             start: 0,
         };
-        connection.send(&ClientMessage::Hello {
-            build: BUILD_ID.into(),
-        });
+        connection.send(&ClientMessage::Hello { build: BUILD_ID.into() });
         match connection.receive() {
             ServerMessage::Hello { build } if build == BUILD_ID => connection,
             ServerMessage::Hello { build } => fail(
@@ -262,10 +255,7 @@ impl VectorStream {
     fn wrong_count(&self, got: usize) -> ! {
         fail(
             PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            format!(
-                "nvembed model server returned {got} vectors for {} texts",
-                self.expected
-            ),
+            format!("nvembed model server returned {got} vectors for {} texts", self.expected),
             "See the server log.",
         )
     }
@@ -286,8 +276,7 @@ impl Iterator for VectorStream {
                     if got > self.expected {
                         self.wrong_count(got);
                     }
-                    self.ready
-                        .extend(values.chunks_exact(dimension).map(<[f32]>::to_vec));
+                    self.ready.extend(values.chunks_exact(dimension).map(<[f32]>::to_vec));
                 }
                 ServerMessage::Done if self.delivered == self.expected => return None,
                 ServerMessage::Done => self.wrong_count(self.delivered),
@@ -317,18 +306,8 @@ thread_local! {
 
 /// One text as interactive work.
 pub fn embed_one(instruction: &str, text: String) -> Vec<f32> {
-    let key = (
-        gucs::model(),
-        instruction.to_string(),
-        text,
-        gucs::max_length(),
-    );
-    if let Some(vector) = LAST_CALL.with(|c| {
-        c.borrow()
-            .as_ref()
-            .filter(|l| l.key == key)
-            .map(|l| l.vector.clone())
-    }) {
+    let key = (gucs::model(), instruction.to_string(), text, gucs::max_length());
+    if let Some(vector) = LAST_CALL.with(|c| c.borrow().as_ref().filter(|l| l.key == key).map(|l| l.vector.clone())) {
         return vector;
     }
     let texts = [key.2.clone()];
@@ -346,17 +325,42 @@ pub fn embed_one(instruction: &str, text: String) -> Vec<f32> {
     vector
 }
 
-/// The model server's status, or None when it is not running.
+/// Asks the model server for its status with plain blocking I/O bounded by `timeout` (no
+/// ERROR, no interrupt checks: the supervisor uses it too). Returns the server's build and status.
+pub fn query_status(timeout: Duration) -> std::io::Result<(String, Status)> {
+    let mut stream = UnixStream::connect(SOCKET_NAME)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut request = Vec::new();
+    ClientMessage::Hello { build: BUILD_ID.into() }.write(&mut request)?;
+    ClientMessage::Status.write(&mut request)?;
+    stream.write_all(&request)?;
+    let unexpected = |what: &str| std::io::Error::new(IoErrorKind::InvalidData, format!("expected {what}"));
+    let build = match ServerMessage::decode(nvembed_protocol::read_frame(&mut stream)?)? {
+        ServerMessage::Hello { build } => build,
+        _ => return Err(unexpected("a handshake")),
+    };
+    if build != BUILD_ID {
+        return Ok((build, Status::default()));
+    }
+    match ServerMessage::decode(nvembed_protocol::read_frame(&mut stream)?)? {
+        ServerMessage::Status(status) => Ok((build, status)),
+        _ => Err(unexpected("a status")),
+    }
+}
+
+/// The model server's status, or None when it is not running (or is being restarted).
 pub fn status() -> Option<Status> {
     if !PRELOADED.load(Ordering::Relaxed) {
         return None;
     }
-    // No waiting for a server that is not there: status reports that instead.
-    UnixStream::connect(SOCKET_NAME).ok()?;
-    let mut connection = Connection::open();
-    connection.send(&ClientMessage::Status);
-    match connection.receive() {
-        ServerMessage::Status(status) => Some(status),
-        other => protocol_violation(&other),
+    match query_status(Duration::from_secs(5)) {
+        Ok((build, status)) if build == BUILD_ID => Some(status),
+        Ok((build, _)) => fail(
+            PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+            format!("nvembed.so ({BUILD_ID}) and the model server ({build}) come from different builds"),
+            "Reinstall nvembed so that both come from one build (make install, or the package), then restart PostgreSQL.",
+        ),
+        Err(_) => None,
     }
 }

@@ -31,10 +31,7 @@ fn nvembed_embed_utf8(text: &[u8], instruction: &[u8]) -> Vec<f32> {
 /// Many texts in one call, as bulk work; NULL in, NULL out, one row per input in input order.
 /// Rows are produced as the model server streams them, so neither side holds all the vectors.
 #[pg_extern(strict, stable, parallel_safe)]
-fn nvembed_embed_many_utf8(
-    texts: Array<'_, &[u8]>,
-    instruction: &[u8],
-) -> SetOfIterator<'static, Option<Vec<f32>>> {
+fn nvembed_embed_many_utf8(texts: Array<'_, &[u8]>, instruction: &[u8]) -> SetOfIterator<'static, Option<Vec<f32>>> {
     let present: Vec<bool> = texts.iter().map(|t| t.is_some()).collect();
     let strings: Vec<String> = texts.iter().flatten().map(utf8).collect();
     let mut vectors = if strings.is_empty() {
@@ -98,9 +95,7 @@ fn nvembed_status() -> TableIterator<
             s.restarts as i64,
             Some(s.pid as i32),
         ),
-        None => (
-            false, false, None, None, None, None, None, 0, 0, 0, 0, 0, 0, None,
-        ),
+        None => (false, false, None, None, None, None, None, 0, 0, 0, 0, 0, 0, None),
     };
     TableIterator::once(row)
 }

@@ -10,20 +10,17 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
 
 use nvembed_protocol::{
-    DEFAULT_BATCH_TOKENS, DEFAULT_MAX_REQUEST_TOKENS, DEVICE_NAMES, DTYPE_NAMES, MAX_LENGTH,
-    QUERY_INSTRUCTION_C,
+    DEFAULT_BATCH_TOKENS, DEFAULT_MAX_REQUEST_TOKENS, DEVICE_NAMES, DTYPE_NAMES, MAX_LENGTH, QUERY_INSTRUCTION_C,
 };
 
-pub static MODEL: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"nvidia/NV-Embed-v2"));
+pub static MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"nvidia/NV-Embed-v2"));
 pub static DTYPE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"f32"));
 pub static DEVICE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"cpu"));
 pub static PRELOAD: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BATCH_TOKENS as i32);
 pub static MAX_LENGTH_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(MAX_LENGTH as i32);
-pub static MAX_REQUEST_TOKENS: GucSetting<i32> =
-    GucSetting::<i32>::new(DEFAULT_MAX_REQUEST_TOKENS as i32);
+pub static MAX_REQUEST_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_REQUEST_TOKENS as i32);
 pub static MAX_LENGTH_SETTING: GucSetting<i32> = GucSetting::<i32>::new(MAX_LENGTH as i32);
 pub static QUERY_INSTRUCTION: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(QUERY_INSTRUCTION_C));
@@ -42,8 +39,7 @@ unsafe fn check_name(newval: *mut *mut std::ffi::c_char, allowed: &[&str]) -> bo
     if value.as_deref().is_some_and(|v| allowed.contains(&v)) {
         return true;
     }
-    let detail =
-        CString::new(format!("Valid values are: {}.", allowed.join(", "))).expect("no NUL");
+    let detail = CString::new(format!("Valid values are: {}.", allowed.join(", "))).expect("no NUL");
     // SAFETY: GUC_check_errdetail_string takes a palloc'd string, as GUC_check_errdetail does.
     unsafe { pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr()) };
     false
@@ -68,8 +64,7 @@ unsafe extern "C-unwind" fn check_device(
 }
 
 pub fn register() {
-    const RESTARTS: &CStr =
-        c"Set in postgresql.conf; a reload restarts the model server, which loads the model again.";
+    const RESTARTS: &CStr = c"Set in postgresql.conf; a reload restarts the model server, which loads the model again.";
     GucRegistry::define_string_guc(
         c"nvembed.model",
         c"Model directory or Hugging Face hub id (org/name or org/name@revision) served by the model server.",

@@ -21,21 +21,9 @@ pgrx::extension_sql_file!(
         functions::nvembed_task_instruction
     ]
 );
-pgrx::extension_sql_file!(
-    "../sql/status.sql",
-    name = "status",
-    requires = [functions::nvembed_status]
-);
-pgrx::extension_sql_file!(
-    "../sql/trigger.sql",
-    name = "trigger",
-    requires = ["functions"]
-);
-pgrx::extension_sql_file!(
-    "../sql/backfill.sql",
-    name = "backfill",
-    requires = ["functions"]
-);
+pgrx::extension_sql_file!("../sql/status.sql", name = "status", requires = [functions::nvembed_status]);
+pgrx::extension_sql_file!("../sql/trigger.sql", name = "trigger", requires = ["functions"]);
+pgrx::extension_sql_file!("../sql/backfill.sql", name = "backfill", requires = ["functions"]);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
@@ -57,6 +45,10 @@ pub mod pg_test {
 
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries = 'nvembed'"]
+        // The model is a server-wide setting: the tests' model is the fixture that `make test`
+        // prepares (tests that need another one change it with ALTER SYSTEM and a reload).
+        let fixture = option_env!("NVEMBED_TEST_FIXTURE").unwrap_or("/tmp/nvembed-test-fixture");
+        let model: &'static str = Box::leak(format!("nvembed.model = '{fixture}/nvembed-tiny-a'").into_boxed_str());
+        vec!["shared_preload_libraries = 'nvembed'", model]
     }
 }

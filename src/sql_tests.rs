@@ -22,41 +22,67 @@ mod tests {
     const MODEL_SERVER_LOCK: i64 = 0x6e76_656d;
 
     fn use_fixture() {
-        Spi::run(&format!(
-            "SELECT pg_advisory_xact_lock_shared({MODEL_SERVER_LOCK})"
-        ))
-        .unwrap();
-        Spi::run(&format!("SET nvembed.model = '{}'", model_dir())).unwrap();
+        Spi::run(&format!("SELECT pg_advisory_xact_lock_shared({MODEL_SERVER_LOCK})")).unwrap();
+        serve_fixture_if_another_test_failed();
     }
 
     fn use_fixture_exclusively() {
-        Spi::run(&format!(
-            "SELECT pg_advisory_xact_lock({MODEL_SERVER_LOCK})"
-        ))
-        .unwrap();
-        Spi::run(&format!("SET nvembed.model = '{}'", model_dir())).unwrap();
+        Spi::run(&format!("SELECT pg_advisory_xact_lock({MODEL_SERVER_LOCK})")).unwrap();
+        serve_fixture_if_another_test_failed();
+    }
+
+    /// Tests that serve another model put the fixture back when they pass; one that failed
+    /// half-way must not make the others fail too.
+    fn serve_fixture_if_another_test_failed() {
+        let model = Spi::get_one::<String>("SELECT model FROM nvembed_status()").unwrap();
+        if model.is_some_and(|m| m != model_dir()) {
+            serve_model(&model_dir());
+        }
+    }
+
+    /// Makes the model server serve `dir`, as an administrator does: ALTER SYSTEM (through
+    /// dblink: it cannot run inside this test's transaction) and a reload; then waits until the
+    /// restarted server reports it. `model_dir()` restores the test configuration.
+    fn serve_model(dir: &str) {
+        // (The test configuration itself is in postgresql.auto.conf, which ALTER SYSTEM rewrites.)
+        alter_system(&format!("ALTER SYSTEM SET nvembed.model = {}", pgrx::spi::quote_literal(dir)));
+        wait_for_server(|model| model.as_deref() == Some(dir));
+    }
+
+    /// Runs ALTER SYSTEM in its own session and reloads the configuration.
+    fn alter_system(statement: &str) {
+        Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
+        Spi::run_with_args("SELECT dblink_exec($1, $2)", &[self_connection().into(), statement.into()]).unwrap();
+        Spi::run("SELECT pg_reload_conf()").unwrap();
+    }
+
+    /// Polls nvembed_status() (its `model` column, None while no server runs) until `ready`
+    /// says so; fails the test after 30 s.
+    fn wait_for_server(ready: impl Fn(Option<String>) -> bool) {
+        let started = std::time::Instant::now();
+        loop {
+            let model = Spi::get_one::<String>("SELECT model FROM nvembed_status()").unwrap();
+            if ready(model.clone()) {
+                return;
+            }
+            assert!(started.elapsed().as_secs() < 30, "the model server did not come up as expected (last: {model:?})");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 
     fn expected(kind: &str) -> Vec<Vec<f32>> {
         let text = std::fs::read_to_string(format!("{FIXTURE}/expected_{kind}.jsonl")).unwrap();
-        text.lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
     fn texts() -> Vec<String> {
         let text = std::fs::read_to_string(format!("{FIXTURE}/texts.jsonl")).unwrap();
-        text.lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
     fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
     }
 
     fn embed_sql(call: &str, text: &str) -> Vec<f32> {
@@ -86,20 +112,16 @@ mod tests {
         for (kind, call) in [
             ("query", "nvembed_query($1)"),
             ("passage", "nvembed_passage($1)"),
-            (
-                "task",
-                "nvembed_query($1, 'Given a claim, find documents that refute it')",
-            ),
+            ("task", "nvembed_query($1, 'Given a claim, find documents that refute it')"),
         ] {
             for (text, want) in texts.iter().zip(expected(kind)) {
                 let got = embed_sql(call, text);
                 assert!(max_abs_diff(&got, &want) <= 1e-6, "{kind} {text:?}");
             }
         }
-        let norm =
-            Spi::get_one::<f64>("SELECT sqrt(sum(x * x)) FROM unnest(nvembed_passage('hello')) x")
-                .unwrap()
-                .unwrap();
+        let norm = Spi::get_one::<f64>("SELECT sqrt(sum(x * x)) FROM unnest(nvembed_passage('hello')) x")
+            .unwrap()
+            .unwrap();
         assert!((norm - 1.0).abs() < 1e-5);
     }
 
@@ -117,49 +139,27 @@ mod tests {
         )
         .unwrap();
         let check = |id: i32, body: &str| {
-            let got = Spi::get_one::<Vec<f32>>(&format!(
-                "SELECT embedding::real[] FROM docs WHERE id = {id}"
-            ))
-            .unwrap()
-            .unwrap();
+            let got = Spi::get_one::<Vec<f32>>(&format!("SELECT embedding::real[] FROM docs WHERE id = {id}")).unwrap().unwrap();
             // Equal up to float rounding: concurrent tests' calls may share a padded batch.
-            assert!(max_abs_diff(&got, &embed_sql("nvembed_passage($1)", body)) <= 1e-6);
-            let half = Spi::get_one::<Vec<f32>>(&format!(
-                "SELECT half::vector::real[] FROM docs WHERE id = {id}"
-            ))
-            .unwrap()
-            .unwrap();
+        assert!(max_abs_diff(&got, &embed_sql("nvembed_passage($1)", body)) <= 1e-6);
+            let half = Spi::get_one::<Vec<f32>>(&format!("SELECT half::vector::real[] FROM docs WHERE id = {id}")).unwrap().unwrap();
             assert!(max_abs_diff(&half, &got) <= 1e-3);
-            let arr = Spi::get_one::<Vec<f32>>(&format!("SELECT arr FROM docs WHERE id = {id}"))
-                .unwrap()
-                .unwrap();
+            let arr = Spi::get_one::<Vec<f32>>(&format!("SELECT arr FROM docs WHERE id = {id}")).unwrap().unwrap();
             assert!(max_abs_diff(&arr, &embed_sql("nvembed_query($1)", body)) <= 1e-6);
         };
         check(1, "hello");
         check(2, "Crème brûlée à Paris");
-        let nulls = Spi::get_one::<bool>(
-            "SELECT embedding IS NULL AND half IS NULL AND arr IS NULL FROM docs WHERE id = 3",
-        )
-        .unwrap();
+        let nulls = Spi::get_one::<bool>("SELECT embedding IS NULL AND half IS NULL AND arr IS NULL FROM docs WHERE id = 3").unwrap();
         assert_eq!(nulls, Some(true));
         // UPDATE of the text re-embeds; UPDATE of another column does not.
         Spi::run("UPDATE docs SET body = 'goodbye' WHERE id = 1").unwrap();
         check(1, "goodbye");
-        Spi::run("UPDATE docs SET embedding = array_fill(0.5, ARRAY[32])::vector WHERE id = 2")
-            .unwrap();
+        Spi::run("UPDATE docs SET embedding = array_fill(0.5, ARRAY[32])::vector WHERE id = 2").unwrap();
         Spi::run("UPDATE docs SET note = 'edited' WHERE id = 2").unwrap();
-        let kept = Spi::get_one::<bool>(
-            "SELECT embedding = array_fill(0.5, ARRAY[32])::vector FROM docs WHERE id = 2",
-        )
-        .unwrap();
-        assert_eq!(
-            kept,
-            Some(true),
-            "an update of another column must not re-embed"
-        );
+        let kept = Spi::get_one::<bool>("SELECT embedding = array_fill(0.5, ARRAY[32])::vector FROM docs WHERE id = 2").unwrap();
+        assert_eq!(kept, Some(true), "an update of another column must not re-embed");
         Spi::run("UPDATE docs SET body = NULL WHERE id = 1").unwrap();
-        let cleared =
-            Spi::get_one::<bool>("SELECT embedding IS NULL FROM docs WHERE id = 1").unwrap();
+        let cleared = Spi::get_one::<bool>("SELECT embedding IS NULL FROM docs WHERE id = 1").unwrap();
         assert_eq!(cleared, Some(true));
         // Assignment casts: arrays go straight into vector / halfvec columns.
         Spi::run("INSERT INTO docs (id, note, embedding, half) VALUES (9, 'x', nvembed_passage('x'), nvembed_passage('x'))").unwrap();
@@ -192,30 +192,18 @@ mod tests {
         };
         let is_passage_of = |id: i32, text: &str| {
             let got = vector_of(id).unwrap_or_else(|| panic!("row {id} has no vector"));
-            assert!(
-                max_abs_diff(&got, &embed_sql("nvembed_passage($1)", text)) <= 1e-6,
-                "row {id}: not the vector of {text:?}"
-            );
+            assert!(max_abs_diff(&got, &embed_sql("nvembed_passage($1)", text)) <= 1e-6, "row {id}: not the vector of {text:?}");
         };
         let is_marker = |id: i32, marker: &str| {
-            let kept = Spi::get_one::<bool>(&format!(
-                "SELECT embedding = (SELECT {marker} FROM marker) FROM tr WHERE id = {id}"
-            ))
-            .unwrap();
+            let kept = Spi::get_one::<bool>(&format!("SELECT embedding = (SELECT {marker} FROM marker) FROM tr WHERE id = {id}")).unwrap();
             assert_eq!(kept, Some(true), "row {id} should hold marker {marker}");
         };
         // INSERT: a NULL target is filled (in either partition), a given one kept, also by COPY.
         Spi::run("INSERT INTO tr (id, body) VALUES (1, 'alpha'), (101, 'gamma')").unwrap();
         Spi::run("INSERT INTO tr (id, body, embedding) SELECT 2, 'beta', v FROM marker").unwrap();
         let copied = format!("{FIXTURE}/trigger-copy.tsv");
-        let marker_text = Spi::get_one::<String>("SELECT v::text FROM marker")
-            .unwrap()
-            .unwrap();
-        std::fs::write(
-            &copied,
-            format!("3\tdelta\t{marker_text}\n4\tepsilon\t\\N\n"),
-        )
-        .unwrap();
+        let marker_text = Spi::get_one::<String>("SELECT v::text FROM marker").unwrap().unwrap();
+        std::fs::write(&copied, format!("3\tdelta\t{marker_text}\n4\tepsilon\t\\N\n")).unwrap();
         Spi::run(&format!("COPY tr (id, body, embedding) FROM '{copied}'")).unwrap();
         is_passage_of(1, "alpha");
         is_passage_of(101, "gamma");
@@ -225,10 +213,7 @@ mod tests {
         // UPDATE of the text re-embeds, unless the statement also set the target.
         Spi::run("UPDATE tr SET body = 'alpha, edited' WHERE id = 1").unwrap();
         is_passage_of(1, "alpha, edited");
-        Spi::run(
-            "UPDATE tr SET body = 'beta, edited', embedding = (SELECT w FROM marker) WHERE id = 2",
-        )
-        .unwrap();
+        Spi::run("UPDATE tr SET body = 'beta, edited', embedding = (SELECT w FROM marker) WHERE id = 2").unwrap();
         is_marker(2, "w");
         // Writing back the old vector (as ORMs do) or NULL with a new text re-embeds.
         Spi::run("UPDATE tr SET body = 'beta, again', embedding = embedding WHERE id = 2").unwrap();
@@ -248,11 +233,7 @@ mod tests {
         };
         let before = toast_rows_written();
         Spi::run("UPDATE tr SET note = 'touched again' WHERE id = 101").unwrap();
-        assert_eq!(
-            toast_rows_written(),
-            before,
-            "an update of another column stored the long value again"
-        );
+        assert_eq!(toast_rows_written(), before, "an update of another column stored the long value again");
         Spi::run("UPDATE tr SET embedding = NULL WHERE id = 101").unwrap();
         is_passage_of(101, "gamma");
         // NULL text → NULL vector; a row moved to another partition is embedded there.
@@ -260,9 +241,7 @@ mod tests {
         assert_eq!(vector_of(4), None);
         Spi::run("UPDATE tr SET id = 150, body = 'moved' WHERE id = 1").unwrap();
         is_passage_of(150, "moved");
-        let partition =
-            Spi::get_one::<String>("SELECT tableoid::regclass::text FROM tr WHERE id = 150")
-                .unwrap();
+        let partition = Spi::get_one::<String>("SELECT tableoid::regclass::text FROM tr WHERE id = 150").unwrap();
         assert_eq!(partition.as_deref(), Some("tr_high"));
         std::fs::remove_file(&copied).unwrap();
     }
@@ -304,8 +283,9 @@ mod tests {
     #[pg_test]
     fn model_errors_name_the_path_and_recover() {
         use_fixture_exclusively();
+        serve_model("/nonexistent/nvembed-model");
         assert_error(
-            "SET nvembed.model = '/nonexistent/nvembed-model'; PERFORM nvembed_passage('x')",
+            "PERFORM nvembed_passage('x')",
             "F0000",
             "/nonexistent/nvembed-model",
         );
@@ -314,30 +294,19 @@ mod tests {
         std::fs::create_dir_all(&broken).unwrap();
         for entry in std::fs::read_dir(model_dir()).unwrap() {
             let entry = entry.unwrap();
-            std::fs::copy(
-                entry.path(),
-                format!("{broken}/{}", entry.file_name().to_string_lossy()),
-            )
-            .unwrap();
+            std::fs::copy(entry.path(), format!("{broken}/{}", entry.file_name().to_string_lossy())).unwrap();
         }
         let shard = format!("{broken}/model-00001-of-00002.safetensors");
         let bytes = std::fs::read(&shard).unwrap();
         std::fs::write(&shard, &bytes[..bytes.len() / 3]).unwrap();
-        assert_error(
-            &format!("SET nvembed.model = '{broken}'; PERFORM nvembed_passage('x')"),
-            "F0000",
-            "model-00001-of-00002.safetensors",
-        );
+        serve_model(&broken);
+        assert_error("PERFORM nvembed_passage('x')", "F0000", "model-00001-of-00002.safetensors");
         // Fixing the setting makes the next call work.
-        use_fixture();
+        serve_model(&model_dir());
         assert_eq!(embed_sql("nvembed_passage($1)", "x").len(), 32);
         // Nothing to pool: an error, never NaN.
         Spi::run("SET nvembed.max_length = 10").unwrap();
-        assert_error(
-            "PERFORM nvembed_query('x')",
-            "22023",
-            "nothing left to pool",
-        );
+        assert_error("PERFORM nvembed_query('x')", "22023", "nothing left to pool");
         assert_error("SET nvembed.max_length = 0", "22023", "max_length");
         assert_error("SET nvembed.max_length = 40000", "22023", "max_length");
     }
@@ -345,31 +314,20 @@ mod tests {
     #[pg_test]
     fn killing_the_model_process_mid_call_errors_and_the_next_call_works() {
         use_fixture_exclusively();
-        let postmaster_started =
-            Spi::get_one::<String>("SELECT pg_postmaster_start_time()::text").unwrap();
+        let postmaster_started = Spi::get_one::<String>("SELECT pg_postmaster_start_time()::text").unwrap();
         embed_sql("nvembed_passage($1)", "warm up");
-        let pid = Spi::get_one::<i32>("SELECT pid FROM nvembed_status()")
-            .unwrap()
-            .unwrap();
-        let restarts_before = Spi::get_one::<i64>("SELECT restarts FROM nvembed_status()")
-            .unwrap()
-            .unwrap();
+        let pid = Spi::get_one::<i32>("SELECT pid FROM nvembed_status()").unwrap().unwrap();
+        let restarts_before = Spi::get_one::<i64>("SELECT restarts FROM nvembed_status()").unwrap().unwrap();
         let killer = kill_after(pid, 300);
-        let long =
-            "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(2000);
+        let long = "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(2000);
         assert_error(
-            &format!(
-                "PERFORM nvembed_passage({})",
-                pgrx::spi::quote_literal(&long)
-            ),
+            &format!("PERFORM nvembed_passage({})", pgrx::spi::quote_literal(&long)),
             "58000",
             "connection lost",
         );
         killer.join().unwrap();
         assert_eq!(embed_sql("nvembed_passage($1)", "after").len(), 32);
-        let restarts_after = Spi::get_one::<i64>("SELECT restarts FROM nvembed_status()")
-            .unwrap()
-            .unwrap();
+        let restarts_after = Spi::get_one::<i64>("SELECT restarts FROM nvembed_status()").unwrap().unwrap();
         assert!(restarts_after > restarts_before);
         // The postmaster did not crash-restart: same start time, and this session lives on.
         let still = Spi::get_one::<String>("SELECT pg_postmaster_start_time()::text").unwrap();
@@ -380,10 +338,7 @@ mod tests {
     fn status_reports_the_loaded_model() {
         use_fixture_exclusively();
         embed_sql("nvembed_passage($1)", "x");
-        let (loaded, dim, model) = Spi::get_three::<bool, i32, String>(
-            "SELECT loaded, dimension, model FROM nvembed_status()",
-        )
-        .unwrap();
+        let (loaded, dim, model) = Spi::get_three::<bool, i32, String>("SELECT loaded, dimension, model FROM nvembed_status()").unwrap();
         assert_eq!((loaded, dim), (Some(true), Some(32)));
         assert_eq!(model, Some(model_dir()));
     }
@@ -392,35 +347,56 @@ mod tests {
     fn plain_roles_cannot_change_the_model_settings() {
         Spi::run("CREATE ROLE nvembed_plain_user").unwrap();
         Spi::run("SET ROLE nvembed_plain_user").unwrap();
-        for setting in [
+        let server_wide = [
             "nvembed.model = '/etc'",
             "nvembed.dtype = 'bf16'",
             "nvembed.device = 'cpu'",
-        ] {
-            assert_error(&format!("SET {setting}"), "42501", "permission denied");
+            "nvembed.preload = on",
+            "nvembed.threads = 1",
+            "nvembed.max_length_limit = 100",
+            "nvembed.max_request_tokens = 1000000",
+        ];
+        for setting in server_wide {
+            assert_error(&format!("SET {setting}"), "55P02", "cannot be changed now");
         }
-        assert_error("SET nvembed.threads = 1", "55P02", "nvembed.threads");
         Spi::run("SET nvembed.max_length = 100").unwrap();
         Spi::run("RESET ROLE").unwrap();
+        // Not a superuser's session either, nor ALTER ROLE / DATABASE ... SET: one model server
+        // serves every session, so no session may switch it for the others.
+        for setting in server_wide {
+            assert_error(&format!("SET {setting}"), "55P02", "cannot be changed now");
+            assert_error(&format!("ALTER ROLE nvembed_plain_user SET {setting}"), "55P02", "cannot be changed now");
+            let per_database = format!("ALTER DATABASE contrib_regression SET {setting}").replace('\'', "''");
+            assert_error(&format!("EXECUTE replace('{per_database}', 'contrib_regression', quote_ident(current_database()))"), "55P02", "cannot be changed now");
+        }
+        // postgresql.conf values are checked when they are set, and the error lists the valid ones.
+        Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
+        for (setting, valid) in [("nvembed.dtype = 'f64'", "f32, f16, bf16"), ("nvembed.device = 'tpu'", "cpu, cuda")] {
+            let statement = format!("ALTER SYSTEM SET {setting}");
+            Spi::run(&format!(
+                "DO $t$ DECLARE d text; BEGIN
+                   PERFORM dblink_exec({}, {});
+                   RAISE EXCEPTION 'no error raised';
+                 EXCEPTION WHEN invalid_parameter_value THEN
+                   GET STACKED DIAGNOSTICS d = PG_EXCEPTION_DETAIL;
+                   IF d IS DISTINCT FROM {} THEN RAISE EXCEPTION 'detail: %', d; END IF;
+                 END $t$",
+                pgrx::spi::quote_literal(&self_connection()),
+                pgrx::spi::quote_literal(&statement),
+                pgrx::spi::quote_literal(&format!("Valid values are: {valid}.")),
+            ))
+            .unwrap();
+        }
     }
 
     /// A connection string back to this test server, for dblink.
     fn self_connection() -> String {
-        let socket_dir = Spi::get_one::<String>(
-            "SELECT split_part(current_setting('unix_socket_directories'), ',', 1)",
-        )
-        .unwrap()
-        .unwrap();
-        let port = Spi::get_one::<String>("SELECT current_setting('port')")
+        let socket_dir = Spi::get_one::<String>("SELECT split_part(current_setting('unix_socket_directories'), ',', 1)")
             .unwrap()
             .unwrap();
-        let db = Spi::get_one::<String>("SELECT current_database()::text")
-            .unwrap()
-            .unwrap();
-        format!(
-            "host={} port={port} dbname={db} user=postgres",
-            socket_dir.trim()
-        )
+        let port = Spi::get_one::<String>("SELECT current_setting('port')").unwrap().unwrap();
+        let db = Spi::get_one::<String>("SELECT current_database()::text").unwrap().unwrap();
+        format!("host={} port={port} dbname={db} user=postgres", socket_dir.trim())
     }
 
     fn resident_anon_kb(pid: i32) -> u64 {
@@ -445,17 +421,7 @@ mod tests {
         let sessions = 8;
         let mut pids = Vec::new();
         for s in 0..sessions {
-            Spi::run_with_args(
-                "SELECT dblink_connect($1, $2)",
-                &[format!("c{s}").into(), conn.clone().into()],
-            )
-            .unwrap();
-            let setup = format!("SET nvembed.model = '{}'", model_dir());
-            Spi::run_with_args(
-                "SELECT dblink_exec($1, $2)",
-                &[format!("c{s}").into(), setup.into()],
-            )
-            .unwrap();
+            Spi::run_with_args("SELECT dblink_connect($1, $2)", &[format!("c{s}").into(), conn.clone().into()]).unwrap();
             let pid = Spi::get_one_with_args::<i32>(
                 "SELECT pid FROM dblink($1, 'SELECT pg_backend_pid()') AS t(pid int)",
                 &[format!("c{s}").into()],
@@ -469,15 +435,8 @@ mod tests {
             // Every session sends its call before any result is read: they run concurrently.
             for s in 0..sessions {
                 let text = &texts[(s + round) % texts.len()];
-                let sql = format!(
-                    "SELECT nvembed_passage({})::text",
-                    pgrx::spi::quote_literal(text)
-                );
-                Spi::run_with_args(
-                    "SELECT dblink_send_query($1, $2)",
-                    &[format!("c{s}").into(), sql.into()],
-                )
-                .unwrap();
+                let sql = format!("SELECT nvembed_passage({})::text", pgrx::spi::quote_literal(text));
+                Spi::run_with_args("SELECT dblink_send_query($1, $2)", &[format!("c{s}").into(), sql.into()]).unwrap();
             }
             for s in 0..sessions {
                 let got = Spi::get_one_with_args::<String>(
@@ -486,35 +445,18 @@ mod tests {
                 )
                 .unwrap()
                 .unwrap();
-                let got: Vec<f32> = got
-                    .trim_matches(|c| c == '{' || c == '}')
-                    .split(',')
-                    .map(|x| x.parse().unwrap())
-                    .collect();
+                let got: Vec<f32> = got.trim_matches(|c| c == '{' || c == '}').split(',').map(|x| x.parse().unwrap()).collect();
                 let expected = &want[(s + round) % texts.len()];
-                assert!(
-                    max_abs_diff(&got, expected) <= 1e-6,
-                    "session {s} round {round}"
-                );
+                assert!(max_abs_diff(&got, expected) <= 1e-6, "session {s} round {round}");
                 // Drain the end-of-results marker of the async query.
-                Spi::run_with_args(
-                    "SELECT * FROM dblink_get_result($1) AS t(v text)",
-                    &[format!("c{s}").into()],
-                )
-                .unwrap();
+                Spi::run_with_args("SELECT * FROM dblink_get_result($1) AS t(v text)", &[format!("c{s}").into()]).unwrap();
             }
         }
         for (s, &pid) in pids.iter().enumerate() {
             let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-            assert!(
-                !maps.contains(".safetensors"),
-                "backend {pid} mapped the weights"
-            );
+            assert!(!maps.contains(".safetensors"), "backend {pid} mapped the weights");
             let grown = resident_anon_kb(pid).saturating_sub(before[s]);
-            assert!(
-                grown < weight_kb,
-                "backend {pid} grew by {grown} kB (weights: {weight_kb} kB)"
-            );
+            assert!(grown < weight_kb, "backend {pid} grew by {grown} kB (weights: {weight_kb} kB)");
             Spi::run_with_args("SELECT dblink_disconnect($1)", &[format!("c{s}").into()]).unwrap();
         }
     }
@@ -527,10 +469,7 @@ mod tests {
         fn drop(&mut self) {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
-            let writer = std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&self.0);
+            let writer = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&self.0);
             if let Ok(mut w) = writer {
                 let _ = w.write_all(b"not json");
             }
@@ -552,31 +491,16 @@ mod tests {
         // statement_timeout arms at the start of a top-level statement: run the call as one, in
         // another session.
         Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
-        Spi::run_with_args(
-            "SELECT dblink_connect('slow', $1)",
-            &[self_connection().into()],
-        )
-        .unwrap();
-        let set_model = format!("SET nvembed.model = '{slow}'");
-        Spi::run_with_args("SELECT dblink_exec('slow', $1)", &[set_model.into()]).unwrap();
+        Spi::run_with_args("SELECT dblink_connect('slow', $1)", &[self_connection().into()]).unwrap();
+        serve_model(&slow);
         Spi::run("SELECT dblink_exec('slow', 'SET statement_timeout = 300')").unwrap();
         let started = std::time::Instant::now();
-        assert_error(
-            "PERFORM dblink_exec('slow', 'SELECT nvembed_passage(''x'')')",
-            "57014",
-            "statement timeout",
-        );
+        assert_error("PERFORM dblink_exec('slow', 'SELECT nvembed_passage(''x'')')", "57014", "statement timeout");
         let waited = started.elapsed();
-        assert!(
-            waited < std::time::Duration::from_millis(1500),
-            "cancel took {waited:?}"
-        );
+        assert!(waited < std::time::Duration::from_millis(1500), "cancel took {waited:?}");
         Spi::run("SELECT dblink_disconnect('slow')").unwrap();
         drop(_unblock);
-        assert_eq!(
-            embed_sql("nvembed_passage($1)", "after the timeout").len(),
-            32
-        );
+        assert_eq!(embed_sql("nvembed_passage($1)", "after the timeout").len(), 32);
     }
 
     #[pg_test]
@@ -592,13 +516,7 @@ mod tests {
         .unwrap();
         assert_eq!(got.len(), texts.len());
         for (row, want) in got.iter().zip(&want) {
-            let row: Vec<f32> = row
-                .as_ref()
-                .unwrap()
-                .trim_matches(|c| c == '{' || c == '}')
-                .split(',')
-                .map(|x| x.parse().unwrap())
-                .collect();
+            let row: Vec<f32> = row.as_ref().unwrap().trim_matches(|c| c == '{' || c == '}').split(',').map(|x| x.parse().unwrap()).collect();
             assert!(max_abs_diff(&row, want) <= 1e-6);
         }
         let nulls = Spi::get_one::<Vec<bool>>(
@@ -612,8 +530,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(same, Some(true));
-        let empty =
-            Spi::get_one::<i64>("SELECT count(*) FROM nvembed_passages('{}'::text[])").unwrap();
+        let empty = Spi::get_one::<i64>("SELECT count(*) FROM nvembed_passages('{}'::text[])").unwrap();
         assert_eq!(empty, Some(0));
     }
 
@@ -621,18 +538,12 @@ mod tests {
     fn backfill_embeds_every_missing_row_once_and_resumes() {
         use_fixture();
         Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
-        Spi::run_with_args(
-            "SELECT dblink_connect('bf', $1)",
-            &[self_connection().into()],
-        )
-        .unwrap();
+        Spi::run_with_args("SELECT dblink_connect('bf', $1)", &[self_connection().into()]).unwrap();
         let setup = format!(
-            "SET nvembed.model = '{}';
-             CREATE TABLE backfill_docs (id int PRIMARY KEY, body text, embedding real[]);
+            "CREATE TABLE backfill_docs (id int PRIMARY KEY, body text, embedding real[]);
              INSERT INTO backfill_docs SELECT g, CASE WHEN g % 10 = 0 THEN NULL ELSE 'passage number ' || g END, NULL
              FROM generate_series(1, 95) g;
-             UPDATE backfill_docs SET embedding = '{{1}}' WHERE id = 3;",
-            model_dir()
+             UPDATE backfill_docs SET embedding = '{{1}}' WHERE id = 3;"
         );
         Spi::run_with_args("SELECT dblink_exec('bf', $1)", &[setup.into()]).unwrap();
         let call = "CALL nvembed_backfill('backfill_docs', 'body', 'embedding', 'passage', 20)";
@@ -651,11 +562,7 @@ mod tests {
         // 86 non-NULL texts: row 3 was already embedded (and kept), 85 backfilled, all correct.
         assert_eq!(counts, "0,0,85");
         let kept = "SELECT (embedding = '{1}')::text FROM backfill_docs WHERE id = 3";
-        let kept = Spi::get_one_with_args::<String>(
-            "SELECT v FROM dblink('bf', $1) AS t(v text)",
-            &[kept.into()],
-        )
-        .unwrap();
+        let kept = Spi::get_one_with_args::<String>("SELECT v FROM dblink('bf', $1) AS t(v text)", &[kept.into()]).unwrap();
         assert_eq!(kept.as_deref(), Some("true"));
         // A re-run finds nothing to do; a wrong column is a clear error.
         Spi::run_with_args("SELECT dblink_exec('bf', $1)", &[call.into()]).unwrap();
@@ -672,12 +579,7 @@ mod tests {
     /// there run in their own transactions: what they commit is what other sessions see.
     fn remote_session(name: &str) {
         Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
-        Spi::run_with_args(
-            "SELECT dblink_connect($1, $2)",
-            &[name.into(), self_connection().into()],
-        )
-        .unwrap();
-        remote_exec(name, &format!("SET nvembed.model = '{}'", model_dir()));
+        Spi::run_with_args("SELECT dblink_connect($1, $2)", &[name.into(), self_connection().into()]).unwrap();
     }
 
     fn remote_exec(name: &str, sql: &str) {
@@ -686,12 +588,9 @@ mod tests {
 
     /// The one text value that `sql` returns in session `name`.
     fn remote_text(name: &str, sql: &str) -> String {
-        Spi::get_one_with_args::<String>(
-            "SELECT v FROM dblink($1, $2) AS t(v text)",
-            &[name.into(), sql.into()],
-        )
-        .unwrap()
-        .unwrap()
+        Spi::get_one_with_args::<String>("SELECT v FROM dblink($1, $2) AS t(v text)", &[name.into(), sql.into()])
+            .unwrap()
+            .unwrap()
     }
 
     /// "rows with a text, of them rows holding their own text's passage vector (≤ 1e-6), rows
@@ -744,23 +643,9 @@ mod tests {
         ] {
             remote_exec("parts", call);
         }
-        assert_eq!(
-            embedding_state("parts", "bf_parts", "body", "embedding"),
-            "90,90,0"
-        );
-        assert_eq!(
-            embedding_state("parts", "bf_parent", "body", "embedding"),
-            "36,36,0"
-        );
-        assert_eq!(
-            embedding_state(
-                "parts",
-                "\"Back Fill\".\"My Docs\"",
-                "\"Body\"",
-                "\"Embedding\""
-            ),
-            "15,15,0"
-        );
+        assert_eq!(embedding_state("parts", "bf_parts", "body", "embedding"), "90,90,0");
+        assert_eq!(embedding_state("parts", "bf_parent", "body", "embedding"), "36,36,0");
+        assert_eq!(embedding_state("parts", "\"Back Fill\".\"My Docs\"", "\"Body\"", "\"Embedding\""), "15,15,0");
         // Every partition holds its own rows' vectors.
         let per_partition = remote_text(
             "parts",
@@ -769,14 +654,8 @@ mod tests {
                         count(*) FILTER (WHERE (SELECT max(abs(x - y)) FROM unnest(embedding, nvembed_passage(body)) u(x, y)) <= 1e-6) AS n
                  FROM bf_parts GROUP BY 1) s",
         );
-        assert_eq!(
-            per_partition,
-            "bf_parts_a=30 bf_parts_b1=17 bf_parts_b2=13 bf_parts_other=30"
-        );
-        remote_exec(
-            "parts",
-            "DROP TABLE bf_parts, bf_parent CASCADE; DROP SCHEMA \"Back Fill\" CASCADE",
-        );
+        assert_eq!(per_partition, "bf_parts_a=30 bf_parts_b1=17 bf_parts_b2=13 bf_parts_other=30");
+        remote_exec("parts", "DROP TABLE bf_parts, bf_parent CASCADE; DROP SCHEMA \"Back Fill\" CASCADE");
         Spi::run("SELECT dblink_disconnect('parts')").unwrap();
     }
 
@@ -796,11 +675,8 @@ mod tests {
         use_fixture();
         remote_session("reader");
         remote_session("writer");
-        let long =
-            "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(600);
-        let reader_pid = remote_text("reader", "SELECT pg_backend_pid()::text")
-            .parse::<i32>()
-            .unwrap();
+        let long = "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(600);
+        let reader_pid = remote_text("reader", "SELECT pg_backend_pid()::text").parse::<i32>().unwrap();
         // Under READ COMMITTED the changed row's new version is not at the listed position any
         // more; under REPEATABLE READ the batch's snapshot still sees the old version there, and
         // locking it fails (40001) for that row only.
@@ -813,10 +689,7 @@ mod tests {
                     pgrx::spi::quote_literal(&long)
                 ),
             );
-            remote_exec(
-                "reader",
-                &format!("SET default_transaction_isolation = '{isolation}'"),
-            );
+            remote_exec("reader", &format!("SET default_transaction_isolation = '{isolation}'"));
             // One batch of all rows in the reader's session; the first text (~8,000 tokens)
             // keeps the model busy for seconds.
             let batch = "SELECT concat_ws(',', b.embedded, b.locked, b.changed)
@@ -831,43 +704,20 @@ mod tests {
             // The batch has read its texts (right after taking the lock) and is embedding them:
             // change one text and commit, and hold another row locked.
             std::thread::sleep(std::time::Duration::from_millis(300));
-            remote_exec(
-                "writer",
-                "UPDATE bf_race SET body = 'a text written during the batch' WHERE id = 3",
-            );
+            remote_exec("writer", "UPDATE bf_race SET body = 'a text written during the batch' WHERE id = 3");
             remote_exec("writer", "BEGIN");
-            assert_eq!(
-                remote_text("writer", "SELECT body FROM bf_race WHERE id = 5 FOR UPDATE"),
-                "race row 5"
-            );
-            assert_eq!(
-                backfill_locks_held(reader_pid),
-                1,
-                "the batch ended before the update: make its first text longer"
-            );
-            let counts =
-                Spi::get_one::<String>("SELECT v FROM dblink_get_result('reader') AS t(v text)")
-                    .unwrap()
-                    .unwrap();
+            assert_eq!(remote_text("writer", "SELECT body FROM bf_race WHERE id = 5 FOR UPDATE"), "race row 5");
+            assert_eq!(backfill_locks_held(reader_pid), 1, "the batch ended before the update: make its first text longer");
+            let counts = Spi::get_one::<String>("SELECT v FROM dblink_get_result('reader') AS t(v text)").unwrap().unwrap();
             Spi::run("SELECT * FROM dblink_get_result('reader') AS t(v text)").unwrap();
             // Row 3 changed since read (left NULL), row 5 locked (skipped, not waited for).
             assert_eq!(counts, "4,1,1", "{isolation}");
-            let left = remote_text(
-                "reader",
-                "SELECT string_agg(id::text, ',' ORDER BY id) FROM bf_race WHERE embedding IS NULL",
-            );
+            let left = remote_text("reader", "SELECT string_agg(id::text, ',' ORDER BY id) FROM bf_race WHERE embedding IS NULL");
             assert_eq!(left, "3,5", "{isolation}");
             remote_exec("writer", "COMMIT");
             // The next run fills both with their current texts.
-            remote_exec(
-                "reader",
-                "CALL nvembed_backfill('bf_race', 'body', 'embedding')",
-            );
-            assert_eq!(
-                embedding_state("reader", "bf_race", "body", "embedding"),
-                "6,6,0",
-                "{isolation}"
-            );
+            remote_exec("reader", "CALL nvembed_backfill('bf_race', 'body', 'embedding')");
+            assert_eq!(embedding_state("reader", "bf_race", "body", "embedding"), "6,6,0", "{isolation}");
             remote_exec("writer", "DROP TABLE bf_race");
         }
         Spi::run("SELECT dblink_disconnect('reader'), dblink_disconnect('writer')").unwrap();
@@ -918,41 +768,22 @@ mod tests {
         }
         // And types that shadow the built-in ones by name.
         for ty in ["text", "oid", "tid", "timestamptz"] {
-            hostile.push_str(&format!(
-                "CREATE DOMAIN bf_hostile.{ty} AS pg_catalog.{ty} CHECK (bf_hostile.trap());"
-            ));
+            hostile.push_str(&format!("CREATE DOMAIN bf_hostile.{ty} AS pg_catalog.{ty} CHECK (bf_hostile.trap());"));
         }
         remote_exec("hostile", &hostile);
-        remote_exec(
-            "hostile",
-            "SET search_path = bf_hostile, public, pg_catalog",
-        );
+        remote_exec("hostile", "SET search_path = bf_hostile, public, pg_catalog");
         // The trap is armed: an unqualified operator in this session runs it.
-        assert_error(
-            "PERFORM dblink_exec('hostile', 'SELECT 1::bigint - 1::bigint')",
-            "P0001",
-            "hostile operator called",
-        );
-        remote_exec(
-            "hostile",
-            "CALL nvembed_backfill('public.bf_victim', 'body', 'embedding', batch_size => 3)",
-        );
+        assert_error("PERFORM dblink_exec('hostile', 'SELECT 1::bigint - 1::bigint')", "P0001", "hostile operator called");
+        remote_exec("hostile", "CALL nvembed_backfill('public.bf_victim', 'body', 'embedding', batch_size => 3)");
         remote_exec("hostile", "RESET search_path");
-        assert_eq!(
-            embedding_state("hostile", "bf_victim", "body", "embedding"),
-            "20,20,0"
-        );
-        remote_exec(
-            "hostile",
-            "DROP SCHEMA bf_hostile CASCADE; DROP TABLE bf_victim",
-        );
+        assert_eq!(embedding_state("hostile", "bf_victim", "body", "embedding"), "20,20,0");
+        remote_exec("hostile", "DROP SCHEMA bf_hostile CASCADE; DROP TABLE bf_victim");
         Spi::run("SELECT dblink_disconnect('hostile')").unwrap();
     }
 
     /// Restart count and pid of the model server.
     fn server_restarts_and_pid() -> (i64, i32) {
-        let (restarts, pid) =
-            Spi::get_two::<i64, i32>("SELECT restarts, pid FROM nvembed_status()").unwrap();
+        let (restarts, pid) = Spi::get_two::<i64, i32>("SELECT restarts, pid FROM nvembed_status()").unwrap();
         (restarts.unwrap(), pid.unwrap())
     }
 
@@ -976,10 +807,7 @@ mod tests {
         // Idle: the next call is served by a new process.
         let (restarts, pid) = server_restarts_and_pid();
         kill_after(pid, 0).join().unwrap();
-        assert_eq!(
-            embed_sql("nvembed_passage($1)", "after an idle kill").len(),
-            32
-        );
+        assert_eq!(embed_sql("nvembed_passage($1)", "after an idle kill").len(), 32);
         let (after, new_pid) = server_restarts_and_pid();
         assert!(after > restarts && new_pid != pid);
         // While loading (config.json is a FIFO nobody writes): the waiting call errors promptly.
@@ -989,42 +817,28 @@ mod tests {
         let fifo = std::ffi::CString::new(format!("{slow}/config.json")).unwrap();
         // SAFETY: creating a FIFO at a path we own.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
-        Spi::run(&format!("SET nvembed.model = '{slow}'")).unwrap();
+        serve_model(&slow);
+        let (_, new_pid) = server_restarts_and_pid();
         let killer = kill_after(new_pid, 300);
         let started = std::time::Instant::now();
         assert_error("PERFORM nvembed_passage('x')", "58000", "connection lost");
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(2),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
         killer.join().unwrap();
         use_fixture();
-        assert_eq!(
-            embed_sql("nvembed_passage($1)", "after a kill during load").len(),
-            32
-        );
+        assert_eq!(embed_sql("nvembed_passage($1)", "after a kill during load").len(), 32);
     }
 
     #[pg_test]
     fn every_kind_of_broken_checkpoint_is_named_and_recoverable() {
         use_fixture_exclusively();
         let cases: [(&str, fn(&str)); 3] = [
-            ("tokenizer.json", |dir| {
-                std::fs::remove_file(format!("{dir}/tokenizer.json")).unwrap()
-            }),
+            ("tokenizer.json", |dir| std::fs::remove_file(format!("{dir}/tokenizer.json")).unwrap()),
             ("embedding_model.layers.0.self_attn.k_proj.weight", |dir| {
                 let path = format!("{dir}/config.json");
                 let config = std::fs::read_to_string(&path).unwrap();
-                std::fs::write(
-                    &path,
-                    config.replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 8"),
-                )
-                .unwrap();
+                std::fs::write(&path, config.replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 8")).unwrap();
             }),
-            ("config.json", |dir| {
-                std::fs::write(format!("{dir}/config.json"), "{").unwrap()
-            }),
+            ("config.json", |dir| std::fs::write(format!("{dir}/config.json"), "{").unwrap()),
         ];
         for (i, (needle, breakage)) in cases.iter().enumerate() {
             let dir = format!("{FIXTURE}/broken-{i}");
@@ -1032,18 +846,11 @@ mod tests {
             std::fs::create_dir_all(&dir).unwrap();
             for entry in std::fs::read_dir(model_dir()).unwrap() {
                 let entry = entry.unwrap();
-                std::fs::copy(
-                    entry.path(),
-                    format!("{dir}/{}", entry.file_name().to_string_lossy()),
-                )
-                .unwrap();
+                std::fs::copy(entry.path(), format!("{dir}/{}", entry.file_name().to_string_lossy())).unwrap();
             }
             breakage(&dir);
-            assert_error(
-                &format!("SET nvembed.model = '{dir}'; PERFORM nvembed_passage('x')"),
-                "F0000",
-                needle,
-            );
+            serve_model(&dir);
+            assert_error("PERFORM nvembed_passage('x')", "F0000", needle);
         }
         use_fixture();
         assert_eq!(embed_sql("nvembed_passage($1)", "fixed").len(), 32);
@@ -1055,50 +862,28 @@ mod tests {
         for text in ["", "   \t\n  ", "😀"] {
             let v = embed_sql("nvembed_passage($1)", text);
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-            assert!(
-                (norm - 1.0).abs() < 1e-5 && v.iter().all(|x| x.is_finite()),
-                "{text:?}"
-            );
+            assert!((norm - 1.0).abs() < 1e-5 && v.iter().all(|x| x.is_finite()), "{text:?}");
         }
         let nulls = Spi::get_one::<bool>("SELECT nvembed_passage(NULL) IS NULL AND nvembed_query(NULL) IS NULL AND nvembed_query('x', NULL) IS NULL").unwrap();
         assert_eq!(nulls, Some(true));
         // 1 MB of text is truncated to nvembed.max_length tokens.
         Spi::run("SET nvembed.max_length = 512").unwrap();
-        let huge =
-            Spi::get_one::<Vec<f32>>("SELECT nvembed_passage(repeat('lighthouse ', 100000))")
-                .unwrap()
-                .unwrap();
-        let cut = Spi::get_one::<Vec<f32>>("SELECT nvembed_passage(repeat('lighthouse ', 600))")
-            .unwrap()
-            .unwrap();
-        assert!(
-            max_abs_diff(&huge, &cut) <= 1e-6,
-            "the same first 512 tokens give the same vector"
-        );
+        let huge = Spi::get_one::<Vec<f32>>("SELECT nvembed_passage(repeat('lighthouse ', 100000))").unwrap().unwrap();
+        let cut = Spi::get_one::<Vec<f32>>("SELECT nvembed_passage(repeat('lighthouse ', 600))").unwrap().unwrap();
+        assert!(max_abs_diff(&huge, &cut) <= 1e-6, "the same first 512 tokens give the same vector");
         assert_error("SET nvembed.max_length = -1", "22023", "max_length");
         // A custom task that leaves nothing to pool.
         Spi::run("SET nvembed.max_length = 8").unwrap();
-        assert_error(
-            "PERFORM nvembed_query('x', 'a task whose instruction is long')",
-            "22023",
-            "nothing left to pool",
-        );
+        assert_error("PERFORM nvembed_query('x', 'a task whose instruction is long')", "22023", "nothing left to pool");
     }
 
     #[pg_test]
     fn garbage_on_the_socket_drops_that_connection_only() {
         use_fixture();
         use std::io::{Read, Write};
-        for garbage in [
-            &b"GET / HTTP/1.1\r\n\r\n"[..],
-            &[0xff, 0xff, 0xff, 0xff, 0, 1, 2][..],
-            &[0, 0, 0, 3, b'{', b'}', b'x'][..],
-        ] {
-            let mut stream =
-                std::os::unix::net::UnixStream::connect(nvembed_protocol::SOCKET_NAME).unwrap();
-            stream
-                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-                .unwrap();
+        for garbage in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0xff, 0xff, 0xff, 0xff, 0, 1, 2][..], &[0, 0, 0, 3, b'{', b'}', b'x'][..]] {
+            let mut stream = std::os::unix::net::UnixStream::connect(nvembed_protocol::SOCKET_NAME).unwrap();
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
             stream.write_all(garbage).unwrap();
             let _ = stream.shutdown(std::net::Shutdown::Write);
             let mut rest = Vec::new();
@@ -1118,11 +903,7 @@ mod tests {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(meta.uid(), unsafe { libc::geteuid() });
         let data_dir = std::fs::metadata(".").unwrap();
-        assert_eq!(
-            data_dir.permissions().mode() & 0o077,
-            0,
-            "the data directory is closed to others"
-        );
+        assert_eq!(data_dir.permissions().mode() & 0o077, 0, "the data directory is closed to others");
     }
 
     #[pg_test]
@@ -1133,25 +914,15 @@ mod tests {
             .unwrap();
         Spi::run("DO $$ BEGIN INSERT INTO rb VALUES ('x'); RAISE EXCEPTION 'roll back'; EXCEPTION WHEN raise_exception THEN END $$")
             .unwrap();
-        assert_eq!(
-            Spi::get_one::<i64>("SELECT count(*) FROM rb").unwrap(),
-            Some(0)
-        );
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM rb").unwrap(), Some(0));
         // A role that may read but not write the table cannot write through the trigger or backfill.
         Spi::run("CREATE ROLE nvembed_reader; GRANT SELECT ON rb TO nvembed_reader; INSERT INTO rb (body) VALUES ('y')").unwrap();
         Spi::run("UPDATE rb SET e = NULL").unwrap();
         Spi::run("SET ROLE nvembed_reader").unwrap();
         assert_error("INSERT INTO rb VALUES ('z')", "42501", "permission denied");
-        assert_error(
-            "CALL nvembed_backfill('rb', 'body', 'e')",
-            "42501",
-            "permission denied",
-        );
+        assert_error("CALL nvembed_backfill('rb', 'body', 'e')", "42501", "permission denied");
         Spi::run("RESET ROLE").unwrap();
-        assert_eq!(
-            Spi::get_one::<i64>("SELECT count(*) FROM rb WHERE e IS NOT NULL").unwrap(),
-            Some(0)
-        );
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM rb WHERE e IS NOT NULL").unwrap(), Some(0));
     }
 
     /// Seconds since `started`, for timing assertions.
@@ -1163,37 +934,19 @@ mod tests {
     fn cancel_during_a_long_batch_returns_promptly_and_others_are_served() {
         use_fixture_exclusively();
         Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
-        Spi::run_with_args(
-            "SELECT dblink_connect('long', $1)",
-            &[self_connection().into()],
-        )
-        .unwrap();
-        let set_model = format!("SET nvembed.model = '{}'", model_dir());
-        Spi::run_with_args("SELECT dblink_exec('long', $1)", &[set_model.into()]).unwrap();
-        let long =
-            "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(2000);
-        let call = format!(
-            "SELECT nvembed_passage({}) IS NOT NULL",
-            pgrx::spi::quote_literal(&long)
-        );
+        Spi::run_with_args("SELECT dblink_connect('long', $1)", &[self_connection().into()]).unwrap();
+        let long = "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(2000);
+        let call = format!("SELECT nvembed_passage({}) IS NOT NULL", pgrx::spi::quote_literal(&long));
         Spi::run_with_args("SELECT dblink_send_query('long', $1)", &[call.into()]).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(300));
         let started = std::time::Instant::now();
-        let cancelled = Spi::get_one::<String>("SELECT dblink_cancel_query('long')")
-            .unwrap()
-            .unwrap();
+        let cancelled = Spi::get_one::<String>("SELECT dblink_cancel_query('long')").unwrap().unwrap();
         assert_eq!(cancelled, "OK");
         // Collect the cancelled query's outcome (an error, not raised here) and drain the result.
         Spi::run("SELECT * FROM dblink_get_result('long', false) AS t(ok bool)").unwrap();
-        let result = Spi::get_one::<String>("SELECT dblink_error_message('long')")
-            .unwrap()
-            .unwrap();
+        let result = Spi::get_one::<String>("SELECT dblink_error_message('long')").unwrap().unwrap();
         Spi::run("SELECT * FROM dblink_get_result('long', false) AS t(ok bool)").unwrap();
-        assert!(
-            seconds(started) < 1.0,
-            "cancel took {:.2} s",
-            seconds(started)
-        );
+        assert!(seconds(started) < 1.0, "cancel took {:.2} s", seconds(started));
         assert!(result.contains("canceling statement"), "{result}");
         Spi::run("SELECT dblink_disconnect('long')").unwrap();
         // The model process lives on and serves the next call.
@@ -1204,19 +957,13 @@ mod tests {
     fn interrupted_backfill_resumes_with_exactly_one_correct_embedding_per_row() {
         use_fixture();
         Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
-        Spi::run_with_args(
-            "SELECT dblink_connect('bf2', $1)",
-            &[self_connection().into()],
-        )
-        .unwrap();
+        Spi::run_with_args("SELECT dblink_connect('bf2', $1)", &[self_connection().into()]).unwrap();
         let setup = format!(
-            "SET nvembed.model = '{}';
-             CREATE TABLE resumable (id int PRIMARY KEY, body text, embedding real[], embedded_times int DEFAULT 0);
+            "CREATE TABLE resumable (id int PRIMARY KEY, body text, embedding real[], embedded_times int DEFAULT 0);
              CREATE FUNCTION count_embeddings() RETURNS trigger LANGUAGE plpgsql AS
                'BEGIN IF NEW.embedding IS NOT NULL AND OLD.embedding IS NULL THEN NEW.embedded_times := OLD.embedded_times + 1; END IF; RETURN NEW; END';
              CREATE TRIGGER c BEFORE UPDATE ON resumable FOR EACH ROW EXECUTE FUNCTION count_embeddings();
-             INSERT INTO resumable (id, body) SELECT g, repeat('row ' || g || ' of a table being backfilled. ', 1 + g % 30) FROM generate_series(1, 3000) g;",
-            model_dir()
+             INSERT INTO resumable (id, body) SELECT g, repeat('row ' || g || ' of a table being backfilled. ', 1 + g % 30) FROM generate_series(1, 3000) g;"
         );
         Spi::run_with_args("SELECT dblink_exec('bf2', $1)", &[setup.into()]).unwrap();
         let call = "CALL nvembed_backfill('resumable', 'body', 'embedding', 'passage', 16)";
@@ -1232,10 +979,7 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert!(
-            done > 0 && done < 3000,
-            "interrupted part-way: {done} rows done"
-        );
+        assert!(done > 0 && done < 3000, "interrupted part-way: {done} rows done");
         assert_eq!(done % 16, 0, "only whole batches were committed");
         Spi::run_with_args("SELECT dblink_exec('bf2', $1)", &[call.into()]).unwrap();
         let check = "SELECT count(*) FILTER (WHERE embedded_times = 1),
@@ -1248,10 +992,7 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(counts, "3000,3000");
-        Spi::run(
-            "SELECT dblink_exec('bf2', 'DROP TABLE resumable; DROP FUNCTION count_embeddings()')",
-        )
-        .unwrap();
+        Spi::run("SELECT dblink_exec('bf2', 'DROP TABLE resumable; DROP FUNCTION count_embeddings()')").unwrap();
         Spi::run("SELECT dblink_disconnect('bf2')").unwrap();
     }
 
@@ -1265,33 +1006,20 @@ mod tests {
             &[conn.clone().into()],
         )
         .unwrap();
-        let latin1 = conn.replace(
-            "dbname=",
-            "dbname=nvembed_latin1 fallback_application_name=",
-        );
+        let latin1 = conn.replace("dbname=", "dbname=nvembed_latin1 fallback_application_name=");
         Spi::run_with_args("SELECT dblink_connect('l1', $1)", &[latin1.into()]).unwrap();
         Spi::run("SELECT dblink_exec('l1', 'CREATE EXTENSION nvembed')").unwrap();
-        let set_model = format!("SET nvembed.model = '{}'", model_dir());
-        Spi::run_with_args("SELECT dblink_exec('l1', $1)", &[set_model.into()]).unwrap();
         let text = "Crème brûlée à Paris, naïve façade, Zürich";
         let got = Spi::get_one_with_args::<String>(
             "SELECT v FROM dblink('l1', format('SELECT nvembed_passage(%L)::text', $1::text)) AS t(v text)",
             &[text.into()],
         );
         Spi::run("SELECT dblink_disconnect('l1')").unwrap();
-        Spi::run_with_args(
-            "SELECT dblink_exec($1, 'DROP DATABASE nvembed_latin1')",
-            &[conn.into()],
-        )
-        .unwrap();
+        Spi::run_with_args("SELECT dblink_exec($1, 'DROP DATABASE nvembed_latin1')", &[conn.into()]).unwrap();
         let got = got.map(|v| v.unwrap());
         match got {
             Ok(v) => {
-                let v: Vec<f32> = v
-                    .trim_matches(|c| c == '{' || c == '}')
-                    .split(',')
-                    .map(|x| x.parse().unwrap())
-                    .collect();
+                let v: Vec<f32> = v.trim_matches(|c| c == '{' || c == '}').split(',').map(|x| x.parse().unwrap()).collect();
                 assert!(max_abs_diff(&v, &embed_sql("nvembed_passage($1)", text)) <= 1e-6);
             }
             Err(e) => panic!("{e}"),
@@ -1304,69 +1032,28 @@ mod tests {
         embed_sql("nvembed_passage($1)", "warm up");
         let (restarts, pid) = server_restarts_and_pid();
         Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
-        let long =
-            "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(1500);
+        let long = "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(1500);
         for s in 0..3 {
             let name = format!("mk{s}");
-            Spi::run_with_args(
-                "SELECT dblink_connect($1, $2)",
-                &[name.clone().into(), self_connection().into()],
-            )
-            .unwrap();
-            let set_model = format!("SET nvembed.model = '{}'", model_dir());
-            Spi::run_with_args(
-                "SELECT dblink_exec($1, $2)",
-                &[name.clone().into(), set_model.into()],
-            )
-            .unwrap();
-            let call = format!(
-                "SELECT nvembed_passage({}) IS NOT NULL",
-                pgrx::spi::quote_literal(&format!("{long} {s}"))
-            );
-            Spi::run_with_args(
-                "SELECT dblink_send_query($1, $2)",
-                &[name.into(), call.into()],
-            )
-            .unwrap();
+            Spi::run_with_args("SELECT dblink_connect($1, $2)", &[name.clone().into(), self_connection().into()]).unwrap();
+            let call = format!("SELECT nvembed_passage({}) IS NOT NULL", pgrx::spi::quote_literal(&format!("{long} {s}")));
+            Spi::run_with_args("SELECT dblink_send_query($1, $2)", &[name.into(), call.into()]).unwrap();
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
-        let waiting = Spi::get_one::<i64>("SELECT waiting FROM nvembed_status()")
-            .unwrap()
-            .unwrap();
-        assert!(
-            waiting >= 2,
-            "the sessions' calls are queued or running together: {waiting}"
-        );
+        let waiting = Spi::get_one::<i64>("SELECT waiting FROM nvembed_status()").unwrap().unwrap();
+        assert!(waiting >= 2, "the sessions' calls are queued or running together: {waiting}");
         let killed = std::time::Instant::now();
         let killer = kill_after(pid, 0);
         for s in 0..3 {
             let name = format!("mk{s}");
-            Spi::run_with_args(
-                "SELECT * FROM dblink_get_result($1, false) AS t(ok bool)",
-                &[name.clone().into()],
-            )
-            .unwrap();
-            let message = Spi::get_one_with_args::<String>(
-                "SELECT dblink_error_message($1)",
-                &[name.clone().into()],
-            )
-            .unwrap()
-            .unwrap();
-            assert!(
-                message.contains("connection lost"),
-                "session {s}: {message}"
-            );
-            Spi::run_with_args(
-                "SELECT * FROM dblink_get_result($1, false) AS t(ok bool)",
-                &[name.into()],
-            )
-            .unwrap();
+            Spi::run_with_args("SELECT * FROM dblink_get_result($1, false) AS t(ok bool)", &[name.clone().into()]).unwrap();
+            let message = Spi::get_one_with_args::<String>("SELECT dblink_error_message($1)", &[name.clone().into()])
+                .unwrap()
+                .unwrap();
+            assert!(message.contains("connection lost"), "session {s}: {message}");
+            Spi::run_with_args("SELECT * FROM dblink_get_result($1, false) AS t(ok bool)", &[name.into()]).unwrap();
         }
-        assert!(
-            seconds(killed) < 2.0,
-            "the waiting calls failed after {:.2} s",
-            seconds(killed)
-        );
+        assert!(seconds(killed) < 2.0, "the waiting calls failed after {:.2} s", seconds(killed));
         killer.join().unwrap();
         for s in 0..3 {
             // Each session lives on and its next call works.
@@ -1382,4 +1069,171 @@ mod tests {
         let (after, _) = server_restarts_and_pid();
         assert!(after > restarts);
     }
+
+    /// A status column as text.
+    fn status_value(column: &str) -> String {
+        Spi::get_one::<String>(&format!("SELECT {column}::text FROM nvembed_status()")).unwrap().unwrap()
+    }
+
+    #[pg_test]
+    fn searches_and_small_calls_pass_a_long_bulk_call_and_cancel_stops_its_compute() {
+        use_fixture_exclusively();
+        remote_session("bulk");
+        remote_session("other");
+        let bulk_pid: i32 = remote_text("bulk", "SELECT pg_backend_pid()::text").parse().unwrap();
+        let cancelled_before: i64 = status_value("cancelled_rows").parse().unwrap();
+        // ~7 s of bulk work on the tiny model: 40 texts of ~1,400 tokens.
+        let call = "SELECT count(*) FROM nvembed_passages(ARRAY(SELECT g || repeat(' The lighthouse beam sweeps \
+                    across the water in slow, steady circles.', 100) FROM generate_series(1, 40) g))";
+        Spi::run_with_args("SELECT dblink_send_query('bulk', $1)", &[call.into()]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        // A search from another session is served at once, with the right vector.
+        let started = std::time::Instant::now();
+        let got = remote_text("other", "SELECT nvembed_query('where is the lighthouse?')::text");
+        let search = seconds(started);
+        let want = embed_sql("nvembed_query($1)", "where is the lighthouse?");
+        let got: Vec<f32> = got.trim_matches(|c| c == '{' || c == '}').split(',').map(|x| x.parse().unwrap()).collect();
+        assert!(max_abs_diff(&got, &want) <= 1e-6);
+        assert!(search < 1.5, "a search waited {search:.2} s behind bulk work");
+        // A small batch call is answered when its own rows are done, not after the long call.
+        let started = std::time::Instant::now();
+        assert_eq!(remote_text("other", "SELECT count(*)::text FROM nvembed_passages(ARRAY['a', 'b', 'c'])"), "3");
+        let small = seconds(started);
+        assert!(small < 3.0, "a 3-text call took {small:.2} s");
+        let busy = Spi::get_one::<i32>("SELECT dblink_is_busy('bulk')").unwrap();
+        assert_eq!(busy, Some(1), "the long call should still be running");
+        assert!(status_value("active_rows").parse::<i64>().unwrap() > 0);
+        // Cancelling the long call stops its compute within a layer's time.
+        Spi::run(&format!("SELECT pg_cancel_backend({bulk_pid})")).unwrap();
+        let cancelled = std::time::Instant::now();
+        while status_value("active_rows") != "0" {
+            assert!(seconds(cancelled) < 2.0, "the model still computes for a cancelled call");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let tokens = status_value("tokens");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(status_value("tokens"), tokens, "no more rows were finished after the cancel");
+        assert!(status_value("cancelled_rows").parse::<i64>().unwrap() > cancelled_before);
+        assert_error(
+            "PERFORM * FROM dblink_get_result('bulk') AS t(n bigint)",
+            "57014",
+            "canceling statement due to user request",
+        );
+        Spi::run("SELECT dblink_disconnect('bulk'), dblink_disconnect('other')").unwrap();
+    }
+
+    #[pg_test]
+    fn admission_limits_refuse_oversized_calls_before_any_compute() {
+        use_fixture_exclusively();
+        remote_session("adm");
+        alter_system("ALTER SYSTEM SET nvembed.max_length_limit = 64");
+        alter_system("ALTER SYSTEM SET nvembed.max_request_tokens = 100");
+        // The remote session reads the new values once the reload reaches it.
+        let started = std::time::Instant::now();
+        while remote_text("adm", "SELECT current_setting('nvembed.max_request_tokens')") != "100" {
+            assert!(seconds(started) < 10.0);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let requests = status_value("requests");
+        let refused = |sql: &str, needle: &str, hint: &str| {
+            let check = format!(
+                "DO $t$ DECLARE m text; h text; BEGIN PERFORM dblink_exec('adm', {});
+                   RAISE EXCEPTION 'no error raised';
+                 EXCEPTION WHEN program_limit_exceeded THEN
+                   GET STACKED DIAGNOSTICS m = MESSAGE_TEXT, h = PG_EXCEPTION_HINT;
+                   IF position({} in m) = 0 OR position({} in h) = 0 THEN RAISE EXCEPTION '% / %', m, h; END IF;
+                 END $t$",
+                pgrx::spi::quote_literal(sql),
+                pgrx::spi::quote_literal(needle),
+                pgrx::spi::quote_literal(hint),
+            );
+            Spi::run(&check).unwrap();
+        };
+        remote_exec("adm", "SET nvembed.max_length = 65");
+        refused(
+            "SELECT nvembed_passage('x')",
+            "nvembed.max_length (65) exceeds nvembed.max_length_limit (64)",
+            "raise nvembed.max_length_limit in postgresql.conf",
+        );
+        remote_exec("adm", "SET nvembed.max_length = 64");
+        // 30 texts of 5 tokens each ("<s>", 3 tokens, "</s>") = 150 tokens > 100.
+        refused(
+            "SELECT count(*) FROM nvembed_passages(array_fill('boats at sea'::text, ARRAY[30]))",
+            "the call submits 150 tokens in 30 texts, more than nvembed.max_request_tokens (100)",
+            "raise nvembed.max_request_tokens in postgresql.conf",
+        );
+        // A text longer than nvembed.max_length counts only its kept tokens: 64 ≤ 100.
+        assert_eq!(remote_text("adm", "SELECT array_length(nvembed_passage(repeat('boats ', 500)), 1)::text"), "32");
+        assert_eq!(status_value("requests").parse::<i64>().unwrap(), requests.parse::<i64>().unwrap() + 1);
+        alter_system("ALTER SYSTEM RESET nvembed.max_length_limit");
+        alter_system("ALTER SYSTEM RESET nvembed.max_request_tokens");
+        Spi::run("SELECT dblink_disconnect('adm')").unwrap();
+    }
+
+    #[pg_test]
+    fn status_is_for_monitoring_roles_and_preload_loads_at_start() {
+        use_fixture_exclusively();
+        Spi::run("CREATE ROLE nvembed_status_plain").unwrap();
+        Spi::run("CREATE ROLE nvembed_status_monitor IN ROLE pg_monitor").unwrap();
+        Spi::run("SET ROLE nvembed_status_plain").unwrap();
+        assert_error("PERFORM * FROM nvembed_status()", "42501", "permission denied for function nvembed_status");
+        Spi::run("RESET ROLE").unwrap();
+        Spi::run("SET ROLE nvembed_status_monitor").unwrap();
+        assert_eq!(status_value("server_running"), "true");
+        Spi::run("RESET ROLE").unwrap();
+        // With nvembed.preload the restarted server loads the model before any call.
+        let (_, pid) = server_restarts_and_pid();
+        alter_system("ALTER SYSTEM SET nvembed.preload = on");
+        let started = std::time::Instant::now();
+        loop {
+            let (loaded, now) = Spi::get_two::<bool, i32>("SELECT loaded, pid FROM nvembed_status()").unwrap();
+            if loaded == Some(true) && now.is_some_and(|p| p != pid) {
+                break;
+            }
+            assert!(seconds(started) < 30.0, "the preloading server did not load the model");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert_eq!(status_value("requests"), "0", "loaded with no call");
+        alter_system("ALTER SYSTEM RESET nvembed.preload");
+        wait_for_server(|model| model.is_some());
+    }
+
+    #[pg_test]
+    fn a_model_that_outputs_nan_gives_a_named_error_never_a_nan_vector() {
+        use_fixture_exclusively();
+        // A copy of the fixture whose final decoder norm weights are NaN.
+        let dir = format!("{FIXTURE}/nan-weights");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(model_dir()).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), format!("{dir}/{}", entry.file_name().to_string_lossy())).unwrap();
+        }
+        let name = "embedding_model.norm.weight";
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{dir}/model.safetensors.index.json")).unwrap()).unwrap();
+        let shard = format!("{dir}/{}", index["weight_map"][name].as_str().unwrap());
+        let mut bytes = std::fs::read(&shard).unwrap();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+        let (start, end) = (
+            header[name]["data_offsets"][0].as_u64().unwrap() as usize,
+            header[name]["data_offsets"][1].as_u64().unwrap() as usize,
+        );
+        let nan = match header[name]["dtype"].as_str().unwrap() {
+            "F32" => f32::NAN.to_le_bytes().to_vec(),
+            "BF16" | "F16" => vec![0xc0, 0x7f],
+            other => panic!("unexpected dtype {other}"),
+        };
+        for chunk in bytes[8 + header_len + start..8 + header_len + end].chunks_mut(nan.len()) {
+            chunk.copy_from_slice(&nan);
+        }
+        std::fs::write(&shard, bytes).unwrap();
+        serve_model(&dir);
+        assert_error("PERFORM nvembed_passage('x')", "22P01", "non-finite value (NaN or infinity)");
+        assert_error("PERFORM count(*) FROM nvembed_passages(ARRAY['x', 'y'])", "22P01", "non-finite value");
+        serve_model(&model_dir());
+        assert_eq!(embed_sql("nvembed_passage($1)", "finite again").len(), 32);
+    }
+
 }

@@ -8,8 +8,6 @@
 //! server is killed and started again. Each change of state is logged once.
 
 use std::ffi::CStr;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -18,9 +16,7 @@ use std::time::{Duration, Instant};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 
-use nvembed_protocol::{
-    read_frame, ClientMessage, ServerMessage, BUILD_ID, SERVER_EXECUTABLE, SOCKET_NAME,
-};
+use nvembed_protocol::{SERVER_EXECUTABLE, SOCKET_NAME};
 
 use crate::gucs::ServerSettings;
 
@@ -104,24 +100,7 @@ fn stop(child: &mut Option<Child>) {
 
 /// Whether the server answers a status request within LIVENESS_TIMEOUT.
 fn answers() -> bool {
-    let ask = || -> std::io::Result<bool> {
-        let mut stream = UnixStream::connect(SOCKET_NAME)?;
-        stream.set_read_timeout(Some(LIVENESS_TIMEOUT))?;
-        stream.set_write_timeout(Some(LIVENESS_TIMEOUT))?;
-        let mut request = Vec::new();
-        ClientMessage::Hello {
-            build: BUILD_ID.into(),
-        }
-        .write(&mut request)?;
-        ClientMessage::Status.write(&mut request)?;
-        stream.write_all(&request)?;
-        let hello = ServerMessage::decode(read_frame(&mut stream)?)?;
-        let status = ServerMessage::decode(read_frame(&mut stream)?)?;
-        let _ = stream.read(&mut [0u8; 1]);
-        Ok(matches!(hello, ServerMessage::Hello { .. })
-            && matches!(status, ServerMessage::Status(_)))
-    };
-    ask().unwrap_or(false)
+    crate::client::query_status(LIVENESS_TIMEOUT).is_ok()
 }
 
 /// The supervisor's view of the model server.
@@ -141,11 +120,7 @@ impl Supervised {
     fn start(&mut self, settings: &ServerSettings) {
         match spawn(settings, self.starts) {
             Ok(c) => {
-                log!(
-                    "nvembed: model server started (pid {}, model {})",
-                    c.id(),
-                    settings.model
-                );
+                log!("nvembed: model server started (pid {}, model {})", c.id(), settings.model);
                 self.child = Some(c);
                 self.started = Instant::now();
                 self.starts += 1;
@@ -180,10 +155,7 @@ impl Supervised {
         if self.started.elapsed() >= STABLE_RUN {
             self.backoff = FIRST_BACKOFF;
         }
-        warning!(
-            "nvembed: model server exited ({status}); restarting it in {:.1} s",
-            self.backoff.as_secs_f64()
-        );
+        warning!("nvembed: model server exited ({status}); restarting it in {:.1} s", self.backoff.as_secs_f64());
         self.child = None;
         self.schedule_restart();
     }
@@ -202,7 +174,9 @@ impl Supervised {
         self.misses += 1;
         if self.misses >= LIVENESS_MISSES {
             let pid = self.child.as_ref().map_or(0, |c| c.id());
-            warning!("nvembed: model server (pid {pid}) did not answer {LIVENESS_MISSES} status checks in a row; killing it");
+            warning!(
+                "nvembed: model server (pid {pid}) did not answer {LIVENESS_MISSES} status checks in a row; killing it"
+            );
             if let Some(c) = self.child.as_mut() {
                 let _ = c.kill();
             }
@@ -232,10 +206,7 @@ pub extern "C-unwind" fn nvembed_worker_main(_arg: pg_sys::Datum) {
             let changed = crate::gucs::server_settings();
             if changed != settings {
                 settings = changed;
-                log!(
-                    "nvembed: model server settings changed; restarting it with model {}",
-                    settings.model
-                );
+                log!("nvembed: model server settings changed; restarting it with model {}", settings.model);
                 stop(&mut server.child);
                 server.backoff = FIRST_BACKOFF;
                 server.next_start = Instant::now();

@@ -43,9 +43,7 @@ fn status_bytes(key: &str) -> u64 {
 fn main() {
     let dir = checkpoint_dir();
     if std::env::args().any(|a| a == "--generate") {
-        Shape::medium()
-            .write(&dir)
-            .expect("write medium checkpoint");
+        Shape::medium().write(&dir).expect("write medium checkpoint");
         std::fs::copy(fixture_tokenizer(), dir.join("tokenizer.json")).expect("copy tokenizer");
         return;
     }
@@ -68,18 +66,13 @@ fn main() {
 
     // Long passages cut at exactly TOKENS_PER_PASSAGE tokens; all differ.
     let base = "The harbour town wakes slowly on winter mornings while fishing boats rock against the stone quay and gulls argue over scraps near the lighthouse";
-    let texts: Vec<String> = (0..PASSAGES)
-        .map(|i| format!("Passage {i}. {base} {base} {base} {base} {base}"))
-        .collect();
+    let texts: Vec<String> = (0..PASSAGES).map(|i| format!("Passage {i}. {base} {base} {base} {base} {base}")).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let options = EmbedOptions {
         max_length: TOKENS_PER_PASSAGE,
         batch_tokens: PASSAGES * TOKENS_PER_PASSAGE,
     };
-    let inputs = embedder
-        .encoder()
-        .encode(PASSAGE_INSTRUCTION, &refs, options.max_length)
-        .expect("encode");
+    let inputs = embedder.encoder().encode(PASSAGE_INSTRUCTION, &refs, options.max_length).expect("encode");
     assert!(inputs.iter().all(|e| e.ids.len() == TOKENS_PER_PASSAGE));
 
     let mut best = f64::INFINITY;

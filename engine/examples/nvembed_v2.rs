@@ -12,8 +12,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nvembed_engine::{
-    parse_dtype, Device, EmbedOptions, Embedder, ModelFiles, ModelSource, DEFAULT_BATCH_TOKENS,
-    DEFAULT_HUB_MODEL, DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION,
+    parse_dtype, Device, EmbedOptions, Embedder, ModelFiles, ModelSource, DEFAULT_BATCH_TOKENS, DEFAULT_HUB_MODEL,
+    DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION,
 };
 
 #[derive(Parser)]
@@ -68,17 +68,17 @@ fn model_files(args: &Args) -> Result<ModelFiles, String> {
         });
     }
     if let Some(dir) = &args.model_dir {
-        return ModelSource::Dir(dir.clone())
-            .resolve()
-            .map_err(|e| e.to_string());
+        return ModelSource::Dir(dir.clone()).resolve().map_err(|e| e.to_string());
     }
-    ModelSource::parse(&args.model_id).and_then(|source| source.resolve()).map_err(|e| {
-        format!(
-            "cannot fetch {} from the Hugging Face hub ({e}); for local files pass --model-dir DIR, \
+    ModelSource::parse(&args.model_id)
+        .and_then(|source| source.resolve())
+        .map_err(|e| {
+            format!(
+                "cannot fetch {} from the Hugging Face hub ({e}); for local files pass --model-dir DIR, \
              or --model-files a.safetensors,b.safetensors --tokenizer tokenizer.json [--config config.json]",
-            args.model_id
-        )
-    })
+                args.model_id
+            )
+        })
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -95,8 +95,7 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         let dim = embedder.embedding_dim();
         let flat: Vec<f32> = vectors.into_iter().flatten().collect();
-        candle_core::Tensor::from_vec(flat, (texts.len(), dim), &Device::Cpu)
-            .map_err(|e| e.to_string())
+        candle_core::Tensor::from_vec(flat, (texts.len(), dim), &Device::Cpu).map_err(|e| e.to_string())
     };
     if let Some(prompt) = &args.prompt {
         let embedding = as_tensor(&[prompt.as_str()], PASSAGE_INSTRUCTION)?;

@@ -105,8 +105,7 @@ impl Config {
     /// Per-head width of the decoder.
     pub fn head_dim(&self) -> usize {
         let t = &self.text_config;
-        t.head_dim
-            .unwrap_or(t.hidden_size / t.num_attention_heads.max(1))
+        t.head_dim.unwrap_or(t.hidden_size / t.num_attention_heads.max(1))
     }
 
     /// Width of the returned embedding.
@@ -124,10 +123,7 @@ impl Config {
             ("text_config.num_hidden_layers", t.num_hidden_layers),
             ("text_config.num_attention_heads", t.num_attention_heads),
             ("text_config.num_key_value_heads", t.num_key_value_heads),
-            (
-                "latent_attention_config.num_latents_value",
-                l.num_latents_value,
-            ),
+            ("latent_attention_config.num_latents_value", l.num_latents_value),
             ("latent_attention_config.num_cross_heads", l.num_cross_heads),
             ("latent_attention_config.cross_dim_head", l.cross_dim_head),
             ("latent_attention_config.latent_dim", l.latent_dim),
@@ -143,16 +139,10 @@ impl Config {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return Err(format!(
-                "head_dim ({}) must be even for rotary embeddings",
-                self.head_dim()
-            ));
+            return Err(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim()));
         }
         if t.hidden_act != "silu" {
-            return Err(format!(
-                "text_config.hidden_act {:?} is not supported (only silu)",
-                t.hidden_act
-            ));
+            return Err(format!("text_config.hidden_act {:?} is not supported (only silu)", t.hidden_act));
         }
         // The reference feeds decoder states into LayerNorm(latent_dim) and the latents into
         // LayerNorm(hidden_dim): both widths must be the decoder's.

@@ -118,12 +118,7 @@ impl Embedder {
 
     /// Embeds `texts` with `instruction`; one unit vector per text,
     /// in input order. Fails before any compute if some input would have nothing to pool.
-    pub fn embed(
-        &self,
-        instruction: &str,
-        texts: &[&str],
-        options: &EmbedOptions,
-    ) -> Result<Vec<Vec<f32>>> {
+    pub fn embed(&self, instruction: &str, texts: &[&str], options: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
         self.embed_with_stats(instruction, texts, options)
             .map(|(vectors, _)| vectors)
     }
@@ -141,12 +136,7 @@ impl Embedder {
 
     /// Tokenizes `texts` with `instruction`, failing if any would have nothing to pool or if
     /// `max_length` exceeds the model's position limit.
-    pub fn encode(
-        &self,
-        instruction: &str,
-        texts: &[&str],
-        max_length: usize,
-    ) -> Result<Vec<EncodedInput>> {
+    pub fn encode(&self, instruction: &str, texts: &[&str], max_length: usize) -> Result<Vec<EncodedInput>> {
         let limit = self.config.text_config.max_position_embeddings;
         if max_length > limit {
             return Err(Error::InvalidArgument(format!(
@@ -160,11 +150,7 @@ impl Embedder {
 
     /// Embeds already-encoded inputs — possibly from several callers with different
     /// instructions — in length-sorted batches of at most `batch_tokens` padded tokens.
-    pub fn embed_encoded(
-        &self,
-        inputs: &[EncodedInput],
-        batch_tokens: usize,
-    ) -> Result<(Vec<Vec<f32>>, EmbedStats)> {
+    pub fn embed_encoded(&self, inputs: &[EncodedInput], batch_tokens: usize) -> Result<(Vec<Vec<f32>>, EmbedStats)> {
         let mut results: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
         let mut stats = EmbedStats::default();
         for batch in plan_batches(inputs, batch_tokens) {
@@ -286,9 +272,7 @@ pub fn ensure_finite(index: usize, vector: &[f32]) -> Result<()> {
 /// kernels and rayon read this variable when their pool starts, which nothing has done yet.
 pub fn set_compute_threads(threads: usize) -> Result<()> {
     if threads == 0 {
-        return Err(Error::InvalidArgument(
-            "the thread count must be at least 1".into(),
-        ));
+        return Err(Error::InvalidArgument("the thread count must be at least 1".into()));
     }
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     Ok(())

@@ -18,11 +18,7 @@ pub const DEFAULT_MAX_LENGTH: usize = nvembed_protocol::MAX_LENGTH;
 
 /// The instruction for a custom retrieval task, formatted as in the model card.
 pub fn task_instruction(task: &str) -> String {
-    format!(
-        "{}{task}{}",
-        nvembed_protocol::TASK_INSTRUCTION_PREFIX,
-        nvembed_protocol::TASK_INSTRUCTION_SUFFIX
-    )
+    format!("{}{task}{}", nvembed_protocol::TASK_INSTRUCTION_PREFIX, nvembed_protocol::TASK_INSTRUCTION_SUFFIX)
 }
 
 /// One tokenized input, unpadded.
@@ -65,12 +61,10 @@ impl InputEncoder {
             reason: e.to_string(),
         })?;
         // The reference sets pad = eos at load time; the files leave pad unset.
-        let pad_id = tokenizer
-            .token_to_id(Self::EOS_TOKEN)
-            .ok_or_else(|| Error::Tokenizer {
-                path: path.to_path_buf(),
-                reason: format!("the vocabulary has no {} token", Self::EOS_TOKEN),
-            })?;
+        let pad_id = tokenizer.token_to_id(Self::EOS_TOKEN).ok_or_else(|| Error::Tokenizer {
+            path: path.to_path_buf(),
+            reason: format!("the vocabulary has no {} token", Self::EOS_TOKEN),
+        })?;
         Ok(Self { tokenizer, pad_id })
     }
 
@@ -87,16 +81,9 @@ impl InputEncoder {
     }
 
     /// Tokenizes each text with `instruction`; the instruction is measured once for all of them.
-    pub fn encode(
-        &self,
-        instruction: &str,
-        texts: &[&str],
-        max_length: usize,
-    ) -> Result<Vec<EncodedInput>> {
+    pub fn encode(&self, instruction: &str, texts: &[&str], max_length: usize) -> Result<Vec<EncodedInput>> {
         if max_length == 0 {
-            return Err(Error::InvalidArgument(
-                "max_length must be at least 1".into(),
-            ));
+            return Err(Error::InvalidArgument("max_length must be at least 1".into()));
         }
         let prefix = self.instruction_len(instruction)?;
         texts

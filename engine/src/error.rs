@@ -19,9 +19,7 @@ pub enum Error {
     Safetensors { path: PathBuf, reason: String },
     #[error("tensor {name} is missing from the checkpoint ({files})")]
     MissingTensor { name: String, files: String },
-    #[error(
-        "tensor {name} has shape {found:?} in the checkpoint but the config implies {expected:?}"
-    )]
+    #[error("tensor {name} has shape {found:?} in the checkpoint but the config implies {expected:?}")]
     ShapeMismatch {
         name: String,
         expected: Vec<usize>,
@@ -44,11 +42,7 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("hub download of {file} from {repo} failed: {reason}")]
-    Hub {
-        repo: String,
-        file: String,
-        reason: String,
-    },
+    Hub { repo: String, file: String, reason: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

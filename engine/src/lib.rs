@@ -24,8 +24,7 @@ pub use embedder::{
     DEFAULT_BATCH_TOKENS,
 };
 pub use encoding::{
-    task_instruction, EncodedInput, InputEncoder, DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION,
-    QUERY_INSTRUCTION,
+    task_instruction, EncodedInput, InputEncoder, DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION,
 };
 pub use error::{Error, Result};
 pub use source::{ModelFiles, ModelSource, DEFAULT_HUB_MODEL};

@@ -48,10 +48,7 @@ impl Shape {
         let hd = h / self.num_attention_heads;
         let kv = self.num_key_value_heads * hd;
         let inner = self.num_cross_heads * self.cross_dim_head;
-        let mut shapes = vec![(
-            "embedding_model.embed_tokens.weight".to_string(),
-            vec![v, h],
-        )];
+        let mut shapes = vec![("embedding_model.embed_tokens.weight".to_string(), vec![v, h])];
         for layer in 0..self.num_hidden_layers {
             let p = format!("embedding_model.layers.{layer}");
             shapes.extend([
@@ -89,10 +86,7 @@ impl Shape {
     }
 
     pub fn parameter_count(&self) -> usize {
-        self.tensor_shapes()
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
+        self.tensor_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
 
     /// config.json as `save_pretrained` writes it (latent keys at their defaults omitted).
@@ -152,10 +146,7 @@ impl Shape {
         let weights = dir.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &weights)?;
         let config = dir.join("config.json");
-        std::fs::write(
-            &config,
-            serde_json::to_string_pretty(&self.config_json()).expect("json"),
-        )
-        .map_err(|e| Error::io(&config, e))
+        std::fs::write(&config, serde_json::to_string_pretty(&self.config_json()).expect("json"))
+            .map_err(|e| Error::io(&config, e))
     }
 }

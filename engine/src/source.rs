@@ -37,10 +37,7 @@ pub enum ModelSource {
     Files(ModelFiles),
     /// A hub repository such as `nvidia/NV-Embed-v2`, at `revision` (a branch, tag or commit
     /// sha; the default branch `main` when `None`).
-    Hub {
-        repo: String,
-        revision: Option<String>,
-    },
+    Hub { repo: String, revision: Option<String> },
 }
 
 #[derive(Deserialize)]
@@ -107,30 +104,21 @@ fn split_hub_id(spec: &str) -> Result<(String, Option<String>)> {
         .chars()
         .any(|c| c.is_whitespace() || c.is_control() || c == '\\')
     {
-        return Err(invalid(
-            "the revision contains whitespace, a control character or '\\'",
-        ));
+        return Err(invalid("the revision contains whitespace, a control character or '\\'"));
     }
     // Revisions such as `refs/pr/1` name files under the cache's `refs/`: nothing may climb out.
     if revision
         .split('/')
         .any(|seg| seg.is_empty() || seg == "." || seg == "..")
     {
-        return Err(invalid(
-            "the revision has an empty, '.' or '..' path segment",
-        ));
+        return Err(invalid("the revision has an empty, '.' or '..' path segment"));
     }
     Ok((repo.to_string(), Some(revision.to_string())))
 }
 
 fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
-        .map(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
-        })
+        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
         .unwrap_or(false)
 }
 
@@ -182,10 +170,7 @@ fn resolve_dir(dir: &Path) -> Result<ModelFiles> {
     }
     let index = dir.join(SHARD_INDEX_FILE);
     let weights = if index.is_file() {
-        shard_names(&index)?
-            .into_iter()
-            .map(|n| dir.join(n))
-            .collect()
+        shard_names(&index)?.into_iter().map(|n| dir.join(n)).collect()
     } else {
         vec![dir.join(SINGLE_WEIGHTS_FILE)]
     };
@@ -220,14 +205,9 @@ impl LocalCache {
 
     fn snapshot(&self) -> Option<PathBuf> {
         let snapshots = self.repo_dir.join("snapshots");
-        if let Ok(commit) = std::fs::read_to_string(self.repo_dir.join("refs").join(&self.revision))
-        {
+        if let Ok(commit) = std::fs::read_to_string(self.repo_dir.join("refs").join(&self.revision)) {
             let commit = commit.trim();
-            if !commit.is_empty()
-                && !commit.contains(['/', '\\'])
-                && commit != "."
-                && commit != ".."
-            {
+            if !commit.is_empty() && !commit.contains(['/', '\\']) && commit != "." && commit != ".." {
                 return Some(snapshots.join(commit));
             }
         }
@@ -270,11 +250,8 @@ impl Fetch for Online {
 
 fn resolve_hub(repo_id: &str, revision: Option<&str>) -> Result<ModelFiles> {
     let label = hub_label(repo_id, revision);
-    let repo = Repo::with_revision(
-        repo_id.to_string(),
-        RepoType::Model,
-        revision.unwrap_or(DEFAULT_REVISION).to_string(),
-    );
+    let repo =
+        Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.unwrap_or(DEFAULT_REVISION).to_string());
     // The same cache `ApiBuilder::from_env` downloads into.
     let local = LocalCache::new(&Cache::from_env(), &repo);
     let fetcher: Box<dyn Fetch> = if hub_offline() {

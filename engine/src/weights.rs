@@ -34,11 +34,10 @@ impl Weights {
                 reason: e.to_string(),
             })?;
         }
-        let tensors =
-            unsafe { MmapedSafetensors::multi(files) }.map_err(|e| Error::Safetensors {
-                path: files.first().cloned().unwrap_or_default(),
-                reason: e.to_string(),
-            })?;
+        let tensors = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| Error::Safetensors {
+            path: files.first().cloned().unwrap_or_default(),
+            reason: e.to_string(),
+        })?;
         Ok(Self {
             tensors,
             files: files.to_vec(),

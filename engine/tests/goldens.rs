@@ -7,9 +7,7 @@ use nvembed_engine::{DType, Device, EmbedOptions, Embedder, Error, ModelSource};
 use serde_json::Value;
 
 fn load(dtype: DType) -> Embedder {
-    let files = ModelSource::Dir(fixture_dir())
-        .resolve()
-        .expect("resolve fixture");
+    let files = ModelSource::Dir(fixture_dir()).resolve().expect("resolve fixture");
     Embedder::load(&files, dtype, &Device::Cpu).expect("load fixture")
 }
 
@@ -45,10 +43,7 @@ fn runs(g: &Value) -> Vec<Run<'_>> {
 }
 
 fn is_nonfinite(run: &Run) -> bool {
-    !run.value["nonfinite_rows"]
-        .as_array()
-        .expect("rows")
-        .is_empty()
+    !run.value["nonfinite_rows"].as_array().expect("rows").is_empty()
 }
 
 /// One padded batch, as the reference ran it.
@@ -65,29 +60,12 @@ fn token_ids_and_masks_match_the_reference() {
     let embedder = load(DType::F32);
     let encoder = embedder.encoder();
     for run in runs(&g) {
-        let inputs = encoder
-            .encode(&run.instruction, &run.texts, run.max_length)
-            .expect("encode");
+        let inputs = encoder.encode(&run.instruction, &run.texts, run.max_length).expect("encode");
         let refs: Vec<_> = inputs.iter().collect();
         let batch = encoder.pad(&refs);
-        assert_eq!(
-            batch.input_ids,
-            matrix_u32(&run.value["input_ids"]),
-            "{}: input_ids",
-            run.name
-        );
-        assert_eq!(
-            batch.attention_mask,
-            matrix_u32(&run.value["attention_mask"]),
-            "{}: attention_mask",
-            run.name
-        );
-        assert_eq!(
-            batch.pool_mask,
-            matrix_u32(&run.value["pool_mask"]),
-            "{}: pool_mask",
-            run.name
-        );
+        assert_eq!(batch.input_ids, matrix_u32(&run.value["input_ids"]), "{}: input_ids", run.name);
+        assert_eq!(batch.attention_mask, matrix_u32(&run.value["attention_mask"]), "{}: attention_mask", run.name);
+        assert_eq!(batch.pool_mask, matrix_u32(&run.value["pool_mask"]), "{}: pool_mask", run.name);
         assert_eq!(
             encoder.instruction_len(&run.instruction).unwrap() as u64,
             run.value["instruction_lens"].as_u64().unwrap(),
@@ -108,9 +86,7 @@ fn f32_embeddings_match_every_reference_run() {
             continue;
         }
         let expected = matrix_f32(&run.value["embeddings"]);
-        let got = embedder
-            .embed(&run.instruction, &run.texts, &one_batch(run.max_length))
-            .expect(run.name);
+        let got = embedder.embed(&run.instruction, &run.texts, &one_batch(run.max_length)).expect(run.name);
         let diff = max_abs_diff(&got, &expected);
         assert!(diff <= 1e-5, "{}: max abs diff {diff}", run.name);
         // The same texts split into length-sorted batches of a few rows each.
@@ -118,14 +94,8 @@ fn f32_embeddings_match_every_reference_run() {
             max_length: run.max_length,
             batch_tokens: 64,
         };
-        let got_split = embedder
-            .embed(&run.instruction, &run.texts, &split)
-            .expect(run.name);
-        assert!(
-            max_abs_diff(&got_split, &expected) <= 1e-5,
-            "{}: split batches",
-            run.name
-        );
+        let got_split = embedder.embed(&run.instruction, &run.texts, &split).expect(run.name);
+        assert!(max_abs_diff(&got_split, &expected) <= 1e-5, "{}: split batches", run.name);
         worst = worst.max(diff);
         checked += 1;
     }
@@ -137,23 +107,12 @@ fn f32_embeddings_match_every_reference_run() {
 fn batched_and_single_runs_agree() {
     let g = goldens();
     let embedder = load(DType::F32);
-    for run in runs(&g)
-        .iter()
-        .filter(|r| r.name.starts_with("all_") && !is_nonfinite(r))
-    {
-        let batched = embedder
-            .embed(&run.instruction, &run.texts, &one_batch(run.max_length))
-            .unwrap();
+    for run in runs(&g).iter().filter(|r| r.name.starts_with("all_") && !is_nonfinite(r)) {
+        let batched = embedder.embed(&run.instruction, &run.texts, &one_batch(run.max_length)).unwrap();
         for (row, text) in run.texts.iter().enumerate() {
-            let single = embedder
-                .embed(&run.instruction, &[text], &one_batch(run.max_length))
-                .unwrap();
+            let single = embedder.embed(&run.instruction, &[text], &one_batch(run.max_length)).unwrap();
             let diff = max_abs_diff(&single, &batched[row..=row]);
-            assert!(
-                diff <= 1e-6,
-                "{} row {row}: batched vs single differ by {diff}",
-                run.name
-            );
+            assert!(diff <= 1e-6, "{} row {row}: batched vs single differ by {diff}", run.name);
         }
     }
 }
@@ -179,19 +138,14 @@ fn runs_with_nothing_to_pool_are_errors_not_nan() {
 fn decoder_hidden_states_match_the_reference() {
     let g = goldens();
     let embedder = load(DType::F32);
-    let run = runs(&g)
-        .into_iter()
-        .find(|r| r.name == "card_queries")
-        .unwrap();
+    let run = runs(&g).into_iter().find(|r| r.name == "card_queries").unwrap();
     let expected: Vec<Vec<Vec<f32>>> = g["debug"]["card_queries_decoder_last_hidden_state"]
         .as_array()
         .unwrap()
         .iter()
         .map(matrix_f32)
         .collect();
-    let hidden = embedder
-        .decoder_hidden_states(&run.instruction, &run.texts, run.max_length)
-        .unwrap();
+    let hidden = embedder.decoder_hidden_states(&run.instruction, &run.texts, run.max_length).unwrap();
     for (row, (got, want)) in hidden.iter().zip(&expected).enumerate() {
         let diff = max_abs_diff(got, want);
         assert!(diff <= 1e-4, "row {row}: decoder states differ by {diff}");
@@ -205,20 +159,14 @@ fn card_scores_match() {
     let all = runs(&g);
     let get = |name: &str| {
         let run = all.iter().find(|r| r.name == name).unwrap();
-        embedder
-            .embed(&run.instruction, &run.texts, &one_batch(run.max_length))
-            .unwrap()
+        embedder.embed(&run.instruction, &run.texts, &one_batch(run.max_length)).unwrap()
     };
     let (q, p) = (get("card_queries"), get("card_passages"));
     let expected = matrix_f32(&g["card_scores"]);
     for i in 0..2 {
         for j in 0..2 {
             let score: f32 = 100.0 * q[i].iter().zip(&p[j]).map(|(a, b)| a * b).sum::<f32>();
-            assert!(
-                (score - expected[i][j]).abs() <= 1e-3,
-                "score[{i}][{j}] = {score}, want {}",
-                expected[i][j]
-            );
+            assert!((score - expected[i][j]).abs() <= 1e-3, "score[{i}][{j}] = {score}, want {}", expected[i][j]);
         }
     }
 }
@@ -229,9 +177,7 @@ fn half_precision_cosines(dtype: DType) {
     let mut worst = 1f64;
     for run in runs(&g).iter().filter(|r| !is_nonfinite(r)) {
         let expected = matrix_f32(&run.value["embeddings"]);
-        let got = embedder
-            .embed(&run.instruction, &run.texts, &one_batch(run.max_length))
-            .unwrap();
+        let got = embedder.embed(&run.instruction, &run.texts, &one_batch(run.max_length)).unwrap();
         for (row, (a, b)) in got.iter().zip(&expected).enumerate() {
             let c = cosine(a, b);
             assert!(c >= 0.999, "{dtype:?} {} row {row}: cosine {c}", run.name);

@@ -12,9 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use common::*;
-use nvembed_engine::{
-    DType, Device, EmbedOptions, Embedder, Error, ModelFiles, ModelSource, PASSAGE_INSTRUCTION,
-};
+use nvembed_engine::{DType, Device, EmbedOptions, Embedder, Error, ModelFiles, ModelSource, PASSAGE_INSTRUCTION};
 
 const REPO: &str = "nvidia-test/nv-embed-tiny";
 /// The commit the server reports for `main`.
@@ -31,11 +29,7 @@ fn env_lock() -> MutexGuard<'static, ()> {
 
 /// Serves `GET /{REPO}/resolve/{main,v1}/{file}` from the fixture directory, honouring `Range`,
 /// with the commit of that revision in `x-repo-commit`. Records each revision asked for.
-fn serve_fixture(
-    listener: TcpListener,
-    requests: Arc<AtomicUsize>,
-    revisions: Arc<Mutex<Vec<String>>>,
-) {
+fn serve_fixture(listener: TcpListener, requests: Arc<AtomicUsize>, revisions: Arc<Mutex<Vec<String>>>) {
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         requests.fetch_add(1, Ordering::SeqCst);
@@ -54,15 +48,9 @@ fn serve_fixture(
                 range = Some((a.parse().unwrap(), b.parse().ok()));
             }
         }
-        let path = request_line
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or("")
-            .to_string();
+        let path = request_line.split_whitespace().nth(1).unwrap_or("").to_string();
         let prefix = format!("/{REPO}/resolve/");
-        let target = path
-            .strip_prefix(&prefix)
-            .and_then(|rest| rest.split_once('/'));
+        let target = path.strip_prefix(&prefix).and_then(|rest| rest.split_once('/'));
         if let Some((revision, _)) = target {
             revisions.lock().unwrap().push(revision.to_string());
         }
@@ -77,9 +65,7 @@ fn serve_fixture(
                 .map(|bytes| (commit, bytes))
         });
         let response = match served {
-            None => {
-                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
-            }
+            None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
             Some((commit, bytes)) => {
                 let (start, end) = match range {
                     Some((a, b)) => (a, b.unwrap_or(bytes.len() - 1).min(bytes.len() - 1)),
@@ -122,19 +108,11 @@ fn hub_download_then_offline_cache() {
         .unwrap()
         .resolve()
         .expect("download from the local hub");
-    assert!(
-        files.config.starts_with(home.path().join("hub")),
-        "{:?}",
-        files.config
-    );
+    assert!(files.config.starts_with(home.path().join("hub")), "{:?}", files.config);
     assert_eq!(files.weights.len(), 2, "both shards listed in the index");
     let downloaded = Embedder::load(&files, DType::F32, &Device::Cpu).unwrap();
-    let reference = Embedder::load(
-        &ModelSource::Dir(fixture_dir()).resolve().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let reference =
+        Embedder::load(&ModelSource::Dir(fixture_dir()).resolve().unwrap(), DType::F32, &Device::Cpu).unwrap();
     let a = downloaded
         .embed(PASSAGE_INSTRUCTION, &["hello"], &EmbedOptions::default())
         .unwrap();
@@ -147,10 +125,7 @@ fn hub_download_then_offline_cache() {
     // Offline: served from the cache without a single request.
     let before = requests.load(Ordering::SeqCst);
     std::env::set_var("HF_HUB_OFFLINE", "1");
-    let cached = ModelSource::parse(REPO)
-        .unwrap()
-        .resolve()
-        .expect("offline from cache");
+    let cached = ModelSource::parse(REPO).unwrap().resolve().expect("offline from cache");
     assert_eq!(cached, files);
     assert_eq!(requests.load(Ordering::SeqCst), before);
 
@@ -160,10 +135,7 @@ fn hub_download_then_offline_cache() {
         .resolve()
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("nvidia-test/not-cached") && err.contains("HF_HUB_OFFLINE"),
-        "{err}"
-    );
+    assert!(err.contains("nvidia-test/not-cached") && err.contains("HF_HUB_OFFLINE"), "{err}");
 
     // Online, unknown repo: the server's 404 is reported with the file name.
     std::env::remove_var("HF_HUB_OFFLINE");
@@ -172,15 +144,8 @@ fn hub_download_then_offline_cache() {
         .resolve()
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("nvidia-test/absent") && err.contains("config.json"),
-        "{err}"
-    );
-    assert!(
-        revisions.lock().unwrap().iter().all(|r| r == "main"),
-        "{:?}",
-        revisions.lock().unwrap()
-    );
+    assert!(err.contains("nvidia-test/absent") && err.contains("config.json"), "{err}");
+    assert!(revisions.lock().unwrap().iter().all(|r| r == "main"), "{:?}", revisions.lock().unwrap());
 
     // Online, pinned to the tag v1: fetched from /resolve/v1/ into the snapshot of v1's commit,
     // with refs/v1 recorded next to the untouched refs/main.
@@ -194,39 +159,17 @@ fn hub_download_then_offline_cache() {
     assert_eq!(pinned.config, v1_snapshot.join("config.json"));
     assert_eq!(pinned.tokenizer, v1_snapshot.join("tokenizer.json"));
     assert_eq!(pinned.weights.len(), 2);
-    assert!(
-        pinned.weights.iter().all(|w| w.starts_with(&v1_snapshot)),
-        "{:?}",
-        pinned.weights
-    );
-    assert_eq!(
-        std::fs::read_to_string(repo_dir.join("refs/v1")).unwrap(),
-        V1_COMMIT
-    );
-    assert_eq!(
-        std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(),
-        COMMIT
-    );
+    assert!(pinned.weights.iter().all(|w| w.starts_with(&v1_snapshot)), "{:?}", pinned.weights);
+    assert_eq!(std::fs::read_to_string(repo_dir.join("refs/v1")).unwrap(), V1_COMMIT);
+    assert_eq!(std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(), COMMIT);
     let asked = revisions.lock().unwrap().clone();
-    assert!(
-        !asked.is_empty() && asked.iter().all(|r| r == "v1"),
-        "{asked:?}"
-    );
-    assert_eq!(
-        std::fs::read(&pinned.weights[1]).unwrap(),
-        std::fs::read(&files.weights[1]).unwrap()
-    );
+    assert!(!asked.is_empty() && asked.iter().all(|r| r == "v1"), "{asked:?}");
+    assert_eq!(std::fs::read(&pinned.weights[1]).unwrap(), std::fs::read(&files.weights[1]).unwrap());
 
     // ... and offline the same pin is served from that snapshot without a request.
     let before = requests.load(Ordering::SeqCst);
     std::env::set_var("HF_HUB_OFFLINE", "1");
-    assert_eq!(
-        ModelSource::parse(&format!("{REPO}@v1"))
-            .unwrap()
-            .resolve()
-            .unwrap(),
-        pinned
-    );
+    assert_eq!(ModelSource::parse(&format!("{REPO}@v1")).unwrap().resolve().unwrap(), pinned);
     assert_eq!(ModelSource::parse(REPO).unwrap().resolve().unwrap(), files);
     assert_eq!(requests.load(Ordering::SeqCst), before);
 
@@ -256,22 +199,13 @@ fn write(path: &Path, contents: &str) {
 /// Returns the files a resolution of that snapshot must give.
 fn snapshot(repo_dir: &Path, sha: &str, sharded: bool) -> ModelFiles {
     let dir = repo_dir.join("snapshots").join(sha);
-    write(
-        &dir.join("config.json"),
-        &format!("{{\"commit\": \"{sha}\"}}"),
-    );
+    write(&dir.join("config.json"), &format!("{{\"commit\": \"{sha}\"}}"));
     write(&dir.join("tokenizer.json"), "{}");
     let weights: Vec<PathBuf> = if sharded {
-        let names = [
-            "model-00001-of-00002.safetensors",
-            "model-00002-of-00002.safetensors",
-        ];
+        let names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
         write(
             &dir.join("model.safetensors.index.json"),
-            &format!(
-                r#"{{"weight_map": {{"a.weight": "{}", "b.weight": "{}"}}}}"#,
-                names[0], names[1]
-            ),
+            &format!(r#"{{"weight_map": {{"a.weight": "{}", "b.weight": "{}"}}}}"#, names[0], names[1]),
         );
         names.iter().map(|n| dir.join(n)).collect()
     } else {
@@ -307,12 +241,7 @@ fn pinned_cache() -> PinnedCache {
     std::env::set_var("HF_HOME", home.path());
     std::env::set_var("HF_HUB_OFFLINE", "1");
     std::env::remove_var("HF_ENDPOINT");
-    PinnedCache {
-        home,
-        main,
-        v1,
-        old,
-    }
+    PinnedCache { home, main, v1, old }
 }
 
 fn resolve(spec: &str) -> nvembed_engine::Result<ModelFiles> {
@@ -326,44 +255,17 @@ fn parse_splits_repo_and_revision() {
         repo: repo.to_string(),
         revision: revision.map(str::to_string),
     };
-    assert_eq!(
-        ModelSource::parse("nvidia/NV-Embed-v2@v1").unwrap(),
-        hub("nvidia/NV-Embed-v2", Some("v1"))
-    );
-    assert_eq!(
-        ModelSource::parse("nvidia/NV-Embed-v2").unwrap(),
-        hub("nvidia/NV-Embed-v2", None)
-    );
-    assert_eq!(
-        ModelSource::parse("gpt2@main").unwrap(),
-        hub("gpt2", Some("main"))
-    );
-    assert_eq!(
-        ModelSource::parse(&format!("org/name@{OLD_SHA}")).unwrap(),
-        hub("org/name", Some(OLD_SHA))
-    );
-    assert_eq!(
-        ModelSource::parse("org/name@refs/pr/1").unwrap(),
-        hub("org/name", Some("refs/pr/1"))
-    );
-    assert_eq!(
-        "org/name@v1".parse::<ModelSource>().unwrap(),
-        hub("org/name", Some("v1"))
-    );
+    assert_eq!(ModelSource::parse("nvidia/NV-Embed-v2@v1").unwrap(), hub("nvidia/NV-Embed-v2", Some("v1")));
+    assert_eq!(ModelSource::parse("nvidia/NV-Embed-v2").unwrap(), hub("nvidia/NV-Embed-v2", None));
+    assert_eq!(ModelSource::parse("gpt2@main").unwrap(), hub("gpt2", Some("main")));
+    assert_eq!(ModelSource::parse(&format!("org/name@{OLD_SHA}")).unwrap(), hub("org/name", Some(OLD_SHA)));
+    assert_eq!(ModelSource::parse("org/name@refs/pr/1").unwrap(), hub("org/name", Some("refs/pr/1")));
+    assert_eq!("org/name@v1".parse::<ModelSource>().unwrap(), hub("org/name", Some("v1")));
     assert_eq!(ModelSource::hub("org/name"), hub("org/name", None));
 
     // Paths keep the directory rules, '@' or not.
-    for spec in [
-        "/models/nv-embed@v1",
-        "./nv-embed@v1",
-        "../a@b",
-        "models/nv/embed@v1",
-    ] {
-        assert_eq!(
-            ModelSource::parse(spec).unwrap(),
-            ModelSource::Dir(PathBuf::from(spec)),
-            "{spec}"
-        );
+    for spec in ["/models/nv-embed@v1", "./nv-embed@v1", "../a@b", "models/nv/embed@v1"] {
+        assert_eq!(ModelSource::parse(spec).unwrap(), ModelSource::Dir(PathBuf::from(spec)), "{spec}");
     }
     // An existing relative path is a directory even when it reads like `name@rev` or `org/name@rev`.
     let cwd = std::env::current_dir().unwrap();
@@ -376,10 +278,7 @@ fn parse_splits_repo_and_revision() {
     let absent = ModelSource::parse("org/other@v1");
     std::env::set_current_dir(&cwd).unwrap();
     assert_eq!(local.unwrap(), ModelSource::Dir(PathBuf::from("local@v1")));
-    assert_eq!(
-        nested.unwrap(),
-        ModelSource::Dir(PathBuf::from("org/name@v1"))
-    );
+    assert_eq!(nested.unwrap(), ModelSource::Dir(PathBuf::from("org/name@v1")));
     assert_eq!(absent.unwrap(), hub("org/other", Some("v1")));
 }
 
@@ -387,20 +286,12 @@ fn parse_splits_repo_and_revision() {
 fn offline_revision_follows_its_ref() {
     let _env = env_lock();
     let cache = pinned_cache();
-    let v1_snapshot = cache
-        .home
-        .path()
-        .join("hub/models--org--name/snapshots")
-        .join(V1_SHA);
+    let v1_snapshot = cache.home.path().join("hub/models--org--name/snapshots").join(V1_SHA);
 
     let pinned = resolve("org/name@v1").expect("v1 is cached");
     assert_eq!(pinned, cache.v1);
     assert_eq!(pinned.weights.len(), 2, "v1's snapshot is sharded");
-    assert!(
-        pinned.weights.iter().all(|w| w.starts_with(&v1_snapshot)),
-        "{:?}",
-        pinned.weights
-    );
+    assert!(pinned.weights.iter().all(|w| w.starts_with(&v1_snapshot)), "{:?}", pinned.weights);
     assert_eq!(std::fs::read_to_string(&pinned.weights[0]).unwrap(), V1_SHA);
 
     // No revision and an explicit main both follow refs/main to the other snapshot.
@@ -439,14 +330,8 @@ fn commit_sha_revision_resolves_to_its_snapshot() {
     let old = resolve(&format!("org/name@{OLD_SHA}")).expect("the old commit is cached");
     assert_eq!(old, cache.old);
     assert_eq!(old.config, snapshots.join(OLD_SHA).join("config.json"));
-    assert_eq!(
-        old.weights,
-        vec![snapshots.join(OLD_SHA).join("model.safetensors")]
-    );
-    assert_eq!(
-        std::fs::read_to_string(&old.config).unwrap(),
-        format!("{{\"commit\": \"{OLD_SHA}\"}}")
-    );
+    assert_eq!(old.weights, vec![snapshots.join(OLD_SHA).join("model.safetensors")]);
+    assert_eq!(std::fs::read_to_string(&old.config).unwrap(), format!("{{\"commit\": \"{OLD_SHA}\"}}"));
 
     // The sha a branch points at gives that branch's snapshot.
     assert_eq!(resolve(&format!("org/name@{V1_SHA}")).unwrap(), cache.v1);
@@ -462,13 +347,8 @@ fn commit_sha_revision_resolves_to_its_snapshot() {
 
     // A sha with no snapshot is not cached.
     let missing = "4444444444444444444444444444444444444444";
-    let err = resolve(&format!("org/name@{missing}"))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains(&format!("org/name@{missing}")) && err.contains("HF_HUB_OFFLINE"),
-        "{err}"
-    );
+    let err = resolve(&format!("org/name@{missing}")).unwrap_err().to_string();
+    assert!(err.contains(&format!("org/name@{missing}")) && err.contains("HF_HUB_OFFLINE"), "{err}");
 }
 
 #[test]
@@ -496,9 +376,7 @@ fn malformed_hub_ids_are_invalid_arguments() {
         }
         assert!(spec.parse::<ModelSource>().is_err(), "{spec}");
     }
-    let message = ModelSource::parse("nvidia/NV-Embed-v2@")
-        .unwrap_err()
-        .to_string();
+    let message = ModelSource::parse("nvidia/NV-Embed-v2@").unwrap_err().to_string();
     assert_eq!(
         message,
         "invalid argument: invalid hub model id \"nvidia/NV-Embed-v2@\": empty revision after '@' \

@@ -154,9 +154,7 @@ impl ClientMessage {
             tag::STATUS => Ok(ClientMessage::Status),
             tag::EMBED => Ok(ClientMessage::Embed(from_json(&frame.payload)?)),
             tag::TEXTS => Ok(ClientMessage::Texts(from_json(&frame.payload)?)),
-            other => Err(invalid(format!(
-                "unexpected message tag {other} from a client"
-            ))),
+            other => Err(invalid(format!("unexpected message tag {other} from a client"))),
         }
     }
 }
@@ -197,8 +195,7 @@ impl ServerMessage {
                 if payload.len() < 4 || (payload.len() - 4) % 4 != 0 {
                     return Err(invalid("malformed vector chunk"));
                 }
-                let dimension =
-                    u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize;
+                let dimension = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize;
                 let values: Vec<f32> = payload[4..]
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -216,9 +213,7 @@ impl ServerMessage {
                     message: error.message,
                 })
             }
-            other => Err(invalid(format!(
-                "unexpected message tag {other} from the model server"
-            ))),
+            other => Err(invalid(format!("unexpected message tag {other} from the model server"))),
         }
     }
 }
@@ -251,10 +246,7 @@ mod tests {
     fn round_trip_client(message: ClientMessage) -> ClientMessage {
         let mut buf = Vec::new();
         message.write(&mut buf).unwrap();
-        assert!(
-            decode_frame(&buf[..buf.len() - 1]).unwrap().is_none(),
-            "a partial frame waits"
-        );
+        assert!(decode_frame(&buf[..buf.len() - 1]).unwrap().is_none(), "a partial frame waits");
         let (frame, used) = decode_frame(&buf).unwrap().unwrap();
         assert_eq!(used, buf.len());
         ClientMessage::decode(frame).unwrap()
@@ -276,9 +268,7 @@ mod tests {
             count: 2,
         };
         for message in [
-            ClientMessage::Hello {
-                build: BUILD_ID.into(),
-            },
+            ClientMessage::Hello { build: BUILD_ID.into() },
             ClientMessage::Status,
             ClientMessage::Embed(header),
             ClientMessage::Texts(vec!["a".into(), "é\u{0}".into()]),
@@ -287,18 +277,13 @@ mod tests {
         }
         let values = vec![0.1f32, -1.0e-7, 3.4028235e38, f32::MIN_POSITIVE, -0.0, 1.0];
         for message in [
-            ServerMessage::Hello {
-                build: "other".into(),
-            },
+            ServerMessage::Hello { build: "other".into() },
             ServerMessage::Status(Status {
                 model: "m".into(),
                 pid: 7,
                 ..Status::default()
             }),
-            ServerMessage::Vectors {
-                dimension: 3,
-                values,
-            },
+            ServerMessage::Vectors { dimension: 3, values },
             ServerMessage::Done,
             ServerMessage::Error {
                 kind: ErrorKind::TooLarge,
@@ -325,10 +310,7 @@ mod tests {
             values: values.clone(),
         }) {
             ServerMessage::Vectors { values: got, .. } => {
-                assert!(got
-                    .iter()
-                    .zip(&values)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()))
+                assert!(got.iter().zip(&values).all(|(a, b)| a.to_bits() == b.to_bits()))
             }
             other => panic!("{other:?}"),
         }
@@ -345,10 +327,7 @@ mod tests {
             tag: 5,
             payload: vec![3, 0, 0, 0, 1, 2, 3, 4],
         };
-        assert!(
-            ServerMessage::decode(frame).is_err(),
-            "one float is not a 3-float vector"
-        );
+        assert!(ServerMessage::decode(frame).is_err(), "one float is not a 3-float vector");
         let frame = crate::Frame {
             tag: 42,
             payload: vec![],
@@ -367,10 +346,7 @@ mod tests {
             "d".into(),
         ];
         let chunks: Vec<&[String]> = text_chunks(&texts).collect();
-        assert_eq!(
-            chunks.iter().map(|c| c.len()).collect::<Vec<_>>(),
-            vec![1, 1, 2, 1]
-        );
+        assert_eq!(chunks.iter().map(|c| c.len()).collect::<Vec<_>>(), vec![1, 1, 2, 1]);
         assert_eq!(chunks.concat(), texts);
         assert_eq!(text_chunks(&[]).count(), 0);
     }

@@ -9,19 +9,13 @@ use nvembed_protocol::{EmbedHeader, ErrorKind};
 pub type Refusal = (ErrorKind, String);
 
 /// Tokenizes `texts` as `header` says and checks the call's size.
-pub fn admit(
-    embedder: &Embedder,
-    header: &EmbedHeader,
-    texts: &[String],
-) -> Result<Vec<EncodedInput>, Refusal> {
+pub fn admit(embedder: &Embedder, header: &EmbedHeader, texts: &[String]) -> Result<Vec<EncodedInput>, Refusal> {
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let inputs = embedder
         .encode(&header.instruction, &refs, header.max_length)
         .map_err(|e| {
             let kind = match e {
-                Error::NothingToPool { .. } | Error::InvalidArgument(_) | Error::Encode(_) => {
-                    ErrorKind::InvalidInput
-                }
+                Error::NothingToPool { .. } | Error::InvalidArgument(_) | Error::Encode(_) => ErrorKind::InvalidInput,
                 _ => ErrorKind::Internal,
             };
             (kind, e.to_string())

@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nvembed_protocol::{
-    read_frame, vectors_per_chunk, ClientMessage, EmbedHeader, ErrorKind, ServerMessage, Status,
-    BUILD_ID,
+    read_frame, vectors_per_chunk, ClientMessage, EmbedHeader, ErrorKind, ServerMessage, Status, BUILD_ID,
 };
 
 use crate::admission::admit;
@@ -63,20 +62,12 @@ fn hung_up(stream: &UnixStream) -> bool {
     let mut byte = 0u8;
     // SAFETY: peeking one byte into a valid buffer on an open socket.
     let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
+        libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
     };
     match n {
         0 => true,
         n if n > 0 => false,
-        _ => !matches!(
-            std::io::Error::last_os_error().kind(),
-            IoErrorKind::WouldBlock | IoErrorKind::Interrupted
-        ),
+        _ => !matches!(std::io::Error::last_os_error().kind(), IoErrorKind::WouldBlock | IoErrorKind::Interrupted),
     }
 }
 
@@ -95,11 +86,9 @@ fn read_message(stream: &mut UnixStream) -> Option<ClientMessage> {
 pub fn serve_client(mut stream: UnixStream, server: &Server) {
     match read_message(&mut stream) {
         Some(ClientMessage::Hello { build }) => {
-            if (ServerMessage::Hello {
-                build: BUILD_ID.into(),
-            })
-            .write(&mut stream)
-            .is_err()
+            if (ServerMessage::Hello { build: BUILD_ID.into() })
+                .write(&mut stream)
+                .is_err()
             {
                 return;
             }
@@ -109,23 +98,17 @@ pub fn serve_client(mut stream: UnixStream, server: &Server) {
             }
         }
         Some(_) => {
-            eprintln!(
-                "nvembed-model-server: dropping a connection that did not start with a handshake"
-            );
+            eprintln!("nvembed-model-server: dropping a connection that did not start with a handshake");
             return;
         }
         None => return,
     }
     loop {
         let served = match read_message(&mut stream) {
-            Some(ClientMessage::Status) => ServerMessage::Status(server.status())
-                .write(&mut stream)
-                .is_ok(),
+            Some(ClientMessage::Status) => ServerMessage::Status(server.status()).write(&mut stream).is_ok(),
             Some(ClientMessage::Embed(header)) => embed(&mut stream, server, header),
             Some(other) => {
-                eprintln!(
-                    "nvembed-model-server: dropping a connection that sent {other:?} out of turn"
-                );
+                eprintln!("nvembed-model-server: dropping a connection that sent {other:?} out of turn");
                 false
             }
             None => false,
@@ -141,9 +124,7 @@ fn embed(stream: &mut UnixStream, server: &Server, header: EmbedHeader) -> bool 
     let mut texts = Vec::with_capacity(header.count.min(1 << 20));
     while texts.len() < header.count {
         match read_message(stream) {
-            Some(ClientMessage::Texts(chunk)) if texts.len() + chunk.len() <= header.count => {
-                texts.extend(chunk)
-            }
+            Some(ClientMessage::Texts(chunk)) if texts.len() + chunk.len() <= header.count => texts.extend(chunk),
             _ => return false,
         }
     }
@@ -202,10 +183,7 @@ fn embed(stream: &mut UnixStream, server: &Server, header: EmbedHeader) -> bool 
             }
         }
         let mut sent_ok = true;
-        while finished
-            .first_key_value()
-            .is_some_and(|(&index, _)| index == written)
-        {
+        while finished.first_key_value().is_some_and(|(&index, _)| index == written) {
             let mut values = Vec::with_capacity(chunk_rows.min(count - written) * dimension);
             while values.len() < chunk_rows * dimension {
                 match finished.first_key_value() {
@@ -216,10 +194,7 @@ fn embed(stream: &mut UnixStream, server: &Server, header: EmbedHeader) -> bool 
                     _ => break,
                 }
             }
-            if (ServerMessage::Vectors { dimension, values })
-                .write(stream)
-                .is_err()
-            {
+            if (ServerMessage::Vectors { dimension, values }).write(stream).is_err() {
                 sent_ok = false;
                 break;
             }

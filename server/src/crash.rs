@@ -7,9 +7,7 @@ pub fn abort_on_panic() {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         report(info);
-        eprintln!(
-            "nvembed-model-server: aborting after a panic (the supervisor restarts the server)"
-        );
+        eprintln!("nvembed-model-server: aborting after a panic (the supervisor restarts the server)");
         std::process::abort();
     }));
 }

@@ -71,10 +71,7 @@ fn main() -> ExitCode {
     match serve(&args.socket, server) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!(
-                "nvembed-model-server: cannot serve on {}: {e}",
-                args.socket.display()
-            );
+            eprintln!("nvembed-model-server: cannot serve on {}: {e}", args.socket.display());
             ExitCode::FAILURE
         }
     }

@@ -51,11 +51,7 @@ fn device(name: &str) -> nvembed_engine::Result<Device> {
 
 fn load(settings: &ModelSettings) -> nvembed_engine::Result<Embedder> {
     let files = ModelSource::parse(&settings.model)?.resolve()?;
-    Embedder::load(
-        &files,
-        parse_dtype(&settings.dtype)?,
-        &device(&settings.device)?,
-    )
+    Embedder::load(&files, parse_dtype(&settings.dtype)?, &device(&settings.device)?)
 }
 
 impl ModelSlot {
@@ -103,10 +99,7 @@ impl ModelSlot {
                             guard.0 = State::Empty;
                             guard.1.count += 1;
                             guard.1.last = e.to_string();
-                            eprintln!(
-                                "nvembed-model-server: cannot load model {:?}: {e}",
-                                self.settings.model
-                            );
+                            eprintln!("nvembed-model-server: cannot load model {:?}: {e}", self.settings.model);
                             Err(e.to_string())
                         }
                     };

@@ -57,11 +57,7 @@ struct Job {
 impl Job {
     fn send(&self, event: Event) {
         // The connection may be gone: its results are then discarded.
-        let _ = self
-            .events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(event);
+        let _ = self.events.lock().unwrap_or_else(|p| p.into_inner()).send(event);
     }
 }
 
@@ -176,12 +172,7 @@ impl Scheduler {
     }
 
     /// Queues a call; its vectors and errors arrive on the handle's `events`.
-    pub fn submit(
-        &self,
-        class: WorkClass,
-        inputs: Vec<EncodedInput>,
-        embedder: Arc<Embedder>,
-    ) -> JobHandle {
+    pub fn submit(&self, class: WorkClass, inputs: Vec<EncodedInput>, embedder: Arc<Embedder>) -> JobHandle {
         let (sender, events) = mpsc::channel();
         let job = Arc::new(Job {
             id: self.next_id.fetch_add(1, Ordering::SeqCst) as u64,
@@ -192,10 +183,7 @@ impl Scheduler {
             written: AtomicUsize::new(0),
             events: Mutex::new(sender),
         });
-        self.inbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(job.clone());
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner()).push(job.clone());
         self.wake.notify_one();
         JobHandle { job, events }
     }
@@ -281,10 +269,7 @@ impl Scheduler {
             };
             queue.retain(|&other| other != id);
             if entry.job.cancelled.load(Ordering::SeqCst) {
-                Stats::add(
-                    &self.stats.cancelled_rows,
-                    (entry.rows() - entry.done) as u64,
-                );
+                Stats::add(&self.stats.cancelled_rows, (entry.rows() - entry.done) as u64);
             }
         }
     }
@@ -294,10 +279,7 @@ impl Scheduler {
         let mut rows = Vec::new();
         let mut longest = 0;
         'calls: for &id in &calls.interactive {
-            let entry = calls
-                .entries
-                .get_mut(&id)
-                .expect("queued calls have entries");
+            let entry = calls.entries.get_mut(&id).expect("queued calls have entries");
             while entry.ready() {
                 let row = *entry.pending.front().expect("ready");
                 let len = longest.max(entry.len_of(row));
@@ -319,10 +301,7 @@ impl Scheduler {
         let mut longest = 0;
         let mut first_taken = None;
         'calls: for &id in &calls.bulk {
-            let entry = calls
-                .entries
-                .get_mut(&id)
-                .expect("queued calls have entries");
+            let entry = calls.entries.get_mut(&id).expect("queued calls have entries");
             while entry.ready() {
                 let row = *entry.pending.front().expect("ready");
                 let len = longest.max(entry.len_of(row));
@@ -353,11 +332,7 @@ impl Scheduler {
         match embedder.begin_pass(&members) {
             Ok(pass) => {
                 Stats::add(&self.stats.active_rows, rows.len() as u64);
-                Some(Running {
-                    pass,
-                    embedder,
-                    rows,
-                })
+                Some(Running { pass, embedder, rows })
             }
             Err(e) => {
                 self.fail_rows(calls, &rows, ErrorKind::Internal, &e.to_string());
@@ -374,10 +349,7 @@ impl Scheduler {
             .filter(|&i| calls.entries.contains_key(&running.rows[i].0))
             .collect();
         if keep.len() < running.rows.len() {
-            Stats::sub(
-                &self.stats.active_rows,
-                (running.rows.len() - keep.len()) as u64,
-            );
+            Stats::sub(&self.stats.active_rows, (running.rows.len() - keep.len()) as u64);
             if keep.is_empty() {
                 *slot = None;
                 return;
@@ -394,10 +366,7 @@ impl Scheduler {
         match running.embedder.step_pass(&mut running.pass) {
             Ok(true) => cost.record(started.elapsed().as_secs_f64(), tokens),
             Ok(false) => {
-                let result = running
-                    .embedder
-                    .finish_pass(&running.pass)
-                    .map_err(|e| e.to_string());
+                let result = running.embedder.finish_pass(&running.pass).map_err(|e| e.to_string());
                 let rows = std::mem::take(&mut running.rows);
                 self.end_pass(slot, calls, &rows, result);
             }

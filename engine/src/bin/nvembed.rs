@@ -6,20 +6,15 @@ use std::time::Instant;
 
 use clap::{ArgGroup, Parser, Subcommand};
 use nvembed_engine::{
-    parse_dtype, task_instruction, Device, EmbedOptions, Embedder, ModelSource,
-    DEFAULT_BATCH_TOKENS, DEFAULT_HUB_MODEL, DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION,
-    QUERY_INSTRUCTION,
+    parse_dtype, task_instruction, Device, EmbedOptions, Embedder, ModelSource, DEFAULT_BATCH_TOKENS,
+    DEFAULT_HUB_MODEL, DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION,
 };
 
 /// Texts embedded between two writes to stdout: output streams out while a long run goes on.
 const TEXTS_PER_CHUNK: usize = 256;
 
 #[derive(Parser)]
-#[command(
-    name = "nvembed",
-    version,
-    about = "NV-Embed-v2 text embeddings on the command line"
-)]
+#[command(name = "nvembed", version, about = "NV-Embed-v2 text embeddings on the command line")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -76,8 +71,7 @@ fn read_texts(input: impl BufRead) -> Result<Vec<String>, String> {
         .enumerate()
         .map(|(i, line)| {
             let line = line.map_err(|e| format!("line {}: {e}", i + 1))?;
-            serde_json::from_str::<String>(&line)
-                .map_err(|e| format!("line {}: expected a JSON string ({e})", i + 1))
+            serde_json::from_str::<String>(&line).map_err(|e| format!("line {}: expected a JSON string ({e})", i + 1))
         })
         .collect()
 }
@@ -135,14 +129,12 @@ fn embed(model: &str, instruction: &str, dtype: &str, options: EmbedOptions) -> 
     let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
     for (chunk_index, chunk) in texts.chunks(TEXTS_PER_CHUNK).enumerate() {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let vectors = embedder
-            .embed(instruction, &refs, &options)
-            .map_err(|e| match e {
-                nvembed_engine::Error::NothingToPool { index, .. } => {
-                    format!("line {}: {e}", chunk_index * TEXTS_PER_CHUNK + index + 1)
-                }
-                other => other.to_string(),
-            })?;
+        let vectors = embedder.embed(instruction, &refs, &options).map_err(|e| match e {
+            nvembed_engine::Error::NothingToPool { index, .. } => {
+                format!("line {}: {e}", chunk_index * TEXTS_PER_CHUNK + index + 1)
+            }
+            other => other.to_string(),
+        })?;
         for vector in vectors {
             serde_json::to_writer(&mut stdout, &vector).map_err(|e| e.to_string())?;
             writeln!(stdout).map_err(|e| e.to_string())?;
@@ -151,10 +143,7 @@ fn embed(model: &str, instruction: &str, dtype: &str, options: EmbedOptions) -> 
         if show_progress {
             let done = chunk_index * TEXTS_PER_CHUNK + chunk.len();
             let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            eprint!(
-                "\rembedded {done}/{} texts ({rate:.1} texts/s)",
-                texts.len()
-            );
+            eprint!("\rembedded {done}/{} texts ({rate:.1} texts/s)", texts.len());
         }
     }
     if show_progress {

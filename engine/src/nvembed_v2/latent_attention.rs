@@ -31,20 +31,13 @@ impl CrossAttention {
         let l = &cfg.latent_attention_config;
         let p = format!("{PREFIX}.cross_attend_blocks.0");
         let inner = l.num_cross_heads * l.cross_dim_head;
-        let f32_param =
-            |name: &str, width: usize| w.get_as(&format!("{p}.{name}"), &[width], DType::F32);
+        let f32_param = |name: &str, width: usize| w.get_as(&format!("{p}.{name}"), &[width], DType::F32);
         let norm_context = LayerNorm::new(
             f32_param("norm_context.weight", l.hidden_dim)?,
             f32_param("norm_context.bias", l.hidden_dim)?,
         );
-        let to_kv = Linear::new(
-            w.get(&format!("{p}.fn.to_kv.weight"), &[2 * inner, l.hidden_dim])?,
-            None,
-        );
-        let latents = w.get(
-            &format!("{PREFIX}.latents"),
-            &[l.num_latents_value, l.latent_dim],
-        )?;
+        let to_kv = Linear::new(w.get(&format!("{p}.fn.to_kv.weight"), &[2 * inner, l.hidden_dim])?, None);
+        let latents = w.get(&format!("{PREFIX}.latents"), &[l.num_latents_value, l.latent_dim])?;
         let kv = to_kv.forward(&norm_context.forward(&latents)?)?;
         let split = |start: usize| -> CandleResult<Tensor> {
             kv.narrow(D::Minus1, start, inner)?
@@ -54,18 +47,9 @@ impl CrossAttention {
                 .contiguous()
         };
         Ok(Self {
-            norm: LayerNorm::new(
-                f32_param("norm.weight", l.latent_dim)?,
-                f32_param("norm.bias", l.latent_dim)?,
-            ),
-            to_q: Linear::new(
-                w.get(&format!("{p}.fn.to_q.weight"), &[inner, l.latent_dim])?,
-                None,
-            ),
-            to_out: Linear::new(
-                w.get(&format!("{p}.fn.to_out.weight"), &[l.latent_dim, inner])?,
-                None,
-            ),
+            norm: LayerNorm::new(f32_param("norm.weight", l.latent_dim)?, f32_param("norm.bias", l.latent_dim)?),
+            to_q: Linear::new(w.get(&format!("{p}.fn.to_q.weight"), &[inner, l.latent_dim])?, None),
+            to_out: Linear::new(w.get(&format!("{p}.fn.to_out.weight"), &[l.latent_dim, inner])?, None),
             latent_k: split(0)?,
             latent_v: split(inner)?,
             heads: l.num_cross_heads,
@@ -82,16 +66,10 @@ impl CrossAttention {
             .transpose(1, 2)?
             .to_dtype(DType::F32)?
             .contiguous()?;
-        let attn = blocked_attention(
-            &q,
-            &self.latent_k,
-            &self.latent_v,
-            None,
-            1.0 / (self.head_dim as f64).sqrt(),
-        )?
-        .transpose(1, 2)?
-        .reshape((b, l, self.heads * self.head_dim))?
-        .to_dtype(xs.dtype())?;
+        let attn = blocked_attention(&q, &self.latent_k, &self.latent_v, None, 1.0 / (self.head_dim as f64).sqrt())?
+            .transpose(1, 2)?
+            .reshape((b, l, self.heads * self.head_dim))?
+            .to_dtype(xs.dtype())?;
         self.to_out.forward(&attn)
     }
 }
@@ -163,13 +141,7 @@ impl LatentAttention {
         let summed = xs.to_dtype(DType::F32)?.broadcast_mul(&mask)?.sum(1)?;
         let pooled = summed.broadcast_div(&mask.sum(1)?)?;
         if self.output_normalize {
-            pooled.broadcast_div(
-                &pooled
-                    .sqr()?
-                    .sum_keepdim(D::Minus1)?
-                    .sqrt()?
-                    .maximum(1e-12)?,
-            )
+            pooled.broadcast_div(&pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?)
         } else {
             Ok(pooled)
         }

@@ -12,12 +12,7 @@ use crate::weights::Weights;
 const PREFIX: &str = "embedding_model";
 
 /// cos/sin tables for rotary embeddings, computed in f32 for the positions of one batch.
-fn rotary_tables(
-    head_dim: usize,
-    theta: f64,
-    len: usize,
-    device: &Device,
-) -> CandleResult<(Tensor, Tensor)> {
+fn rotary_tables(head_dim: usize, theta: f64, len: usize, device: &Device) -> CandleResult<(Tensor, Tensor)> {
     let inv_freq: Vec<f32> = (0..head_dim / 2)
         .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
         .collect();
@@ -42,22 +37,10 @@ impl SelfAttention {
     fn load(w: &Weights, cfg: &Config, prefix: &str) -> Result<Self> {
         let t = &cfg.text_config;
         let hd = cfg.head_dim();
-        let q = w.get(
-            &format!("{prefix}.q_proj.weight"),
-            &[t.num_attention_heads * hd, t.hidden_size],
-        )?;
-        let k = w.get(
-            &format!("{prefix}.k_proj.weight"),
-            &[t.num_key_value_heads * hd, t.hidden_size],
-        )?;
-        let v = w.get(
-            &format!("{prefix}.v_proj.weight"),
-            &[t.num_key_value_heads * hd, t.hidden_size],
-        )?;
-        let o = w.get(
-            &format!("{prefix}.o_proj.weight"),
-            &[t.hidden_size, t.num_attention_heads * hd],
-        )?;
+        let q = w.get(&format!("{prefix}.q_proj.weight"), &[t.num_attention_heads * hd, t.hidden_size])?;
+        let k = w.get(&format!("{prefix}.k_proj.weight"), &[t.num_key_value_heads * hd, t.hidden_size])?;
+        let v = w.get(&format!("{prefix}.v_proj.weight"), &[t.num_key_value_heads * hd, t.hidden_size])?;
+        let o = w.get(&format!("{prefix}.o_proj.weight"), &[t.hidden_size, t.num_attention_heads * hd])?;
         Ok(Self {
             qkv: Linear::new(Tensor::cat(&[q, k, v], 0)?, None),
             out: Linear::new(o, None),
@@ -67,13 +50,7 @@ impl SelfAttention {
         })
     }
 
-    fn forward(
-        &self,
-        xs: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        key_bias: &Tensor,
-    ) -> CandleResult<Tensor> {
+    fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, key_bias: &Tensor) -> CandleResult<Tensor> {
         let (b, l, _) = xs.dims3()?;
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
         let qkv = self.qkv.forward(xs)?;
@@ -146,10 +123,7 @@ impl DecoderLayer {
         let hs = cfg.text_config.hidden_size;
         let eps = cfg.text_config.rms_norm_eps;
         let norm = |name: &str| -> Result<RmsNorm> {
-            Ok(RmsNorm::new(
-                w.get_as(&format!("{prefix}.{name}.weight"), &[hs], DType::F32)?,
-                eps,
-            ))
+            Ok(RmsNorm::new(w.get_as(&format!("{prefix}.{name}.weight"), &[hs], DType::F32)?, eps))
         };
         Ok(Self {
             input_norm: norm("input_layernorm")?,
@@ -159,20 +133,12 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(
-        &self,
-        xs: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        key_bias: &Tensor,
-    ) -> CandleResult<Tensor> {
+    fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, key_bias: &Tensor) -> CandleResult<Tensor> {
         let attn = self
             .attention
             .forward(&self.input_norm.forward(xs)?, cos, sin, key_bias)?;
         let xs = (xs + attn)?;
-        let mlp = in_token_chunks(&xs, |chunk| {
-            self.mlp.forward(&self.post_attention_norm.forward(chunk)?)
-        })?;
+        let mlp = in_token_chunks(&xs, |chunk| self.mlp.forward(&self.post_attention_norm.forward(chunk)?))?;
         xs + mlp
     }
 }
@@ -205,17 +171,10 @@ impl DecoderState {
     /// rows end exactly as they would have in the full batch.
     pub fn retain(&mut self, keep: &[usize]) -> CandleResult<()> {
         let device = self.xs.device().clone();
-        let index = Tensor::new(
-            keep.iter().map(|&i| i as u32).collect::<Vec<u32>>(),
-            &device,
-        )?;
+        let index = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<u32>>(), &device)?;
         self.lengths = keep.iter().map(|&i| self.lengths[i]).collect();
         let width = self.lengths.iter().copied().max().unwrap_or(0);
-        self.xs = self
-            .xs
-            .index_select(&index, 0)?
-            .narrow(1, 0, width)?
-            .contiguous()?;
+        self.xs = self.xs.index_select(&index, 0)?.narrow(1, 0, width)?.contiguous()?;
         self.key_bias = self
             .key_bias
             .index_select(&index, 0)?
@@ -239,18 +198,11 @@ pub struct Decoder {
 impl Decoder {
     pub fn load(w: &Weights, cfg: &Config) -> Result<Self> {
         let t = &cfg.text_config;
-        let embed = w.get(
-            &format!("{PREFIX}.embed_tokens.weight"),
-            &[t.vocab_size, t.hidden_size],
-        )?;
+        let embed = w.get(&format!("{PREFIX}.embed_tokens.weight"), &[t.vocab_size, t.hidden_size])?;
         let layers = (0..t.num_hidden_layers)
             .map(|i| DecoderLayer::load(w, cfg, &format!("{PREFIX}.layers.{i}")))
             .collect::<Result<Vec<_>>>()?;
-        let norm = w.get_as(
-            &format!("{PREFIX}.norm.weight"),
-            &[t.hidden_size],
-            DType::F32,
-        )?;
+        let norm = w.get_as(&format!("{PREFIX}.norm.weight"), &[t.hidden_size], DType::F32)?;
         Ok(Self {
             embed_tokens: candle_nn::Embedding::new(embed, t.hidden_size),
             layers,
@@ -270,12 +222,7 @@ impl Decoder {
         let device = input_ids.device();
         let (cos, sin) = rotary_tables(self.head_dim, self.rope_theta, l, device)?;
         let mask = attention_mask.to_dtype(DType::F32)?;
-        let lengths = mask
-            .sum(1)?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(|n| n as usize)
-            .collect();
+        let lengths = mask.sum(1)?.to_vec1::<f32>()?.into_iter().map(|n| n as usize).collect();
         // Padding keys get a large negative bias (the reference uses the dtype's minimum);
         // every other pair attends both ways.
         let key_bias = ((mask - 1.0)? * f32::MAX as f64)?.reshape((b, 1, 1, l))?;

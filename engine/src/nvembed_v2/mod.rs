@@ -39,15 +39,9 @@ impl Pass {
     /// costing anything from the next layer on.
     pub fn retain(&mut self, keep: &[usize]) -> CandleResult<()> {
         self.decoder.retain(keep)?;
-        let index = Tensor::new(
-            keep.iter().map(|&i| i as u32).collect::<Vec<u32>>(),
-            self.pool_mask.device(),
-        )?;
+        let index = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<u32>>(), self.pool_mask.device())?;
         let width = self.decoder.padded_tokens() / keep.len().max(1);
-        self.pool_mask = self
-            .pool_mask
-            .index_select(&index, 0)?
-            .narrow(1, 0, width)?;
+        self.pool_mask = self.pool_mask.index_select(&index, 0)?.narrow(1, 0, width)?;
         Ok(())
     }
 }
@@ -66,12 +60,7 @@ impl Model {
     }
 
     /// `input_ids` (b, l) u32, `attention_mask` and `pool_mask` (b, l) u32 0/1.
-    pub fn begin(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        pool_mask: &Tensor,
-    ) -> CandleResult<Pass> {
+    pub fn begin(&self, input_ids: &Tensor, attention_mask: &Tensor, pool_mask: &Tensor) -> CandleResult<Pass> {
         Ok(Pass {
             decoder: self.decoder.begin(input_ids, attention_mask)?,
             pool_mask: pool_mask.clone(),
@@ -91,23 +80,14 @@ impl Model {
     }
 
     /// The whole forward pass at once.
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        pool_mask: &Tensor,
-    ) -> CandleResult<Tensor> {
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, pool_mask: &Tensor) -> CandleResult<Tensor> {
         let mut pass = self.begin(input_ids, attention_mask, pool_mask)?;
         while self.step(&mut pass)? {}
         self.finish(&pass)
     }
 
     /// The decoder's output alone (after its final RMSNorm), for checking against references.
-    pub fn decoder_hidden_states(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-    ) -> CandleResult<Tensor> {
+    pub fn decoder_hidden_states(&self, input_ids: &Tensor, attention_mask: &Tensor) -> CandleResult<Tensor> {
         self.decoder.forward(input_ids, attention_mask)
     }
 }

@@ -52,13 +52,8 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let dtype = xs.dtype();
-        candle_nn::ops::layer_norm(
-            &xs.to_dtype(DType::F32)?,
-            &self.weight,
-            &self.bias,
-            Self::EPS,
-        )?
-        .to_dtype(dtype)
+        candle_nn::ops::layer_norm(&xs.to_dtype(DType::F32)?, &self.weight, &self.bias, Self::EPS)?
+            .to_dtype(dtype)
     }
 }
 
@@ -142,35 +137,19 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (2, 3, 37, 8), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
-        let mask = Tensor::from_iter(
-            (0..58).map(|i| if i % 29 > 20 { f32::MIN } else { 0.0 }),
-            &dev,
-        )?
-        .reshape((2, 1, 1, 29))?;
+        let mask = Tensor::from_iter((0..58).map(|i| if i % 29 > 20 { f32::MIN } else { 0.0 }), &dev)?
+            .reshape((2, 1, 1, 29))?;
         let scale = 0.25;
-        let full =
-            candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?)?
-                .matmul(&v)?;
+        let full = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?)?.matmul(&v)?;
         // 7 query rows per block with this budget: 6 blocks, the last one partial.
         let blocked = attention_in_blocks(&q, &k, &v, Some(&mask), scale, 7 * 2 * 3 * 29 * 4)?;
-        let diff = (full - blocked)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
+        let diff = (full - blocked)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
         // A batch-1 key/value set is shared by every row (the latent-attention case).
-        let shared =
-            attention_in_blocks(&q, &k.narrow(0, 0, 1)?, &v.narrow(0, 0, 1)?, None, scale, 1)?;
-        let row0 = candle_nn::ops::softmax_last_dim(
-            &(q.narrow(0, 1, 1)?.matmul(&k.narrow(0, 0, 1)?.t()?)? * scale)?,
-        )?
-        .matmul(&v.narrow(0, 0, 1)?)?;
-        let diff = (shared.narrow(0, 1, 1)? - row0)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
+        let shared = attention_in_blocks(&q, &k.narrow(0, 0, 1)?, &v.narrow(0, 0, 1)?, None, scale, 1)?;
+        let row0 = candle_nn::ops::softmax_last_dim(&(q.narrow(0, 1, 1)?.matmul(&k.narrow(0, 0, 1)?.t()?)? * scale)?)?
+            .matmul(&v.narrow(0, 0, 1)?)?;
+        let diff = (shared.narrow(0, 1, 1)? - row0)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
         Ok(())
     }

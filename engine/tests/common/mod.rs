@@ -19,13 +19,7 @@ pub fn matrix_f32(value: &Value) -> Vec<Vec<f32>> {
         .as_array()
         .expect("matrix")
         .iter()
-        .map(|row| {
-            row.as_array()
-                .expect("row")
-                .iter()
-                .map(|x| x.as_f64().expect("number") as f32)
-                .collect()
-        })
+        .map(|row| row.as_array().expect("row").iter().map(|x| x.as_f64().expect("number") as f32).collect())
         .collect()
 }
 
@@ -34,13 +28,7 @@ pub fn matrix_u32(value: &Value) -> Vec<Vec<u32>> {
         .as_array()
         .expect("matrix")
         .iter()
-        .map(|row| {
-            row.as_array()
-                .expect("row")
-                .iter()
-                .map(|x| x.as_u64().expect("int") as u32)
-                .collect()
-        })
+        .map(|row| row.as_array().expect("row").iter().map(|x| x.as_u64().expect("int") as u32).collect())
         .collect()
 }
 
