@@ -74,6 +74,18 @@ mod tests {
         }
     }
 
+    /// A fresh copy of the fixture at `{FIXTURE}/{name}`, for tests that break or alter one.
+    fn fixture_copy(name: &str) -> String {
+        let dir = format!("{FIXTURE}/{name}");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(model_dir()).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), format!("{dir}/{}", entry.file_name().to_string_lossy())).unwrap();
+        }
+        dir
+    }
+
     fn expected(kind: &str) -> Vec<Vec<f32>> {
         let text = std::fs::read_to_string(format!("{FIXTURE}/expected_{kind}.jsonl")).unwrap();
         text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
@@ -294,12 +306,7 @@ mod tests {
             "/nonexistent/nvembed-model",
         );
         // A corrupt shard.
-        let broken = format!("{FIXTURE}/broken");
-        std::fs::create_dir_all(&broken).unwrap();
-        for entry in std::fs::read_dir(model_dir()).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), format!("{broken}/{}", entry.file_name().to_string_lossy())).unwrap();
-        }
+        let broken = fixture_copy("broken");
         let shard = format!("{broken}/model-00001-of-00002.safetensors");
         let bytes = std::fs::read(&shard).unwrap();
         std::fs::write(&shard, &bytes[..bytes.len() / 3]).unwrap();
@@ -849,18 +856,12 @@ mod tests {
             ("config.json", |dir| std::fs::write(format!("{dir}/config.json"), "{").unwrap()),
         ];
         for (i, (needle, breakage)) in cases.iter().enumerate() {
-            let dir = format!("{FIXTURE}/broken-{i}");
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            for entry in std::fs::read_dir(model_dir()).unwrap() {
-                let entry = entry.unwrap();
-                std::fs::copy(entry.path(), format!("{dir}/{}", entry.file_name().to_string_lossy())).unwrap();
-            }
+            let dir = fixture_copy(&format!("broken-{i}"));
             breakage(&dir);
             serve_model(&dir);
             assert_error("PERFORM nvembed_passage('x')", "F0000", needle);
         }
-        use_fixture();
+        serve_model(&model_dir());
         assert_eq!(embed_sql("nvembed_passage($1)", "fixed").len(), 32);
     }
 
@@ -1210,13 +1211,7 @@ mod tests {
     fn a_model_that_outputs_nan_gives_a_named_error_never_a_nan_vector() {
         use_fixture_exclusively();
         // A copy of the fixture whose final decoder norm weights are NaN.
-        let dir = format!("{FIXTURE}/nan-weights");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        for entry in std::fs::read_dir(model_dir()).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), format!("{dir}/{}", entry.file_name().to_string_lossy())).unwrap();
-        }
+        let dir = fixture_copy("nan-weights");
         let name = "embedding_model.norm.weight";
         let index: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(format!("{dir}/model.safetensors.index.json")).unwrap()).unwrap();

@@ -57,10 +57,7 @@ fn model_files(args: &Args) -> Result<ModelFiles, String> {
             Some(config) => config.clone(),
             None => weights[0].with_file_name("config.json"),
         };
-        let tokenizer = args
-            .tokenizer
-            .clone()
-            .expect("clap requires --tokenizer with --model-files");
+        let tokenizer = args.tokenizer.clone().expect("clap requires --tokenizer with --model-files");
         return Ok(ModelFiles {
             config,
             tokenizer,
@@ -70,15 +67,13 @@ fn model_files(args: &Args) -> Result<ModelFiles, String> {
     if let Some(dir) = &args.model_dir {
         return ModelSource::Dir(dir.clone()).resolve().map_err(|e| e.to_string());
     }
-    ModelSource::parse(&args.model_id)
-        .and_then(|source| source.resolve())
-        .map_err(|e| {
-            format!(
-                "cannot fetch {} from the Hugging Face hub ({e}); for local files pass --model-dir DIR, \
+    ModelSource::parse(&args.model_id).and_then(|source| source.resolve()).map_err(|e| {
+        format!(
+            "cannot fetch {} from the Hugging Face hub ({e}); for local files pass --model-dir DIR, \
              or --model-files a.safetensors,b.safetensors --tokenizer tokenizer.json [--config config.json]",
-                args.model_id
-            )
-        })
+            args.model_id
+        )
+    })
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -90,9 +85,7 @@ fn run(args: Args) -> Result<(), String> {
         batch_tokens: DEFAULT_BATCH_TOKENS,
     };
     let as_tensor = |texts: &[&str], instruction: &str| -> Result<candle_core::Tensor, String> {
-        let vectors = embedder
-            .embed(instruction, texts, &options)
-            .map_err(|e| e.to_string())?;
+        let vectors = embedder.embed(instruction, texts, &options).map_err(|e| e.to_string())?;
         let dim = embedder.embedding_dim();
         let flat: Vec<f32> = vectors.into_iter().flatten().collect();
         candle_core::Tensor::from_vec(flat, (texts.len(), dim), &Device::Cpu).map_err(|e| e.to_string())
@@ -104,10 +97,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     let queries = as_tensor(&QUERIES, QUERY_INSTRUCTION)?;
     let passages = as_tensor(&PASSAGES, PASSAGE_INSTRUCTION)?;
-    let scores = (queries
-        .matmul(&passages.t().map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?
-        * 100.0)
+    let scores = (queries.matmul(&passages.t().map_err(|e| e.to_string())?).map_err(|e| e.to_string())? * 100.0)
         .map_err(|e| e.to_string())?;
     println!("scores: {scores}");
     Ok(())

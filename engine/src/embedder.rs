@@ -119,8 +119,7 @@ impl Embedder {
     /// Embeds `texts` with `instruction`; one unit vector per text,
     /// in input order. Fails before any compute if some input would have nothing to pool.
     pub fn embed(&self, instruction: &str, texts: &[&str], options: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
-        self.embed_with_stats(instruction, texts, options)
-            .map(|(vectors, _)| vectors)
+        self.embed_with_stats(instruction, texts, options).map(|(vectors, _)| vectors)
     }
 
     /// As `embed`, also saying how many tokens and forward passes it took.
@@ -150,7 +149,11 @@ impl Embedder {
 
     /// Embeds already-encoded inputs — possibly from several callers with different
     /// instructions — in length-sorted batches of at most `batch_tokens` padded tokens.
-    pub fn embed_encoded(&self, inputs: &[EncodedInput], batch_tokens: usize) -> Result<(Vec<Vec<f32>>, EmbedStats)> {
+    pub fn embed_encoded(
+        &self,
+        inputs: &[EncodedInput],
+        batch_tokens: usize,
+    ) -> Result<(Vec<Vec<f32>>, EmbedStats)> {
         let mut results: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
         let mut stats = EmbedStats::default();
         for batch in plan_batches(inputs, batch_tokens) {

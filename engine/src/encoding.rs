@@ -65,7 +65,10 @@ impl InputEncoder {
             path: path.to_path_buf(),
             reason: format!("the vocabulary has no {} token", Self::EOS_TOKEN),
         })?;
-        Ok(Self { tokenizer, pad_id })
+        Ok(Self {
+            tokenizer,
+            pad_id,
+        })
     }
 
     /// Token count of `instruction` alone, without special tokens.

@@ -42,7 +42,11 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("hub download of {file} from {repo} failed: {reason}")]
-    Hub { repo: String, file: String, reason: String },
+    Hub {
+        repo: String,
+        file: String,
+        reason: String,
+    },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -71,15 +71,14 @@ fn read_texts(input: impl BufRead) -> Result<Vec<String>, String> {
         .enumerate()
         .map(|(i, line)| {
             let line = line.map_err(|e| format!("line {}: {e}", i + 1))?;
-            serde_json::from_str::<String>(&line).map_err(|e| format!("line {}: expected a JSON string ({e})", i + 1))
+            serde_json::from_str::<String>(&line)
+                .map_err(|e| format!("line {}: expected a JSON string ({e})", i + 1))
         })
         .collect()
 }
 
 fn set_threads(threads: Option<usize>) -> Result<(), String> {
-    threads
-        .map_or(Ok(()), nvembed_engine::set_compute_threads)
-        .map_err(|e| e.to_string())
+    threads.map_or(Ok(()), nvembed_engine::set_compute_threads).map_err(|e| e.to_string())
 }
 
 fn run(cli: Cli) -> Result<(), String> {
@@ -103,15 +102,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 (_, _, _, Some(task)) => task_instruction(&task),
                 _ => unreachable!("clap requires one of --query, --passage, --instruction, --task"),
             };
-            embed(
-                &model,
-                &instruction,
-                &dtype,
-                EmbedOptions {
-                    max_length,
-                    batch_tokens,
-                },
-            )
+            embed(&model, &instruction, &dtype, EmbedOptions { max_length, batch_tokens })
         }
     }
 }
@@ -119,9 +110,7 @@ fn run(cli: Cli) -> Result<(), String> {
 fn embed(model: &str, instruction: &str, dtype: &str, options: EmbedOptions) -> Result<(), String> {
     let dtype = parse_dtype(dtype).map_err(|e| e.to_string())?;
     let texts = read_texts(std::io::stdin().lock())?;
-    let files = ModelSource::parse(model)
-        .and_then(|source| source.resolve())
-        .map_err(|e| e.to_string())?;
+    let files = ModelSource::parse(model).and_then(|source| source.resolve()).map_err(|e| e.to_string())?;
     let embedder = Embedder::load(&files, dtype, &Device::Cpu).map_err(|e| e.to_string())?;
 
     let show_progress = std::io::stderr().is_terminal();

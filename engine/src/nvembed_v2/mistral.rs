@@ -134,9 +134,7 @@ impl DecoderLayer {
     }
 
     fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, key_bias: &Tensor) -> CandleResult<Tensor> {
-        let attn = self
-            .attention
-            .forward(&self.input_norm.forward(xs)?, cos, sin, key_bias)?;
+        let attn = self.attention.forward(&self.input_norm.forward(xs)?, cos, sin, key_bias)?;
         let xs = (xs + attn)?;
         let mlp = in_token_chunks(&xs, |chunk| self.mlp.forward(&self.post_attention_norm.forward(chunk)?))?;
         xs + mlp
@@ -161,25 +159,24 @@ impl DecoderState {
         self.lengths.len()
     }
 
-    /// Padded tokens (rows × width) a layer of this batch processes.
-    pub fn padded_tokens(&self) -> usize {
-        self.lengths.len() * self.lengths.iter().copied().max().unwrap_or(0)
+    /// Padded length: the longest row.
+    pub fn width(&self) -> usize {
+        self.lengths.iter().copied().max().unwrap_or(0)
     }
 
-    /// Keeps only the rows at `keep` (indices into the current rows, in order) and trims the
-    /// padding that only the dropped rows needed. Padding never changes a result, so the kept
-    /// rows end exactly as they would have in the full batch.
-    pub fn retain(&mut self, keep: &[usize]) -> CandleResult<()> {
-        let device = self.xs.device().clone();
-        let index = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<u32>>(), &device)?;
+    /// Padded tokens (rows × width) a layer of this batch processes.
+    pub fn padded_tokens(&self) -> usize {
+        self.lengths.len() * self.width()
+    }
+
+    /// Keeps only the rows at `keep` (indices into the current rows, in order; `index` holds the
+    /// same as a u32 tensor) and trims the padding that only the dropped rows needed. Padding
+    /// never changes a result, so the kept rows end exactly as they would have in the full batch.
+    pub fn retain(&mut self, keep: &[usize], index: &Tensor) -> CandleResult<()> {
         self.lengths = keep.iter().map(|&i| self.lengths[i]).collect();
-        let width = self.lengths.iter().copied().max().unwrap_or(0);
-        self.xs = self.xs.index_select(&index, 0)?.narrow(1, 0, width)?.contiguous()?;
-        self.key_bias = self
-            .key_bias
-            .index_select(&index, 0)?
-            .narrow(3, 0, width)?
-            .contiguous()?;
+        let width = self.width();
+        self.xs = self.xs.index_select(index, 0)?.narrow(1, 0, width)?.contiguous()?;
+        self.key_bias = self.key_bias.index_select(index, 0)?.narrow(3, 0, width)?.contiguous()?;
         self.cos = self.cos.narrow(0, 0, width)?;
         self.sin = self.sin.narrow(0, 0, width)?;
         Ok(())

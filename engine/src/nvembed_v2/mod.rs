@@ -38,10 +38,9 @@ impl Pass {
     /// Keeps only the rows at `keep` (indices into the current rows, in order); the others stop
     /// costing anything from the next layer on.
     pub fn retain(&mut self, keep: &[usize]) -> CandleResult<()> {
-        self.decoder.retain(keep)?;
         let index = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<u32>>(), self.pool_mask.device())?;
-        let width = self.decoder.padded_tokens() / keep.len().max(1);
-        self.pool_mask = self.pool_mask.index_select(&index, 0)?.narrow(1, 0, width)?;
+        self.decoder.retain(keep, &index)?;
+        self.pool_mask = self.pool_mask.index_select(&index, 0)?.narrow(1, 0, self.decoder.width())?;
         Ok(())
     }
 }
@@ -77,13 +76,6 @@ impl Model {
     pub fn finish(&self, pass: &Pass) -> CandleResult<Tensor> {
         let hidden = self.decoder.finish(&pass.decoder)?;
         self.latent_attention.forward(&hidden, &pass.pool_mask)
-    }
-
-    /// The whole forward pass at once.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, pool_mask: &Tensor) -> CandleResult<Tensor> {
-        let mut pass = self.begin(input_ids, attention_mask, pool_mask)?;
-        while self.step(&mut pass)? {}
-        self.finish(&pass)
     }
 
     /// The decoder's output alone (after its final RMSNorm), for checking against references.
