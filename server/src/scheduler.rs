@@ -354,12 +354,12 @@ impl Scheduler {
                 *slot = None;
                 return;
             }
+            running.rows = keep.iter().map(|&i| running.rows[i]).collect();
             if let Err(e) = running.pass.retain(&keep) {
                 let rows = std::mem::take(&mut running.rows);
                 self.end_pass(slot, calls, &rows, Err(e.to_string()));
                 return;
             }
-            running.rows = keep.iter().map(|&i| running.rows[i]).collect();
         }
         let started = Instant::now();
         let tokens = running.pass.padded_tokens();
