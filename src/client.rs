@@ -94,11 +94,7 @@ impl Connection {
         connection.send(&ClientMessage::Hello { build: BUILD_ID.into() });
         match connection.receive() {
             ServerMessage::Hello { build } if build == BUILD_ID => connection,
-            ServerMessage::Hello { build } => fail(
-                PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-                format!("nvembed.so ({BUILD_ID}) and the model server ({build}) come from different builds"),
-                "Reinstall nvembed so that both come from one build (make install, or the package), then restart PostgreSQL.",
-            ),
+            ServerMessage::Hello { build } => different_builds(&build),
             other => protocol_violation(&other),
         }
     }
@@ -148,6 +144,14 @@ impl Connection {
             }
         }
     }
+}
+
+fn different_builds(server_build: &str) -> ! {
+    fail(
+        PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+        format!("nvembed.so ({BUILD_ID}) and the model server ({server_build}) come from different builds"),
+        "Reinstall nvembed so that both come from one build (make install, or the package), then restart PostgreSQL.",
+    )
 }
 
 fn protocol_violation(message: &ServerMessage) -> ! {
@@ -356,11 +360,7 @@ pub fn status() -> Option<Status> {
     }
     match query_status(Duration::from_secs(5)) {
         Ok((build, status)) if build == BUILD_ID => Some(status),
-        Ok((build, _)) => fail(
-            PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-            format!("nvembed.so ({BUILD_ID}) and the model server ({build}) come from different builds"),
-            "Reinstall nvembed so that both come from one build (make install, or the package), then restart PostgreSQL.",
-        ),
+        Ok((build, _)) => different_builds(&build),
         Err(_) => None,
     }
 }
