@@ -129,7 +129,9 @@ fn embed(stream: &mut UnixStream, server: &Server, header: EmbedHeader) -> bool 
         }
     }
     let error = |stream: &mut UnixStream, kind: ErrorKind, message: String| {
-        if kind == ErrorKind::Internal {
+        // The caller's HINT for these says "see the server log" (load errors are logged where
+        // the load fails; oversized or unpoolable inputs are the caller's own).
+        if matches!(kind, ErrorKind::Internal | ErrorKind::NonFinite) {
             eprintln!("nvembed-model-server: {message}");
         }
         ServerMessage::Error { kind, message }.write(stream).is_ok()
