@@ -160,6 +160,27 @@ struct Calls {
     bulk: VecDeque<u64>,
 }
 
+/// Takes ready rows of the calls in `order`, in that order, while rows × longest row stays
+/// within `budget` padded tokens (a first row longer than the budget runs alone).
+fn take_rows(entries: &mut HashMap<u64, Entry>, order: &VecDeque<u64>, budget: usize) -> Vec<(u64, usize)> {
+    let mut rows = Vec::new();
+    let mut longest = 0;
+    for &id in order {
+        let entry = entries.get_mut(&id).expect("queued calls have entries");
+        while entry.ready() {
+            let row = *entry.pending.front().expect("ready");
+            let len = longest.max(entry.len_of(row));
+            if !rows.is_empty() && (rows.len() + 1) * len > budget {
+                return rows;
+            }
+            entry.pending.pop_front();
+            longest = len;
+            rows.push((id, row));
+        }
+    }
+    rows
+}
+
 impl Scheduler {
     pub fn new(batch_tokens: usize, stats: Arc<Stats>) -> Arc<Self> {
         Arc::new(Self {
@@ -276,45 +297,14 @@ impl Scheduler {
 
     /// Every waiting interactive row that fits in one pass of `batch_tokens`, oldest first.
     fn take_interactive_pass(&self, calls: &mut Calls) -> Option<Running> {
-        let mut rows = Vec::new();
-        let mut longest = 0;
-        'calls: for &id in &calls.interactive {
-            let entry = calls.entries.get_mut(&id).expect("queued calls have entries");
-            while entry.ready() {
-                let row = *entry.pending.front().expect("ready");
-                let len = longest.max(entry.len_of(row));
-                if !rows.is_empty() && (rows.len() + 1) * len > self.batch_tokens {
-                    break 'calls;
-                }
-                entry.pending.pop_front();
-                longest = len;
-                rows.push((id, row));
-            }
-        }
+        let rows = take_rows(&mut calls.entries, &calls.interactive, self.batch_tokens);
         self.start(calls, rows)
     }
 
     /// A bulk pass sized by time, filled round-robin: each pass starts with the next call.
     fn take_bulk_pass(&self, calls: &mut Calls, cost: &LayerCost) -> Option<Running> {
-        let budget = cost.pass_tokens(self.batch_tokens);
-        let mut rows = Vec::new();
-        let mut longest = 0;
-        let mut first_taken = None;
-        'calls: for &id in &calls.bulk {
-            let entry = calls.entries.get_mut(&id).expect("queued calls have entries");
-            while entry.ready() {
-                let row = *entry.pending.front().expect("ready");
-                let len = longest.max(entry.len_of(row));
-                if !rows.is_empty() && (rows.len() + 1) * len > budget {
-                    break 'calls;
-                }
-                entry.pending.pop_front();
-                longest = len;
-                rows.push((id, row));
-                first_taken.get_or_insert(id);
-            }
-        }
-        if let Some(first) = first_taken {
+        let rows = take_rows(&mut calls.entries, &calls.bulk, cost.pass_tokens(self.batch_tokens));
+        if let Some(&(first, _)) = rows.first() {
             // Round-robin: the call that led this pass goes to the back of the queue.
             calls.bulk.retain(|&id| id != first);
             calls.bulk.push_back(first);
