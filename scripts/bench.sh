@@ -78,7 +78,7 @@ query_ms() { local t0; t0=$(now); "${PSQL[@]}" -c "SELECT nvembed_query('how do 
 worst() { python3 -c "import sys; print(max(int(x) for x in sys.argv[1:]))" "$@"; }
 idle=(); for i in $(seq 8); do idle+=("$(query_ms "idle $i")"); done
 idle_worst=$(worst "${idle[@]}")
-BULK_SQL="SELECT count(*) FROM nvembed_passages(ARRAY(SELECT g || ' ' || repeat('The harbour town wakes slowly on winter mornings while boats rock at the quay. ', 25) FROM generate_series(1, ${BENCH_BULK_TEXTS:-16}) g))"
+BULK_SQL="SELECT count(*) FROM nvembed_passages(ARRAY(SELECT g || ' ' || repeat('The harbour town wakes slowly on winter mornings while boats rock at the quay. ', 25) FROM generate_series(1, ${BENCH_BULK_TEXTS:-40}) g))"
 t0=$(now); "${PSQL[@]}" -c "$BULK_SQL" >/dev/null & bulk=$!
 sleep 3
 loaded=(); while kill -0 "$bulk" 2>/dev/null; do loaded+=("$(query_ms "loaded ${#loaded[@]}")"); sleep 1; done

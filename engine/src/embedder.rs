@@ -198,11 +198,6 @@ impl Embedder {
         }
     }
 
-    /// Decoder layers: the `step_pass` calls one pass takes.
-    pub fn layer_count(&self) -> usize {
-        self.model.layer_count()
-    }
-
     /// Starts a forward pass over `members` as one padded batch.
     pub fn begin_pass(&self, members: &[&EncodedInput]) -> Result<EmbedPass> {
         let mut batch = self.encoder.pad(members);
@@ -215,7 +210,8 @@ impl Embedder {
         Ok(EmbedPass(self.model.begin(&ids, &attention, &pool)?))
     }
 
-    /// Runs the next decoder layer of `pass`; false once it is ready for `finish_pass`.
+    /// Runs the next step of `pass` (a decoder layer, or a share of the latent block costing
+    /// about as much); false once it is ready for `finish_pass`.
     pub fn step_pass(&self, pass: &mut EmbedPass) -> Result<bool> {
         Ok(self.model.step(&mut pass.0)?)
     }
@@ -248,13 +244,14 @@ impl EmbedPass {
         self.0.rows()
     }
 
-    /// Padded tokens one layer of this pass processes.
+    /// Padded tokens one step of this pass processes.
     pub fn padded_tokens(&self) -> usize {
         self.0.padded_tokens()
     }
 
-    /// Keeps only the rows at `keep` (indices into the current rows, in order): the others stop
-    /// costing compute from the next layer on, and the kept rows' results do not change.
+    /// Keeps only the rows at `keep` (indices into the current rows, in order): in the decoder
+    /// the others stop costing compute from the next layer on; the kept rows' results do not
+    /// change.
     pub fn retain(&mut self, keep: &[usize]) -> Result<()> {
         Ok(self.0.retain(keep)?)
     }

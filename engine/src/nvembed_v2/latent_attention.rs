@@ -118,6 +118,9 @@ pub struct LatentAttention {
     cross_attention: CrossAttention,
     feed_forward: FeedForward,
     output_normalize: bool,
+    /// Multiply-adds per token ×2, counted from the config: what `steps_per_pass` compares
+    /// with a decoder layer.
+    flops_per_token: usize,
 }
 
 impl LatentAttention {
@@ -126,17 +129,27 @@ impl LatentAttention {
             cross_attention: CrossAttention::load(w, cfg)?,
             feed_forward: FeedForward::load(w, cfg)?,
             output_normalize: cfg.latent_attention_config.output_normalize,
+            flops_per_token: flops_per_token(cfg),
         })
     }
 
-    /// `hidden`: (b, l, d) decoder states; `pool_mask`: (b, l) 0/1. Returns (b, d) in f32.
-    pub fn forward(&self, hidden: &Tensor, pool_mask: &Tensor) -> CandleResult<Tensor> {
-        // Every token is processed independently (the keys/values are the latents), so the
-        // whole block runs in bounded chunks of token rows.
-        let xs = in_token_chunks(hidden, |chunk| {
+    pub fn flops_per_token(&self) -> usize {
+        self.flops_per_token
+    }
+
+    /// Cross-attention and feed-forward, both with residuals, for (1, rows, d) token states.
+    /// Every token is processed independently (the keys/values are the latents), so any split
+    /// of the tokens into chunks gives the same result.
+    pub fn transform(&self, tokens: &Tensor) -> CandleResult<Tensor> {
+        in_token_chunks(tokens, |chunk| {
             let xs = (chunk + self.cross_attention.forward(chunk)?)?;
             &xs + self.feed_forward.forward(&xs)?
-        })?;
+        })
+    }
+
+    /// Masked mean of transformed states `xs` (b, l, d) over `pool_mask` (b, l), normalised
+    /// when the config says so. Returns (b, d) in f32.
+    pub fn pool(&self, xs: &Tensor, pool_mask: &Tensor) -> CandleResult<Tensor> {
         let mask = pool_mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
         let summed = xs.to_dtype(DType::F32)?.broadcast_mul(&mask)?.sum(1)?;
         let pooled = summed.broadcast_div(&mask.sum(1)?)?;
@@ -146,4 +159,13 @@ impl LatentAttention {
             Ok(pooled)
         }
     }
+}
+
+/// Floating-point operations per token of the latent block: the to_q / to_out projections, the
+/// GEGLU feed-forward, and attention over the latents (scores and weighted sum).
+fn flops_per_token(cfg: &Config) -> usize {
+    let l = &cfg.latent_attention_config;
+    let inner = l.num_cross_heads * l.cross_dim_head;
+    let ff = l.latent_dim * FEED_FORWARD_MULT;
+    2 * (2 * l.latent_dim * inner + l.latent_dim * 2 * ff + ff * l.latent_dim) + 4 * l.num_latents_value * inner
 }

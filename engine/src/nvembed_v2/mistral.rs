@@ -209,10 +209,6 @@ impl Decoder {
         })
     }
 
-    pub fn layer_count(&self) -> usize {
-        self.layers.len()
-    }
-
     /// Embeds the tokens of a batch. `input_ids`: (b, l) u32; `attention_mask`: (b, l) 0/1.
     pub fn begin(&self, input_ids: &Tensor, attention_mask: &Tensor) -> CandleResult<DecoderState> {
         let (b, l) = input_ids.dims2()?;
@@ -255,4 +251,14 @@ impl Decoder {
         while self.step(&mut state)? {}
         self.finish(&state)
     }
+}
+
+/// Floating-point operations per token of one decoder layer's projections (attention scores
+/// excluded: they depend on the length): what the latent block's steps are measured against.
+pub fn layer_flops_per_token(cfg: &Config) -> usize {
+    let t = &cfg.text_config;
+    let hd = cfg.head_dim();
+    let qkv = t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * hd;
+    let out = t.num_attention_heads * hd * t.hidden_size;
+    2 * (qkv + out + 3 * t.hidden_size * t.intermediate_size)
 }

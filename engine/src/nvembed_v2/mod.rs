@@ -17,27 +17,58 @@ use crate::weights::Weights;
 pub struct Model {
     decoder: mistral::Decoder,
     latent_attention: latent_attention::LatentAttention,
+    /// Steps the latent block is cut into, so that each costs about one decoder layer.
+    latent_steps: usize,
 }
 
-/// A batch on its way through the model, advanced one decoder layer per `Model::step`.
+/// A batch on its way through the model, advanced one step per `Model::step`: each decoder
+/// layer, then the latent block in `latent_steps` chunks of tokens, so no step costs much more
+/// than a layer (NV-Embed-v2's latent block costs about two and a half layers per token).
 pub struct Pass {
     decoder: mistral::DecoderState,
     pool_mask: Tensor,
+    /// Set once every decoder layer has run.
+    latent: Option<LatentStage>,
+}
+
+struct LatentStage {
+    /// Final-norm decoder states, (b·l, d), and the (b, l, d) shape to pool them in.
+    states: Tensor,
+    shape: (usize, usize, usize),
+    /// Transformed token states so far, in order.
+    done: Vec<Tensor>,
+    chunk: usize,
+    /// Rows of the batch still wanted. Rows dropped during this stage are still transformed
+    /// (at most `latent_steps` layers' worth) and left out when pooled.
+    keep: Vec<usize>,
+}
+
+impl LatentStage {
+    fn transformed(&self) -> usize {
+        self.done.iter().map(|t| t.dim(0).unwrap_or(0)).sum()
+    }
 }
 
 impl Pass {
     pub fn rows(&self) -> usize {
-        self.decoder.rows()
+        match &self.latent {
+            None => self.decoder.rows(),
+            Some(stage) => stage.keep.len(),
+        }
     }
 
-    /// Padded tokens one layer of this pass processes.
+    /// Padded tokens of this pass: what one decoder layer (or one latent step) processes.
     pub fn padded_tokens(&self) -> usize {
         self.decoder.padded_tokens()
     }
 
-    /// Keeps only the rows at `keep` (indices into the current rows, in order); the others stop
-    /// costing anything from the next layer on.
+    /// Keeps only the rows at `keep` (indices into the current rows, in order); in the decoder
+    /// the others stop costing anything from the next layer on.
     pub fn retain(&mut self, keep: &[usize]) -> CandleResult<()> {
+        if let Some(stage) = self.latent.as_mut() {
+            stage.keep = keep.iter().map(|&i| stage.keep[i]).collect();
+            return Ok(());
+        }
         let index = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<u32>>(), self.pool_mask.device())?;
         self.decoder.retain(keep, &index)?;
         self.pool_mask = self.pool_mask.index_select(&index, 0)?.narrow(1, 0, self.decoder.width())?;
@@ -47,15 +78,13 @@ impl Pass {
 
 impl Model {
     pub fn load(weights: &Weights, config: &Config) -> Result<Self> {
+        let latent_attention = latent_attention::LatentAttention::load(weights, config)?;
+        let layer = mistral::layer_flops_per_token(config).max(1);
         Ok(Self {
             decoder: mistral::Decoder::load(weights, config)?,
-            latent_attention: latent_attention::LatentAttention::load(weights, config)?,
+            latent_steps: latent_attention.flops_per_token().div_ceil(layer).max(1),
+            latent_attention,
         })
-    }
-
-    /// Decoder layers, i.e. how many `step`s a pass takes.
-    pub fn layer_count(&self) -> usize {
-        self.decoder.layer_count()
     }
 
     /// `input_ids` (b, l) u32, `attention_mask` and `pool_mask` (b, l) u32 0/1.
@@ -63,19 +92,49 @@ impl Model {
         Ok(Pass {
             decoder: self.decoder.begin(input_ids, attention_mask)?,
             pool_mask: pool_mask.clone(),
+            latent: None,
         })
     }
 
-    /// Runs the next decoder layer of `pass`; false once all have run.
+    /// Runs the next step of `pass`; false once all have run and it can be pooled.
     pub fn step(&self, pass: &mut Pass) -> CandleResult<bool> {
-        self.decoder.step(&mut pass.decoder)
+        let Some(stage) = pass.latent.as_mut() else {
+            if self.decoder.step(&mut pass.decoder)? {
+                return Ok(true);
+            }
+            let hidden = self.decoder.finish(&pass.decoder)?;
+            let (b, l, d) = hidden.dims3()?;
+            pass.latent = Some(LatentStage {
+                states: hidden.reshape((b * l, d))?,
+                shape: (b, l, d),
+                done: Vec::new(),
+                chunk: (b * l).div_ceil(self.latent_steps).max(1),
+                keep: (0..b).collect(),
+            });
+            return Ok(true);
+        };
+        let total = stage.states.dim(0)?;
+        let start = stage.transformed();
+        let len = stage.chunk.min(total - start);
+        let part = self.latent_attention.transform(&stage.states.narrow(0, start, len)?.unsqueeze(0)?)?;
+        stage.done.push(part.squeeze(0)?);
+        Ok(start + len < total)
     }
 
-    /// Pools a pass that went through every decoder layer: (b, embedding_dim) f32,
-    /// L2-normalised when the config says so.
+    /// Pools a pass whose steps have all run: (rows, embedding_dim) f32, L2-normalised when
+    /// the config says so.
     pub fn finish(&self, pass: &Pass) -> CandleResult<Tensor> {
-        let hidden = self.decoder.finish(&pass.decoder)?;
-        self.latent_attention.forward(&hidden, &pass.pool_mask)
+        let stage = pass
+            .latent
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("a pass was pooled before its steps ran".into()))?;
+        let xs = Tensor::cat(&stage.done, 0)?.reshape(stage.shape)?;
+        let pooled = self.latent_attention.pool(&xs, &pass.pool_mask)?;
+        if stage.keep.len() == stage.shape.0 {
+            return Ok(pooled);
+        }
+        let index = Tensor::new(stage.keep.iter().map(|&i| i as u32).collect::<Vec<u32>>(), pooled.device())?;
+        pooled.index_select(&index, 0)
     }
 
     /// The decoder's output alone (after its final RMSNorm), for checking against references.
