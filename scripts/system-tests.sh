@@ -31,7 +31,8 @@ for i in 1 2 3; do
 done
 sleep 0.5
 old_server=$(server_pids)
-"${AS_PG[@]}" "$PG_BINDIR/pg_ctl" -D "$WORK/data" -m fast -w restart >/dev/null
+# -l again: without it the restarted server logs elsewhere, and later checks read this log.
+"${AS_PG[@]}" "$PG_BINDIR/pg_ctl" -D "$WORK/data" -l "$WORK/server.log" -m fast -w restart >/dev/null
 for p in "${pids[@]}"; do wait "$p" && fail "a call in flight survived a fast restart"; done
 "${PSQL[@]}" -c "SELECT nvembed_passage('after restart') IS NOT NULL" >/dev/null || fail "no call after restart"
 for p in $old_server; do [ -d "/proc/$p" ] && fail "model server $p of the old instance still runs"; done
