@@ -1203,8 +1203,14 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         assert_eq!(status_value("requests"), "0", "loaded with no call");
+        // Back to lazy loading; the next test must not meet the preloading server being stopped.
+        let (_, preloading) = server_restarts_and_pid();
         alter_system("ALTER SYSTEM RESET nvembed.preload");
-        wait_for_server(|model| model.is_some());
+        let started = std::time::Instant::now();
+        while Spi::get_one::<i32>("SELECT pid FROM nvembed_status()").unwrap().is_none_or(|p| p == preloading) {
+            assert!(seconds(started) < 30.0, "the model server was not restarted without preload");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 
     #[pg_test]
