@@ -34,13 +34,59 @@ pub fn fail(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
     unreachable!("ERROR does not return")
 }
 
-fn lost(e: std::io::Error) -> ! {
-    fail(
+/// Why a call failed: what the caller sees as an ERROR. The vectorizer workers handle it
+/// themselves instead (a text's fault is retried, the server's is waited out).
+#[derive(Debug)]
+pub struct CallError {
+    pub code: PgSqlErrorCode,
+    pub message: String,
+    pub hint: &'static str,
+}
+
+impl CallError {
+    fn new(code: PgSqlErrorCode, message: String, hint: &'static str) -> Self {
+        Self { code, message, hint }
+    }
+
+    pub fn raise(self) -> ! {
+        fail(self.code, self.message, self.hint)
+    }
+
+    /// Whether the failure is the texts' own (retrying them as they are cannot succeed).
+    pub fn is_the_texts_fault(&self) -> bool {
+        matches!(
+            self.code,
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
+                | PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED
+                | PgSqlErrorCode::ERRCODE_FLOATING_POINT_EXCEPTION
+        )
+    }
+}
+
+type CallResult<T> = Result<T, CallError>;
+
+fn lost(e: std::io::Error) -> CallError {
+    CallError::new(
         PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
         format!("nvembed model server connection lost: {e}"),
         "The model server exited (crash, out of memory or a settings change) and is being restarted: retry the call. \
          See the server log.",
     )
+}
+
+/// Checks for query cancel and statement_timeout (which raise), and for a background worker's
+/// shutdown request (a SIGTERM, which ends the call).
+fn check_interrupts() -> CallResult<()> {
+    pgrx::check_for_interrupts!();
+    // SAFETY: a flag set by the background worker's SIGTERM handler; never set in a backend.
+    if unsafe { std::ptr::addr_of!(pgrx::pg_sys::ShutdownRequestPending).read_volatile() } != 0 {
+        return Err(CallError::new(
+            PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN,
+            "nvembed: the call was stopped: shutting down".into(),
+            "",
+        ));
+    }
+    Ok(())
 }
 
 /// The socket operation timed out or was interrupted: check for cancel and go on waiting.
@@ -57,65 +103,64 @@ struct Connection {
 
 impl Connection {
     /// Connects, waiting up to CONNECT_WAIT while the supervisor (re)starts the server.
-    fn open() -> Self {
+    fn open() -> CallResult<Self> {
         if !PRELOADED.load(Ordering::Relaxed) {
-            fail(
+            return Err(CallError::new(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 "nvembed is not loaded through shared_preload_libraries".into(),
                 "Add shared_preload_libraries = 'nvembed' to postgresql.conf and restart PostgreSQL.",
-            );
+            ));
         }
         let started = Instant::now();
         let stream = loop {
             match UnixStream::connect(SOCKET_NAME) {
                 Ok(stream) => break stream,
                 Err(_) if started.elapsed() < CONNECT_WAIT => {
-                    pgrx::check_for_interrupts!();
+                    check_interrupts()?;
                     std::thread::sleep(POLL_INTERVAL);
                 }
                 // Not 57P03 ("the database system is starting up"): poolers and drivers take that
                 // to mean the whole database, and reconnect or wait.
-                Err(e) => fail(
-                    PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-                    format!("nvembed model server is not reachable: {e}"),
-                    "The nvembed background worker starts it; see the server log for why it is not running.",
-                ),
+                Err(e) => {
+                    return Err(CallError::new(
+                        PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+                        format!("nvembed model server is not reachable: {e}"),
+                        "The nvembed background worker starts it; see the server log for why it is not running.",
+                    ))
+                }
             }
         };
-        stream
-            .set_write_timeout(Some(POLL_INTERVAL))
-            .unwrap_or_else(|e| lost(e));
-        stream.set_read_timeout(Some(POLL_INTERVAL)).unwrap_or_else(|e| lost(e));
+        stream.set_write_timeout(Some(POLL_INTERVAL)).map_err(lost)?;
+        stream.set_read_timeout(Some(POLL_INTERVAL)).map_err(lost)?;
         let mut connection = Self {
             stream,
             received: Vec::new(),
             start: 0,
         };
-        connection.send(&ClientMessage::Hello { build: BUILD_ID.into() });
-        match connection.receive() {
-            ServerMessage::Hello { build } if build == BUILD_ID => connection,
-            ServerMessage::Hello { build } => different_builds(&build),
-            other => protocol_violation(&other),
+        connection.send(&ClientMessage::Hello { build: BUILD_ID.into() })?;
+        match connection.receive()? {
+            ServerMessage::Hello { build } if build == BUILD_ID => Ok(connection),
+            ServerMessage::Hello { build } => Err(different_builds(&build)),
+            other => Err(protocol_violation(&other)),
         }
     }
 
-    fn send(&mut self, message: &ClientMessage) {
+    fn send(&mut self, message: &ClientMessage) -> CallResult<()> {
         let mut frame = Vec::new();
-        message.write(&mut frame).unwrap_or_else(|e| lost(e));
+        message.write(&mut frame).map_err(lost)?;
         let mut sent = 0;
         while sent < frame.len() {
             match self.stream.write(&frame[sent..]) {
-                Ok(0) => lost(IoErrorKind::WriteZero.into()),
+                Ok(0) => return Err(lost(IoErrorKind::WriteZero.into())),
                 Ok(n) => sent += n,
-                Err(e) if still_waiting(&e) => {
-                    pgrx::check_for_interrupts!();
-                }
-                Err(e) => lost(e),
+                Err(e) if still_waiting(&e) => check_interrupts()?,
+                Err(e) => return Err(lost(e)),
             }
         }
+        Ok(())
     }
 
-    fn receive(&mut self) -> ServerMessage {
+    fn receive(&mut self) -> CallResult<ServerMessage> {
         let mut chunk = vec![0u8; 256 << 10];
         loop {
             match decode_frame(&self.received[self.start..]) {
@@ -125,36 +170,34 @@ impl Connection {
                         self.received.clear();
                         self.start = 0;
                     }
-                    return ServerMessage::decode(frame).unwrap_or_else(|e| lost(e));
+                    return ServerMessage::decode(frame).map_err(lost);
                 }
                 Ok(None) => {}
-                Err(e) => lost(e),
+                Err(e) => return Err(lost(e)),
             }
             if self.start > 0 {
                 self.received.drain(..self.start);
                 self.start = 0;
             }
             match self.stream.read(&mut chunk) {
-                Ok(0) => lost(IoErrorKind::UnexpectedEof.into()),
+                Ok(0) => return Err(lost(IoErrorKind::UnexpectedEof.into())),
                 Ok(n) => self.received.extend_from_slice(&chunk[..n]),
-                Err(e) if still_waiting(&e) => {
-                    pgrx::check_for_interrupts!();
-                }
-                Err(e) => lost(e),
+                Err(e) if still_waiting(&e) => check_interrupts()?,
+                Err(e) => return Err(lost(e)),
             }
         }
     }
 }
 
-fn different_builds(server_build: &str) -> ! {
-    fail(
+fn different_builds(server_build: &str) -> CallError {
+    CallError::new(
         PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
         format!("nvembed.so ({BUILD_ID}) and the model server ({server_build}) come from different builds"),
         "Reinstall nvembed so that both come from one build (make install, or the package), then restart PostgreSQL.",
     )
 }
 
-fn protocol_violation(message: &ServerMessage) -> ! {
+fn protocol_violation(message: &ServerMessage) -> CallError {
     let what = match message {
         ServerMessage::Hello { .. } => "a handshake",
         ServerMessage::Status(_) => "a status",
@@ -162,38 +205,38 @@ fn protocol_violation(message: &ServerMessage) -> ! {
         ServerMessage::Done => "the end of a call",
         ServerMessage::Error { .. } => "an error",
     };
-    fail(
+    CallError::new(
         PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
         format!("nvembed model server sent {what} out of turn"),
         "See the server log.",
     )
 }
 
-/// Turns the server's error for a call into an ERROR for the caller.
-fn call_failed(kind: ErrorKind, message: String) -> ! {
+/// The server's error for a call, as the caller sees it.
+fn call_failed(kind: ErrorKind, message: String) -> CallError {
     match kind {
-        ErrorKind::Load => fail(
+        ErrorKind::Load => CallError::new(
             PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR,
             format!("nvembed could not load model \"{}\": {message}", gucs::model()),
             "Check nvembed.model (a checkpoint directory readable by the server's OS user, or a hub id) and nvembed.dtype \
              in postgresql.conf, then reload.",
         ),
-        ErrorKind::InvalidInput => fail(
+        ErrorKind::InvalidInput => CallError::new(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("nvembed: {message}"),
             "Shorten the instruction or raise nvembed.max_length.",
         ),
-        ErrorKind::TooLarge => fail(
+        ErrorKind::TooLarge => CallError::new(
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             format!("nvembed: {message}"),
             "Split the call into smaller batches, or raise nvembed.max_request_tokens in postgresql.conf.",
         ),
-        ErrorKind::NonFinite => fail(
+        ErrorKind::NonFinite => CallError::new(
             PgSqlErrorCode::ERRCODE_FLOATING_POINT_EXCEPTION,
             format!("nvembed: {message}"),
             "A 16-bit dtype can overflow where f32 does not: try nvembed.dtype = 'f32'. See the server log.",
         ),
-        ErrorKind::Internal => fail(
+        ErrorKind::Internal => CallError::new(
             PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
             format!("nvembed model server error: {message}"),
             "See the server log.",
@@ -202,18 +245,18 @@ fn call_failed(kind: ErrorKind, message: String) -> ! {
 }
 
 /// Checks what the backend can check before sending anything.
-fn check_limits(texts: &[String]) -> usize {
+fn check_limits(texts: &[String]) -> CallResult<usize> {
     let max_length = gucs::max_length();
     let limit = gucs::max_length_limit();
     if max_length > limit {
-        fail(
+        return Err(CallError::new(
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             format!("nvembed.max_length ({max_length}) exceeds nvembed.max_length_limit ({limit})"),
             "Lower nvembed.max_length, or raise nvembed.max_length_limit in postgresql.conf.",
-        );
+        ));
     }
     if let Some(text) = texts.iter().find(|t| t.len() > MAX_FRAME_BYTES / 2) {
-        fail(
+        return Err(CallError::new(
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             format!(
                 "nvembed: a text of {} bytes is longer than the {} bytes one text may have",
@@ -221,9 +264,9 @@ fn check_limits(texts: &[String]) -> usize {
                 MAX_FRAME_BYTES / 2
             ),
             "Split the text; at most nvembed.max_length tokens of it are embedded anyway.",
-        );
+        ));
     }
-    max_length
+    Ok(max_length)
 }
 
 /// The vectors of one call, read from the server as the caller asks for them.
@@ -235,65 +278,81 @@ pub struct VectorStream {
 }
 
 impl VectorStream {
-    fn start(class: WorkClass, instruction: &str, texts: &[String]) -> Self {
-        let max_length = check_limits(texts);
-        let mut connection = Connection::open();
+    fn start(class: WorkClass, instruction: &str, texts: &[String]) -> CallResult<Self> {
+        let max_length = check_limits(texts)?;
+        let mut connection = Connection::open()?;
         connection.send(&ClientMessage::Embed(EmbedHeader {
             class,
             instruction: instruction.to_string(),
             max_length,
             max_request_tokens: gucs::max_request_tokens(),
             count: texts.len(),
-        }));
+        }))?;
         for chunk in text_chunks(texts) {
-            connection.send(&ClientMessage::Texts(chunk.to_vec()));
+            connection.send(&ClientMessage::Texts(chunk.to_vec()))?;
         }
-        Self {
+        Ok(Self {
             connection,
             expected: texts.len(),
             delivered: 0,
             ready: VecDeque::new(),
-        }
+        })
     }
 
-    fn wrong_count(&self, got: usize) -> ! {
-        fail(
+    fn wrong_count(&self, got: usize) -> CallError {
+        CallError::new(
             PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
             format!("nvembed model server returned {got} vectors for {} texts", self.expected),
             "See the server log.",
         )
     }
-}
 
-impl Iterator for VectorStream {
-    type Item = Vec<f32>;
-
-    fn next(&mut self) -> Option<Vec<f32>> {
+    fn try_next(&mut self) -> CallResult<Option<Vec<f32>>> {
         loop {
             if let Some(vector) = self.ready.pop_front() {
                 self.delivered += 1;
-                return Some(vector);
+                return Ok(Some(vector));
             }
-            match self.connection.receive() {
+            match self.connection.receive()? {
                 ServerMessage::Vectors { dimension, values } => {
                     let got = self.delivered + values.len() / dimension;
                     if got > self.expected {
-                        self.wrong_count(got);
+                        return Err(self.wrong_count(got));
                     }
                     self.ready.extend(values.chunks_exact(dimension).map(<[f32]>::to_vec));
                 }
-                ServerMessage::Done if self.delivered == self.expected => return None,
-                ServerMessage::Done => self.wrong_count(self.delivered),
-                ServerMessage::Error { kind, message } => call_failed(kind, message),
-                other => protocol_violation(&other),
+                ServerMessage::Done if self.delivered == self.expected => return Ok(None),
+                ServerMessage::Done => return Err(self.wrong_count(self.delivered)),
+                ServerMessage::Error { kind, message } => return Err(call_failed(kind, message)),
+                other => return Err(protocol_violation(&other)),
             }
         }
     }
 }
 
+/// For SQL functions: a failure is raised as an ERROR.
+impl Iterator for VectorStream {
+    type Item = Vec<f32>;
+
+    fn next(&mut self) -> Option<Vec<f32>> {
+        self.try_next().unwrap_or_else(|e| e.raise())
+    }
+}
+
 /// Many texts as bulk work, streamed back in input order.
 pub fn embed_many(instruction: &str, texts: &[String]) -> VectorStream {
-    VectorStream::start(WorkClass::Bulk, instruction, texts)
+    VectorStream::start(WorkClass::Bulk, instruction, texts).unwrap_or_else(|e| e.raise())
+}
+
+/// Many texts as bulk work, all vectors at once; failures are returned, not raised.
+pub fn try_embed_batch(instruction: &str, texts: &[String]) -> CallResult<Vec<Vec<f32>>> {
+    let mut stream = VectorStream::start(WorkClass::Bulk, instruction, texts)?;
+    let mut vectors = Vec::with_capacity(texts.len());
+    // try_next checks the count at the end.
+    while let Some(vector) = stream.try_next()? {
+        vectors.push(vector);
+    }
+    Ok(vectors)
 }
 
 /// One-entry cache per backend for single-text calls: `ORDER BY embedding <#> nvembed_query('...')`
@@ -315,10 +374,10 @@ pub fn embed_one(instruction: &str, text: String) -> Vec<f32> {
         return vector;
     }
     let texts = [key.2.clone()];
-    let mut stream = VectorStream::start(WorkClass::Interactive, instruction, &texts);
-    let vector = stream.next().unwrap_or_else(|| stream.wrong_count(0));
+    let mut stream = VectorStream::start(WorkClass::Interactive, instruction, &texts).unwrap_or_else(|e| e.raise());
+    let vector = stream.next().unwrap_or_else(|| stream.wrong_count(0).raise());
     if stream.next().is_some() {
-        stream.wrong_count(2);
+        stream.wrong_count(2).raise();
     }
     LAST_CALL.with(|c| {
         *c.borrow_mut() = Some(LastCall {
@@ -360,7 +419,7 @@ pub fn status() -> Option<Status> {
     }
     match query_status(Duration::from_secs(5)) {
         Ok((build, status)) if build == BUILD_ID => Some(status),
-        Ok((build, _)) => different_builds(&build),
+        Ok((build, _)) => different_builds(&build).raise(),
         Err(_) => None,
     }
 }

@@ -55,6 +55,19 @@ fn nvembed_task_instruction(task: &str) -> String {
     format!("{TASK_INSTRUCTION_PREFIX}{task}{TASK_INSTRUCTION_SUFFIX}")
 }
 
+/// The loaded model's vector dimension; NULL while no model is loaded (for validating a column
+/// before the first embedding).
+#[pg_extern(volatile)]
+fn nvembed_model_dimension() -> Option<i32> {
+    client::status().and_then(|s| s.dimension).map(|d| d as i32)
+}
+
+/// The advisory lock class of the vectorizer workers' liveness locks (`src/vectorizer.rs`).
+#[pg_extern(immutable, parallel_safe)]
+fn nvembed_vectorizer_worker_lock_class() -> i32 {
+    crate::vectorizer::WORKER_LOCK_CLASS
+}
+
 /// What the model server is doing, for monitoring. Not granted to PUBLIC (it shows paths and
 /// process ids): `sql/status.sql` grants it to pg_monitor.
 #[pg_extern]

@@ -13,6 +13,11 @@ use nvembed_protocol::{
     DEFAULT_BATCH_TOKENS, DEFAULT_MAX_REQUEST_TOKENS, DEVICE_NAMES, DTYPE_NAMES, MAX_LENGTH, QUERY_INSTRUCTION_C,
 };
 
+/// Rows a vectorizer worker embeds per model call (and per transaction that writes them).
+const DEFAULT_VECTORIZER_BATCH_ROWS: i32 = 64;
+/// Attempts at a text before it moves to nvembed_vectorizer_failures.
+const DEFAULT_VECTORIZER_MAX_ATTEMPTS: i32 = 5;
+
 pub static MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"nvidia/NV-Embed-v2"));
 pub static DTYPE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"f32"));
 pub static DEVICE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"cpu"));
@@ -22,6 +27,9 @@ pub static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BA
 pub static MAX_LENGTH_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(MAX_LENGTH as i32);
 pub static MAX_REQUEST_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_REQUEST_TOKENS as i32);
 pub static MAX_LENGTH_SETTING: GucSetting<i32> = GucSetting::<i32>::new(MAX_LENGTH as i32);
+pub static VECTORIZER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static VECTORIZER_BATCH_ROWS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_VECTORIZER_BATCH_ROWS);
+pub static VECTORIZER_MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_VECTORIZER_MAX_ATTEMPTS);
 pub static QUERY_INSTRUCTION: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(QUERY_INSTRUCTION_C));
 
@@ -157,6 +165,34 @@ pub fn register() {
         GucFlags::empty(),
     );
     GucRegistry::define_string_guc(
+        c"nvembed.vectorizer_databases",
+        c"Databases (comma-separated) in which background workers embed the vectorizers' queued rows.",
+        c"One worker per database; a reload starts and stops them.",
+        &VECTORIZER_DATABASES,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"nvembed.vectorizer_batch_rows",
+        c"Rows a vectorizer worker embeds per model call and writes per transaction.",
+        c"Larger batches keep the model busier; a crash or a restart redoes at most one batch.",
+        &VECTORIZER_BATCH_ROWS,
+        1,
+        1 << 16,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"nvembed.vectorizer_max_attempts",
+        c"Attempts at embedding a row before it is listed in nvembed_vectorizer_failures.",
+        c"Failed attempts are retried after 1 s, 2 s, 4 s, ... (at most 10 min).",
+        &VECTORIZER_MAX_ATTEMPTS,
+        1,
+        1000,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_string_guc(
         c"nvembed.query_instruction",
         c"Instruction prepended by nvembed_query(text).",
         c"",
@@ -210,4 +246,19 @@ pub fn max_length_limit() -> usize {
 
 pub fn max_request_tokens() -> usize {
     MAX_REQUEST_TOKENS.get() as usize
+}
+
+/// The databases listed in nvembed.vectorizer_databases, trimmed, without duplicates.
+pub fn vectorizer_databases() -> Vec<String> {
+    let mut databases: Vec<String> = Vec::new();
+    for name in string(&VECTORIZER_DATABASES).split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if !databases.iter().any(|d| d == name) {
+            databases.push(name.to_string());
+        }
+    }
+    databases
+}
+
+pub fn vectorizer_batch_rows() -> i32 {
+    VECTORIZER_BATCH_ROWS.get()
 }

@@ -1,13 +1,15 @@
 //! nvembed: NV-Embed-v2 embeddings inside PostgreSQL.
 //!
-//! Postgres glue only: GUCs, the SQL surface, the supervisor worker and the IPC client. The model
-//! itself runs in the `nvembed-model-server` process (the `nvembed-engine` crate).
+//! Postgres glue only: GUCs, the SQL surface, the supervisor and vectorizer workers and the IPC
+//! client. The model itself runs in the `nvembed-model-server` process (the `nvembed-engine`
+//! crate).
 
 use pgrx::prelude::*;
 
 mod client;
 mod functions;
 mod gucs;
+mod vectorizer;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -24,6 +26,15 @@ pgrx::extension_sql_file!(
 pgrx::extension_sql_file!("../sql/status.sql", name = "status", requires = [functions::nvembed_status]);
 pgrx::extension_sql_file!("../sql/trigger.sql", name = "trigger", requires = ["functions"]);
 pgrx::extension_sql_file!("../sql/backfill.sql", name = "backfill", requires = ["functions"]);
+pgrx::extension_sql_file!(
+    "../sql/vectorizer.sql",
+    name = "vectorizer",
+    requires = [
+        "functions",
+        functions::nvembed_model_dimension,
+        functions::nvembed_vectorizer_worker_lock_class
+    ]
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -5,7 +5,8 @@
 //! restart every session). The supervisor starts it with the server-wide settings, restarts it
 //! when it exits (with exponential backoff, so a server that cannot start does not spin), when
 //! a reload changes its settings, and when it stops answering (a liveness check): a wedged
-//! server is killed and started again. Each change of state is logged once.
+//! server is killed and started again. Each change of state is logged once. It also keeps the
+//! vectorizer workers of nvembed.vectorizer_databases running (`vectorizer.rs`).
 
 use std::ffi::CStr;
 use std::os::unix::process::CommandExt;
@@ -199,10 +200,13 @@ pub extern "C-unwind" fn nvembed_worker_main(_arg: pg_sys::Datum) {
         next_check: Instant::now(),
         misses: 0,
     };
+    let mut vectorizers = crate::vectorizer::Workers::default();
+    vectorizers.configure(&crate::gucs::vectorizer_databases());
     while BackgroundWorker::wait_latch(Some(POLL_INTERVAL)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: re-reading postgresql.conf is what a worker does on SIGHUP.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            vectorizers.configure(&crate::gucs::vectorizer_databases());
             let changed = crate::gucs::server_settings();
             if changed != settings {
                 settings = changed;
@@ -222,6 +226,7 @@ pub extern "C-unwind" fn nvembed_worker_main(_arg: pg_sys::Datum) {
         if server.child.is_none() && Instant::now() >= server.next_start {
             server.start(&settings);
         }
+        vectorizers.tick();
     }
     stop(&mut server.child);
     let _ = std::fs::remove_file(SOCKET_NAME);
