@@ -34,6 +34,8 @@ CREATE TABLE nvembed_vectorizer (
     -- Fixed when the vectorizer is created: a session's nvembed.query_instruction must not
     -- change the vectors of rows embedded later.
     instruction text NOT NULL,
+    -- The session's nvembed.max_length when the vectorizer was created, for the same reason.
+    max_length integer NOT NULL,
     owner regrole NOT NULL,
     created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     embedded bigint NOT NULL DEFAULT 0,
@@ -282,9 +284,10 @@ BEGIN
         RAISE EXCEPTION 'a vectorizer already fills column % of %', quote_ident(target_column), tbl
             USING ERRCODE = 'duplicate_object', HINT = 'Drop it first with nvembed_drop_vectorizer.';
     END IF;
-    INSERT INTO @extschema@.nvembed_vectorizer AS v (tbl, source_column, target_column, kind, instruction, owner)
+    INSERT INTO @extschema@.nvembed_vectorizer AS v (tbl, source_column, target_column, kind, instruction, max_length, owner)
     VALUES ($1, $2, $3, $4,
             CASE $4 WHEN 'query' THEN current_setting('nvembed.query_instruction') ELSE '' END,
+            current_setting('nvembed.max_length')::integer,
             (SELECT r.oid FROM pg_roles r WHERE r.rolname = current_user)::regrole)
     RETURNING v.id INTO id;
     -- Statement triggers of a partitioned table fire only for statements naming it: each
@@ -315,6 +318,11 @@ BEGIN
         RAISE EXCEPTION 'no vectorizer fills column % of %', quote_ident(target_column), tbl
             USING ERRCODE = 'undefined_object', HINT = 'SELECT * FROM nvembed_vectorizer_status lists the vectorizers.';
     END IF;
+    IF NOT @extschema@.nvembed_vectorizer_managed(v_id) THEN
+        RAISE EXCEPTION 'permission denied to drop the vectorizer of % of %', quote_ident(target_column), tbl
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Only a role that may update the column may drop its vectorizer.';
+    END IF;
     FOR part IN SELECT tbl UNION SELECT relid FROM pg_partition_tree(tbl) LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_insert', v_id), part);
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_update', v_id), part);
@@ -322,10 +330,6 @@ BEGIN
     DELETE FROM @extschema@.nvembed_vectorizer_queue q WHERE q.vectorizer_id = v_id;
     DELETE FROM @extschema@.nvembed_vectorizer_failure f WHERE f.vectorizer_id = v_id;
     DELETE FROM @extschema@.nvembed_vectorizer v WHERE v.id = v_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'permission denied to drop the vectorizer of % of %', quote_ident(target_column), tbl
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
 END;
 $$;
 
@@ -342,6 +346,30 @@ BEGIN ATOMIC
                     SELECT moved.vectorizer_id, moved.row_key FROM moved ON CONFLICT DO NOTHING RETURNING 1)
     SELECT count(*) FROM moved;
 END;
+
+-- A vectorizer goes with its table, or with its source or target column.
+CREATE FUNCTION nvembed_vectorizer_on_drop() RETURNS event_trigger
+LANGUAGE plpgsql
+-- The dropping role may not be the one that manages the vectorizer.
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    gone integer[];
+BEGIN
+    SELECT array_agg(v.id) INTO gone
+    FROM @extschema@.nvembed_vectorizer v
+    JOIN pg_event_trigger_dropped_objects() d ON d.classid = 'pg_class'::regclass AND d.objid = v.tbl
+    WHERE d.objsubid = 0 OR d.address_names[3] IN (v.source_column, v.target_column);
+    IF gone IS NOT NULL THEN
+        DELETE FROM @extschema@.nvembed_vectorizer_queue q WHERE q.vectorizer_id = ANY (gone);
+        DELETE FROM @extschema@.nvembed_vectorizer_failure f WHERE f.vectorizer_id = ANY (gone);
+        DELETE FROM @extschema@.nvembed_vectorizer v WHERE v.id = ANY (gone);
+    END IF;
+END;
+$$;
+
+CREATE EVENT TRIGGER nvembed_vectorizer_on_drop ON sql_drop EXECUTE FUNCTION nvembed_vectorizer_on_drop();
 
 -- The live vectorizer workers of this database (their pids).
 CREATE FUNCTION nvembed_vectorizer_workers() RETURNS SETOF integer
@@ -386,13 +414,15 @@ LEFT JOIN LATERAL (
     ORDER BY errors.at DESC LIMIT 1
 ) e ON true
 -- The view runs with its owner's rights: each role sees the vectorizers of tables it may read.
-WHERE pg_catalog.has_table_privilege(v.tbl, 'SELECT');
+WHERE CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) v.tbl)
+           THEN pg_catalog.has_table_privilege(v.tbl, 'SELECT') END;
 
 CREATE VIEW nvembed_vectorizer_failures AS
 SELECT v.tbl, v.target_column, f.row_key, f.attempts, f.last_error, f.last_attempt_at
 FROM @extschema@.nvembed_vectorizer_failure f
 JOIN @extschema@.nvembed_vectorizer v ON v.id = f.vectorizer_id
-WHERE pg_catalog.has_table_privilege(v.tbl, 'SELECT');
+WHERE CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) v.tbl)
+           THEN pg_catalog.has_table_privilege(v.tbl, 'SELECT') END;
 
 GRANT SELECT ON nvembed_vectorizer_status, nvembed_vectorizer_failures TO PUBLIC;
 
@@ -400,11 +430,12 @@ GRANT SELECT ON nvembed_vectorizer_status, nvembed_vectorizer_failures TO PUBLIC
 -- The worker's side (superuser only).
 
 -- Claims up to `max_rows` due entries of one vectorizer (the one whose oldest due entry is
--- oldest) for the calling worker and reads their texts as the vectorizer's owner. Returns no
--- row when nothing is due. `row_keys` is a two-dimensional text[] in its text form, to be
--- handed back unchanged; texts[i] is NULL when row i is gone or has no text.
+-- oldest) for the calling worker and reads their texts as the vectorizer's owner. Returns
+-- NULLs when nothing is due. `row_keys` is a two-dimensional text[] in its text form, to be
+-- handed back unchanged; texts[i] is row i's text in UTF-8 (whatever the database encoding),
+-- NULL when the row is gone or has no text.
 CREATE FUNCTION nvembed_vectorizer_claim(max_rows integer,
-    OUT vectorizer_id integer, OUT instruction text, OUT row_keys text, OUT texts text[])
+    OUT vectorizer_id integer, OUT instruction text, OUT max_length integer, OUT row_keys text, OUT texts bytea[])
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -451,10 +482,11 @@ BEGIN
     END IF;
     vectorizer_id := v.id;
     instruction := v.instruction;
+    max_length := v.max_length;
     row_keys := keys::text;
     BEGIN
         PERFORM set_config('role', (SELECT r.rolname FROM pg_roles r WHERE r.oid = v.owner), true);
-        EXECUTE format('SELECT array_agg(t.%I::text ORDER BY k.n)
+        EXECUTE format('SELECT array_agg(convert_to(t.%I::text, ''UTF8'') ORDER BY k.n)
                         FROM @extschema@.nvembed_vectorizer_key_rows($1) AS k(key, n)
                         LEFT JOIN %s t ON %s',
                        v.source_column, v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, 't', 'k.key'))
@@ -466,6 +498,7 @@ BEGIN
             array_fill(format('reading %s as %s: %s', v.tbl, v.owner, SQLERRM), ARRAY[array_length(keys, 1)]));
         vectorizer_id := NULL;
         instruction := NULL;
+        max_length := NULL;
         row_keys := NULL;
         texts := NULL;
     END;
@@ -489,19 +522,16 @@ AS $$
 DECLARE
     max_attempts integer := current_setting('nvembed.vectorizer_max_attempts')::integer;
 BEGIN
-    WITH failed AS (
-        SELECT k.key, errors[k.n] AS error
-        FROM @extschema@.nvembed_vectorizer_key_rows(row_keys::text[]) AS k(key, n)
-    ), updated AS (
-        UPDATE @extschema@.nvembed_vectorizer_queue q
-        SET attempts = q.attempts + 1, last_error = failed.error, last_attempt_at = clock_timestamp(), claimed_by = NULL,
-            next_attempt_at = clock_timestamp() + least(interval '1 s' * power(2, q.attempts), interval '10 min')
-        FROM failed WHERE q.vectorizer_id = $1 AND q.row_key = failed.key
-        RETURNING q.*
-    ), moved AS (
-        DELETE FROM @extschema@.nvembed_vectorizer_queue q USING updated u
-        WHERE u.attempts >= max_attempts AND q.vectorizer_id = u.vectorizer_id AND q.row_key = u.row_key
-        RETURNING u.*
+    UPDATE @extschema@.nvembed_vectorizer_queue q
+    SET attempts = q.attempts + 1, last_error = errors[k.n], last_attempt_at = clock_timestamp(), claimed_by = NULL,
+        next_attempt_at = clock_timestamp() + least(interval '1 s' * power(2, q.attempts), interval '10 min')
+    FROM @extschema@.nvembed_vectorizer_key_rows(row_keys::text[]) AS k
+    WHERE q.vectorizer_id = $1 AND q.row_key = k.key;
+    WITH moved AS (
+        DELETE FROM @extschema@.nvembed_vectorizer_queue q
+        WHERE q.vectorizer_id = $1 AND q.attempts >= max_attempts
+          AND q.row_key IN (SELECT k.key FROM @extschema@.nvembed_vectorizer_key_rows(row_keys::text[]) AS k)
+        RETURNING q.vectorizer_id, q.row_key, q.attempts, q.last_error, q.last_attempt_at
     )
     INSERT INTO @extschema@.nvembed_vectorizer_failure AS f (vectorizer_id, row_key, attempts, last_error, last_attempt_at)
     SELECT m.vectorizer_id, m.row_key, m.attempts, m.last_error, m.last_attempt_at FROM moved m
@@ -522,17 +552,20 @@ BEGIN ATOMIC
 END;
 
 -- Writes the vectors of a claimed batch as the vectorizer's owner, where each row's source is
--- still the text that was embedded, and settles every entry. errors[i] is the model's error for
--- text i (NULL when it was embedded); `vectors` holds the vectors of the texts that are neither
--- NULL nor failed, in order, `dimension` floats each. Entries:
---   failed: a failed attempt (nvembed_vectorizer_fail);
+-- still the text that was embedded, and settles every entry. texts are the claimed texts
+-- (UTF-8); errors[i] is the model's error for text i (NULL when it was embedded); `vectors`
+-- holds the vectors of the texts that are neither NULL nor failed, in order, `dimension` floats
+-- each. Entries:
 --   written, or the row is gone, or its source is NULL and so is its target: removed;
 --   the source changed since the claim: queued again (due now, attempts unchanged);
---   anything else (the owner may not write the row, a lock, a trigger that skipped it): a
---   failed attempt, with the reason.
+--   the model failed on the text, or the row's write failed (e.g. the owner may not write it,
+--   a constraint, a trigger's error, a lock held by another session): a failed attempt, with
+--   the reason.
+-- When the batch's write fails, each row is written on its own, so one row's failure never
+-- fails the others.
 -- Returns how many vectors were written.
-CREATE FUNCTION nvembed_vectorizer_complete(vectorizer_id integer, row_keys text, texts text[], vectors real[], dimension integer,
-                                            errors text[])
+CREATE FUNCTION nvembed_vectorizer_complete(vectorizer_id integer, row_keys text, texts bytea[], vectors real[],
+                                            dimension integer, errors text[])
 RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -540,73 +573,92 @@ AS $$
 DECLARE
     v @extschema@.nvembed_vectorizer;
     keys text[] := row_keys::text[];
-    written_n bigint[];
+    sources text[];
+    batch text;
+    write text;
+    written_n bigint[] := '{}';
+    row_written bigint[];
+    write_errors text[] := '{}';
     done_n bigint[];
     changed_n bigint[];
     failed_n bigint[];
-    written integer := 0;
-    failure text;
-    batch text;
+    written integer;
 BEGIN
     SELECT * INTO v FROM @extschema@.nvembed_vectorizer WHERE id = $1;
     IF NOT FOUND THEN
         RETURN 0; -- dropped meanwhile
     END IF;
-    -- The batch without its failed texts: key, text, and the place of the text's vector.
-    batch := 'SELECT k.key, k.n, $2[k.n] AS src, count($2[k.n]) OVER (ORDER BY k.n) AS j
+    sources := ARRAY(SELECT convert_from(t, 'UTF8') FROM unnest(texts) WITH ORDINALITY AS u(t, n) ORDER BY n);
+    -- The batch without the texts the model failed on: key, text, and where its vector is.
+    batch := 'SELECT k.key, k.n, $2[k.n] AS src, pg_catalog.count($2[k.n]) OVER (ORDER BY k.n) AS j
               FROM @extschema@.nvembed_vectorizer_key_rows($1) AS k(key, n)
               WHERE $5[k.n] IS NULL';
+    -- Rows held locked by other sessions are skipped (never waited for). $6: one row's number,
+    -- or NULL for all. It runs under the session's own search_path (see below): every name in
+    -- it is schema-qualified.
+    write := format(
+        'WITH b AS (SELECT * FROM (%1$s) b WHERE $6::pg_catalog.int8 IS NULL OR b.n OPERATOR(pg_catalog.=) $6),
+              claimed AS (SELECT t.tableoid AS rel, t.ctid AS row_id, b.n, b.src, b.j FROM %2$s t JOIN b ON %3$s
+                          WHERE (b.src IS NULL AND t.%4$I IS NULL AND t.%5$I IS NOT NULL)
+                             OR (t.%4$I::pg_catalog.text COLLATE pg_catalog."C") OPERATOR(pg_catalog.=) b.src
+                          FOR NO KEY UPDATE OF t SKIP LOCKED),
+              written AS (UPDATE %2$s t
+                          SET %5$I = CASE WHEN c.src IS NULL THEN NULL
+                                          ELSE $3[(c.j OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.*) $4 OPERATOR(pg_catalog.+) 1
+                                                  : c.j OPERATOR(pg_catalog.*) $4] END
+                          FROM claimed c
+                          WHERE t.tableoid OPERATOR(pg_catalog.=) c.rel AND t.ctid OPERATOR(pg_catalog.=) c.row_id
+                          RETURNING c.n)
+         SELECT coalesce(pg_catalog.array_agg(n), ''{}'') FROM written',
+        batch, v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, 't', 'b.key'), v.source_column, v.target_column);
+    PERFORM set_config('role', (SELECT r.rolname FROM pg_roles r WHERE r.oid = v.owner), true);
+    -- The table's own triggers fire on this write, as on any other: they get the search_path a
+    -- session of this database starts with, not this function's.
+    PERFORM set_config('search_path', (SELECT s.reset_val FROM pg_settings s WHERE s.name = 'search_path'), true);
     BEGIN
-        PERFORM set_config('role', (SELECT r.rolname FROM pg_roles r WHERE r.oid = v.owner), true);
-        -- Rows held locked by other sessions are skipped (never waited for) and stay queued.
-        EXECUTE format(
-            'WITH b AS (%1$s),
-                  claimed AS (SELECT t.tableoid AS rel, t.ctid AS row_id, b.n, b.src, b.j FROM %2$s t JOIN b ON %3$s
-                              WHERE (b.src IS NULL AND t.%4$I IS NULL AND t.%5$I IS NOT NULL)
-                                 OR (t.%4$I::text COLLATE "C") = b.src
-                              FOR NO KEY UPDATE OF t SKIP LOCKED),
-                  written AS (UPDATE %2$s t
-                              SET %5$I = CASE WHEN c.src IS NULL THEN NULL
-                                              ELSE $3[(c.j - 1) * $4 + 1 : c.j * $4] END
-                              FROM claimed c WHERE t.tableoid = c.rel AND t.ctid = c.row_id
-                              RETURNING c.n)
-             SELECT array_agg(n) FROM written',
-            batch, v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, 't', 'b.key'), v.source_column, v.target_column)
-            INTO written_n USING keys, texts, vectors, dimension, errors;
-        PERFORM set_config('role', 'none', true);
+        EXECUTE write INTO written_n USING keys, sources, vectors, dimension, errors, NULL::bigint;
     EXCEPTION WHEN OTHERS THEN
-        failure := format('writing %s.%s as %s: %s', v.tbl, quote_ident(v.target_column), v.owner, SQLERRM);
-        written_n := NULL;
+        FOR n IN 1 .. cardinality(sources) LOOP
+            CONTINUE WHEN errors[n] IS NOT NULL;
+            BEGIN
+                EXECUTE write INTO row_written USING keys, sources, vectors, dimension, errors, n::bigint;
+                written_n := written_n || row_written;
+            EXCEPTION WHEN OTHERS THEN
+                write_errors[n] := format('writing %s.%s as %s: %s', v.tbl, quote_ident(v.target_column), v.owner, SQLERRM);
+            END;
+        END LOOP;
     END;
-    written := coalesce(cardinality(written_n), 0);
+    PERFORM set_config('role', 'none', true);
+    PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+    written := cardinality(written_n);
     -- Settle each entry, looking at the row as it is now (as the worker: existence and text only).
     EXECUTE format(
-        'WITH b AS (%1$s),
-              state AS (SELECT b.n, b.src, b.n = ANY ($3) AS written, t.tableoid IS NOT NULL AS present,
-                               (t.%4$I::text COLLATE "C") IS NOT DISTINCT FROM b.src AS same_text
-                        FROM b LEFT JOIN %2$s t ON %3$s)
-         SELECT array_agg(n) FILTER (WHERE written OR NOT present OR (src IS NULL AND same_text AND $4)),
+        'WITH state AS (SELECT b.n, b.src, b.n = ANY ($3) AS written, t.tableoid IS NOT NULL AS present,
+                               (t.%4$I::text COLLATE "C") IS NOT DISTINCT FROM b.src AS same_text,
+                               $4[b.n] IS NULL AS write_ok
+                        FROM (%1$s) b LEFT JOIN %2$s t ON %3$s)
+         SELECT array_agg(n) FILTER (WHERE written OR NOT present OR (src IS NULL AND same_text AND write_ok)),
                 array_agg(n) FILTER (WHERE present AND NOT same_text),
-                array_agg(n) FILTER (WHERE present AND same_text AND NOT written AND NOT (src IS NULL AND $4))
+                array_agg(n) FILTER (WHERE present AND same_text AND NOT written AND NOT (src IS NULL AND write_ok))
          FROM state',
         batch, v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, 't', 'b.key'), v.source_column)
-        INTO done_n, changed_n, failed_n USING keys, texts, coalesce(written_n, '{}'), failure IS NULL, errors;
+        INTO done_n, changed_n, failed_n USING keys, sources, written_n, write_errors, errors;
     DELETE FROM @extschema@.nvembed_vectorizer_queue q
-    WHERE q.vectorizer_id = v.id AND q.row_key IN (SELECT k.key FROM @extschema@.nvembed_vectorizer_key_rows(keys) AS k(key, n)
-                                                   WHERE k.n = ANY (done_n));
+    WHERE q.vectorizer_id = v.id
+      AND q.row_key IN (SELECT k.key FROM @extschema@.nvembed_vectorizer_key_rows(keys) AS k WHERE k.n = ANY (done_n));
     DELETE FROM @extschema@.nvembed_vectorizer_failure f
-    WHERE f.vectorizer_id = v.id AND f.row_key IN (SELECT k.key FROM @extschema@.nvembed_vectorizer_key_rows(keys) AS k(key, n)
-                                                   WHERE k.n = ANY (written_n));
+    WHERE f.vectorizer_id = v.id
+      AND f.row_key IN (SELECT k.key FROM @extschema@.nvembed_vectorizer_key_rows(keys) AS k WHERE k.n = ANY (written_n));
     UPDATE @extschema@.nvembed_vectorizer_queue q SET claimed_by = NULL, next_attempt_at = '-infinity'
-    WHERE q.vectorizer_id = v.id AND q.row_key IN (SELECT k.key FROM @extschema@.nvembed_vectorizer_key_rows(keys) AS k(key, n)
-                                                   WHERE k.n = ANY (changed_n));
-    failure := coalesce(failure, 'the row was not written: locked by another session, hidden from or not writable by the vectorizer''s owner (row-level security), or skipped by a trigger');
-    IF failed_n IS NOT NULL OR EXISTS (SELECT 1 FROM unnest(errors) e WHERE e IS NOT NULL) THEN
-        PERFORM @extschema@.nvembed_vectorizer_fail(v.id, array_agg(k.key ORDER BY k.n)::text,
-                                                     array_agg(coalesce(errors[k.n], failure) ORDER BY k.n))
-        FROM @extschema@.nvembed_vectorizer_key_rows(keys) AS k(key, n)
-        WHERE k.n = ANY (failed_n) OR errors[k.n] IS NOT NULL;
-    END IF;
+    WHERE q.vectorizer_id = v.id
+      AND q.row_key IN (SELECT k.key FROM @extschema@.nvembed_vectorizer_key_rows(keys) AS k WHERE k.n = ANY (changed_n));
+    PERFORM @extschema@.nvembed_vectorizer_fail(v.id, array_agg(k.key ORDER BY k.n)::text,
+                                                 array_agg(coalesce(errors[k.n], write_errors[k.n],
+                                                     'the row was not written: locked by another session, hidden from or not writable by the vectorizer''s owner (row-level security), or skipped by a trigger')
+                                                 ORDER BY k.n))
+    FROM @extschema@.nvembed_vectorizer_key_rows(keys) AS k
+    WHERE k.n = ANY (failed_n) OR errors[k.n] IS NOT NULL
+    HAVING count(*) > 0;
     IF written > 0 THEN
         UPDATE @extschema@.nvembed_vectorizer v2 SET embedded = v2.embedded + written, last_error = NULL, last_error_at = NULL
         WHERE v2.id = v.id;
@@ -618,5 +670,5 @@ END;
 $$;
 
 REVOKE EXECUTE ON FUNCTION nvembed_vectorizer_claim(integer), nvembed_vectorizer_fail(integer, text, text[]),
-    nvembed_vectorizer_release(integer, text, text), nvembed_vectorizer_complete(integer, text, text[], real[], integer, text[])
+    nvembed_vectorizer_release(integer, text, text), nvembed_vectorizer_complete(integer, text, bytea[], real[], integer, text[])
     FROM PUBLIC;

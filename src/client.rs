@@ -245,8 +245,7 @@ fn call_failed(kind: ErrorKind, message: String) -> CallError {
 }
 
 /// Checks what the backend can check before sending anything.
-fn check_limits(texts: &[String]) -> CallResult<usize> {
-    let max_length = gucs::max_length();
+fn check_limits(max_length: usize, texts: &[String]) -> CallResult<()> {
     let limit = gucs::max_length_limit();
     if max_length > limit {
         return Err(CallError::new(
@@ -266,7 +265,7 @@ fn check_limits(texts: &[String]) -> CallResult<usize> {
             "Split the text; at most nvembed.max_length tokens of it are embedded anyway.",
         ));
     }
-    Ok(max_length)
+    Ok(())
 }
 
 /// The vectors of one call, read from the server as the caller asks for them.
@@ -278,8 +277,8 @@ pub struct VectorStream {
 }
 
 impl VectorStream {
-    fn start(class: WorkClass, instruction: &str, texts: &[String]) -> CallResult<Self> {
-        let max_length = check_limits(texts)?;
+    fn start(class: WorkClass, instruction: &str, max_length: usize, texts: &[String]) -> CallResult<Self> {
+        check_limits(max_length, texts)?;
         let mut connection = Connection::open()?;
         connection.send(&ClientMessage::Embed(EmbedHeader {
             class,
@@ -341,12 +340,12 @@ impl Iterator for VectorStream {
 
 /// Many texts as bulk work, streamed back in input order.
 pub fn embed_many(instruction: &str, texts: &[String]) -> VectorStream {
-    VectorStream::start(WorkClass::Bulk, instruction, texts).unwrap_or_else(|e| e.raise())
+    VectorStream::start(WorkClass::Bulk, instruction, gucs::max_length(), texts).unwrap_or_else(|e| e.raise())
 }
 
 /// Many texts as bulk work, all vectors at once; failures are returned, not raised.
-pub fn try_embed_batch(instruction: &str, texts: &[String]) -> CallResult<Vec<Vec<f32>>> {
-    let mut stream = VectorStream::start(WorkClass::Bulk, instruction, texts)?;
+pub fn try_embed_batch(instruction: &str, max_length: usize, texts: &[String]) -> CallResult<Vec<Vec<f32>>> {
+    let mut stream = VectorStream::start(WorkClass::Bulk, instruction, max_length, texts)?;
     let mut vectors = Vec::with_capacity(texts.len());
     // try_next checks the count at the end.
     while let Some(vector) = stream.try_next()? {
@@ -369,12 +368,14 @@ thread_local! {
 
 /// One text as interactive work.
 pub fn embed_one(instruction: &str, text: String) -> Vec<f32> {
-    let key = (gucs::model(), instruction.to_string(), text, gucs::max_length());
+    let max_length = gucs::max_length();
+    let key = (gucs::model(), instruction.to_string(), text, max_length);
     if let Some(vector) = LAST_CALL.with(|c| c.borrow().as_ref().filter(|l| l.key == key).map(|l| l.vector.clone())) {
         return vector;
     }
     let texts = [key.2.clone()];
-    let mut stream = VectorStream::start(WorkClass::Interactive, instruction, &texts).unwrap_or_else(|e| e.raise());
+    let mut stream =
+        VectorStream::start(WorkClass::Interactive, instruction, max_length, &texts).unwrap_or_else(|e| e.raise());
     let vector = stream.next().unwrap_or_else(|| stream.wrong_count(0).raise());
     if stream.next().is_some() {
         stream.wrong_count(2).raise();

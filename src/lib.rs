@@ -48,6 +48,8 @@ pub extern "C-unwind" fn _PG_init() {
 
 #[cfg(any(test, feature = "pg_test"))]
 mod sql_tests;
+#[cfg(any(test, feature = "pg_test"))]
+mod vectorizer_tests;
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]
@@ -60,6 +62,7 @@ pub mod pg_test {
         // prepares (tests that need another one change it with ALTER SYSTEM and a reload).
         let fixture = option_env!("NVEMBED_TEST_FIXTURE").unwrap_or("/tmp/nvembed-test-fixture");
         let model: &'static str = Box::leak(format!("nvembed.model = '{fixture}/nvembed-tiny-a'").into_boxed_str());
-        vec!["shared_preload_libraries = 'nvembed'", model]
+        // The vectorizer worker drains the test database's queues.
+        vec!["shared_preload_libraries = 'nvembed'", model, "nvembed.vectorizer_databases = 'pgrx_tests'"]
     }
 }

@@ -5,7 +5,7 @@
 use pgrx::prelude::*;
 
 #[pg_schema]
-mod tests {
+pub(crate) mod tests {
     use pgrx::prelude::*;
 
     const FIXTURE: &str = match option_env!("NVEMBED_TEST_FIXTURE") {
@@ -21,12 +21,12 @@ mod tests {
     /// or read its global status take this lock exclusively; the others share it.
     const MODEL_SERVER_LOCK: i64 = 0x6e76_656d;
 
-    fn use_fixture() {
+    pub(crate) fn use_fixture() {
         Spi::run(&format!("SELECT pg_advisory_xact_lock_shared({MODEL_SERVER_LOCK})")).unwrap();
         serve_fixture_if_another_test_failed();
     }
 
-    fn use_fixture_exclusively() {
+    pub(crate) fn use_fixture_exclusively() {
         Spi::run(&format!("SELECT pg_advisory_xact_lock({MODEL_SERVER_LOCK})")).unwrap();
         serve_fixture_if_another_test_failed();
     }
@@ -54,7 +54,7 @@ mod tests {
     }
 
     /// Runs ALTER SYSTEM in its own session and reloads the configuration.
-    fn alter_system(statement: &str) {
+    pub(crate) fn alter_system(statement: &str) {
         Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
         Spi::run_with_args("SELECT dblink_exec($1, $2)", &[self_connection().into(), statement.into()]).unwrap();
         Spi::run("SELECT pg_reload_conf()").unwrap();
@@ -108,7 +108,7 @@ mod tests {
     }
 
     /// Runs `statement` and asserts it fails with `sqlstate` and a message containing `needle`.
-    fn assert_error(statement: &str, sqlstate: &str, needle: &str) {
+    pub(crate) fn assert_error(statement: &str, sqlstate: &str, needle: &str) {
         let check = format!(
             "DO $t$ BEGIN {statement}; RAISE EXCEPTION 'no error raised' USING ERRCODE = 'P0004';
              EXCEPTION WHEN OTHERS OR query_canceled THEN
@@ -401,7 +401,7 @@ mod tests {
     }
 
     /// A connection string back to this test server, for dblink.
-    fn self_connection() -> String {
+    pub(crate) fn self_connection() -> String {
         let socket_dir = Spi::get_one::<String>("SELECT split_part(current_setting('unix_socket_directories'), ',', 1)")
             .unwrap()
             .unwrap();
@@ -589,17 +589,17 @@ mod tests {
 
     /// Opens dblink session `name` to this server, using the fixture model. Statements sent
     /// there run in their own transactions: what they commit is what other sessions see.
-    fn remote_session(name: &str) {
+    pub(crate) fn remote_session(name: &str) {
         Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
         Spi::run_with_args("SELECT dblink_connect($1, $2)", &[name.into(), self_connection().into()]).unwrap();
     }
 
-    fn remote_exec(name: &str, sql: &str) {
+    pub(crate) fn remote_exec(name: &str, sql: &str) {
         Spi::run_with_args("SELECT dblink_exec($1, $2)", &[name.into(), sql.into()]).unwrap();
     }
 
     /// The one text value that `sql` returns in session `name`.
-    fn remote_text(name: &str, sql: &str) -> String {
+    pub(crate) fn remote_text(name: &str, sql: &str) -> String {
         Spi::get_one_with_args::<String>("SELECT v FROM dblink($1, $2) AS t(v text)", &[name.into(), sql.into()])
             .unwrap()
             .unwrap()
@@ -935,7 +935,7 @@ mod tests {
     }
 
     /// Seconds since `started`, for timing assertions.
-    fn seconds(started: std::time::Instant) -> f64 {
+    pub(crate) fn seconds(started: std::time::Instant) -> f64 {
         started.elapsed().as_secs_f64()
     }
 

@@ -128,8 +128,10 @@ impl Workers {
 struct Batch {
     vectorizer_id: i32,
     instruction: String,
+    max_length: usize,
     row_keys: String,
-    texts: Vec<Option<String>>,
+    /// UTF-8, as claimed: handed back for the check that the row still has this text.
+    texts: Vec<Option<Vec<u8>>>,
 }
 
 fn shutting_down() -> bool {
@@ -154,7 +156,7 @@ fn claim(schema: &str) -> Option<Batch> {
             let rows = client
                 .select(
                     &format!(
-                        "SELECT vectorizer_id, instruction, row_keys, texts FROM {schema}.nvembed_vectorizer_claim($1)"
+                        "SELECT vectorizer_id, instruction, max_length, row_keys, texts FROM {schema}.nvembed_vectorizer_claim($1)"
                     ),
                     None,
                     &[crate::gucs::vectorizer_batch_rows().into()],
@@ -164,8 +166,14 @@ fn claim(schema: &str) -> Option<Batch> {
             Some(Batch {
                 vectorizer_id: row.get::<i32>(1).expect("vectorizer_id")?,
                 instruction: row.get::<String>(2).expect("instruction")?,
-                row_keys: row.get::<String>(3).expect("row_keys")?,
-                texts: row.get::<Vec<Option<String>>>(4).expect("texts")?,
+                max_length: row.get::<i32>(3).expect("max_length")? as usize,
+                row_keys: row.get::<String>(4).expect("row_keys")?,
+                texts: row
+                    .get::<pgrx::Array<&[u8]>>(5)
+                    .expect("texts")?
+                    .iter()
+                    .map(|text| text.map(<[u8]>::to_vec))
+                    .collect(),
             })
         })
     })
@@ -174,16 +182,17 @@ fn claim(schema: &str) -> Option<Batch> {
 /// Embeds the batch's texts; a failure that is the texts' own is narrowed down text by text.
 /// Returns each text's vector or error, or the failure that is no text's fault.
 fn embed(batch: &Batch) -> Result<Vec<Result<Vec<f32>, String>>, CallError> {
-    let texts: Vec<String> = batch.texts.iter().flatten().cloned().collect();
+    // convert_to(..., 'UTF8') made them, so this never replaces anything.
+    let texts: Vec<String> = batch.texts.iter().flatten().map(|t| String::from_utf8_lossy(t).into_owned()).collect();
     if texts.is_empty() {
         return Ok(Vec::new());
     }
-    match client::try_embed_batch(&batch.instruction, &texts) {
+    match client::try_embed_batch(&batch.instruction, batch.max_length, &texts) {
         Ok(vectors) => Ok(vectors.into_iter().map(Ok).collect()),
         Err(e) if e.is_the_texts_fault() && texts.len() > 1 => {
             let mut results = Vec::with_capacity(texts.len());
             for text in texts {
-                match client::try_embed_batch(&batch.instruction, std::slice::from_ref(&text)) {
+                match client::try_embed_batch(&batch.instruction, batch.max_length, std::slice::from_ref(&text)) {
                     Ok(mut vectors) => results.push(Ok(vectors.remove(0))),
                     Err(e) if e.is_the_texts_fault() => results.push(Err(e.message)),
                     Err(e) => return Err(e),

@@ -1,0 +1,410 @@
+//! SQL-level tests of the vectorizers, drained by the test database's vectorizer worker (the
+//! test configuration lists it in nvembed.vectorizer_databases). A test's own transaction is
+//! never committed, so tables and vectorizers the worker must see are made in dblink sessions.
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    use crate::sql_tests::tests::{
+        alter_system, assert_error, remote_exec, remote_session, remote_text, seconds, use_fixture, use_fixture_exclusively,
+    };
+
+    /// pgvector, committed by whichever test gets there first.
+    const VECTOR_EXTENSION: &str =
+        "DO $$ BEGIN CREATE EXTENSION IF NOT EXISTS vector; EXCEPTION WHEN unique_violation THEN NULL; END $$";
+
+    /// The model's dimension (nothing here depends on the fixture's).
+    fn dimension() -> i32 {
+        Spi::get_one::<i32>("SELECT array_length(nvembed_passage('dimension'), 1)").unwrap().unwrap()
+    }
+
+    /// Waits until no entry of the vectorizers of `tables` is pending or in progress; fails the
+    /// test after `limit_s`.
+    fn wait_drained(session: &str, tables: &str, limit_s: f64) {
+        let started = std::time::Instant::now();
+        let query = format!(
+            "SELECT coalesce(sum(pending + in_progress), 0)::text FROM nvembed_vectorizer_status WHERE tbl::text IN ({tables})"
+        );
+        loop {
+            let left = remote_text(session, &query);
+            if left == "0" {
+                return;
+            }
+            if seconds(started) > limit_s {
+                let worker = remote_text(
+                    session,
+                    "SELECT coalesce(string_agg(concat_ws(' ', pid, state, wait_event_type, wait_event, query), '; '), 'no worker')
+                     FROM pg_stat_activity WHERE backend_type = 'nvembed vectorizer'",
+                );
+                let queue = remote_text(
+                    session,
+                    "SELECT coalesce(string_agg(DISTINCT concat_ws(' ', vectorizer_id, claimed_by, attempts, next_attempt_at > now(), last_error), '; '), 'empty')
+                     FROM nvembed_vectorizer_queue",
+                );
+                panic!("{left} rows of {tables} still queued after {limit_s} s; vectorizer worker: {worker}; queue: {queue}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// "rows with a text, rows whose target equals `expected` (an expression of the row) within
+    /// 1e-6, rows with a target but no text" of `table`, read in session `name`.
+    fn state(name: &str, table: &str, source: &str, target: &str, expected: &str) -> String {
+        state_within(name, table, source, target, expected, 1e-6)
+    }
+
+    fn state_within(name: &str, table: &str, source: &str, target: &str, expected: &str, tolerance: f64) -> String {
+        remote_text(
+            name,
+            &format!(
+                "SELECT count({source}) || ',' ||
+                        count(*) FILTER (WHERE (SELECT max(abs(x - y)) FROM unnest({target}::real[], {expected}) u(x, y)) <= {tolerance})
+                        || ',' || count(*) FILTER (WHERE {target} IS NOT NULL AND {source} IS NULL)
+                 FROM {table}"
+            ),
+        )
+    }
+
+    fn status(name: &str, table: &str, columns: &str) -> String {
+        remote_text(name, &format!("SELECT concat_ws(',', {columns}) FROM nvembed_vectorizer_status WHERE tbl::text = '{table}'"))
+    }
+
+    #[pg_test]
+    fn vectorizers_keep_every_row_at_the_embedding_of_its_latest_text() {
+        use_fixture();
+        let dim = dimension();
+        remote_session("vz");
+        remote_exec(
+            "vz",
+            &format!(
+                r#"{VECTOR_EXTENSION};
+                   CREATE TABLE vz_docs (id int PRIMARY KEY, body text, embedding vector({dim}));
+                   CREATE TABLE vz_half (id bigint, lang text, body varchar, e halfvec({dim}), PRIMARY KEY (lang, id)) PARTITION BY LIST (lang);
+                   CREATE TABLE vz_half_en PARTITION OF vz_half FOR VALUES IN ('en');
+                   CREATE TABLE vz_half_fr PARTITION OF vz_half FOR VALUES IN ('fr');
+                   CREATE TABLE "VZ Arr" ("Key" text PRIMARY KEY, "Body" text, "Vec" real[]);
+                   INSERT INTO vz_docs SELECT g, 'existing row ' || g, NULL FROM generate_series(1, 20) g;
+                   UPDATE vz_docs SET embedding = array_fill(0.5, ARRAY[{dim}])::vector WHERE id = 1;"#
+            ),
+        );
+        // Creating one queues the rows that have a text and no vector (row 1 keeps its own).
+        remote_exec(
+            "vz",
+            r#"SELECT nvembed_create_vectorizer('vz_docs', 'body', 'embedding');
+               SELECT nvembed_create_vectorizer('vz_half', 'body', 'e');
+               SELECT nvembed_create_vectorizer('"VZ Arr"', 'Body', 'Vec');
+               -- (dblink_exec takes no rows back from the last statement)
+               DO $$ BEGIN END $$"#,
+        );
+        remote_exec(
+            "vz",
+            r#"INSERT INTO vz_docs SELECT g, 'new row ' || g FROM generate_series(21, 60) g;
+               INSERT INTO vz_half SELECT g, CASE WHEN g % 2 = 0 THEN 'en' ELSE 'fr' END, 'partition row ' || g FROM generate_series(1, 30) g;
+               INSERT INTO vz_half_en VALUES (100, 'en', 'written to the partition directly');
+               INSERT INTO "VZ Arr" VALUES ('a', 'quoted names'), ('b', NULL), ('c', 'three')"#,
+        );
+        // A rolled-back insert queues nothing.
+        remote_exec("vz", "BEGIN");
+        remote_exec("vz", "INSERT INTO vz_docs VALUES (999, 'rolled back')");
+        remote_exec("vz", "ROLLBACK");
+        assert_eq!(
+            remote_text("vz", "SELECT count(*)::text FROM nvembed_vectorizer_queue WHERE row_key = '{999}'"),
+            "0"
+        );
+        // Changes while rows are queued or being embedded.
+        remote_exec(
+            "vz",
+            r#"UPDATE vz_docs SET body = 'rewritten ' || id WHERE id BETWEEN 21 AND 25;
+               UPDATE vz_docs SET body = NULL WHERE id = 26;
+               DELETE FROM vz_docs WHERE id BETWEEN 27 AND 29;
+               UPDATE vz_half SET lang = 'en' WHERE id = 3;
+               UPDATE vz_half SET body = 'moved and rewritten' WHERE id = 5;
+               UPDATE "VZ Arr" SET "Body" = 'now it has a text' WHERE "Key" = 'b'"#,
+        );
+        wait_drained("vz", "'vz_docs', 'vz_half', '\"VZ Arr\"'", 60.0);
+        // Then changes to rows that are embedded already.
+        remote_exec(
+            "vz",
+            r#"UPDATE vz_docs SET body = 'second version ' || id WHERE id BETWEEN 30 AND 32;
+               UPDATE vz_docs SET body = NULL WHERE id = 33;
+               UPDATE vz_docs SET body = body WHERE id = 34;
+               UPDATE "VZ Arr" SET "Body" = NULL WHERE "Key" = 'c'"#,
+        );
+        wait_drained("vz", "'vz_docs', 'vz_half', '\"VZ Arr\"'", 60.0);
+        // 60 rows - 3 deleted = 57; 55 with a text, 54 embedded by the vectorizer, row 1 kept.
+        assert_eq!(state("vz", "vz_docs", "body", "embedding", "nvembed_passage(body)"), "55,54,0");
+        assert_eq!(
+            remote_text("vz", &format!("SELECT (embedding = array_fill(0.5, ARRAY[{dim}])::vector)::text FROM vz_docs WHERE id = 1")),
+            "true"
+        );
+        // halfvec keeps 11 significant bits: one text's vectors from a batch and alone may round
+        // to neighbouring halves.
+        assert_eq!(state_within("vz", "vz_half", "body", "e", "nvembed_passage(body)", 1e-3), "31,31,0");
+        assert_eq!(state("vz", r#""VZ Arr""#, r#""Body""#, r#""Vec""#, r#"nvembed_passage("Body")"#), "2,2,0");
+        assert_eq!(
+            status("vz", "vz_docs", "pending, in_progress, failed, last_error IS NULL, oldest_pending_age IS NULL, rows_per_second > 0, embedded >= 54"),
+            "0,0,0,t,t,t,t"
+        );
+        assert_eq!(
+            remote_text(
+                "vz",
+                "SELECT count(*)::text FROM nvembed_vectorizer_queue q JOIN nvembed_vectorizer v ON v.id = q.vectorizer_id
+                 WHERE v.tbl::text IN ('vz_docs', 'vz_half', '\"VZ Arr\"')"
+            ),
+            "0"
+        );
+        // Dropping removes the triggers on the table and on each partition; vectors stay.
+        remote_exec("vz", "DO $$ BEGIN PERFORM nvembed_drop_vectorizer('vz_half', 'e'); END $$");
+        assert_eq!(
+            remote_text(
+                "vz",
+                "SELECT count(*)::text FROM pg_trigger WHERE tgrelid IN ('vz_half'::regclass, 'vz_half_en'::regclass, 'vz_half_fr'::regclass)"
+            ),
+            "0"
+        );
+        remote_exec("vz", "INSERT INTO vz_half VALUES (200, 'fr', 'after the drop')");
+        assert_eq!(remote_text("vz", "SELECT count(e)::text FROM vz_half"), "31");
+        // A vectorizer goes with its column, or with its table.
+        remote_exec("vz", r#"ALTER TABLE "VZ Arr" DROP COLUMN "Vec"; DROP TABLE vz_docs, vz_half"#);
+        assert_eq!(
+            remote_text(
+                "vz",
+                r#"SELECT (SELECT count(*) FROM nvembed_vectorizer WHERE tbl::oid NOT IN (SELECT oid FROM pg_class) OR tbl = '"VZ Arr"'::regclass)
+                          || ',' || (SELECT count(*) FROM nvembed_vectorizer_status WHERE tbl = '"VZ Arr"'::regclass)"#
+            ),
+            "0,0"
+        );
+        remote_exec("vz", r#"DROP TABLE "VZ Arr""#);
+        Spi::run("SELECT dblink_disconnect('vz')").unwrap();
+    }
+
+    #[pg_test]
+    fn creating_a_vectorizer_refuses_what_it_cannot_fill() {
+        use_fixture();
+        let dim = dimension();
+        Spi::run(&format!(
+            "{VECTOR_EXTENSION};
+             CREATE TABLE vzr (id int PRIMARY KEY, body text, e vector({dim}), wrong vector({}), t text);
+             CREATE TABLE vzr_nokey (body text, e real[]);
+             CREATE VIEW vzr_view AS SELECT * FROM vzr;
+             CREATE ROLE vzr_reader;
+             GRANT SELECT ON vzr TO vzr_reader;",
+            dim + 1
+        ))
+        .unwrap();
+        assert_error("PERFORM nvembed_create_vectorizer('vzr_nokey', 'body', 'e')", "55000", "has no primary key");
+        assert_error("PERFORM nvembed_create_vectorizer('vzr', 'body', 't')", "42804", "not vector(n), halfvec(n) or real[]");
+        assert_error("PERFORM nvembed_create_vectorizer('vzr', 'body', 'wrong')", "42804", &format!("the model's vectors have {dim}"));
+        assert_error("PERFORM nvembed_create_vectorizer('vzr', 'bodyy', 'e')", "42703", "bodyy");
+        assert_error("PERFORM nvembed_create_vectorizer('vzr_view', 'body', 'e')", "42809", "is not a table");
+        assert_error("PERFORM nvembed_create_vectorizer('vzr', 'body', 'e', 'document')", "22023", "kind must be");
+        assert_error("PERFORM nvembed_drop_vectorizer('vzr', 'e')", "42704", "no vectorizer fills");
+        // A role that may only read the table may not have it written for it.
+        Spi::run("SET ROLE vzr_reader").unwrap();
+        assert_error("PERFORM nvembed_create_vectorizer('vzr', 'body', 'e')", "42501", "permission denied to embed");
+        Spi::run("RESET ROLE").unwrap();
+        Spi::run("INSERT INTO vzr SELECT g, 'row ' || g FROM generate_series(1, 7) g").unwrap();
+        let id = Spi::get_one::<i32>("SELECT nvembed_create_vectorizer('vzr', 'body', 'e')").unwrap().unwrap();
+        assert_error("PERFORM nvembed_create_vectorizer('vzr', 'body', 'e')", "42710", "already fills");
+        // Nor may it drop another role's vectorizer or see its queue.
+        Spi::run("SET ROLE vzr_reader").unwrap();
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM nvembed_vectorizer_queue").unwrap(), Some(0));
+        assert_error("PERFORM nvembed_drop_vectorizer('vzr', 'e')", "42501", "permission denied to drop");
+        Spi::run("RESET ROLE").unwrap();
+        assert_eq!(
+            Spi::get_one_with_args::<i64>("SELECT count(*) FROM nvembed_vectorizer_queue WHERE vectorizer_id = $1", &[id.into()])
+                .unwrap(),
+            Some(7)
+        );
+        Spi::run("SELECT nvembed_drop_vectorizer('vzr', 'e')").unwrap();
+        assert_eq!(
+            Spi::get_one_with_args::<i64>("SELECT count(*) FROM nvembed_vectorizer_queue WHERE vectorizer_id = $1", &[id.into()])
+                .unwrap(),
+            Some(0)
+        );
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'vzr'::regclass").unwrap(), Some(0));
+    }
+
+    #[pg_test]
+    fn a_text_changed_while_its_batch_is_embedded_gets_the_vector_of_the_new_text() {
+        use_fixture();
+        remote_session("vzi");
+        let long = "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(600);
+        // Every write of a vector is logged with the text the row had then.
+        remote_exec(
+            "vzi",
+            &format!(
+                "CREATE TABLE vzi (id int PRIMARY KEY, body text, embedding real[]);
+                 CREATE TABLE vzi_writes (id int, body text, embedding real[]);
+                 CREATE FUNCTION vzi_log() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN INSERT INTO vzi_writes VALUES (NEW.id, NEW.body, NEW.embedding); RETURN NEW; END $$;
+                 CREATE TRIGGER vzi_log AFTER UPDATE OF embedding ON vzi FOR EACH ROW EXECUTE FUNCTION vzi_log();
+                 SELECT nvembed_create_vectorizer('vzi', 'body', 'embedding');
+                 INSERT INTO vzi SELECT g, CASE g WHEN 1 THEN {} ELSE 'in flight ' || g END FROM generate_series(1, 6) g",
+                pgrx::spi::quote_literal(&long)
+            ),
+        );
+        // The first text (~8,000 tokens) keeps the model busy for seconds: change two texts
+        // while the batch is claimed.
+        let started = std::time::Instant::now();
+        while status("vzi", "vzi", "in_progress") == "0" {
+            assert!(seconds(started) < 10.0, "the batch was never claimed");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        remote_exec("vzi", "UPDATE vzi SET body = 'changed during the batch' WHERE id IN (1, 4)");
+        assert_eq!(status("vzi", "vzi", "in_progress"), "6", "the batch ended before the update: make its first text longer");
+        wait_drained("vzi", "'vzi'", 60.0);
+        assert_eq!(state("vzi", "vzi", "body", "embedding", "nvembed_passage(body)"), "6,6,0");
+        // No write ever stored the vector of a text other than the row's, and each row was
+        // written once (rows 1 and 4 after their change).
+        assert_eq!(state("vzi", "vzi_writes", "body", "embedding", "nvembed_passage(body)"), "6,6,0");
+        assert_eq!(remote_text("vzi", "SELECT count(DISTINCT id)::text FROM vzi_writes"), "6");
+        remote_exec("vzi", "DROP TABLE vzi, vzi_writes; DROP FUNCTION vzi_log()");
+        Spi::run("SELECT dblink_disconnect('vzi')").unwrap();
+    }
+
+    #[pg_test]
+    fn failing_rows_are_retried_with_backoff_then_listed_and_never_hold_back_the_others() {
+        use_fixture();
+        alter_system("ALTER SYSTEM SET nvembed.vectorizer_max_attempts = 3");
+        remote_session("vzf");
+        // A row whose write a trigger refuses, among good rows; and a vectorizer whose every
+        // text fails in the model (nothing is left to pool after a 1-token limit).
+        remote_exec(
+            "vzf",
+            "CREATE TABLE vzf (id int PRIMARY KEY, body text, embedding real[]);
+             CREATE FUNCTION vzf_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN IF NEW.body = 'poison' THEN RAISE EXCEPTION 'this row refuses vectors'; END IF; RETURN NEW; END $$;
+             CREATE TRIGGER vzf_refuse BEFORE UPDATE OF embedding ON vzf FOR EACH ROW EXECUTE FUNCTION vzf_refuse();
+             CREATE TABLE vzf_pool (id int PRIMARY KEY, body text, embedding real[]);
+             SET nvembed.max_length = 1;
+             SELECT nvembed_create_vectorizer('vzf_pool', 'body', 'embedding', 'query');
+             RESET nvembed.max_length;
+             SELECT nvembed_create_vectorizer('vzf', 'body', 'embedding');
+             INSERT INTO vzf_pool SELECT g, 'query ' || g FROM generate_series(1, 3) g;
+             INSERT INTO vzf SELECT g, CASE g WHEN 5 THEN 'poison' ELSE 'good row ' || g END FROM generate_series(1, 10) g",
+        );
+        let started = std::time::Instant::now();
+        wait_drained("vzf", "'vzf', 'vzf_pool'", 60.0);
+        // Three attempts: 1 s and 2 s apart at least.
+        assert!(seconds(started) >= 3.0, "retried without backoff");
+        assert_eq!(state("vzf", "vzf", "body", "embedding", "nvembed_passage(body)"), "10,9,0");
+        assert_eq!(status("vzf", "vzf", "failed, embedded"), "1,9");
+        assert_eq!(status("vzf", "vzf_pool", "failed, embedded"), "3,0");
+        assert_eq!(
+            remote_text(
+                "vzf",
+                "SELECT string_agg(concat_ws(' ', tbl, row_key, attempts, position('this row refuses vectors' in last_error) > 0), ';')
+                 FROM nvembed_vectorizer_failures WHERE tbl = 'vzf'::regclass"
+            ),
+            "vzf {5} 3 t"
+        );
+        assert_eq!(
+            remote_text(
+                "vzf",
+                "SELECT count(*) FILTER (WHERE last_error LIKE '%nothing left to pool%' AND attempts = 3)::text
+                 FROM nvembed_vectorizer_failures WHERE tbl = 'vzf_pool'::regclass"
+            ),
+            "3"
+        );
+        assert!(status("vzf", "vzf", "last_error").contains("this row refuses vectors"));
+        // Fixed, and retried: the row gets its vector and leaves the failures.
+        remote_exec("vzf", "DROP TRIGGER vzf_refuse ON vzf");
+        assert_eq!(remote_text("vzf", "SELECT nvembed_vectorizer_retry('vzf', 'embedding')::text"), "1");
+        wait_drained("vzf", "'vzf'", 30.0);
+        assert_eq!(state("vzf", "vzf", "body", "embedding", "nvembed_passage(body)"), "10,10,0");
+        assert_eq!(status("vzf", "vzf", "failed, embedded"), "0,10");
+        remote_exec("vzf", "DROP TABLE vzf, vzf_pool; DROP FUNCTION vzf_refuse()");
+        Spi::run("SELECT dblink_disconnect('vzf')").unwrap();
+        alter_system("ALTER SYSTEM RESET nvembed.vectorizer_max_attempts");
+    }
+
+    #[pg_test]
+    fn the_worker_reads_and_writes_as_the_vectorizers_owner() {
+        use_fixture();
+        remote_session("vzo");
+        remote_exec(
+            "vzo",
+            "CREATE ROLE vzo_owner;
+             CREATE TABLE vzo (id int PRIMARY KEY, body text, embedding real[]);
+             GRANT SELECT, INSERT, TRIGGER, UPDATE (body, embedding) ON vzo TO vzo_owner;
+             SET ROLE vzo_owner;
+             SELECT nvembed_create_vectorizer('vzo', 'body', 'embedding');
+             INSERT INTO vzo SELECT g, 'owned row ' || g FROM generate_series(1, 4) g;
+             RESET ROLE",
+        );
+        wait_drained("vzo", "'vzo'", 30.0);
+        assert_eq!(state("vzo", "vzo", "body", "embedding", "nvembed_passage(body)"), "4,4,0");
+        assert_eq!(status("vzo", "vzo", "owner"), "vzo_owner");
+        // Without UPDATE on the column any more, its writes fail, visibly, and nothing is written.
+        remote_exec("vzo", "REVOKE UPDATE (embedding) ON vzo FROM vzo_owner; UPDATE vzo SET body = 'revoked' WHERE id = 2");
+        let started = std::time::Instant::now();
+        while !status("vzo", "vzo", "last_error").contains("permission denied for table vzo") {
+            assert!(seconds(started) < 10.0, "no visible error: {}", status("vzo", "vzo", "last_error"));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert_eq!(state("vzo", "vzo", "body", "embedding", "nvembed_passage(body)"), "4,3,0");
+        // Granted again: the next attempt writes it.
+        remote_exec("vzo", "GRANT UPDATE (embedding) ON vzo TO vzo_owner");
+        wait_drained("vzo", "'vzo'", 30.0);
+        assert_eq!(state("vzo", "vzo", "body", "embedding", "nvembed_passage(body)"), "4,4,0");
+        remote_exec("vzo", "SELECT nvembed_drop_vectorizer('vzo', 'embedding'); DROP TABLE vzo; DROP ROLE vzo_owner");
+        Spi::run("SELECT dblink_disconnect('vzo')").unwrap();
+    }
+
+    #[pg_test]
+    fn claims_never_overlap_and_a_gone_claimers_rows_are_embedded_once() {
+        // Alone: a claim takes the oldest vectorizer's rows, which must be this test's.
+        use_fixture_exclusively();
+        remote_session("vzc_a");
+        remote_session("vzc_b");
+        // Session a takes the liveness lock a worker holds, then claims half of the rows before
+        // they are committed to anyone else; session b claims concurrently, as would a worker.
+        let live = "DO $$ BEGIN PERFORM pg_advisory_lock(nvembed_vectorizer_worker_lock_class(), pg_backend_pid()); END $$";
+        remote_exec("vzc_a", live);
+        remote_exec("vzc_b", live);
+        remote_exec("vzc_a", "BEGIN");
+        remote_exec(
+            "vzc_a",
+            "CREATE TABLE vzc (id int PRIMARY KEY, body text, embedding real[]);
+             CREATE TABLE vzc_writes (id int, body text, embedding real[]);
+             CREATE FUNCTION vzc_log() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO vzc_writes VALUES (NEW.id, NEW.body, NEW.embedding); RETURN NEW; END $$;
+             CREATE TRIGGER vzc_log AFTER UPDATE OF embedding ON vzc FOR EACH ROW EXECUTE FUNCTION vzc_log();
+             SELECT nvembed_create_vectorizer('vzc', 'body', 'embedding');
+             INSERT INTO vzc SELECT g, 'claimed row ' || g FROM generate_series(1, 200) g",
+        );
+        let a_keys = remote_text("vzc_a", "SELECT row_keys FROM nvembed_vectorizer_claim(100)");
+        remote_exec("vzc_a", "COMMIT");
+        let b_keys = remote_text("vzc_b", "SELECT coalesce(row_keys, '{}') FROM nvembed_vectorizer_claim(100)");
+        let overlap = Spi::get_one_with_args::<i64>(
+            "SELECT count(*) FROM (SELECT unnest($1::text[]) INTERSECT SELECT unnest($2::text[])) o",
+            &[a_keys.as_str().into(), b_keys.as_str().into()],
+        )
+        .unwrap();
+        assert_eq!(overlap, Some(0));
+        // While a and b live, the worker leaves their rows alone and embeds the rest.
+        let claimed_by_others = "SELECT count(*)::text FROM vzc WHERE embedding IS NULL";
+        let started = std::time::Instant::now();
+        let b_count = Spi::get_one_with_args::<i64>("SELECT coalesce(array_length($1::text[], 1), 0)", &[b_keys.as_str().into()])
+            .unwrap()
+            .unwrap();
+        while remote_text("vzc_b", claimed_by_others) != (100 + b_count).to_string() {
+            assert!(seconds(started) < 30.0, "the worker did not embed the unclaimed rows");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert_eq!(remote_text("vzc_b", claimed_by_others), (100 + b_count).to_string());
+        // Gone claimers' rows are released and embedded, each row exactly once.
+        Spi::run("SELECT dblink_disconnect('vzc_a'), dblink_disconnect('vzc_b')").unwrap();
+        remote_session("vzc");
+        wait_drained("vzc", "'vzc'", 30.0);
+        assert_eq!(state("vzc", "vzc", "body", "embedding", "nvembed_passage(body)"), "200,200,0");
+        assert_eq!(remote_text("vzc", "SELECT count(*) || ',' || count(DISTINCT id) FROM vzc_writes"), "200,200");
+        remote_exec("vzc", "DROP TABLE vzc, vzc_writes; DROP FUNCTION vzc_log()");
+        Spi::run("SELECT dblink_disconnect('vzc')").unwrap();
+    }
+}
