@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # System tests that need a whole server: a restart with requests in flight, a load test of
 # 16 sessions × 200 mixed calls, backfill progress, a model server of another build or one that
-# misbehaves, a missing or wedged model server, and a 100,000-text call. Run by `make test` after the SQL tests; bounded in time,
-# loopback only, and they stop their cluster themselves. Each check prints PASS or fails.
+# misbehaves, a missing or wedged model server, a 100,000-text call, and a vectorizer's queue
+# drained through a killed model server and an immediate restart. Run by `make test` after the
+# SQL tests; bounded in time, loopback only, and they stop their cluster themselves. Each check
+# prints PASS or fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cluster.sh
@@ -183,3 +185,71 @@ backend_kb=$(tail -n1 <<<"$result")
 server_kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$server/status")
 [ "$backend_kb" -lt 200000 ] || fail "the backend peaked at $backend_kb kB"
 echo "PASS 100,000 texts: refused with 54000 by default; with the limit raised 100000 rows, backend peak $backend_kb kB, model server peak $server_kb kB"
+
+# 8. Vectorizer under faults: SIGKILL of the model server and `pg_ctl restart -m immediate`
+#    while a queue drains lose nothing and write nothing twice; draining resumes by itself. A
+#    listed database without the extension is logged once; a worker that exits is restarted.
+"${PSQL[@]}" -c "CREATE DATABASE vz_noext" >/dev/null
+reload "ALTER SYSTEM SET nvembed.vectorizer_databases = 'postgres, vz_noext'"
+listed=$(date +%s)
+"${PSQL[@]}" >/dev/null <<'SQL'
+CREATE TABLE vz_fault (id int PRIMARY KEY, body text, embedding real[]);
+-- Every write of a vector, with the text the row had then.
+CREATE TABLE vz_fault_writes (id int, body text, embedding real[]);
+CREATE FUNCTION vz_fault_log() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO vz_fault_writes VALUES (NEW.id, NEW.body, NEW.embedding); RETURN NEW; END $$;
+CREATE TRIGGER vz_fault_log AFTER UPDATE OF embedding ON vz_fault FOR EACH ROW EXECUTE FUNCTION vz_fault_log();
+SELECT nvembed_create_vectorizer('vz_fault', 'body', 'embedding');
+-- 640 texts of ~300 tokens: 10 batches of 64, seconds each.
+INSERT INTO vz_fault SELECT g, repeat('fault tolerant text ' || g || '. ', 50) FROM generate_series(1, 640) g;
+SQL
+vz_status() { "${PSQL[@]}" -At -c "SELECT concat_ws(',', pending, in_progress, embedded) FROM nvembed_vectorizer_status WHERE tbl = 'vz_fault'::regclass" 2>/dev/null || true; }
+# wait_until SECONDS CONDITION-ON-$in_progress/$embedded/$pending
+wait_until() {
+  local limit=$1 started; started=$(date +%s); shift
+  while :; do
+    IFS=, read -r pending in_progress embedded <<<"$(vz_status)"
+    pending=${pending:-x} in_progress=${in_progress:-0} embedded=${embedded:-0}
+    eval "$1" && return 0
+    [ $(( $(date +%s) - started )) -lt "$limit" ] || fail "vectorizer: not ($1) within $limit s (pending,in_progress,embedded = $(vz_status))"
+    sleep 0.2
+  done
+}
+wait_until 60 '[ "$embedded" -ge 64 ] && [ "$in_progress" -gt 0 ]'
+before=$embedded
+kill -9 "$(server_pids)"
+wait_until 60 '[ "$embedded" -gt "$before" ] && [ "$in_progress" -gt 0 ]'
+before=$embedded
+# (Its worker has polled for the extension every second since the reload.)
+noext=$(grep -c 'database "vz_noext" is listed in nvembed.vectorizer_databases but has no nvembed extension' "$WORK/server.log" || true)
+[ "$noext" = 1 ] || fail "a listed database without the extension was logged $noext times (want once)"
+noext_seconds=$(( $(date +%s) - listed ))
+"${AS_PG[@]}" "$PG_BINDIR/pg_ctl" -D "$WORK/data" -l "$WORK/server.log" -m immediate -w restart >/dev/null
+wait_until 180 '[ "$pending" = 0 ] && [ "$in_progress" = 0 ]'
+result=$("${PSQL[@]}" -At <<'SQL'
+WITH a AS (SELECT array_agg(id ORDER BY id) AS ids, array_agg(body ORDER BY id) AS bodies FROM vz_fault GROUP BY id / 100),
+     expected AS (SELECT a.ids[p.n] AS id, p.e FROM a, nvembed_passages(a.bodies) WITH ORDINALITY AS p(e, n))
+SELECT (SELECT count(*) FROM vz_fault f JOIN expected x USING (id)
+        WHERE (SELECT max(abs(p - q)) FROM unnest(f.embedding, x.e) u(p, q)) <= 1e-6)
+       || ',' || (SELECT count(*) || ',' || count(DISTINCT id) FROM vz_fault_writes)
+       || ',' || (SELECT count(*) FROM vz_fault_writes w JOIN vz_fault f USING (id) WHERE w.body IS DISTINCT FROM f.body OR w.embedding IS DISTINCT FROM f.embedding)
+SQL
+)
+[ "$result" = "640,640,640,0" ] || fail "vectorizer after SIGKILL and immediate restart: correct,writes,rows written,stale writes = $result (want 640,640,640,0)"
+echo "PASS vectorizer under faults: model server SIGKILLed at $before rows, immediate restart mid-batch; all 640 rows correct, each written once"
+
+worker() { "${PSQL[@]}" -At -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'nvembed vectorizer' AND datname = 'postgres'"; }
+old_worker=$(worker)
+[ -n "$old_worker" ] || fail "no vectorizer worker runs in database postgres"
+"${PSQL[@]}" -c "SELECT pg_terminate_backend($old_worker)" >/dev/null
+for _ in $(seq 100); do
+  new_worker=$(worker)
+  [ -n "$new_worker" ] && [ "$new_worker" != "$old_worker" ] && break
+  sleep 0.1
+done
+[ -n "$new_worker" ] && [ "$new_worker" != "$old_worker" ] || fail "the terminated vectorizer worker was not restarted in 10 s"
+"${PSQL[@]}" -c "UPDATE vz_fault SET body = 'after the worker restart' WHERE id = 1" >/dev/null
+wait_until 30 '[ "$pending" = 0 ] && [ "$in_progress" = 0 ]'
+ok=$("${PSQL[@]}" -At -c "SELECT (SELECT max(abs(p - q)) FROM unnest(embedding, nvembed_passage(body)) u(p, q)) <= 1e-6 FROM vz_fault WHERE id = 1")
+[ "$ok" = t ] || fail "the restarted worker did not embed the changed row"
+echo "PASS vectorizer workers: a database without the extension logged once in $noext_seconds s; a terminated worker restarted (pid $old_worker -> $new_worker) and drains"
