@@ -38,6 +38,9 @@ CREATE TABLE nvembed_vectorizer (
     max_length integer NOT NULL,
     owner regrole NOT NULL,
     created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- What the enqueue trigger runs (nvembed_vectorizer_enqueue_statements).
+    enqueue_on_insert text NOT NULL,
+    enqueue_on_update text NOT NULL,
     embedded bigint NOT NULL DEFAULT 0,
     -- The last problem that was nobody's text's fault (model server unreachable, model not
     -- loadable), shown by the status view until a batch succeeds.
@@ -46,25 +49,29 @@ CREATE TABLE nvembed_vectorizer (
     UNIQUE (tbl, target_column)
 );
 
--- No foreign key to nvembed_vectorizer: its check would cost a lookup per enqueued row.
+-- Enqueueing must cost little next to the write that enqueues (a COPY of many rows): no
+-- foreign key (a lookup per row) and no unique key (a speculative insertion per row, several
+-- times the cost of the row itself). A row may so have several entries; a claim takes all
+-- entries of the keys it claims, and embeds each key once.
 CREATE TABLE nvembed_vectorizer_queue (
     vectorizer_id integer NOT NULL,
-    -- The primary key's values as text, in the key's column order (exact: each type's own
-    -- output and input functions).
-    row_key text[] NOT NULL,
+    -- The primary key's values as text, in the key's column order, as a text[] literal (exact:
+    -- each type's own output and input functions; compared byte-for-byte).
+    row_key text COLLATE "C" NOT NULL,
     queued_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     attempts integer NOT NULL DEFAULT 0,
     next_attempt_at timestamptz NOT NULL DEFAULT '-infinity',
     last_error text,
     last_attempt_at timestamptz,
     -- pid of the worker that claimed the entry; NULL while waiting.
-    claimed_by integer,
-    PRIMARY KEY (vectorizer_id, row_key)
+    claimed_by integer
 );
+CREATE INDEX nvembed_vectorizer_queue_key ON nvembed_vectorizer_queue (vectorizer_id, row_key);
+CREATE INDEX nvembed_vectorizer_queue_claimed ON nvembed_vectorizer_queue (claimed_by) WHERE claimed_by IS NOT NULL;
 
 CREATE TABLE nvembed_vectorizer_failure (
     vectorizer_id integer NOT NULL,
-    row_key text[] NOT NULL,
+    row_key text COLLATE "C" NOT NULL,
     attempts integer NOT NULL,
     last_error text NOT NULL,
     last_attempt_at timestamptz NOT NULL,
@@ -152,50 +159,59 @@ $$;
 --   INSERT  the target is NULL and the source is not (a COPY of precomputed vectors queues
 --           nothing);
 --   UPDATE  the source changed (byte-for-byte), unless the same statement also set the target
---           to another non-NULL vector; or the target is NULL and the source is not.
--- An entry already queued is left as it is (ON CONFLICT DO NOTHING never waits for a worker's
--- claim): the worker writes only the text it embedded and keeps the entry when the text changed.
+--           to another non-NULL vector; or the target is NULL and the source is not. A row that
+--           has an entry already gets no other: the worker writes only the text it embedded,
+--           and keeps the entry when the text changed meanwhile.
+-- The statements of the enqueue trigger for a vectorizer of `tbl`, made once when it is created
+-- (building them at each statement would cost more than the enqueueing itself).
+CREATE FUNCTION nvembed_vectorizer_enqueue_statements(tbl regclass, source_column name, target_column name,
+                                                      OUT on_insert text, OUT on_update text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    new_key text := @extschema@.nvembed_vectorizer_key_array(tbl, 'n');
+BEGIN
+    on_insert := format(
+        'INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
+         SELECT $1, (%s)::text FROM nvembed_new_rows n WHERE n.%I IS NULL AND n.%I IS NOT NULL',
+        new_key, target_column, source_column);
+    -- o.nvembed_key IS NULL: no old row has the new row's key (the statement changed it).
+    on_update := format(
+        'INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
+         SELECT $1, (%1$s)::text FROM nvembed_new_rows n
+         LEFT JOIN (SELECT %2$s AS nvembed_key, o.* FROM nvembed_old_rows o) o ON o.nvembed_key = %1$s
+         WHERE ((n.%3$I IS NULL AND n.%4$I IS NOT NULL)
+                OR ((o.nvembed_key IS NULL OR NOT (ROW(n.%4$I)::record *= ROW(o.%4$I)::record))
+                    AND NOT (o.nvembed_key IS NOT NULL AND NOT (ROW(n.%3$I)::record *= ROW(o.%3$I)::record)
+                             AND n.%3$I IS NOT NULL)))
+           AND NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
+                           WHERE q.vectorizer_id = $1 AND q.row_key = (%1$s)::text)',
+        new_key, @extschema@.nvembed_vectorizer_key_array(tbl, 'o'), target_column, source_column);
+END;
+$$;
+
 CREATE FUNCTION nvembed_vectorizer_enqueue() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v @extschema@.nvembed_vectorizer;
-    source_changed text;
-    target_changed text;
+    vectorizer_tbl regclass;
+    statement text;
 BEGIN
-    SELECT * INTO v FROM @extschema@.nvembed_vectorizer WHERE id = TG_ARGV[0]::integer;
+    SELECT v.tbl, CASE TG_OP WHEN 'INSERT' THEN v.enqueue_on_insert ELSE v.enqueue_on_update END
+    INTO vectorizer_tbl, statement
+    FROM @extschema@.nvembed_vectorizer v WHERE v.id = TG_ARGV[0]::integer;
     IF NOT FOUND THEN
         RETURN NULL; -- dropped by a concurrent nvembed_drop_vectorizer
     END IF;
     -- SECURITY DEFINER: a trigger made by hand must not enqueue keys for another table.
-    IF v.tbl <> TG_RELID AND NOT v.tbl IN (SELECT r FROM pg_partition_ancestors(TG_RELID) AS a(r)) THEN
-        RAISE EXCEPTION 'nvembed vectorizer % does not belong to table %', v.id, TG_RELID::regclass
+    IF vectorizer_tbl <> TG_RELID AND NOT vectorizer_tbl IN (SELECT r FROM pg_partition_ancestors(TG_RELID) AS a(r)) THEN
+        RAISE EXCEPTION 'nvembed vectorizer % does not belong to table %', TG_ARGV[0], TG_RELID::regclass
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
-    IF TG_OP = 'INSERT' THEN
-        EXECUTE format(
-            'INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
-             SELECT $1, %s FROM nvembed_new_rows n WHERE n.%I IS NULL AND n.%I IS NOT NULL
-             ON CONFLICT DO NOTHING',
-            @extschema@.nvembed_vectorizer_key_array(v.tbl, 'n'), v.target_column, v.source_column)
-            USING v.id;
-    ELSE
-        -- o.nvembed_key IS NULL: no old row has the new row's key (the statement changed it).
-        source_changed := format('(o.nvembed_key IS NULL OR NOT (ROW(n.%1$I)::record *= ROW(o.%1$I)::record))', v.source_column);
-        target_changed := format('(o.nvembed_key IS NOT NULL AND NOT (ROW(n.%1$I)::record *= ROW(o.%1$I)::record))', v.target_column);
-        EXECUTE format(
-            'INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
-             SELECT $1, %1$s FROM nvembed_new_rows n
-             LEFT JOIN (SELECT %2$s AS nvembed_key, o.* FROM nvembed_old_rows o) o ON o.nvembed_key = %1$s
-             WHERE (n.%3$I IS NULL AND n.%4$I IS NOT NULL)
-                OR (%5$s AND NOT (%6$s AND n.%3$I IS NOT NULL))
-             ON CONFLICT DO NOTHING',
-            @extschema@.nvembed_vectorizer_key_array(v.tbl, 'n'), @extschema@.nvembed_vectorizer_key_array(v.tbl, 'o'),
-            v.target_column, v.source_column, source_changed, target_changed)
-            USING v.id;
-    END IF;
+    EXECUTE statement USING TG_ARGV[0]::integer;
     RETURN NULL;
 END;
 $$;
@@ -284,11 +300,14 @@ BEGIN
         RAISE EXCEPTION 'a vectorizer already fills column % of %', quote_ident(target_column), tbl
             USING ERRCODE = 'duplicate_object', HINT = 'Drop it first with nvembed_drop_vectorizer.';
     END IF;
-    INSERT INTO @extschema@.nvembed_vectorizer AS v (tbl, source_column, target_column, kind, instruction, max_length, owner)
-    VALUES ($1, $2, $3, $4,
+    INSERT INTO @extschema@.nvembed_vectorizer AS v (tbl, source_column, target_column, kind, instruction, max_length, owner,
+                                                     enqueue_on_insert, enqueue_on_update)
+    SELECT $1, $2, $3, $4,
             CASE $4 WHEN 'query' THEN current_setting('nvembed.query_instruction') ELSE '' END,
             current_setting('nvembed.max_length')::integer,
-            (SELECT r.oid FROM pg_roles r WHERE r.rolname = current_user)::regrole)
+            (SELECT r.oid FROM pg_roles r WHERE r.rolname = current_user)::regrole,
+            e.on_insert, e.on_update
+    FROM @extschema@.nvembed_vectorizer_enqueue_statements($1, $2, $3) e
     RETURNING v.id INTO id;
     -- Statement triggers of a partitioned table fire only for statements naming it: each
     -- partition gets its own, for statements that write to it directly.
@@ -296,7 +315,7 @@ BEGIN
         PERFORM @extschema@.nvembed_vectorizer_create_triggers(id, part);
     END LOOP;
     EXECUTE format('INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
-                    SELECT $1, %s FROM %s n WHERE n.%I IS NULL AND n.%I IS NOT NULL',
+                    SELECT $1, (%s)::text FROM %s n WHERE n.%I IS NULL AND n.%I IS NOT NULL',
                    @extschema@.nvembed_vectorizer_key_array(tbl, 'n'), tbl, target_column, source_column)
         USING id;
     RETURN id;
@@ -343,7 +362,7 @@ BEGIN ATOMIC
          moved AS (DELETE FROM @extschema@.nvembed_vectorizer_failure f USING v WHERE f.vectorizer_id = v.id
                    RETURNING f.vectorizer_id, f.row_key),
          queued AS (INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
-                    SELECT moved.vectorizer_id, moved.row_key FROM moved ON CONFLICT DO NOTHING RETURNING 1)
+                    SELECT moved.vectorizer_id, moved.row_key FROM moved RETURNING 1)
     SELECT count(*) FROM moved;
 END;
 
@@ -397,9 +416,11 @@ SELECT v.id, v.tbl, v.source_column, v.target_column, v.kind, v.owner,
        pg_catalog.now() - q.oldest_pending AS oldest_pending_age
 FROM @extschema@.nvembed_vectorizer v
 LEFT JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE NOT claimed) AS pending, count(*) FILTER (WHERE claimed) AS in_progress,
+    -- Rows, not entries (a row may have several).
+    SELECT count(DISTINCT row_key) FILTER (WHERE NOT claimed) AS pending,
+           count(DISTINCT row_key) FILTER (WHERE claimed) AS in_progress,
            min(queued_at) FILTER (WHERE NOT claimed) AS oldest_pending
-    FROM (SELECT q.queued_at, coalesce(q.claimed_by IN (SELECT pid FROM workers), false) AS claimed
+    FROM (SELECT q.row_key, q.queued_at, coalesce(q.claimed_by IN (SELECT pid FROM workers), false) AS claimed
           FROM @extschema@.nvembed_vectorizer_queue q WHERE q.vectorizer_id = v.id) AS entries
 ) q ON true
 LEFT JOIN LATERAL (SELECT count(*) AS failed FROM @extschema@.nvembed_vectorizer_failure f WHERE f.vectorizer_id = v.id) f ON true
@@ -418,7 +439,7 @@ WHERE CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid OPERATOR
            THEN pg_catalog.has_table_privilege(v.tbl, 'SELECT') END;
 
 CREATE VIEW nvembed_vectorizer_failures AS
-SELECT v.tbl, v.target_column, f.row_key, f.attempts, f.last_error, f.last_attempt_at
+SELECT v.tbl, v.target_column, f.row_key::text[] AS row_key, f.attempts, f.last_error, f.last_attempt_at
 FROM @extschema@.nvembed_vectorizer_failure f
 JOIN @extschema@.nvembed_vectorizer v ON v.id = f.vectorizer_id
 WHERE CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) v.tbl)
@@ -429,8 +450,9 @@ GRANT SELECT ON nvembed_vectorizer_status, nvembed_vectorizer_failures TO PUBLIC
 -- ---------------------------------------------------------------------------------------------
 -- The worker's side (superuser only).
 
--- Claims up to `max_rows` due entries of one vectorizer (the one whose oldest due entry is
--- oldest) for the calling worker and reads their texts as the vectorizer's owner. Returns
+-- Claims up to `max_rows` due entries of one vectorizer (that of the first due entry met; the
+-- queue is mostly in insertion order, and no sort of the whole queue is needed) for the calling
+-- worker and reads their texts as the vectorizer's owner. Returns
 -- NULLs when nothing is due. `row_keys` is a two-dimensional text[] in its text form, to be
 -- handed back unchanged; texts[i] is row i's text in UTF-8 (whatever the database encoding),
 -- NULL when the row is gone or has no text.
@@ -450,7 +472,7 @@ BEGIN
         SELECT * INTO v FROM @extschema@.nvembed_vectorizer
         WHERE id = (SELECT q.vectorizer_id FROM @extschema@.nvembed_vectorizer_queue q
                     WHERE q.claimed_by IS NULL AND q.next_attempt_at <= now()
-                    ORDER BY q.queued_at LIMIT 1);
+                    LIMIT 1);
         IF NOT FOUND THEN
             -- Nothing due, or entries of a dropped vectorizer (left by a failed drop): clean up.
             DELETE FROM @extschema@.nvembed_vectorizer_queue q
@@ -466,17 +488,30 @@ BEGIN
         DELETE FROM @extschema@.nvembed_vectorizer_failure f WHERE f.vectorizer_id = v.id;
         DELETE FROM @extschema@.nvembed_vectorizer v2 WHERE v2.id = v.id;
     END LOOP;
+    -- Due entries of v, then every other waiting entry of the same rows: each row is embedded
+    -- once per claim however many entries it has.
     WITH due AS (
-        SELECT q.vectorizer_id, q.row_key FROM @extschema@.nvembed_vectorizer_queue q
+        SELECT q.ctid FROM @extschema@.nvembed_vectorizer_queue q
         WHERE q.vectorizer_id = v.id AND q.claimed_by IS NULL AND q.next_attempt_at <= now()
-        ORDER BY q.queued_at LIMIT max_rows
+        LIMIT max_rows
         FOR UPDATE SKIP LOCKED
     ), claimed AS (
         UPDATE @extschema@.nvembed_vectorizer_queue q SET claimed_by = pg_backend_pid()
-        FROM due WHERE q.vectorizer_id = due.vectorizer_id AND q.row_key = due.row_key
+        FROM due WHERE q.ctid = due.ctid
         RETURNING q.row_key
     )
-    SELECT array_agg(claimed.row_key) INTO keys FROM claimed;
+    SELECT array_agg(DISTINCT claimed.row_key) INTO keys FROM claimed;
+    IF keys IS NOT NULL THEN
+        WITH same_rows AS (
+            SELECT q.ctid FROM @extschema@.nvembed_vectorizer_queue q
+            WHERE q.vectorizer_id = v.id AND q.row_key = ANY (keys) AND q.claimed_by IS NULL
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE @extschema@.nvembed_vectorizer_queue q SET claimed_by = pg_backend_pid()
+        FROM same_rows WHERE q.ctid = same_rows.ctid;
+        -- As a two-dimensional text[]: one key per row.
+        keys := (SELECT array_agg(k::text[]) FROM unnest(keys) AS k);
+    END IF;
     IF keys IS NULL THEN
         RETURN;
     END IF;
@@ -526,15 +561,16 @@ BEGIN
     SET attempts = q.attempts + 1, last_error = errors[k.n], last_attempt_at = clock_timestamp(), claimed_by = NULL,
         next_attempt_at = clock_timestamp() + least(interval '1 s' * power(2, q.attempts), interval '10 min')
     FROM @extschema@.nvembed_vectorizer_key_rows(row_keys::text[]) AS k
-    WHERE q.vectorizer_id = $1 AND q.row_key = k.key;
+    WHERE q.vectorizer_id = $1 AND q.row_key = k.key::text AND q.claimed_by = pg_backend_pid();
     WITH moved AS (
         DELETE FROM @extschema@.nvembed_vectorizer_queue q
         WHERE q.vectorizer_id = $1 AND q.attempts >= max_attempts
-          AND q.row_key IN (SELECT k.key FROM @extschema@.nvembed_vectorizer_key_rows(row_keys::text[]) AS k)
+          AND q.row_key IN (SELECT k.key::text FROM @extschema@.nvembed_vectorizer_key_rows(row_keys::text[]) AS k)
         RETURNING q.vectorizer_id, q.row_key, q.attempts, q.last_error, q.last_attempt_at
     )
     INSERT INTO @extschema@.nvembed_vectorizer_failure AS f (vectorizer_id, row_key, attempts, last_error, last_attempt_at)
-    SELECT m.vectorizer_id, m.row_key, m.attempts, m.last_error, m.last_attempt_at FROM moved m
+    SELECT DISTINCT ON (m.row_key) m.vectorizer_id, m.row_key, m.attempts, m.last_error, m.last_attempt_at FROM moved m
+    ORDER BY m.row_key, m.attempts DESC
     ON CONFLICT ON CONSTRAINT nvembed_vectorizer_failure_pkey DO UPDATE
         SET attempts = excluded.attempts, last_error = excluded.last_error, last_attempt_at = excluded.last_attempt_at;
 END;
@@ -547,7 +583,8 @@ LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     UPDATE @extschema@.nvembed_vectorizer_queue q SET claimed_by = NULL
-    WHERE q.vectorizer_id = $1 AND q.row_key IN (SELECT k.key FROM @extschema@.nvembed_vectorizer_key_rows(row_keys::text[]) AS k);
+    WHERE q.vectorizer_id = $1 AND q.claimed_by = pg_backend_pid()
+      AND q.row_key IN (SELECT k.key::text FROM @extschema@.nvembed_vectorizer_key_rows(row_keys::text[]) AS k);
     UPDATE @extschema@.nvembed_vectorizer v SET last_error = error, last_error_at = clock_timestamp() WHERE v.id = $1;
 END;
 
@@ -644,14 +681,14 @@ BEGIN
         batch, v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, 't', 'b.key'), v.source_column)
         INTO done_n, changed_n, failed_n USING keys, sources, written_n, write_errors, errors;
     DELETE FROM @extschema@.nvembed_vectorizer_queue q
-    WHERE q.vectorizer_id = v.id
-      AND q.row_key IN (SELECT k.key FROM @extschema@.nvembed_vectorizer_key_rows(keys) AS k WHERE k.n = ANY (done_n));
+    WHERE q.vectorizer_id = v.id AND q.claimed_by = pg_backend_pid()
+      AND q.row_key IN (SELECT k.key::text FROM @extschema@.nvembed_vectorizer_key_rows(keys) AS k WHERE k.n = ANY (done_n));
     DELETE FROM @extschema@.nvembed_vectorizer_failure f
     WHERE f.vectorizer_id = v.id
-      AND f.row_key IN (SELECT k.key FROM @extschema@.nvembed_vectorizer_key_rows(keys) AS k WHERE k.n = ANY (written_n));
+      AND f.row_key IN (SELECT k.key::text FROM @extschema@.nvembed_vectorizer_key_rows(keys) AS k WHERE k.n = ANY (written_n));
     UPDATE @extschema@.nvembed_vectorizer_queue q SET claimed_by = NULL, next_attempt_at = '-infinity'
-    WHERE q.vectorizer_id = v.id
-      AND q.row_key IN (SELECT k.key FROM @extschema@.nvembed_vectorizer_key_rows(keys) AS k WHERE k.n = ANY (changed_n));
+    WHERE q.vectorizer_id = v.id AND q.claimed_by = pg_backend_pid()
+      AND q.row_key IN (SELECT k.key::text FROM @extschema@.nvembed_vectorizer_key_rows(keys) AS k WHERE k.n = ANY (changed_n));
     PERFORM @extschema@.nvembed_vectorizer_fail(v.id, array_agg(k.key ORDER BY k.n)::text,
                                                  array_agg(coalesce(errors[k.n], write_errors[k.n],
                                                      'the row was not written: locked by another session, hidden from or not writable by the vectorizer''s owner (row-level security), or skipped by a trigger')
