@@ -52,7 +52,7 @@ row "SQL overhead per call (tiny model, 1000 sequential SELECT nvembed_passage v
 cluster_stop
 
 # Medium model from here on.
-cluster_start "$MEDIUM" "nvembed.threads = 2"
+cluster_start "$MEDIUM" "nvembed.threads = 2" "nvembed.vectorizer_databases = 'postgres'"
 "${PSQL[@]}" -c "CREATE EXTENSION nvembed" >/dev/null
 # 6. Load: first request to first vector.
 t0=$(now); "${PSQL[@]}" -c "SELECT nvembed_passage('first') IS NOT NULL" >/dev/null; t1=$(now)
@@ -105,6 +105,59 @@ t0=$(now); "${PSQL[@]}" -c "CALL nvembed_backfill('bulk', 'body', 'embedding', '
 t2=$(now); "${PSQL[@]}" -c "INSERT INTO bulk_trigger SELECT id, body FROM bulk" ; t3=$(now)
 backfill=$(calc "round($ROWS / ($t1-$t0), 2)"); trigger=$(calc "round($ROWS / ($t3-$t2), 2)")
 row "bulk: backfill vs per-row trigger, $ROWS rows × ~100 tokens (medium; $backfill vs $trigger rows/s)" "$(calc "round($backfill / $trigger, 2)")×" "≥ 2×"
+
+# 8. Vectorizer: what a COPY into a vectorized table costs (the enqueueing), and how fast the
+#    workers drain a queue against one nvembed_passages call on the same texts. COPYs are timed
+#    with the workers paused (nvembed.vectorizer_databases empty): the model's compute would
+#    otherwise share the cores with the COPY.
+vectorizer_workers() { "${PSQL[@]}" -c "ALTER SYSTEM SET nvembed.vectorizer_databases = '$1'" -c "SELECT pg_reload_conf()" >/dev/null; }
+vectorizer_workers ""
+python3 - "$WORK" <<'PY'
+import sys
+work = sys.argv[1]
+line = "{i}\tPassage {i}: the harbour town wakes slowly on winter mornings while boats rock at the quay.\n"
+with open(f"{work}/copy_10000.tsv", "w") as f:
+    f.writelines(line.format(i=i) for i in range(1, 10001))
+for k in range(40):
+    with open(f"{work}/copy_250_{k}.tsv", "w") as f:
+        f.writelines(line.format(i=i) for i in range(k * 250 + 1, (k + 1) * 250 + 1))
+PY
+chmod a+r "$WORK"/copy_*.tsv
+"${PSQL[@]}" >/dev/null <<'SQL'
+CREATE TABLE copy_plain (id int PRIMARY KEY, body text, embedding real[]);
+CREATE TABLE copy_vectorized (LIKE copy_plain INCLUDING ALL);
+SELECT nvembed_create_vectorizer('copy_vectorized', 'body', 'embedding');
+SQL
+# copy_ms FILE...: total server time (psql \timing) of COPYs of the files into copy_plain, then
+# into copy_vectorized, as "plain vectorized"; empties both tables and the queue afterwards.
+copy_ms() {
+  { echo '\timing on'
+    for table in copy_plain copy_vectorized; do for f in "$@"; do echo "COPY $table (id, body) FROM '$f';"; done; done
+  } > "$sqlfile"
+  "${PSQL[@]}" -f "$sqlfile" | awk -v n=$# '/^Time:/ {k++; if (k <= n) a += $2; else b += $2} END {printf "%.1f %.1f\n", a, b}'
+  "${PSQL[@]}" -c "TRUNCATE copy_plain, copy_vectorized" -c "DELETE FROM nvembed_vectorizer_queue" >/dev/null
+}
+median_ratio() { python3 -c "import statistics, sys; r = [float(b) / float(a) for a, b in (x.split() for x in sys.argv[1:])]; print(round(statistics.median(r), 2))" "$@"; }
+small=(); large=()
+for _ in 1 2 3; do
+  small+=("$(copy_ms "$WORK"/copy_250_{0..39}.tsv)")
+  large+=("$(copy_ms "$WORK/copy_10000.tsv")")
+done
+row "vectorizer: COPY of 250 rows into a vectorized vs a plain table (40 COPYs, median of 3; last $(cut -d' ' -f2 <<<"${small[2]}") vs $(cut -d' ' -f1 <<<"${small[2]}") ms)" "$(median_ratio "${small[@]}")×" "≤ 3×"
+row "vectorizer: COPY of 10,000 rows into a vectorized vs a plain table (median of 3; last $(cut -d' ' -f2 <<<"${large[2]}") vs $(cut -d' ' -f1 <<<"${large[2]}") ms)" "$(median_ratio "${large[@]}")×" "—"
+"${PSQL[@]}" >/dev/null <<SQL
+DROP TABLE copy_plain, copy_vectorized;
+CREATE TABLE drain (id int PRIMARY KEY, body text, embedding real[]);
+INSERT INTO drain SELECT g, 'Drained ' || g || '. ' || repeat('The harbour town wakes slowly on winter mornings while boats rock at the quay. ', 6)
+FROM generate_series(1, $ROWS) g;
+SQL
+t0=$(now); "${PSQL[@]}" -c "SELECT count(*) FROM nvembed_passages(ARRAY(SELECT body FROM drain ORDER BY id))" >/dev/null; t1=$(now)
+"${PSQL[@]}" -c "SELECT nvembed_create_vectorizer('drain', 'body', 'embedding')" >/dev/null
+t2=$(now); vectorizer_workers postgres
+until [ "$("${PSQL[@]}" -Atc "SELECT pending + in_progress FROM nvembed_vectorizer_status WHERE tbl = 'drain'::regclass")" = 0 ]; do sleep 0.2; done
+t3=$(now)
+passages=$(calc "round($ROWS / ($t1-$t0), 2)"); drained=$(calc "round($ROWS / ($t3-$t2), 2)")
+row "vectorizer: rows/s until pending = 0 vs one nvembed_passages call, $ROWS rows × ~100 tokens (medium; $drained vs $passages rows/s)" "$(calc "round($drained / $passages, 2)")×" "≥ 0.8×"
 
 # 5b. Backend RSS growth after 1000 calls.
 growth=$("${PSQL[@]}" -At <<'SQL'
