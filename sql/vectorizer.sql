@@ -667,7 +667,8 @@ BEGIN
     END;
     PERFORM set_config('role', 'none', true);
     PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
-    written := cardinality(written_n);
+    -- Vectors written (not the NULLs written for rows whose text became NULL).
+    written := (SELECT count(*) FROM unnest(written_n) AS w(n) WHERE sources[w.n] IS NOT NULL);
     -- Settle each entry, looking at the row as it is now (as the worker: existence and text only).
     EXECUTE format(
         'WITH state AS (SELECT b.n, b.src, b.n = ANY ($3) AS written, t.tableoid IS NOT NULL AS present,

@@ -251,7 +251,11 @@ pub fn max_request_tokens() -> usize {
 /// The databases listed in nvembed.vectorizer_databases, trimmed, without duplicates.
 pub fn vectorizer_databases() -> Vec<String> {
     let mut databases: Vec<String> = Vec::new();
-    for name in string(&VECTORIZER_DATABASES).split(',').map(str::trim).filter(|n| !n.is_empty()) {
+    for name in string(&VECTORIZER_DATABASES)
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+    {
         if !databases.iter().any(|d| d == name) {
             databases.push(name.to_string());
         }

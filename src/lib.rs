@@ -63,6 +63,10 @@ pub mod pg_test {
         let fixture = option_env!("NVEMBED_TEST_FIXTURE").unwrap_or("/tmp/nvembed-test-fixture");
         let model: &'static str = Box::leak(format!("nvembed.model = '{fixture}/nvembed-tiny-a'").into_boxed_str());
         // The vectorizer worker drains the test database's queues.
-        vec!["shared_preload_libraries = 'nvembed'", model, "nvembed.vectorizer_databases = 'pgrx_tests'"]
+        vec![
+            "shared_preload_libraries = 'nvembed'",
+            model,
+            "nvembed.vectorizer_databases = 'pgrx_tests'",
+        ]
     }
 }

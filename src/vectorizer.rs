@@ -12,7 +12,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags,
+};
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 
@@ -54,7 +56,7 @@ impl Workers {
             if !keep {
                 if let Some(worker) = supervised.worker.take() {
                     log!("nvembed: stopping the vectorizer worker of database \"{database}\"");
-                    drop(worker.terminate());
+                    let _stopping = worker.terminate();
                 }
             }
             keep
@@ -183,7 +185,12 @@ fn claim(schema: &str) -> Option<Batch> {
 /// Returns each text's vector or error, or the failure that is no text's fault.
 fn embed(batch: &Batch) -> Result<Vec<Result<Vec<f32>, String>>, CallError> {
     // convert_to(..., 'UTF8') made them, so this never replaces anything.
-    let texts: Vec<String> = batch.texts.iter().flatten().map(|t| String::from_utf8_lossy(t).into_owned()).collect();
+    let texts: Vec<String> = batch
+        .texts
+        .iter()
+        .flatten()
+        .map(|t| String::from_utf8_lossy(t).into_owned())
+        .collect();
     if texts.is_empty() {
         return Ok(Vec::new());
     }
@@ -243,7 +250,11 @@ fn release(schema: &str, batch: &Batch, error: &CallError) {
     BackgroundWorker::transaction(|| {
         Spi::run_with_args(
             &format!("SELECT {schema}.nvembed_vectorizer_release($1, $2, $3)"),
-            &[batch.vectorizer_id.into(), batch.row_keys.as_str().into(), error.message.as_str().into()],
+            &[
+                batch.vectorizer_id.into(),
+                batch.row_keys.as_str().into(),
+                error.message.as_str().into(),
+            ],
         )
         .expect("nvembed_vectorizer_release");
     });

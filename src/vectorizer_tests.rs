@@ -9,7 +9,8 @@ mod tests {
     use pgrx::prelude::*;
 
     use crate::sql_tests::tests::{
-        alter_system, assert_error, remote_exec, remote_session, remote_text, seconds, use_fixture, use_fixture_exclusively,
+        alter_system, assert_error, remote_exec, remote_session, remote_text, seconds, use_fixture,
+        use_fixture_exclusively,
     };
 
     /// pgvector, committed by whichever test gets there first.
@@ -18,7 +19,9 @@ mod tests {
 
     /// The model's dimension (nothing here depends on the fixture's).
     fn dimension() -> i32 {
-        Spi::get_one::<i32>("SELECT array_length(nvembed_passage('dimension'), 1)").unwrap().unwrap()
+        Spi::get_one::<i32>("SELECT array_length(nvembed_passage('dimension'), 1)")
+            .unwrap()
+            .unwrap()
     }
 
     /// Waits until no entry of the vectorizers of `tables` is pending or in progress; fails the
@@ -69,7 +72,10 @@ mod tests {
     }
 
     fn status(name: &str, table: &str, columns: &str) -> String {
-        remote_text(name, &format!("SELECT concat_ws(',', {columns}) FROM nvembed_vectorizer_status WHERE tbl::text = '{table}'"))
+        remote_text(
+            name,
+            &format!("SELECT concat_ws(',', {columns}) FROM nvembed_vectorizer_status WHERE tbl::text = '{table}'"),
+        )
     }
 
     #[pg_test]
@@ -137,7 +143,10 @@ mod tests {
         // 60 rows - 3 deleted = 57; 55 with a text, 54 embedded by the vectorizer, row 1 kept.
         assert_eq!(state("vz", "vz_docs", "body", "embedding", "nvembed_passage(body)"), "55,54,0");
         assert_eq!(
-            remote_text("vz", &format!("SELECT (embedding = array_fill(0.5, ARRAY[{dim}])::vector)::text FROM vz_docs WHERE id = 1")),
+            remote_text(
+                "vz",
+                &format!("SELECT (embedding = array_fill(0.5, ARRAY[{dim}])::vector)::text FROM vz_docs WHERE id = 1")
+            ),
             "true"
         );
         // halfvec keeps 11 significant bits: one text's vectors from a batch and alone may round
@@ -196,8 +205,16 @@ mod tests {
         ))
         .unwrap();
         assert_error("PERFORM nvembed_create_vectorizer('vzr_nokey', 'body', 'e')", "55000", "has no primary key");
-        assert_error("PERFORM nvembed_create_vectorizer('vzr', 'body', 't')", "42804", "not vector(n), halfvec(n) or real[]");
-        assert_error("PERFORM nvembed_create_vectorizer('vzr', 'body', 'wrong')", "42804", &format!("the model's vectors have {dim}"));
+        assert_error(
+            "PERFORM nvembed_create_vectorizer('vzr', 'body', 't')",
+            "42804",
+            "not vector(n), halfvec(n) or real[]",
+        );
+        assert_error(
+            "PERFORM nvembed_create_vectorizer('vzr', 'body', 'wrong')",
+            "42804",
+            &format!("the model's vectors have {dim}"),
+        );
         assert_error("PERFORM nvembed_create_vectorizer('vzr', 'bodyy', 'e')", "42703", "bodyy");
         assert_error("PERFORM nvembed_create_vectorizer('vzr_view', 'body', 'e')", "42809", "is not a table");
         assert_error("PERFORM nvembed_create_vectorizer('vzr', 'body', 'e', 'document')", "22023", "kind must be");
@@ -207,7 +224,9 @@ mod tests {
         assert_error("PERFORM nvembed_create_vectorizer('vzr', 'body', 'e')", "42501", "permission denied to embed");
         Spi::run("RESET ROLE").unwrap();
         Spi::run("INSERT INTO vzr SELECT g, 'row ' || g FROM generate_series(1, 7) g").unwrap();
-        let id = Spi::get_one::<i32>("SELECT nvembed_create_vectorizer('vzr', 'body', 'e')").unwrap().unwrap();
+        let id = Spi::get_one::<i32>("SELECT nvembed_create_vectorizer('vzr', 'body', 'e')")
+            .unwrap()
+            .unwrap();
         assert_error("PERFORM nvembed_create_vectorizer('vzr', 'body', 'e')", "42710", "already fills");
         // Nor may it drop another role's vectorizer or see its queue.
         Spi::run("SET ROLE vzr_reader").unwrap();
@@ -215,17 +234,26 @@ mod tests {
         assert_error("PERFORM nvembed_drop_vectorizer('vzr', 'e')", "42501", "permission denied to drop");
         Spi::run("RESET ROLE").unwrap();
         assert_eq!(
-            Spi::get_one_with_args::<i64>("SELECT count(*) FROM nvembed_vectorizer_queue WHERE vectorizer_id = $1", &[id.into()])
-                .unwrap(),
+            Spi::get_one_with_args::<i64>(
+                "SELECT count(*) FROM nvembed_vectorizer_queue WHERE vectorizer_id = $1",
+                &[id.into()]
+            )
+            .unwrap(),
             Some(7)
         );
         Spi::run("SELECT nvembed_drop_vectorizer('vzr', 'e')").unwrap();
         assert_eq!(
-            Spi::get_one_with_args::<i64>("SELECT count(*) FROM nvembed_vectorizer_queue WHERE vectorizer_id = $1", &[id.into()])
-                .unwrap(),
+            Spi::get_one_with_args::<i64>(
+                "SELECT count(*) FROM nvembed_vectorizer_queue WHERE vectorizer_id = $1",
+                &[id.into()]
+            )
+            .unwrap(),
             Some(0)
         );
-        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'vzr'::regclass").unwrap(), Some(0));
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'vzr'::regclass").unwrap(),
+            Some(0)
+        );
     }
 
     #[pg_test]
@@ -255,7 +283,11 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         remote_exec("vzi", "UPDATE vzi SET body = 'changed during the batch' WHERE id IN (1, 4)");
-        assert_eq!(status("vzi", "vzi", "in_progress"), "6", "the batch ended before the update: make its first text longer");
+        assert_eq!(
+            status("vzi", "vzi", "in_progress"),
+            "6",
+            "the batch ended before the update: make its first text longer"
+        );
         wait_drained("vzi", "'vzi'", 60.0);
         assert_eq!(state("vzi", "vzi", "body", "embedding", "nvembed_passage(body)"), "6,6,0");
         // No write ever stored the vector of a text other than the row's, and each row was
@@ -340,7 +372,10 @@ mod tests {
         assert_eq!(state("vzo", "vzo", "body", "embedding", "nvembed_passage(body)"), "4,4,0");
         assert_eq!(status("vzo", "vzo", "owner"), "vzo_owner");
         // Without UPDATE on the column any more, its writes fail, visibly, and nothing is written.
-        remote_exec("vzo", "REVOKE UPDATE (embedding) ON vzo FROM vzo_owner; UPDATE vzo SET body = 'revoked' WHERE id = 2");
+        remote_exec(
+            "vzo",
+            "REVOKE UPDATE (embedding) ON vzo FROM vzo_owner; UPDATE vzo SET body = 'revoked' WHERE id = 2",
+        );
         let started = std::time::Instant::now();
         while !status("vzo", "vzo", "last_error").contains("permission denied for table vzo") {
             assert!(seconds(started) < 10.0, "no visible error: {}", status("vzo", "vzo", "last_error"));
@@ -363,7 +398,8 @@ mod tests {
         remote_session("vzc_b");
         // Session a takes the liveness lock a worker holds, then claims half of the rows before
         // they are committed to anyone else; session b claims concurrently, as would a worker.
-        let live = "DO $$ BEGIN PERFORM pg_advisory_lock(nvembed_vectorizer_worker_lock_class(), pg_backend_pid()); END $$";
+        let live =
+            "DO $$ BEGIN PERFORM pg_advisory_lock(nvembed_vectorizer_worker_lock_class(), pg_backend_pid()); END $$";
         remote_exec("vzc_a", live);
         remote_exec("vzc_b", live);
         remote_exec("vzc_a", "BEGIN");
@@ -389,9 +425,10 @@ mod tests {
         // While a and b live, the worker leaves their rows alone and embeds the rest.
         let claimed_by_others = "SELECT count(*)::text FROM vzc WHERE embedding IS NULL";
         let started = std::time::Instant::now();
-        let b_count = Spi::get_one_with_args::<i64>("SELECT coalesce(array_length($1::text[], 1), 0)", &[b_keys.as_str().into()])
-            .unwrap()
-            .unwrap();
+        let b_count =
+            Spi::get_one_with_args::<i64>("SELECT coalesce(array_length($1::text[], 1), 0)", &[b_keys.as_str().into()])
+                .unwrap()
+                .unwrap();
         while remote_text("vzc_b", claimed_by_others) != (100 + b_count).to_string() {
             assert!(seconds(started) < 30.0, "the worker did not embed the unclaimed rows");
             std::thread::sleep(std::time::Duration::from_millis(100));
