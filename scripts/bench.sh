@@ -135,7 +135,7 @@ copy_ms() {
     for table in copy_plain copy_vectorized; do for f in "$@"; do echo "COPY $table (id, body) FROM '$f';"; done; done
   } > "$sqlfile"
   "${PSQL[@]}" -f "$sqlfile" | awk -v n=$# '/^Time:/ {k++; if (k <= n) a += $2; else b += $2} END {printf "%.1f %.1f\n", a, b}'
-  "${PSQL[@]}" -c "TRUNCATE copy_plain, copy_vectorized" -c "DELETE FROM nvembed_vectorizer_queue" >/dev/null
+  "${PSQL[@]}" -c "TRUNCATE copy_plain, copy_vectorized, nvembed_vectorizer_queue" >/dev/null
 }
 median_ratio() { python3 -c "import statistics, sys; r = [float(b) / float(a) for a, b in (x.split() for x in sys.argv[1:])]; print(round(statistics.median(r), 2))" "$@"; }
 small=(); large=()

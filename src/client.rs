@@ -35,38 +35,51 @@ pub fn fail(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
 }
 
 /// Why a call failed: what the caller sees as an ERROR. The vectorizer workers handle it
-/// themselves instead (a text's fault is retried, the server's is waited out).
+/// themselves instead, by whose fault it is.
 #[derive(Debug)]
 pub struct CallError {
     pub code: PgSqlErrorCode,
     pub message: String,
     pub hint: &'static str,
+    pub blame: Blame,
+}
+
+/// Whose fault a failed call is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The texts, or what was asked of them (instruction, length): retrying them as they are
+    /// cannot succeed.
+    Text,
+    /// The connection was lost during the call: the server exited, maybe because of a text.
+    Connection,
+    /// The model server or the configuration: no call can succeed until it is fixed.
+    Server,
 }
 
 impl CallError {
     fn new(code: PgSqlErrorCode, message: String, hint: &'static str) -> Self {
-        Self { code, message, hint }
+        Self::blaming(Blame::Server, code, message, hint)
+    }
+
+    fn blaming(blame: Blame, code: PgSqlErrorCode, message: String, hint: &'static str) -> Self {
+        Self {
+            code,
+            message,
+            hint,
+            blame,
+        }
     }
 
     pub fn raise(self) -> ! {
         fail(self.code, self.message, self.hint)
-    }
-
-    /// Whether the failure is the texts' own (retrying them as they are cannot succeed).
-    pub fn is_the_texts_fault(&self) -> bool {
-        matches!(
-            self.code,
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
-                | PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED
-                | PgSqlErrorCode::ERRCODE_FLOATING_POINT_EXCEPTION
-        )
     }
 }
 
 type CallResult<T> = Result<T, CallError>;
 
 fn lost(e: std::io::Error) -> CallError {
-    CallError::new(
+    CallError::blaming(
+        Blame::Connection,
         PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
         format!("nvembed model server connection lost: {e}"),
         "The model server exited (crash, out of memory or a settings change) and is being restarted: retry the call. \
@@ -221,17 +234,20 @@ fn call_failed(kind: ErrorKind, message: String) -> CallError {
             "Check nvembed.model (a checkpoint directory readable by the server's OS user, or a hub id) and nvembed.dtype \
              in postgresql.conf, then reload.",
         ),
-        ErrorKind::InvalidInput => CallError::new(
+        ErrorKind::InvalidInput => CallError::blaming(
+            Blame::Text,
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("nvembed: {message}"),
             "Shorten the instruction or raise nvembed.max_length.",
         ),
-        ErrorKind::TooLarge => CallError::new(
+        ErrorKind::TooLarge => CallError::blaming(
+            Blame::Text,
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             format!("nvembed: {message}"),
             "Split the call into smaller batches, or raise nvembed.max_request_tokens in postgresql.conf.",
         ),
-        ErrorKind::NonFinite => CallError::new(
+        ErrorKind::NonFinite => CallError::blaming(
+            Blame::Text,
             PgSqlErrorCode::ERRCODE_FLOATING_POINT_EXCEPTION,
             format!("nvembed: {message}"),
             "A 16-bit dtype can overflow where f32 does not: try nvembed.dtype = 'f32'. See the server log.",
@@ -248,14 +264,16 @@ fn call_failed(kind: ErrorKind, message: String) -> CallError {
 fn check_limits(max_length: usize, texts: &[String]) -> CallResult<()> {
     let limit = gucs::max_length_limit();
     if max_length > limit {
-        return Err(CallError::new(
+        return Err(CallError::blaming(
+            Blame::Text,
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             format!("nvembed.max_length ({max_length}) exceeds nvembed.max_length_limit ({limit})"),
             "Lower nvembed.max_length, or raise nvembed.max_length_limit in postgresql.conf.",
         ));
     }
     if let Some(text) = texts.iter().find(|t| t.len() > MAX_FRAME_BYTES / 2) {
-        return Err(CallError::new(
+        return Err(CallError::blaming(
+            Blame::Text,
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             format!(
                 "nvembed: a text of {} bytes is longer than the {} bytes one text may have",

@@ -62,12 +62,6 @@ fn nvembed_model_dimension() -> Option<i32> {
     client::status().and_then(|s| s.dimension).map(|d| d as i32)
 }
 
-/// The advisory lock class of the vectorizer workers' liveness locks (`src/vectorizer.rs`).
-#[pg_extern(immutable, parallel_safe)]
-fn nvembed_vectorizer_worker_lock_class() -> i32 {
-    crate::vectorizer::WORKER_LOCK_CLASS
-}
-
 /// What the model server is doing, for monitoring. Not granted to PUBLIC (it shows paths and
 /// process ids): `sql/status.sql` grants it to pg_monitor.
 #[pg_extern]

@@ -29,11 +29,7 @@ pgrx::extension_sql_file!("../sql/backfill.sql", name = "backfill", requires = [
 pgrx::extension_sql_file!(
     "../sql/vectorizer.sql",
     name = "vectorizer",
-    requires = [
-        "functions",
-        functions::nvembed_model_dimension,
-        functions::nvembed_vectorizer_worker_lock_class
-    ]
+    requires = ["functions", functions::nvembed_model_dimension]
 );
 
 #[pg_guard]

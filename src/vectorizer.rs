@@ -7,7 +7,8 @@
 //! bulk work with no transaction open, write it (a second transaction). A failure that is a
 //! text's own (nothing left to pool, too long, not finite) is retried text by text, so one bad
 //! text never holds back the others; a failure that is the model server's (unreachable, model
-//! not loadable) leaves the batch queued and the worker waits, backing off.
+//! not loadable) leaves the batch queued and the worker waits, backing off. The table is read
+//! and written as the vectorizer's owner, everything else as the worker.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -18,11 +19,8 @@ use pgrx::bgworkers::{
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 
-use crate::client::{self, CallError};
+use crate::client::{self, Blame, CallError};
 
-/// Advisory lock class ('nvvw') under which each worker holds a session lock keyed by its pid,
-/// for as long as it lives: a claim whose worker holds no such lock is released.
-pub const WORKER_LOCK_CLASS: i32 = 0x6e76_7677;
 /// How long an idle worker waits before looking at the queues again.
 const IDLE_POLL: Duration = Duration::from_millis(200);
 /// How long a worker waits for CREATE EXTENSION nvembed in a database that lacks it.
@@ -129,11 +127,19 @@ impl Workers {
 /// A claimed batch: handed back to the SQL functions unchanged, with the vectors.
 struct Batch {
     vectorizer_id: i32,
+    /// The role the table is read and written as.
+    owner: pg_sys::Oid,
     instruction: String,
     max_length: usize,
     row_keys: String,
-    /// UTF-8, as claimed: handed back for the check that the row still has this text.
+    /// UTF-8, as read: handed back for the check that each row still has its text.
     texts: Vec<Option<Vec<u8>>>,
+}
+
+/// What became of one text at the model.
+enum Embedded {
+    Vector(Vec<f32>),
+    Failed(String),
 }
 
 fn shutting_down() -> bool {
@@ -152,38 +158,101 @@ fn extension_schema() -> Option<String> {
     })
 }
 
+/// Runs `work` as `role`, the way a SECURITY DEFINER function switches its user: code it runs
+/// (the table's triggers, its row-level security policies) cannot switch back with SET ROLE or
+/// RESET ROLE. An ERROR aborts the transaction, which restores the user itself.
+fn as_role<R>(role: pg_sys::Oid, work: impl FnOnce() -> R) -> R {
+    let mut user = pg_sys::InvalidOid;
+    let mut context = 0;
+    // SAFETY: plain calls into the backend's user-id state, restored below.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(role, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    }
+    let result = work();
+    // SAFETY: as above.
+    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+    result
+}
+
+/// Claims a batch and reads its texts as the owner (one transaction). A batch whose texts cannot
+/// be read (the owner may not read the table any more, or the owner role is gone) is a failed
+/// attempt for each of its rows.
 fn claim(schema: &str) -> Option<Batch> {
-    BackgroundWorker::transaction(|| {
-        Spi::connect(|client| {
-            let rows = client
-                .select(
-                    &format!(
-                        "SELECT vectorizer_id, instruction, max_length, row_keys, texts FROM {schema}.nvembed_vectorizer_claim($1)"
-                    ),
-                    None,
-                    &[crate::gucs::vectorizer_batch_rows().into()],
-                )
-                .expect("nvembed_vectorizer_claim");
-            let row = rows.first();
-            Some(Batch {
-                vectorizer_id: row.get::<i32>(1).expect("vectorizer_id")?,
-                instruction: row.get::<String>(2).expect("instruction")?,
-                max_length: row.get::<i32>(3).expect("max_length")? as usize,
-                row_keys: row.get::<String>(4).expect("row_keys")?,
-                texts: row
-                    .get::<pgrx::Array<&[u8]>>(5)
-                    .expect("texts")?
-                    .iter()
-                    .map(|text| text.map(<[u8]>::to_vec))
-                    .collect(),
+    BackgroundWorker::transaction(|| loop {
+        let claimed = Spi::get_three_with_args::<i32, pg_sys::Oid, String>(
+            &format!("SELECT vectorizer_id, owner, row_keys FROM {schema}.nvembed_vectorizer_claim($1)"),
+            &[crate::gucs::vectorizer_batch_rows().into()],
+        );
+        let (Some(vectorizer_id), Some(owner), Some(row_keys)) = claimed.expect("nvembed_vectorizer_claim") else {
+            return None;
+        };
+        let (instruction, max_length) = Spi::get_two_with_args::<String, i32>(
+            &format!("SELECT instruction, max_length FROM {schema}.nvembed_vectorizer WHERE id = $1"),
+            &[vectorizer_id.into()],
+        )
+        .expect("the claimed vectorizer");
+        let owner_exists = Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE oid = $1)",
+            &[owner.into()],
+        )
+        .expect("pg_roles")
+        .unwrap_or(false);
+        let read = if owner_exists {
+            as_role(owner, || {
+                Spi::connect(|client| {
+                    let rows = client
+                        .select(
+                            &format!("SELECT texts, error FROM {schema}.nvembed_vectorizer_read($1, $2)"),
+                            None,
+                            &[vectorizer_id.into(), row_keys.as_str().into()],
+                        )
+                        .expect("nvembed_vectorizer_read");
+                    let row = rows.first();
+                    match row.get::<String>(2).expect("error") {
+                        Some(error) => Err(error),
+                        None => Ok(row
+                            .get::<pgrx::Array<&[u8]>>(1)
+                            .expect("texts")
+                            .map(|texts| texts.iter().map(|text| text.map(<[u8]>::to_vec)).collect())
+                            .unwrap_or_default()),
+                    }
+                })
             })
-        })
+        } else {
+            Err(format!(
+                "the vectorizer's owner (role {owner}) was dropped; drop the vectorizer and create it again"
+            ))
+        };
+        match read {
+            Ok(texts) => {
+                return Some(Batch {
+                    vectorizer_id,
+                    owner,
+                    instruction: instruction.unwrap_or_default(),
+                    max_length: max_length.unwrap_or(1) as usize,
+                    row_keys,
+                    texts,
+                })
+            }
+            Err(error) => {
+                Spi::run_with_args(
+                    &format!(
+                        "SELECT {schema}.nvembed_vectorizer_fail($1, $2,
+                                pg_catalog.array_fill($3::text, ARRAY[pg_catalog.array_length($2::text[], 1)]))"
+                    ),
+                    &[vectorizer_id.into(), row_keys.as_str().into(), error.as_str().into()],
+                )
+                .expect("nvembed_vectorizer_fail");
+            }
+        }
     })
 }
 
-/// Embeds the batch's texts; a failure that is the texts' own is narrowed down text by text.
-/// Returns each text's vector or error, or the failure that is no text's fault.
-fn embed(batch: &Batch) -> Result<Vec<Result<Vec<f32>, String>>, CallError> {
+/// Embeds the batch's texts, one result per text that is not NULL. A failure that is the texts'
+/// own, or a lost connection (a text may crash the model server), is narrowed down text by text;
+/// one that is the model server's (unreachable, model not loadable) is returned.
+fn embed(batch: &Batch) -> Result<Vec<Embedded>, CallError> {
     // convert_to(..., 'UTF8') made them, so this never replaces anything.
     let texts: Vec<String> = batch
         .texts
@@ -195,54 +264,73 @@ fn embed(batch: &Batch) -> Result<Vec<Result<Vec<f32>, String>>, CallError> {
         return Ok(Vec::new());
     }
     match client::try_embed_batch(&batch.instruction, batch.max_length, &texts) {
-        Ok(vectors) => Ok(vectors.into_iter().map(Ok).collect()),
-        Err(e) if e.is_the_texts_fault() && texts.len() > 1 => {
+        Ok(vectors) => Ok(vectors.into_iter().map(Embedded::Vector).collect()),
+        Err(e) if e.blame == Blame::Server => Err(e),
+        Err(_) => {
             let mut results = Vec::with_capacity(texts.len());
             for text in texts {
                 match client::try_embed_batch(&batch.instruction, batch.max_length, std::slice::from_ref(&text)) {
-                    Ok(mut vectors) => results.push(Ok(vectors.remove(0))),
-                    Err(e) if e.is_the_texts_fault() => results.push(Err(e.message)),
-                    Err(e) => return Err(e),
+                    Ok(mut vectors) => results.push(Embedded::Vector(vectors.remove(0))),
+                    Err(e) if e.blame == Blame::Server => return Err(e),
+                    Err(e) => results.push(Embedded::Failed(e.message)),
                 }
             }
             Ok(results)
         }
-        Err(e) if e.is_the_texts_fault() => Ok(vec![Err(e.message)]),
-        Err(e) => Err(e),
     }
 }
 
-/// Writes what was embedded and settles the batch's entries (a text that failed is a failed
-/// attempt of its entry).
-fn complete(schema: &str, batch: &Batch, results: Vec<Result<Vec<f32>, String>>) {
+/// Writes what was embedded as the owner and settles the batch's entries (one transaction).
+fn complete(schema: &str, batch: &Batch, results: Vec<Embedded>) {
     let mut errors: Vec<Option<String>> = Vec::with_capacity(batch.texts.len());
     let mut vectors = Vec::new();
-    let mut dimension = 0;
+    let mut dimension = None;
     let mut results = results.into_iter();
     for text in &batch.texts {
         match text.as_ref().map(|_| results.next().expect("one result per text")) {
             None => errors.push(None),
-            Some(Ok(vector)) => {
-                dimension = vector.len();
+            Some(Embedded::Vector(vector)) if dimension.is_none_or(|d| d == vector.len()) => {
+                dimension = Some(vector.len());
                 vectors.extend(vector);
                 errors.push(None);
             }
-            Some(Err(error)) => errors.push(Some(error)),
+            Some(Embedded::Vector(vector)) => errors.push(Some(format!(
+                "the model server returned a {}-dimensional vector among {}-dimensional ones (was the model changed?)",
+                vector.len(),
+                dimension.unwrap_or_default()
+            ))),
+            Some(Embedded::Failed(error)) => errors.push(Some(error)),
         }
     }
     BackgroundWorker::transaction(|| {
-        Spi::run_with_args(
-            &format!("SELECT {schema}.nvembed_vectorizer_complete($1, $2, $3, $4, $5, $6)"),
-            &[
-                batch.vectorizer_id.into(),
-                batch.row_keys.as_str().into(),
-                batch.texts.clone().into(),
-                vectors.clone().into(),
-                (dimension as i32).into(),
-                errors.clone().into(),
-            ],
-        )
-        .expect("nvembed_vectorizer_complete");
+        let outcome = as_role(batch.owner, || {
+            Spi::get_one_with_args::<Vec<Option<String>>>(
+                &format!("SELECT {schema}.nvembed_vectorizer_write($1, $2, $3, $4, $5, $6)"),
+                &[
+                    batch.vectorizer_id.into(),
+                    batch.row_keys.as_str().into(),
+                    batch.texts.clone().into(),
+                    vectors.clone().into(),
+                    (dimension.unwrap_or(0) as i32).into(),
+                    errors.clone().into(),
+                ],
+            )
+            .expect("nvembed_vectorizer_write")
+        });
+        // None: the vectorizer was dropped meanwhile, and its entries with it.
+        if let Some(outcome) = outcome {
+            Spi::run_with_args(
+                &format!("SELECT {schema}.nvembed_vectorizer_settle($1, $2, $3, $4, $5)"),
+                &[
+                    batch.vectorizer_id.into(),
+                    batch.row_keys.as_str().into(),
+                    batch.texts.clone().into(),
+                    outcome.into(),
+                    errors.clone().into(),
+                ],
+            )
+            .expect("nvembed_vectorizer_settle");
+        }
     });
 }
 
@@ -260,19 +348,25 @@ fn release(schema: &str, batch: &Batch, error: &CallError) {
     });
 }
 
+/// Claims left with this worker's pid come from a worker that had the same pid before a crash.
+fn release_own_claims(schema: &str) {
+    BackgroundWorker::transaction(|| {
+        Spi::run(&format!(
+            "UPDATE {schema}.nvembed_vectorizer_queue SET claimed_by = NULL WHERE claimed_by = pg_catalog.pg_backend_pid()"
+        ))
+        .expect("releasing this pid's claims");
+    });
+}
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn nvembed_vectorizer_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = BackgroundWorker::get_extra().to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    // The lock that tells claims of this worker from those of a worker that is gone.
-    BackgroundWorker::transaction(|| {
-        Spi::run(&format!("SELECT pg_catalog.pg_advisory_lock({WORKER_LOCK_CLASS}, pg_catalog.pg_backend_pid())"))
-            .expect("advisory lock");
-    });
     log!("nvembed: vectorizer worker started in database \"{database}\"");
     let mut missing_logged = false;
+    let mut released = false;
     let mut failing: Option<String> = None;
     let mut backoff = FIRST_BACKOFF;
     let mut wait = Duration::ZERO;
@@ -291,11 +385,16 @@ pub extern "C-unwind" fn nvembed_vectorizer_main(_arg: pg_sys::Datum) {
                 );
                 missing_logged = true;
             }
+            released = false;
             wait = NO_EXTENSION_POLL;
             continue;
         };
         missing_logged = false;
         let schema = quote_identifier(&schema);
+        if !released {
+            release_own_claims(&schema);
+            released = true;
+        }
         let Some(batch) = claim(&schema) else {
             wait = IDLE_POLL;
             continue;
@@ -311,7 +410,7 @@ pub extern "C-unwind" fn nvembed_vectorizer_main(_arg: pg_sys::Datum) {
             }
             Err(error) => {
                 if shutting_down() {
-                    break; // its claim is released by the next worker's first claim
+                    break; // its claims are released by the next claim
                 }
                 release(&schema, &batch, &error);
                 if failing.as_ref() != Some(&error.message) {

@@ -391,20 +391,104 @@ mod tests {
     }
 
     #[pg_test]
+    fn no_code_of_the_table_or_of_its_roles_runs_as_a_superuser() {
+        use_fixture();
+        remote_session("vzs");
+        // A role owning a table whose key type has its own cast to text, whose trigger records
+        // who runs it and tries to leave that role, and whose rows are written by the worker.
+        remote_exec(
+            "vzs",
+            "CREATE ROLE vzs_owner;
+             GRANT CREATE ON SCHEMA public TO vzs_owner;
+             SET ROLE vzs_owner;
+             CREATE TABLE vzs_seen (who text, superuser boolean);
+             CREATE TYPE vzs_kind AS ENUM ('a', 'b');
+             CREATE FUNCTION vzs_kind_text(vzs_kind) RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO vzs_seen VALUES ('cast: ' || current_user, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user));
+                   RETURN $1::name::text; END $$;
+             CREATE CAST (vzs_kind AS text) WITH FUNCTION vzs_kind_text(vzs_kind);
+             CREATE TABLE vzs (kind vzs_kind, id int, body text, embedding real[], PRIMARY KEY (kind, id));
+             CREATE FUNCTION vzs_probe() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               INSERT INTO vzs_seen VALUES ('trigger: ' || current_user, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user));
+               BEGIN
+                 RESET ROLE;
+                 INSERT INTO vzs_seen VALUES ('reset: ' || current_user, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user));
+               EXCEPTION WHEN OTHERS THEN
+                 INSERT INTO vzs_seen VALUES ('reset refused: ' || SQLERRM, NULL);
+               END;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER vzs_probe BEFORE UPDATE OF embedding ON vzs FOR EACH ROW EXECUTE FUNCTION vzs_probe();
+             SELECT nvembed_create_vectorizer('vzs', 'body', 'embedding');
+             INSERT INTO vzs VALUES ('a', 1, 'first'), ('b', 2, 'second');
+             RESET ROLE",
+        );
+        wait_drained("vzs", "'vzs'", 30.0);
+        assert_eq!(state("vzs", "vzs", "body", "embedding", "nvembed_passage(body)"), "2,2,0");
+        // The trigger ran as the owner, twice, and could not leave it; the cast never ran (the
+        // queue keys come from the type's output function).
+        assert_eq!(
+            remote_text("vzs", "SELECT string_agg(DISTINCT concat_ws(' ', who, superuser), '; ') FROM vzs_seen"),
+            "reset refused: cannot set parameter \"role\" within security-definer function; trigger: vzs_owner f"
+        );
+        // Nor can the role forge a vectorizer for another role, or queue malformed keys.
+        remote_exec("vzs", "SET ROLE vzs_owner");
+        for (statement, sqlstate, needle) in [
+            (
+                "INSERT INTO nvembed_vectorizer (tbl, source_column, target_column, key_columns, kind, instruction, max_length, owner)
+                 VALUES ('vzs', 'body', 'embedding', '{kind,id}', 'passage', '', 512, 'postgres')",
+                "42501",
+                "row-level security",
+            ),
+            (
+                "INSERT INTO nvembed_vectorizer_queue (vectorizer_id, row_key)
+                 SELECT id, '{only-one-column}' FROM nvembed_vectorizer WHERE tbl = 'vzs'::regclass",
+                "42501",
+                "row-level security",
+            ),
+            (
+                "INSERT INTO nvembed_vectorizer_queue (vectorizer_id, row_key)
+                 SELECT id, 'not an array' FROM nvembed_vectorizer WHERE tbl = 'vzs'::regclass",
+                "22P02",
+                "malformed array literal",
+            ),
+        ] {
+            assert_error(
+                &format!("PERFORM dblink_exec('vzs', {})", pgrx::spi::quote_literal(statement)),
+                sqlstate,
+                needle,
+            );
+        }
+        remote_exec("vzs", "RESET ROLE");
+        remote_exec(
+            "vzs",
+            "DROP TABLE vzs, vzs_seen; DROP FUNCTION vzs_probe(); DROP CAST (vzs_kind AS text); DROP FUNCTION vzs_kind_text(vzs_kind);
+             DROP TYPE vzs_kind; REVOKE CREATE ON SCHEMA public FROM vzs_owner; DROP ROLE vzs_owner",
+        );
+        Spi::run("SELECT dblink_disconnect('vzs')").unwrap();
+    }
+
+    #[pg_test]
     fn claims_never_overlap_and_a_gone_claimers_rows_are_embedded_once() {
-        // Alone: a claim takes the oldest vectorizer's rows, which must be this test's.
+        // Alone, with the worker paused: a claim takes the first due vectorizer's rows, which
+        // must be this test's.
         use_fixture_exclusively();
+        alter_system("ALTER SYSTEM SET nvembed.vectorizer_databases = ''");
+        remote_session("vzc");
         remote_session("vzc_a");
         remote_session("vzc_b");
-        // Session a takes the liveness lock a worker holds, then claims half of the rows before
-        // they are committed to anyone else; session b claims concurrently, as would a worker.
-        let live =
-            "DO $$ BEGIN PERFORM pg_advisory_lock(nvembed_vectorizer_worker_lock_class(), pg_backend_pid()); END $$";
-        remote_exec("vzc_a", live);
-        remote_exec("vzc_b", live);
-        remote_exec("vzc_a", "BEGIN");
+        let started = std::time::Instant::now();
+        while remote_text(
+            "vzc",
+            "SELECT count(*)::text FROM pg_stat_activity WHERE backend_type = 'nvembed vectorizer'",
+        ) != "0"
+        {
+            assert!(seconds(started) < 10.0, "the vectorizer worker did not stop");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         remote_exec(
-            "vzc_a",
+            "vzc",
             "CREATE TABLE vzc (id int PRIMARY KEY, body text, embedding real[]);
              CREATE TABLE vzc_writes (id int, body text, embedding real[]);
              CREATE FUNCTION vzc_log() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -413,35 +497,28 @@ mod tests {
              SELECT nvembed_create_vectorizer('vzc', 'body', 'embedding');
              INSERT INTO vzc SELECT g, 'claimed row ' || g FROM generate_series(1, 200) g",
         );
-        let a_keys = remote_text("vzc_a", "SELECT row_keys FROM nvembed_vectorizer_claim(100)");
-        remote_exec("vzc_a", "COMMIT");
-        let b_keys = remote_text("vzc_b", "SELECT coalesce(row_keys, '{}') FROM nvembed_vectorizer_claim(100)");
-        let overlap = Spi::get_one_with_args::<i64>(
-            "SELECT count(*) FROM (SELECT unnest($1::text[]) INTERSECT SELECT unnest($2::text[])) o",
+        // Two claimers at once, each in an open transaction: SKIP LOCKED keeps them apart.
+        remote_exec("vzc_a", "BEGIN");
+        remote_exec("vzc_b", "BEGIN");
+        let a_keys = remote_text("vzc_a", "SELECT row_keys FROM nvembed_vectorizer_claim(120)");
+        let b_keys = remote_text("vzc_b", "SELECT row_keys FROM nvembed_vectorizer_claim(120)");
+        let (overlap, total) = Spi::get_two_with_args::<i64, i64>(
+            "SELECT (SELECT count(*) FROM (SELECT unnest($1::text[]) INTERSECT SELECT unnest($2::text[])) o),
+                    (SELECT count(*) FROM (SELECT unnest($1::text[]) UNION SELECT unnest($2::text[])) u)",
             &[a_keys.as_str().into(), b_keys.as_str().into()],
         )
         .unwrap();
-        assert_eq!(overlap, Some(0));
-        // While a and b live, the worker leaves their rows alone and embeds the rest.
-        let claimed_by_others = "SELECT count(*)::text FROM vzc WHERE embedding IS NULL";
-        let started = std::time::Instant::now();
-        let b_count =
-            Spi::get_one_with_args::<i64>("SELECT coalesce(array_length($1::text[], 1), 0)", &[b_keys.as_str().into()])
-                .unwrap()
-                .unwrap();
-        while remote_text("vzc_b", claimed_by_others) != (100 + b_count).to_string() {
-            assert!(seconds(started) < 30.0, "the worker did not embed the unclaimed rows");
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        assert_eq!(remote_text("vzc_b", claimed_by_others), (100 + b_count).to_string());
-        // Gone claimers' rows are released and embedded, each row exactly once.
-        Spi::run("SELECT dblink_disconnect('vzc_a'), dblink_disconnect('vzc_b')").unwrap();
-        remote_session("vzc");
-        wait_drained("vzc", "'vzc'", 30.0);
+        assert_eq!((overlap, total), (Some(0), Some(200)));
+        remote_exec("vzc_a", "COMMIT");
+        remote_exec("vzc_b", "COMMIT");
+        // Neither claimer is a vectorizer worker: once the worker runs, their claims are free
+        // again, and every row is embedded exactly once.
+        // (The test configuration is in postgresql.auto.conf, which ALTER SYSTEM rewrites.)
+        alter_system("ALTER SYSTEM SET nvembed.vectorizer_databases = 'pgrx_tests'");
+        wait_drained("vzc", "'vzc'", 60.0);
         assert_eq!(state("vzc", "vzc", "body", "embedding", "nvembed_passage(body)"), "200,200,0");
         assert_eq!(remote_text("vzc", "SELECT count(*) || ',' || count(DISTINCT id) FROM vzc_writes"), "200,200");
         remote_exec("vzc", "DROP TABLE vzc, vzc_writes; DROP FUNCTION vzc_log()");
-        Spi::run("SELECT dblink_disconnect('vzc')").unwrap();
+        Spi::run("SELECT dblink_disconnect('vzc'), dblink_disconnect('vzc_a'), dblink_disconnect('vzc_b')").unwrap();
     }
 }
