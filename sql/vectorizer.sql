@@ -41,11 +41,11 @@ CREATE TABLE nvembed_vectorizer (
     -- change the vectors of rows embedded later.
     instruction text NOT NULL,
     -- The session's nvembed.max_length when the vectorizer was created, for the same reason.
-    max_length integer NOT NULL,
+    max_length integer NOT NULL CHECK (max_length > 0),
     owner regrole NOT NULL,
     created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     -- The primary key's columns when the vectorizer was created, in key order.
-    key_columns name[] NOT NULL,
+    key_columns name[] NOT NULL CHECK (cardinality(key_columns) > 0),
     embedded bigint NOT NULL DEFAULT 0,
     -- The last problem that was nobody's text's fault (model server unreachable, model not
     -- loadable), shown by the status view until a batch succeeds.
@@ -96,37 +96,6 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer', '')
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer_queue', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer_failure', '');
 
--- Whether the current role may manage vectorizer `id`: it may update the vectorized column.
--- (A single expression, without SET: the row-level security policies below inline it.)
-CREATE FUNCTION nvembed_vectorizer_managed(id integer) RETURNS boolean
-LANGUAGE sql STABLE
-RETURN EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer v
-               WHERE v.id OPERATOR(pg_catalog.=) $1
-                 AND pg_catalog.has_column_privilege(v.tbl, v.target_column, 'UPDATE'));
-
-ALTER TABLE nvembed_vectorizer ENABLE ROW LEVEL SECURITY;
-ALTER TABLE nvembed_vectorizer_queue ENABLE ROW LEVEL SECURITY;
-ALTER TABLE nvembed_vectorizer_failure ENABLE ROW LEVEL SECURITY;
-CREATE POLICY read ON nvembed_vectorizer FOR SELECT USING (true);
-CREATE POLICY create_own ON nvembed_vectorizer FOR INSERT
-    WITH CHECK (owner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER)
-                AND pg_catalog.has_table_privilege(tbl, 'TRIGGER'));
-CREATE POLICY drop_managed ON nvembed_vectorizer FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(id));
-CREATE POLICY managed ON nvembed_vectorizer_queue FOR SELECT USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
-CREATE POLICY drop_managed ON nvembed_vectorizer_queue FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
--- Only well-formed keys: one text per key column of the vectorizer.
-CREATE POLICY enqueue_managed ON nvembed_vectorizer_queue FOR INSERT
-    WITH CHECK (@extschema@.nvembed_vectorizer_managed(vectorizer_id)
-                AND pg_catalog.array_ndims(row_key::text[]) OPERATOR(pg_catalog.=) 1
-                AND pg_catalog.cardinality(row_key::text[]) OPERATOR(pg_catalog.=)
-                    (SELECT pg_catalog.cardinality(v.key_columns) FROM @extschema@.nvembed_vectorizer v
-                     WHERE v.id OPERATOR(pg_catalog.=) vectorizer_id)
-                AND claimed_by IS NULL);
-CREATE POLICY managed ON nvembed_vectorizer_failure FOR SELECT USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
-CREATE POLICY drop_managed ON nvembed_vectorizer_failure FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
-GRANT SELECT, INSERT, DELETE ON nvembed_vectorizer, nvembed_vectorizer_queue TO PUBLIC;
-GRANT SELECT, DELETE ON nvembed_vectorizer_failure TO PUBLIC;
-
 -- The primary key of `tbl`, one row per column in key order: the column, its type and the
 -- equality operator of the key's index (schema-qualified: the caller's search_path plays no
 -- part, and the comparison is the one the index answers).
@@ -148,6 +117,44 @@ AS $$
     WHERE i.indrelid = $1 AND i.indisprimary
     ORDER BY k.key_position
 $$;
+
+-- Whether the current role may manage vectorizer `id`: it may update the vectorized column.
+-- (A single expression, without SET: the row-level security policies below inline it.)
+CREATE FUNCTION nvembed_vectorizer_managed(id integer) RETURNS boolean
+LANGUAGE sql STABLE
+RETURN EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer v
+               WHERE v.id OPERATOR(pg_catalog.=) $1
+                 AND pg_catalog.has_column_privilege(v.tbl, v.target_column, 'UPDATE'));
+
+ALTER TABLE nvembed_vectorizer ENABLE ROW LEVEL SECURITY;
+ALTER TABLE nvembed_vectorizer_queue ENABLE ROW LEVEL SECURITY;
+ALTER TABLE nvembed_vectorizer_failure ENABLE ROW LEVEL SECURITY;
+CREATE POLICY read ON nvembed_vectorizer FOR SELECT USING (true);
+CREATE POLICY create_own ON nvembed_vectorizer FOR INSERT
+    WITH CHECK (owner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER)
+                AND pg_catalog.has_table_privilege(tbl, 'TRIGGER')
+                AND key_columns OPERATOR(pg_catalog.=) ARRAY(SELECT k.column_name FROM @extschema@.nvembed_vectorizer_key(tbl) k
+                                                            ORDER BY k.key_position)
+                AND embedded OPERATOR(pg_catalog.=) 0 AND last_error IS NULL);
+CREATE POLICY drop_managed ON nvembed_vectorizer FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(id));
+CREATE POLICY managed ON nvembed_vectorizer_queue FOR SELECT USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
+CREATE POLICY drop_managed ON nvembed_vectorizer_queue FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
+-- Only keys as the triggers write them: one text per key column of the vectorizer, spelled as
+-- text[] spells them. (Only these two columns may be given: INSERT is granted on them alone.)
+CREATE POLICY enqueue_managed ON nvembed_vectorizer_queue FOR INSERT
+    WITH CHECK (@extschema@.nvembed_vectorizer_managed(vectorizer_id)
+                AND (row_key::text[])::text OPERATOR(pg_catalog.=) row_key
+                AND pg_catalog.array_ndims(row_key::text[]) OPERATOR(pg_catalog.=) 1
+                AND pg_catalog.array_lower(row_key::text[], 1) OPERATOR(pg_catalog.=) 1
+                AND pg_catalog.cardinality(row_key::text[]) OPERATOR(pg_catalog.=)
+                    (SELECT pg_catalog.cardinality(v.key_columns) FROM @extschema@.nvembed_vectorizer v
+                     WHERE v.id OPERATOR(pg_catalog.=) vectorizer_id));
+CREATE POLICY managed ON nvembed_vectorizer_failure FOR SELECT USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
+CREATE POLICY drop_managed ON nvembed_vectorizer_failure FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
+GRANT SELECT, INSERT, DELETE ON nvembed_vectorizer TO PUBLIC;
+GRANT SELECT, DELETE ON nvembed_vectorizer_queue TO PUBLIC;
+GRANT INSERT (vectorizer_id, row_key) ON nvembed_vectorizer_queue TO PUBLIC;
+GRANT SELECT, DELETE ON nvembed_vectorizer_failure TO PUBLIC;
 
 -- The key of row `alias` as the text of a text[] (the queue's row_key), from the key columns'
 -- output functions only (format's %s): no cast a role may have defined runs here.
@@ -197,12 +204,16 @@ $$;
 --           nothing);
 --   UPDATE  the source changed (byte-for-byte), unless the same statement also set the target
 --           to another non-NULL vector; or the target is NULL and the source is not. A row that
---           kept its key and has an entry already gets no other: the worker writes only the
---           text it embedded, and keeps the entry when the text changed meanwhile.
+--           kept its key and has an entry waiting already gets no other; one whose entry a
+--           worker has claimed gets a new one, whatever becomes of the claimed one.
 CREATE FUNCTION nvembed_vectorizer_enqueue() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+-- Keys are written and read as text: the same settings everywhere (a writer's DateStyle must not
+-- change what a date key reads back as).
+SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET bytea_output = 'hex'
 AS $$
 DECLARE
     v @extschema@.nvembed_vectorizer;
@@ -212,10 +223,10 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL; -- dropped by a concurrent nvembed_drop_vectorizer
     END IF;
-    -- SECURITY DEFINER: a trigger made by hand must not enqueue keys for another table.
+    -- Not a table of the vectorizer (any more): a partition detached since, or a trigger made by
+    -- hand for another table (SECURITY DEFINER: it must not enqueue keys for another table).
     IF v.tbl <> TG_RELID AND NOT v.tbl IN (SELECT r FROM pg_partition_ancestors(TG_RELID) AS a(r)) THEN
-        RAISE EXCEPTION 'nvembed vectorizer % does not belong to table %', v.id, TG_RELID::regclass
-            USING ERRCODE = 'object_not_in_prerequisite_state';
+        RETURN NULL;
     END IF;
     new_key := @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'n');
     IF TG_OP = 'INSERT' THEN
@@ -237,7 +248,7 @@ BEGIN
                                  AND n.%3$I IS NOT NULL)))
                AND (o.nvembed_key IS NULL
                     OR NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
-                                   WHERE q.vectorizer_id = $1 AND q.row_key = n.nvembed_key))',
+                                   WHERE q.vectorizer_id = $1 AND q.row_key = n.nvembed_key AND q.claimed_by IS NULL))',
             new_key, @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'o'), v.target_column, v.source_column)
             USING v.id;
     END IF;
@@ -267,6 +278,9 @@ CREATE FUNCTION nvembed_create_vectorizer(tbl regclass, source_column text, targ
                                           kind text DEFAULT 'passage') RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+-- The key settings of nvembed_vectorizer_enqueue.
+SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET bytea_output = 'hex'
 AS $$
 DECLARE
     relkind "char";
@@ -560,6 +574,9 @@ $$;
 CREATE FUNCTION nvembed_vectorizer_read(vectorizer_id integer, row_keys text, OUT texts bytea[], OUT error text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+-- The key settings of nvembed_vectorizer_enqueue.
+SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET bytea_output = 'hex'
 AS $$
 DECLARE
     v @extschema@.nvembed_vectorizer;
@@ -570,7 +587,7 @@ BEGIN
                     LEFT JOIN %s t ON %s',
                    v.source_column, v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 't', 'k.key'))
         INTO texts USING row_keys::text[];
-EXCEPTION WHEN OTHERS THEN
+EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
     texts := NULL;
     error := format('reading %s as %s: %s', v.tbl, current_user, SQLERRM);
 END;
@@ -583,13 +600,16 @@ $$;
 -- failed, in order, `dimension` floats each. Returns one outcome per row: 'written', 'changed'
 -- (its text is not the embedded one any more), 'gone' (no such row for the owner), 'locked'
 -- (another session holds it: skipped, never waited for), 'failed' (the model's error), or why
--- its write failed. A failing batch write is retried row by row, so one row's failure (a
+-- it was not written (its write failed, or the UPDATE left it alone). A failing batch write is retried row by row, so one row's failure (a
 -- constraint, the table's own trigger, a missing privilege) never fails the others.
 CREATE FUNCTION nvembed_vectorizer_write(vectorizer_id integer, row_keys text, texts bytea[], vectors real[],
                                          dimension integer, errors text[])
 RETURNS text[]
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+-- The key settings of nvembed_vectorizer_enqueue.
+SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET bytea_output = 'hex'
 AS $$
 DECLARE
     v @extschema@.nvembed_vectorizer;
@@ -633,12 +653,14 @@ BEGIN
                               RETURNING l.n)
              SELECT pg_catalog.array_agg(CASE WHEN r.model_failed THEN ''failed''
                                               WHEN r.n IN (SELECT n FROM written) THEN ''written''
-                                              WHEN r.n IN (SELECT n FROM locked) THEN ''changed''
+                                              WHEN r.n IN (SELECT n FROM locked WHERE NOT same_text) THEN ''changed''
+                                              WHEN r.n IN (SELECT n FROM locked)
+                                                  THEN ''the row was not written: a trigger skipped it, or row-level security hides it from UPDATE''
                                               WHEN r.n IN (SELECT n FROM present) THEN ''locked''
                                               ELSE ''gone'' END ORDER BY r.n)
              FROM batch_rows r',
             v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 't', 'b.key'), v.source_column, v.target_column);
-    EXCEPTION WHEN OTHERS THEN
+    EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
         RETURN array_fill(format('writing %s.%s as %s: %s', v.tbl, quote_ident(v.target_column), current_user, SQLERRM),
                           ARRAY[array_length(keys, 1)]);
     END;
@@ -646,7 +668,9 @@ BEGIN
         PERFORM pg_catalog.set_config('search_path', session_path, true);
         EXECUTE write INTO outcome USING keys, sources, vectors, dimension, errors, NULL::bigint;
         PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    EXCEPTION WHEN OTHERS THEN
+    -- (Also a statement_timeout, or a trigger's ASSERT: whatever the table does fails its rows,
+    -- never the worker.)
+    EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
         outcome := array_fill(NULL::text, ARRAY[array_length(keys, 1)]);
         FOR n IN 1 .. array_length(keys, 1) LOOP
             IF errors[n] IS NOT NULL THEN
@@ -658,7 +682,7 @@ BEGIN
                 EXECUTE write INTO row_outcome USING keys, sources, vectors, dimension, errors, n::bigint;
                 PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
                 outcome[n] := row_outcome[1];
-            EXCEPTION WHEN OTHERS THEN
+            EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
                 outcome[n] := format('writing %s.%s as %s: %s', v.tbl, quote_ident(v.target_column), current_user, SQLERRM);
             END;
         END LOOP;

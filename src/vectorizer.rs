@@ -151,27 +151,38 @@ fn shutting_down() -> bool {
 fn extension_schema() -> Option<String> {
     BackgroundWorker::transaction(|| {
         Spi::get_one::<String>(
-            "SELECT n.nspname::text FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
-             WHERE e.extname = 'nvembed'",
+            "SELECT n.nspname::pg_catalog.text FROM pg_catalog.pg_extension e
+             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
+             WHERE e.extname OPERATOR(pg_catalog.=) 'nvembed'",
         )
         .unwrap_or(None)
     })
 }
 
-/// Runs `work` as `role`, the way a SECURITY DEFINER function switches its user: code it runs
-/// (the table's triggers, its row-level security policies) cannot switch back with SET ROLE or
-/// RESET ROLE. An ERROR aborts the transaction, which restores the user itself.
+/// Runs `work` as `role` in a security-restricted operation, as maintenance commands run a
+/// table owner's code: what it runs (the table's triggers, its row-level security policies)
+/// cannot switch back with SET ROLE or RESET ROLE, cannot queue deferred triggers (they would
+/// fire at COMMIT, as the worker), cannot create temporary objects, and any setting it changes
+/// is undone afterwards (it must not leak into the worker's own queries). An ERROR aborts the
+/// transaction, which restores the user and the settings itself.
 fn as_role<R>(role: pg_sys::Oid, work: impl FnOnce() -> R) -> R {
     let mut user = pg_sys::InvalidOid;
     let mut context = 0;
-    // SAFETY: plain calls into the backend's user-id state, restored below.
-    unsafe {
+    // SAFETY: plain calls into the backend's user-id and settings state, restored below.
+    let settings = unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(role, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-    }
+        pg_sys::SetUserIdAndSecContext(
+            role,
+            context | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
+        );
+        pg_sys::NewGUCNestLevel()
+    };
     let result = work();
     // SAFETY: as above.
-    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+    unsafe {
+        pg_sys::AtEOXact_GUC(false, settings);
+        pg_sys::SetUserIdAndSecContext(user, context);
+    }
     result
 }
 
@@ -188,12 +199,14 @@ fn claim(schema: &str) -> Option<Batch> {
             return None;
         };
         let (instruction, max_length) = Spi::get_two_with_args::<String, i32>(
-            &format!("SELECT instruction, max_length FROM {schema}.nvembed_vectorizer WHERE id = $1"),
+            &format!(
+                "SELECT instruction, max_length FROM {schema}.nvembed_vectorizer WHERE id OPERATOR(pg_catalog.=) $1"
+            ),
             &[vectorizer_id.into()],
         )
         .expect("the claimed vectorizer");
         let owner_exists = Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE oid = $1)",
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE oid OPERATOR(pg_catalog.=) $1)",
             &[owner.into()],
         )
         .expect("pg_roles")
@@ -239,7 +252,8 @@ fn claim(schema: &str) -> Option<Batch> {
                 Spi::run_with_args(
                     &format!(
                         "SELECT {schema}.nvembed_vectorizer_fail($1, $2,
-                                pg_catalog.array_fill($3::text, ARRAY[pg_catalog.array_length($2::text[], 1)]))"
+                                pg_catalog.array_fill($3::pg_catalog.text,
+                                                      ARRAY[pg_catalog.array_length($2::pg_catalog.text[], 1)]))"
                     ),
                     &[vectorizer_id.into(), row_keys.as_str().into(), error.as_str().into()],
                 )
@@ -352,7 +366,8 @@ fn release(schema: &str, batch: &Batch, error: &CallError) {
 fn release_own_claims(schema: &str) {
     BackgroundWorker::transaction(|| {
         Spi::run(&format!(
-            "UPDATE {schema}.nvembed_vectorizer_queue SET claimed_by = NULL WHERE claimed_by = pg_catalog.pg_backend_pid()"
+            "UPDATE {schema}.nvembed_vectorizer_queue SET claimed_by = NULL
+             WHERE claimed_by OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()"
         ))
         .expect("releasing this pid's claims");
     });
