@@ -433,6 +433,36 @@ $$;
 
 CREATE EVENT TRIGGER nvembed_vectorizer_on_drop ON sql_drop EXECUTE FUNCTION nvembed_vectorizer_on_drop();
 
+-- A partition created in, or attached to, a vectorized table gets the vectorizer's triggers, for
+-- statements that name it directly (those naming an ancestor fire the ancestor's). CREATE TABLE
+-- ... PARTITION OF names the partition; ALTER TABLE ... ATTACH PARTITION names the parent.
+CREATE FUNCTION nvembed_vectorizer_on_partition() RETURNS event_trigger
+LANGUAGE plpgsql
+-- The triggers are the vectorizer's, whoever adds the partition.
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    missing record;
+BEGIN
+    FOR missing IN
+        SELECT DISTINCT v.id, p.relid::regclass AS part
+        FROM pg_event_trigger_ddl_commands() c
+        JOIN pg_class r ON c.classid = 'pg_class'::regclass AND r.oid = c.objid AND r.relkind IN ('r', 'p')
+        CROSS JOIN LATERAL pg_partition_tree(r.oid) p
+        JOIN @extschema@.nvembed_vectorizer v
+          ON v.tbl = r.oid OR v.tbl IN (SELECT a.relid FROM pg_partition_ancestors(r.oid) AS a(relid))
+        WHERE NOT EXISTS (SELECT 1 FROM pg_trigger t
+                          WHERE t.tgrelid = p.relid AND t.tgname = format('nvembed_vectorizer_%s_insert', v.id))
+    LOOP
+        PERFORM @extschema@.nvembed_vectorizer_create_triggers(missing.id, missing.part);
+    END LOOP;
+END;
+$$;
+
+CREATE EVENT TRIGGER nvembed_vectorizer_on_partition ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION nvembed_vectorizer_on_partition();
+
 -- The pids of the vectorizer workers of this database that are running.
 CREATE FUNCTION nvembed_vectorizer_workers() RETURNS SETOF integer
 LANGUAGE sql STABLE

@@ -178,18 +178,31 @@ mod tests {
             ),
             "0"
         );
-        remote_exec("vz", "ALTER TABLE vz_half ATTACH PARTITION vz_half_fr FOR VALUES IN ('fr')");
+        // Partitions created or attached later get the triggers too.
+        remote_exec(
+            "vz",
+            "DELETE FROM vz_half_fr WHERE id = 300;
+             ALTER TABLE vz_half ATTACH PARTITION vz_half_fr FOR VALUES IN ('fr');
+             CREATE TABLE vz_half_de PARTITION OF vz_half FOR VALUES IN ('de');
+             CREATE TABLE vz_half_it (LIKE vz_half);
+             ALTER TABLE vz_half ATTACH PARTITION vz_half_it FOR VALUES IN ('it');
+             INSERT INTO vz_half_de VALUES (400, 'de', 'a partition created later');
+             INSERT INTO vz_half_it VALUES (500, 'it', 'a partition attached later')",
+        );
+        wait_drained("vz", "'vz_half'", 30.0);
+        assert_eq!(state_within("vz", "vz_half", "body", "e", "nvembed_passage(body)", 1e-3), "33,33,0");
         // Dropping removes the triggers on the table and on each partition; vectors stay.
         remote_exec("vz", "DO $$ BEGIN PERFORM nvembed_drop_vectorizer('vz_half', 'e'); END $$");
         assert_eq!(
             remote_text(
                 "vz",
-                "SELECT count(*)::text FROM pg_trigger WHERE tgrelid IN ('vz_half'::regclass, 'vz_half_en'::regclass, 'vz_half_fr'::regclass)"
+                "SELECT count(*)::text FROM pg_trigger
+                 WHERE tgrelid IN (SELECT 'vz_half'::regclass UNION SELECT relid FROM pg_partition_tree('vz_half'))"
             ),
             "0"
         );
         remote_exec("vz", "INSERT INTO vz_half VALUES (200, 'fr', 'after the drop')");
-        assert_eq!(remote_text("vz", "SELECT count(e)::text FROM vz_half"), "31");
+        assert_eq!(remote_text("vz", "SELECT count(e)::text FROM vz_half"), "33");
         // Keys are read back as they were written, whatever the writing session's settings.
         remote_exec(
             "vz",
