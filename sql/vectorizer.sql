@@ -174,6 +174,16 @@ BEGIN
 END;
 $$;
 
+-- The statement that queues the rows of `relation` that have a text and no vector:
+-- the enqueue trigger's for inserted rows, and nvembed_create_vectorizer's for existing ones.
+CREATE FUNCTION nvembed_vectorizer_queue_rows(key_columns name[], source_column name, target_column name, relation text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+RETURN format('INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
+               SELECT $1, %s FROM %s n WHERE n.%I IS NULL AND n.%I IS NOT NULL',
+              @extschema@.nvembed_vectorizer_key_text(key_columns, 'n'), relation, target_column, source_column);
+
 -- "row `alias` of `tbl` has the key in text[] expression `key`", usable by the key's index.
 -- The vectorizer's key columns must still be the primary key.
 CREATE FUNCTION nvembed_vectorizer_key_matches(tbl regclass, key_columns name[], alias text, key text) RETURNS text
@@ -217,7 +227,6 @@ SET bytea_output = 'hex'
 AS $$
 DECLARE
     v @extschema@.nvembed_vectorizer;
-    new_key text;
 BEGIN
     SELECT * INTO v FROM @extschema@.nvembed_vectorizer WHERE id = TG_ARGV[0]::integer;
     IF NOT FOUND THEN
@@ -228,12 +237,8 @@ BEGIN
     IF v.tbl <> TG_RELID AND NOT v.tbl IN (SELECT r FROM pg_partition_ancestors(TG_RELID) AS a(r)) THEN
         RETURN NULL;
     END IF;
-    new_key := @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'n');
     IF TG_OP = 'INSERT' THEN
-        EXECUTE format(
-            'INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
-             SELECT $1, %s FROM nvembed_new_rows n WHERE n.%I IS NULL AND n.%I IS NOT NULL',
-            new_key, v.target_column, v.source_column)
+        EXECUTE @extschema@.nvembed_vectorizer_queue_rows(v.key_columns, v.source_column, v.target_column, 'nvembed_new_rows')
             USING v.id;
     ELSE
         -- o.nvembed_key IS NULL: no old row has the new row's key (the statement changed it).
@@ -249,7 +254,8 @@ BEGIN
                AND (o.nvembed_key IS NULL
                     OR NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
                                    WHERE q.vectorizer_id = $1 AND q.row_key = n.nvembed_key AND q.claimed_by IS NULL))',
-            new_key, @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'o'), v.target_column, v.source_column)
+            @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'n'), @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'o'),
+            v.target_column, v.source_column)
             USING v.id;
     END IF;
     RETURN NULL;
@@ -289,6 +295,7 @@ DECLARE
     dimension integer;
     model_dimension integer;
     id integer;
+    key_columns name[];
     part regclass;
     missing text;
 BEGIN
@@ -349,21 +356,27 @@ BEGIN
             $4, CASE $4 WHEN 'query' THEN current_setting('nvembed.query_instruction') ELSE '' END,
             current_setting('nvembed.max_length')::integer,
             (SELECT r.oid FROM pg_roles r WHERE r.rolname = current_user)::regrole)
-    RETURNING v.id INTO id;
+    RETURNING v.id, v.key_columns INTO id, key_columns;
     -- Statement triggers of a partitioned table fire only for statements naming it: each
     -- partition gets its own, for statements that write to it directly.
     FOR part IN SELECT tbl UNION SELECT relid FROM pg_partition_tree(tbl) LOOP
         PERFORM @extschema@.nvembed_vectorizer_create_triggers(id, part);
     END LOOP;
-    EXECUTE format('INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
-                    SELECT $1, %s FROM %s n WHERE n.%I IS NULL AND n.%I IS NOT NULL',
-                   @extschema@.nvembed_vectorizer_key_text(
-                       ARRAY(SELECT k.column_name FROM @extschema@.nvembed_vectorizer_key(tbl) k ORDER BY k.key_position), 'n'),
-                   tbl, target_column, source_column)
-        USING id;
+    EXECUTE @extschema@.nvembed_vectorizer_queue_rows(key_columns, source_column, target_column, tbl::text) USING id;
     RETURN id;
 END;
 $$;
+
+-- Removes vectorizers `ids` with their queues and failures (their triggers are the caller's
+-- business).
+CREATE FUNCTION nvembed_vectorizer_forget(ids integer[]) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    DELETE FROM @extschema@.nvembed_vectorizer_queue q WHERE q.vectorizer_id = ANY (ids);
+    DELETE FROM @extschema@.nvembed_vectorizer_failure f WHERE f.vectorizer_id = ANY (ids);
+    DELETE FROM @extschema@.nvembed_vectorizer v WHERE v.id = ANY (ids);
+END;
 
 -- Removes the vectorizer of `target_column` of `tbl`: its triggers, queue and failures. The
 -- vectors already written stay.
@@ -389,9 +402,7 @@ BEGIN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_insert', v_id), part);
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_update', v_id), part);
     END LOOP;
-    DELETE FROM @extschema@.nvembed_vectorizer_queue q WHERE q.vectorizer_id = v_id;
-    DELETE FROM @extschema@.nvembed_vectorizer_failure f WHERE f.vectorizer_id = v_id;
-    DELETE FROM @extschema@.nvembed_vectorizer v WHERE v.id = v_id;
+    PERFORM @extschema@.nvembed_vectorizer_forget(ARRAY[v_id]);
 END;
 $$;
 
@@ -424,9 +435,7 @@ BEGIN
     JOIN pg_event_trigger_dropped_objects() d ON d.classid = 'pg_class'::regclass AND d.objid = v.tbl
     WHERE d.objsubid = 0 OR d.address_names[3] IN (v.source_column, v.target_column);
     IF gone IS NOT NULL THEN
-        DELETE FROM @extschema@.nvembed_vectorizer_queue q WHERE q.vectorizer_id = ANY (gone);
-        DELETE FROM @extschema@.nvembed_vectorizer_failure f WHERE f.vectorizer_id = ANY (gone);
-        DELETE FROM @extschema@.nvembed_vectorizer v WHERE v.id = ANY (gone);
+        PERFORM @extschema@.nvembed_vectorizer_forget(gone);
     END IF;
 END;
 $$;
@@ -564,9 +573,7 @@ BEGIN
         END IF;
         EXIT WHEN EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = v.tbl);
         RAISE LOG 'nvembed: table % of vectorizer % was dropped; dropping the vectorizer', v.tbl::oid, v.id;
-        DELETE FROM @extschema@.nvembed_vectorizer_queue q WHERE q.vectorizer_id = v.id;
-        DELETE FROM @extschema@.nvembed_vectorizer_failure f WHERE f.vectorizer_id = v.id;
-        DELETE FROM @extschema@.nvembed_vectorizer v2 WHERE v2.id = v.id;
+        PERFORM @extschema@.nvembed_vectorizer_forget(ARRAY[v.id]);
     END LOOP;
     WITH due AS (
         SELECT q.ctid FROM @extschema@.nvembed_vectorizer_queue q

@@ -46,6 +46,13 @@ struct Supervised {
     exit_logged: bool,
 }
 
+impl Supervised {
+    fn schedule_restart(&mut self) {
+        self.next_start = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
 impl Workers {
     /// Starts workers for newly listed databases and stops those of databases no longer listed.
     pub fn configure(&mut self, databases: &[String]) {
@@ -88,8 +95,7 @@ impl Workers {
                             );
                             supervised.exit_logged = true;
                         }
-                        supervised.next_start = Instant::now() + supervised.backoff;
-                        supervised.backoff = (supervised.backoff * 2).min(MAX_BACKOFF);
+                        supervised.schedule_restart();
                     }
                 }
             }
@@ -115,8 +121,7 @@ impl Workers {
                             );
                             supervised.exit_logged = true;
                         }
-                        supervised.next_start = Instant::now() + supervised.backoff;
-                        supervised.backoff = (supervised.backoff * 2).min(MAX_BACKOFF);
+                        supervised.schedule_restart();
                     }
                 }
             }
@@ -191,20 +196,29 @@ fn as_role<R>(role: pg_sys::Oid, work: impl FnOnce() -> R) -> R {
 /// attempt for each of its rows.
 fn claim(schema: &str) -> Option<Batch> {
     BackgroundWorker::transaction(|| loop {
-        let claimed = Spi::get_three_with_args::<i32, pg_sys::Oid, String>(
-            &format!("SELECT vectorizer_id, owner, row_keys FROM {schema}.nvembed_vectorizer_claim($1)"),
-            &[crate::gucs::vectorizer_batch_rows().into()],
-        );
-        let (Some(vectorizer_id), Some(owner), Some(row_keys)) = claimed.expect("nvembed_vectorizer_claim") else {
+        let claimed = Spi::connect(|client| {
+            let rows = client
+                .select(
+                    &format!(
+                        "SELECT vectorizer_id, owner, instruction, max_length, row_keys
+                         FROM {schema}.nvembed_vectorizer_claim($1)"
+                    ),
+                    None,
+                    &[crate::gucs::vectorizer_batch_rows().into()],
+                )
+                .expect("nvembed_vectorizer_claim");
+            let row = rows.first();
+            Some((
+                row.get::<i32>(1).expect("vectorizer_id")?,
+                row.get::<pg_sys::Oid>(2).expect("owner")?,
+                row.get::<String>(3).expect("instruction")?,
+                row.get::<i32>(4).expect("max_length")?,
+                row.get::<String>(5).expect("row_keys")?,
+            ))
+        });
+        let Some((vectorizer_id, owner, instruction, max_length, row_keys)) = claimed else {
             return None;
         };
-        let (instruction, max_length) = Spi::get_two_with_args::<String, i32>(
-            &format!(
-                "SELECT instruction, max_length FROM {schema}.nvembed_vectorizer WHERE id OPERATOR(pg_catalog.=) $1"
-            ),
-            &[vectorizer_id.into()],
-        )
-        .expect("the claimed vectorizer");
         let owner_exists = Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE oid OPERATOR(pg_catalog.=) $1)",
             &[owner.into()],
@@ -242,8 +256,8 @@ fn claim(schema: &str) -> Option<Batch> {
                 return Some(Batch {
                     vectorizer_id,
                     owner,
-                    instruction: instruction.unwrap_or_default(),
-                    max_length: max_length.unwrap_or(1) as usize,
+                    instruction,
+                    max_length: max_length as usize,
                     row_keys,
                     texts,
                 })
