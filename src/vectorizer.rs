@@ -216,9 +216,7 @@ fn claim(schema: &str) -> Option<Batch> {
                 row.get::<String>(5).expect("row_keys")?,
             ))
         });
-        let Some((vectorizer_id, owner, instruction, max_length, row_keys)) = claimed else {
-            return None;
-        };
+        let (vectorizer_id, owner, instruction, max_length, row_keys) = claimed?;
         let owner_exists = Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE oid OPERATOR(pg_catalog.=) $1)",
             &[owner.into()],
