@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::Config;
 use crate::encoding::{EncodedInput, InputEncoder, DEFAULT_MAX_LENGTH};
 use crate::error::{Error, Result};
+use crate::matmul::{self, MatmulBackend};
 use crate::nvembed_v2::{Model, Pass};
 use crate::source::ModelFiles;
 use crate::weights::Weights;
@@ -75,13 +76,18 @@ impl std::fmt::Debug for Embedder {
 }
 
 impl Embedder {
+    /// Loads with the matmul backend `MatmulBackend::for_device` picks.
     pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(files, dtype, device, MatmulBackend::for_device(device)?)
+    }
+
+    pub fn load_with(files: &ModelFiles, dtype: DType, device: &Device, matmul: MatmulBackend) -> Result<Self> {
         return_freed_activations_to_the_os();
         let started = Instant::now();
         let config = Config::from_file(&files.config)?;
         let encoder = InputEncoder::from_file(&files.tokenizer)?;
         let weights = Weights::open(&files.weights, dtype, device)?;
-        let model = Model::load(&weights, &config)?;
+        let model = Model::load(&weights, &config, matmul)?;
         Ok(Self {
             model,
             encoder,
@@ -108,6 +114,12 @@ impl Embedder {
         &self.device
     }
 
+    /// How the projections run: `candle`, oneDNN's implementation (e.g. `brg:avx512_core_bf16`),
+    /// or 16-bit weights widened to f32.
+    pub fn matmul(&self) -> String {
+        self.model.matmul()
+    }
+
     pub fn embedding_dim(&self) -> usize {
         self.config.embedding_dim()
     }
@@ -119,7 +131,8 @@ impl Embedder {
     /// Embeds `texts` with `instruction`; one unit vector per text,
     /// in input order. Fails before any compute if some input would have nothing to pool.
     pub fn embed(&self, instruction: &str, texts: &[&str], options: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
-        self.embed_with_stats(instruction, texts, options).map(|(vectors, _)| vectors)
+        self.embed_with_stats(instruction, texts, options)
+            .map(|(vectors, _)| vectors)
     }
 
     /// As `embed`, also saying how many tokens and forward passes it took.
@@ -149,11 +162,7 @@ impl Embedder {
 
     /// Embeds already-encoded inputs — possibly from several callers with different
     /// instructions — in length-sorted batches of at most `batch_tokens` padded tokens.
-    pub fn embed_encoded(
-        &self,
-        inputs: &[EncodedInput],
-        batch_tokens: usize,
-    ) -> Result<(Vec<Vec<f32>>, EmbedStats)> {
+    pub fn embed_encoded(&self, inputs: &[EncodedInput], batch_tokens: usize) -> Result<(Vec<Vec<f32>>, EmbedStats)> {
         let mut results: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
         let mut stats = EmbedStats::default();
         for batch in plan_batches(inputs, batch_tokens) {
@@ -275,6 +284,7 @@ pub fn set_compute_threads(threads: usize) -> Result<()> {
         return Err(Error::InvalidArgument("the thread count must be at least 1".into()));
     }
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    matmul::set_threads(threads);
     Ok(())
 }
 

@@ -12,7 +12,9 @@ pub mod config;
 pub mod embedder;
 pub mod encoding;
 pub mod error;
+pub mod matmul;
 pub mod nvembed_v2;
+pub mod profile;
 pub mod random_checkpoint;
 pub mod source;
 pub mod weights;
@@ -27,4 +29,5 @@ pub use encoding::{
     task_instruction, EncodedInput, InputEncoder, DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION,
 };
 pub use error::{Error, Result};
+pub use matmul::{MatmulBackend, MATMUL_ENV};
 pub use source::{ModelFiles, ModelSource, DEFAULT_HUB_MODEL};

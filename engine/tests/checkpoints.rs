@@ -62,13 +62,20 @@ fn another_shape_with_defaulted_latent_keys_loads_and_embeds() {
     assert!(!latent.contains_key("num_latents_value") && !latent.contains_key("num_cross_heads"));
     let embedder = load_dir(dir.path()).unwrap();
     assert_eq!(embedder.embedding_dim(), 48);
-    let texts = ["a short one", "a somewhat longer passage about harbours, boats and the sea"];
-    let got = embedder.embed(QUERY_INSTRUCTION, &texts, &EmbedOptions::default()).unwrap();
+    let texts = [
+        "a short one",
+        "a somewhat longer passage about harbours, boats and the sea",
+    ];
+    let got = embedder
+        .embed(QUERY_INSTRUCTION, &texts, &EmbedOptions::default())
+        .unwrap();
     for v in &got {
         assert_eq!(v.len(), 48);
         assert!((unit_norm(v) - 1.0).abs() < 1e-5);
     }
-    let alone = embedder.embed(QUERY_INSTRUCTION, &texts[..1], &EmbedOptions::default()).unwrap();
+    let alone = embedder
+        .embed(QUERY_INSTRUCTION, &texts[..1], &EmbedOptions::default())
+        .unwrap();
     assert!(max_abs_diff(&alone, &got[..1]) <= 1e-6, "padding changed a result");
 }
 
@@ -90,8 +97,12 @@ fn single_file_and_sharded_checkpoints_give_identical_vectors() {
     candle_core::safetensors::save(&all, dir.path().join("model.safetensors")).unwrap();
     let single = load_dir(dir.path()).unwrap();
     let texts = ["hello", "Crème brûlée à Paris"];
-    let a = sharded.embed(PASSAGE_INSTRUCTION, &texts, &EmbedOptions::default()).unwrap();
-    let b = single.embed(PASSAGE_INSTRUCTION, &texts, &EmbedOptions::default()).unwrap();
+    let a = sharded
+        .embed(PASSAGE_INSTRUCTION, &texts, &EmbedOptions::default())
+        .unwrap();
+    let b = single
+        .embed(PASSAGE_INSTRUCTION, &texts, &EmbedOptions::default())
+        .unwrap();
     assert_eq!(a, b);
 }
 
@@ -108,11 +119,15 @@ fn weights_stored_in_half_precision_load_into_any_dtype() {
         candle_core::safetensors::save(&tensors, dir.path().join(f.file_name().unwrap())).unwrap();
     }
     let reference = load_dir(&fixture_dir()).unwrap();
-    let want = reference.embed(PASSAGE_INSTRUCTION, &["hello world"], &EmbedOptions::default()).unwrap();
+    let want = reference
+        .embed(PASSAGE_INSTRUCTION, &["hello world"], &EmbedOptions::default())
+        .unwrap();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let files = ModelSource::Dir(dir.path().to_path_buf()).resolve().unwrap();
         let e = Embedder::load(&files, dtype, &Device::Cpu).unwrap();
-        let got = e.embed(PASSAGE_INSTRUCTION, &["hello world"], &EmbedOptions::default()).unwrap();
+        let got = e
+            .embed(PASSAGE_INSTRUCTION, &["hello world"], &EmbedOptions::default())
+            .unwrap();
         assert!(cosine(&got[0], &want[0]) > 0.99, "{dtype:?}");
     }
 }
@@ -124,7 +139,10 @@ fn a_long_input_runs_in_bounded_attention_blocks_and_matches_padding_free_result
     let embedder = load_dir(&fixture_dir()).unwrap();
     let sentence = "The lighthouse beam sweeps across the water in slow, steady circles. ";
     let long = sentence.repeat(600);
-    let inputs = embedder.encoder().encode(PASSAGE_INSTRUCTION, &[&long], 32_768).unwrap();
+    let inputs = embedder
+        .encoder()
+        .encode(PASSAGE_INSTRUCTION, &[&long], 32_768)
+        .unwrap();
     let tokens = inputs[0].ids.len();
     assert!(tokens > 9_000, "{tokens} tokens");
     let full_scores = 2 * 2 * tokens * tokens * 4;
@@ -136,7 +154,14 @@ fn a_long_input_runs_in_bounded_attention_blocks_and_matches_padding_free_result
     // Same text padded next to an even longer one: padding must not change it.
     let longer = sentence.repeat(640);
     let together = embedder
-        .embed(PASSAGE_INSTRUCTION, &[&long, &longer], &EmbedOptions { batch_tokens: usize::MAX, ..options })
+        .embed(
+            PASSAGE_INSTRUCTION,
+            &[&long, &longer],
+            &EmbedOptions {
+                batch_tokens: usize::MAX,
+                ..options
+            },
+        )
         .unwrap();
     assert!(max_abs_diff(&alone, &together[..1]) <= 1e-5);
     // Truncation: max_length caps the tokens.
@@ -190,7 +215,10 @@ fn mis_shaped_tensor_names_both_shapes() {
     // The config claims the default 512 latents; the fixture has 16.
     let config_path = dir.path().join("config.json");
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["latent_attention_config"].as_object_mut().unwrap().remove("num_latents_value");
+    config["latent_attention_config"]
+        .as_object_mut()
+        .unwrap()
+        .remove("num_latents_value");
     std::fs::write(&config_path, config.to_string()).unwrap();
     let err = load_dir(dir.path()).unwrap_err();
     let message = err.to_string();
@@ -219,20 +247,31 @@ fn bad_arguments_are_errors() {
     assert!(parse_dtype("f8").is_err());
     assert_eq!(parse_dtype("BF16").unwrap(), DType::BF16);
     let embedder = load_dir(&fixture_dir()).unwrap();
-    let zero = EmbedOptions { max_length: 0, ..EmbedOptions::default() };
+    let zero = EmbedOptions {
+        max_length: 0,
+        ..EmbedOptions::default()
+    };
     assert!(matches!(embedder.embed(PASSAGE_INSTRUCTION, &["x"], &zero), Err(Error::InvalidArgument(_))));
-    let beyond = EmbedOptions { max_length: 32_769, ..EmbedOptions::default() };
+    let beyond = EmbedOptions {
+        max_length: 32_769,
+        ..EmbedOptions::default()
+    };
     match embedder.embed(PASSAGE_INSTRUCTION, &["x"], &beyond) {
         Err(Error::InvalidArgument(message)) => assert!(message.contains("position limit"), "{message}"),
         other => panic!("{other:?}"),
     }
     // An instruction that fills max_length leaves nothing to pool: error naming the input index.
-    let tight = EmbedOptions { max_length: 18, ..EmbedOptions::default() };
+    let tight = EmbedOptions {
+        max_length: 18,
+        ..EmbedOptions::default()
+    };
     match embedder.embed(QUERY_INSTRUCTION, &["fine", "also fine"], &tight) {
         Err(Error::NothingToPool { index: 0, tokens: 18 }) => {}
         other => panic!("{other:?}"),
     }
     // The empty passage is a valid input (the reference embeds `<s></s>`).
-    let empty = embedder.embed(PASSAGE_INSTRUCTION, &[""], &EmbedOptions::default()).unwrap();
+    let empty = embedder
+        .embed(PASSAGE_INSTRUCTION, &[""], &EmbedOptions::default())
+        .unwrap();
     assert!((unit_norm(&empty[0]) - 1.0).abs() < 1e-5);
 }

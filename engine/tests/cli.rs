@@ -41,7 +41,12 @@ fn parse_vectors(stdout: &[u8]) -> Vec<Vec<f32>> {
 
 fn embeddings_of(run_name: &str) -> Vec<Vec<f32>> {
     let g = goldens();
-    let run = g["runs"].as_array().unwrap().iter().find(|r| r["name"] == run_name).unwrap();
+    let run = g["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == run_name)
+        .unwrap();
     matrix_f32(&run["embeddings"])
 }
 
@@ -53,9 +58,21 @@ fn cli_embeds_queries_and_passages_in_input_order() {
         .map(|id| g["texts"][id].as_str().unwrap())
         .collect();
     let stdin: String = texts.iter().map(|t| serde_json::to_string(t).unwrap() + "\n").collect();
-    for (flag, run) in [("--query", "card_queries"), ("--passage", "single_passage_ml32768_card_query_0")] {
+    for (flag, run) in [
+        ("--query", "card_queries"),
+        ("--passage", "single_passage_ml32768_card_query_0"),
+    ] {
         let mut c = cli();
-        c.args(["embed", "--model", fixture_dir().to_str().unwrap(), flag, "--threads", "1", "--batch-tokens", "16"]);
+        c.args([
+            "embed",
+            "--model",
+            fixture_dir().to_str().unwrap(),
+            flag,
+            "--threads",
+            "1",
+            "--batch-tokens",
+            "16",
+        ]);
         let out = run_with_stdin(c, &stdin);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let got = parse_vectors(&out.stdout);
@@ -87,7 +104,14 @@ fn cli_reports_a_missing_model_and_bad_dtype() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model"));
     let mut c = cli();
-    c.args(["embed", "--model", fixture_dir().to_str().unwrap(), "--query", "--dtype", "f8"]);
+    c.args([
+        "embed",
+        "--model",
+        fixture_dir().to_str().unwrap(),
+        "--query",
+        "--dtype",
+        "f8",
+    ]);
     let out = run_with_stdin(c, "\"x\"\n");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("f8"));
@@ -102,7 +126,12 @@ fn example_prints_the_card_scores() {
         dir.join("model-00002-of-00002.safetensors").display()
     );
     let out = example()
-        .args(["--model-files", &files, "--tokenizer", dir.join("tokenizer.json").to_str().unwrap()])
+        .args([
+            "--model-files",
+            &files,
+            "--tokenizer",
+            dir.join("tokenizer.json").to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -124,7 +153,12 @@ fn example_prints_the_card_scores() {
 #[test]
 fn example_prompt_prints_one_embedding() {
     let out = example()
-        .args(["--model-dir", fixture_dir().to_str().unwrap(), "--prompt", "Here is a test sentence"])
+        .args([
+            "--model-dir",
+            fixture_dir().to_str().unwrap(),
+            "--prompt",
+            "Here is a test sentence",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -136,7 +170,9 @@ fn example_without_files_or_network_fails_with_one_clear_line() {
     let home = tempfile::tempdir().unwrap();
     for offline in [false, true] {
         let mut c = example();
-        c.env("HF_HOME", home.path()).env("HF_ENDPOINT", "http://127.0.0.1:9").env_remove("RUST_BACKTRACE");
+        c.env("HF_HOME", home.path())
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .env_remove("RUST_BACKTRACE");
         if offline {
             c.env("HF_HUB_OFFLINE", "1");
         } else {

@@ -3,55 +3,10 @@
 mod common;
 
 use common::*;
-use nvembed_engine::{DType, Device, EmbedOptions, Embedder, Error, ModelSource};
-use serde_json::Value;
+use nvembed_engine::{DType, Embedder, Error, MatmulBackend};
 
 fn load(dtype: DType) -> Embedder {
-    let files = ModelSource::Dir(fixture_dir()).resolve().expect("resolve fixture");
-    Embedder::load(&files, dtype, &Device::Cpu).expect("load fixture")
-}
-
-struct Run<'a> {
-    name: &'a str,
-    instruction: String,
-    texts: Vec<&'a str>,
-    max_length: usize,
-    value: &'a Value,
-}
-
-fn runs(g: &Value) -> Vec<Run<'_>> {
-    g["runs"]
-        .as_array()
-        .expect("runs")
-        .iter()
-        .map(|r| Run {
-            name: r["name"].as_str().expect("name"),
-            instruction: g["instructions"][r["instruction"].as_str().expect("kind")]
-                .as_str()
-                .expect("instruction")
-                .to_string(),
-            texts: r["text_ids"]
-                .as_array()
-                .expect("ids")
-                .iter()
-                .map(|id| g["texts"][id.as_str().expect("id")].as_str().expect("text"))
-                .collect(),
-            max_length: r["max_length"].as_u64().expect("max_length") as usize,
-            value: r,
-        })
-        .collect()
-}
-
-fn is_nonfinite(run: &Run) -> bool {
-    !run.value["nonfinite_rows"].as_array().expect("rows").is_empty()
-}
-
-/// One padded batch, as the reference ran it.
-fn one_batch(max_length: usize) -> EmbedOptions {
-    EmbedOptions {
-        max_length,
-        batch_tokens: usize::MAX,
-    }
+    load_with(dtype, MatmulBackend::Onednn)
 }
 
 #[test]
@@ -60,7 +15,9 @@ fn token_ids_and_masks_match_the_reference() {
     let embedder = load(DType::F32);
     let encoder = embedder.encoder();
     for run in runs(&g) {
-        let inputs = encoder.encode(&run.instruction, &run.texts, run.max_length).expect("encode");
+        let inputs = encoder
+            .encode(&run.instruction, &run.texts, run.max_length)
+            .expect("encode");
         let refs: Vec<_> = inputs.iter().collect();
         let batch = encoder.pad(&refs);
         assert_eq!(batch.input_ids, matrix_u32(&run.value["input_ids"]), "{}: input_ids", run.name);
@@ -77,40 +34,27 @@ fn token_ids_and_masks_match_the_reference() {
 
 #[test]
 fn f32_embeddings_match_every_reference_run() {
-    let g = goldens();
-    let embedder = load(DType::F32);
-    let mut worst = 0f32;
-    let mut checked = 0;
-    for run in runs(&g) {
-        if is_nonfinite(&run) {
-            continue;
-        }
-        let expected = matrix_f32(&run.value["embeddings"]);
-        let got = embedder.embed(&run.instruction, &run.texts, &one_batch(run.max_length)).expect(run.name);
-        let diff = max_abs_diff(&got, &expected);
-        assert!(diff <= 1e-5, "{}: max abs diff {diff}", run.name);
-        // The same texts split into length-sorted batches of a few rows each.
-        let split = EmbedOptions {
-            max_length: run.max_length,
-            batch_tokens: 64,
-        };
-        let got_split = embedder.embed(&run.instruction, &run.texts, &split).expect(run.name);
-        assert!(max_abs_diff(&got_split, &expected) <= 1e-5, "{}: split batches", run.name);
-        worst = worst.max(diff);
-        checked += 1;
+    for backend in [MatmulBackend::Onednn, MatmulBackend::Candle] {
+        let worst = f32_golden_diff(&load_with(DType::F32, backend));
+        eprintln!("f32 on {}: worst max abs diff = {worst:e}", backend.name());
     }
-    assert_eq!(checked, 52, "every finite run was checked");
-    eprintln!("f32: worst max abs diff over {checked} runs = {worst:e}");
 }
 
 #[test]
 fn batched_and_single_runs_agree() {
     let g = goldens();
     let embedder = load(DType::F32);
-    for run in runs(&g).iter().filter(|r| r.name.starts_with("all_") && !is_nonfinite(r)) {
-        let batched = embedder.embed(&run.instruction, &run.texts, &one_batch(run.max_length)).unwrap();
+    for run in runs(&g)
+        .iter()
+        .filter(|r| r.name.starts_with("all_") && !is_nonfinite(r))
+    {
+        let batched = embedder
+            .embed(&run.instruction, &run.texts, &one_batch(run.max_length))
+            .unwrap();
         for (row, text) in run.texts.iter().enumerate() {
-            let single = embedder.embed(&run.instruction, &[text], &one_batch(run.max_length)).unwrap();
+            let single = embedder
+                .embed(&run.instruction, &[text], &one_batch(run.max_length))
+                .unwrap();
             let diff = max_abs_diff(&single, &batched[row..=row]);
             assert!(diff <= 1e-6, "{} row {row}: batched vs single differ by {diff}", run.name);
         }
@@ -145,7 +89,9 @@ fn decoder_hidden_states_match_the_reference() {
         .iter()
         .map(matrix_f32)
         .collect();
-    let hidden = embedder.decoder_hidden_states(&run.instruction, &run.texts, run.max_length).unwrap();
+    let hidden = embedder
+        .decoder_hidden_states(&run.instruction, &run.texts, run.max_length)
+        .unwrap();
     for (row, (got, want)) in hidden.iter().zip(&expected).enumerate() {
         let diff = max_abs_diff(got, want);
         assert!(diff <= 1e-4, "row {row}: decoder states differ by {diff}");
@@ -159,7 +105,9 @@ fn card_scores_match() {
     let all = runs(&g);
     let get = |name: &str| {
         let run = all.iter().find(|r| r.name == name).unwrap();
-        embedder.embed(&run.instruction, &run.texts, &one_batch(run.max_length)).unwrap()
+        embedder
+            .embed(&run.instruction, &run.texts, &one_batch(run.max_length))
+            .unwrap()
     };
     let (q, p) = (get("card_queries"), get("card_passages"));
     let expected = matrix_f32(&g["card_scores"]);
@@ -172,19 +120,15 @@ fn card_scores_match() {
 }
 
 fn half_precision_cosines(dtype: DType) {
-    let g = goldens();
-    let embedder = load(dtype);
-    let mut worst = 1f64;
-    for run in runs(&g).iter().filter(|r| !is_nonfinite(r)) {
-        let expected = matrix_f32(&run.value["embeddings"]);
-        let got = embedder.embed(&run.instruction, &run.texts, &one_batch(run.max_length)).unwrap();
-        for (row, (a, b)) in got.iter().zip(&expected).enumerate() {
-            let c = cosine(a, b);
-            assert!(c >= 0.999, "{dtype:?} {} row {row}: cosine {c}", run.name);
-            worst = worst.min(c);
-        }
+    for backend in [MatmulBackend::Onednn, MatmulBackend::Candle] {
+        let embedder = load_with(dtype, backend);
+        let worst = worst_golden_cosine(&embedder);
+        eprintln!(
+            "{dtype:?} on {} ({}): worst cosine against the f32 goldens = {worst:.6}",
+            backend.name(),
+            embedder.matmul()
+        );
     }
-    eprintln!("{dtype:?}: worst cosine against the f32 goldens = {worst:.6}");
 }
 
 #[test]

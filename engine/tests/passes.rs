@@ -19,12 +19,21 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 fn dropping_rows_mid_pass_leaves_the_other_rows_unchanged() {
     let embedder = embedder();
     let long = "The lighthouse beam sweeps across the water. ".repeat(40);
-    let texts = ["a short one", long.as_str(), "a middle-sized text about harbours and boats"];
+    let texts = [
+        "a short one",
+        long.as_str(),
+        "a middle-sized text about harbours and boats",
+    ];
     let inputs = embedder.encode(PASSAGE_INSTRUCTION, &texts, 32_768).unwrap();
     let members: Vec<_> = inputs.iter().collect();
     let want: Vec<Vec<f32>> = texts
         .iter()
-        .map(|t| embedder.embed(PASSAGE_INSTRUCTION, &[*t], &EmbedOptions::default()).unwrap().remove(0))
+        .map(|t| {
+            embedder
+                .embed(PASSAGE_INSTRUCTION, &[*t], &EmbedOptions::default())
+                .unwrap()
+                .remove(0)
+        })
         .collect();
     // How many steps a pass takes: the decoder layers, then the latent block's shares.
     let mut pass = embedder.begin_pass(&members).unwrap();

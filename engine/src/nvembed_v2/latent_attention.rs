@@ -2,11 +2,12 @@
 //! GEGLU feed-forward, both with residuals, then a masked mean over the pool mask.
 
 use candle_core::{DType, Module, Result as CandleResult, Tensor, D};
-use candle_nn::Linear;
 
 use super::ops::{blocked_attention, in_token_chunks, LayerNorm};
 use crate::config::Config;
 use crate::error::Result;
+use crate::matmul::{Linear, MatmulBackend};
+use crate::profile::{self, Stage};
 use crate::weights::Weights;
 
 const PREFIX: &str = "latent_attention_model";
@@ -27,7 +28,7 @@ struct CrossAttention {
 }
 
 impl CrossAttention {
-    fn load(w: &Weights, cfg: &Config) -> Result<Self> {
+    fn load(w: &Weights, cfg: &Config, backend: MatmulBackend) -> Result<Self> {
         let l = &cfg.latent_attention_config;
         let p = format!("{PREFIX}.cross_attend_blocks.0");
         let inner = l.num_cross_heads * l.cross_dim_head;
@@ -36,7 +37,8 @@ impl CrossAttention {
             f32_param("norm_context.weight", l.hidden_dim)?,
             f32_param("norm_context.bias", l.hidden_dim)?,
         );
-        let to_kv = Linear::new(w.get(&format!("{p}.fn.to_kv.weight"), &[2 * inner, l.hidden_dim])?, None);
+        // Used once, here: candle's matmul, whatever the backend.
+        let to_kv = candle_nn::Linear::new(w.get(&format!("{p}.fn.to_kv.weight"), &[2 * inner, l.hidden_dim])?, None);
         let latents = w.get(&format!("{PREFIX}.latents"), &[l.num_latents_value, l.latent_dim])?;
         let kv = to_kv.forward(&norm_context.forward(&latents)?)?;
         let split = |start: usize| -> CandleResult<Tensor> {
@@ -48,8 +50,8 @@ impl CrossAttention {
         };
         Ok(Self {
             norm: LayerNorm::new(f32_param("norm.weight", l.latent_dim)?, f32_param("norm.bias", l.latent_dim)?),
-            to_q: Linear::new(w.get(&format!("{p}.fn.to_q.weight"), &[inner, l.latent_dim])?, None),
-            to_out: Linear::new(w.get(&format!("{p}.fn.to_out.weight"), &[l.latent_dim, inner])?, None),
+            to_q: Linear::new(w.get(&format!("{p}.fn.to_q.weight"), &[inner, l.latent_dim])?, None, backend)?,
+            to_out: Linear::new(w.get(&format!("{p}.fn.to_out.weight"), &[l.latent_dim, inner])?, None, backend)?,
             latent_k: split(0)?,
             latent_v: split(inner)?,
             heads: l.num_cross_heads,
@@ -59,17 +61,21 @@ impl CrossAttention {
 
     fn forward(&self, xs: &Tensor) -> CandleResult<Tensor> {
         let (b, l, _) = xs.dims3()?;
-        let q = self
-            .to_q
-            .forward(&self.norm.forward(xs)?)?
-            .reshape((b, l, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .to_dtype(DType::F32)?
-            .contiguous()?;
-        let attn = blocked_attention(&q, &self.latent_k, &self.latent_v, None, 1.0 / (self.head_dim as f64).sqrt())?
-            .transpose(1, 2)?
-            .reshape((b, l, self.heads * self.head_dim))?
-            .to_dtype(xs.dtype())?;
+        let q = self.to_q.forward(&self.norm.forward(xs)?)?;
+        let q = profile::time(Stage::Conversions, || {
+            q.reshape((b, l, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .to_dtype(DType::F32)?
+                .contiguous()
+        })?;
+        let attn = profile::time(Stage::LatentBlock, || {
+            blocked_attention(&q, &self.latent_k, &self.latent_v, None, 1.0 / (self.head_dim as f64).sqrt())
+        })?;
+        let attn = profile::time(Stage::Conversions, || {
+            attn.transpose(1, 2)?
+                .reshape((b, l, self.heads * self.head_dim))?
+                .to_dtype(xs.dtype())
+        })?;
         self.to_out.forward(&attn)
     }
 }
@@ -82,7 +88,7 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn load(w: &Weights, cfg: &Config) -> Result<Self> {
+    fn load(w: &Weights, cfg: &Config, backend: MatmulBackend) -> Result<Self> {
         let d = cfg.latent_attention_config.latent_dim;
         let inner = d * FEED_FORWARD_MULT;
         let p = format!("{PREFIX}.cross_attend_blocks.1");
@@ -94,11 +100,13 @@ impl FeedForward {
             proj_in: Linear::new(
                 w.get(&format!("{p}.fn.net.0.weight"), &[2 * inner, d])?,
                 Some(w.get(&format!("{p}.fn.net.0.bias"), &[2 * inner])?),
-            ),
+                backend,
+            )?,
             proj_out: Linear::new(
                 w.get(&format!("{p}.fn.net.2.weight"), &[d, inner])?,
                 Some(w.get(&format!("{p}.fn.net.2.bias"), &[d])?),
-            ),
+                backend,
+            )?,
             inner,
         })
     }
@@ -110,7 +118,8 @@ impl Module for FeedForward {
         // GEGLU: first half times exact-erf GELU of the second half.
         let value = hidden.narrow(D::Minus1, 0, self.inner)?;
         let gate = hidden.narrow(D::Minus1, self.inner, self.inner)?;
-        self.proj_out.forward(&(value * gate.gelu_erf()?)?)
+        let gated = profile::time(Stage::LatentBlock, || value * gate.gelu_erf()?)?;
+        self.proj_out.forward(&gated)
     }
 }
 
@@ -124,10 +133,10 @@ pub struct LatentAttention {
 }
 
 impl LatentAttention {
-    pub fn load(w: &Weights, cfg: &Config) -> Result<Self> {
+    pub fn load(w: &Weights, cfg: &Config, backend: MatmulBackend) -> Result<Self> {
         Ok(Self {
-            cross_attention: CrossAttention::load(w, cfg)?,
-            feed_forward: FeedForward::load(w, cfg)?,
+            cross_attention: CrossAttention::load(w, cfg, backend)?,
+            feed_forward: FeedForward::load(w, cfg, backend)?,
             output_normalize: cfg.latent_attention_config.output_normalize,
             flops_per_token: flops_per_token(cfg),
         })
@@ -142,14 +151,20 @@ impl LatentAttention {
     /// of the tokens into chunks gives the same result.
     pub fn transform(&self, tokens: &Tensor) -> CandleResult<Tensor> {
         in_token_chunks(tokens, |chunk| {
-            let xs = (chunk + self.cross_attention.forward(chunk)?)?;
-            &xs + self.feed_forward.forward(&xs)?
+            let attended = self.cross_attention.forward(chunk)?;
+            let xs = profile::time(Stage::LatentBlock, || chunk + attended)?;
+            let fed = self.feed_forward.forward(&xs)?;
+            profile::time(Stage::LatentBlock, || &xs + fed)
         })
     }
 
     /// Masked mean of transformed states `xs` (b, l, d) over `pool_mask` (b, l), normalised
     /// when the config says so. Returns (b, d) in f32.
     pub fn pool(&self, xs: &Tensor, pool_mask: &Tensor) -> CandleResult<Tensor> {
+        profile::time(Stage::LatentBlock, || self.masked_mean(xs, pool_mask))
+    }
+
+    fn masked_mean(&self, xs: &Tensor, pool_mask: &Tensor) -> CandleResult<Tensor> {
         let mask = pool_mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
         let summed = xs.to_dtype(DType::F32)?.broadcast_mul(&mask)?.sum(1)?;
         let pooled = summed.broadcast_div(&mask.sum(1)?)?;

@@ -2,11 +2,12 @@
 //! replaced by a padding-only key mask, and no sliding window.
 
 use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, D};
-use candle_nn::Linear;
 
 use super::ops::{blocked_attention, in_token_chunks, RmsNorm};
 use crate::config::Config;
 use crate::error::Result;
+use crate::matmul::{Linear, MatmulBackend};
+use crate::profile::{self, Stage};
 use crate::weights::Weights;
 
 const PREFIX: &str = "embedding_model";
@@ -34,7 +35,7 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn load(w: &Weights, cfg: &Config, prefix: &str) -> Result<Self> {
+    fn load(w: &Weights, cfg: &Config, prefix: &str, backend: MatmulBackend) -> Result<Self> {
         let t = &cfg.text_config;
         let hd = cfg.head_dim();
         let q = w.get(&format!("{prefix}.q_proj.weight"), &[t.num_attention_heads * hd, t.hidden_size])?;
@@ -42,8 +43,8 @@ impl SelfAttention {
         let v = w.get(&format!("{prefix}.v_proj.weight"), &[t.num_key_value_heads * hd, t.hidden_size])?;
         let o = w.get(&format!("{prefix}.o_proj.weight"), &[t.hidden_size, t.num_attention_heads * hd])?;
         Ok(Self {
-            qkv: Linear::new(Tensor::cat(&[q, k, v], 0)?, None),
-            out: Linear::new(o, None),
+            qkv: Linear::new(Tensor::cat(&[q, k, v], 0)?, None, backend)?,
+            out: Linear::new(o, None, backend)?,
             heads: t.num_attention_heads,
             kv_heads: t.num_key_value_heads,
             head_dim: hd,
@@ -57,25 +58,31 @@ impl SelfAttention {
         // Attention runs in f32 whatever the model dtype: rotary phases and score magnitudes
         // are where half precision loses the most.
         let split = |start: usize, heads: usize| -> CandleResult<Tensor> {
-            qkv.narrow(D::Minus1, start * hd, heads * hd)?
-                .reshape((b, l, heads, hd))?
-                .transpose(1, 2)?
-                .to_dtype(DType::F32)?
-                .contiguous()
+            profile::time(Stage::Conversions, || {
+                qkv.narrow(D::Minus1, start * hd, heads * hd)?
+                    .reshape((b, l, heads, hd))?
+                    .transpose(1, 2)?
+                    .to_dtype(DType::F32)?
+                    .contiguous()
+            })
         };
-        let q = candle_nn::rotary_emb::rope(&split(0, h)?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&split(h, kvh)?, cos, sin)?;
+        let rope = |xs: Tensor| profile::time(Stage::NormsRope, || candle_nn::rotary_emb::rope(&xs, cos, sin));
+        let q = rope(split(0, h)?)?;
+        let k = rope(split(h, kvh)?)?;
         let v = split(h + kvh, kvh)?;
         // Grouped-query attention without copying K/V: the n_rep query heads sharing one kv head
         // become extra query rows of that kv head, (b, kvh, n_rep * l, hd).
         let n_rep = h / kvh;
         let q = q.reshape((b, kvh, n_rep * l, hd))?;
-        let attn = blocked_attention(&q, &k, &v, Some(key_bias), 1.0 / (hd as f64).sqrt())?;
-        let attn = attn
-            .reshape((b, h, l, hd))?
-            .transpose(1, 2)?
-            .reshape((b, l, h * hd))?
-            .to_dtype(xs.dtype())?;
+        let attn = profile::time(Stage::Attention, || {
+            blocked_attention(&q, &k, &v, Some(key_bias), 1.0 / (hd as f64).sqrt())
+        })?;
+        let attn = profile::time(Stage::Conversions, || {
+            attn.reshape((b, h, l, hd))?
+                .transpose(1, 2)?
+                .reshape((b, l, h * hd))?
+                .to_dtype(xs.dtype())
+        })?;
         self.out.forward(&attn)
     }
 }
@@ -88,15 +95,15 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(w: &Weights, cfg: &Config, prefix: &str) -> Result<Self> {
+    fn load(w: &Weights, cfg: &Config, prefix: &str, backend: MatmulBackend) -> Result<Self> {
         let t = &cfg.text_config;
         let (hs, is) = (t.hidden_size, t.intermediate_size);
         let gate = w.get(&format!("{prefix}.gate_proj.weight"), &[is, hs])?;
         let up = w.get(&format!("{prefix}.up_proj.weight"), &[is, hs])?;
         let down = w.get(&format!("{prefix}.down_proj.weight"), &[hs, is])?;
         Ok(Self {
-            gate_up: Linear::new(Tensor::cat(&[gate, up], 0)?, None),
-            down: Linear::new(down, None),
+            gate_up: Linear::new(Tensor::cat(&[gate, up], 0)?, None, backend)?,
+            down: Linear::new(down, None, backend)?,
             intermediate: is,
         })
     }
@@ -107,7 +114,8 @@ impl Module for Mlp {
         let gate_up = self.gate_up.forward(xs)?;
         let gate = gate_up.narrow(D::Minus1, 0, self.intermediate)?;
         let up = gate_up.narrow(D::Minus1, self.intermediate, self.intermediate)?;
-        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        let gated = profile::time(Stage::Elementwise, || candle_nn::ops::silu(&gate)? * up)?;
+        self.down.forward(&gated)
     }
 }
 
@@ -119,7 +127,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(w: &Weights, cfg: &Config, prefix: &str) -> Result<Self> {
+    fn load(w: &Weights, cfg: &Config, prefix: &str, backend: MatmulBackend) -> Result<Self> {
         let hs = cfg.text_config.hidden_size;
         let eps = cfg.text_config.rms_norm_eps;
         let norm = |name: &str| -> Result<RmsNorm> {
@@ -127,17 +135,19 @@ impl DecoderLayer {
         };
         Ok(Self {
             input_norm: norm("input_layernorm")?,
-            attention: SelfAttention::load(w, cfg, &format!("{prefix}.self_attn"))?,
+            attention: SelfAttention::load(w, cfg, &format!("{prefix}.self_attn"), backend)?,
             post_attention_norm: norm("post_attention_layernorm")?,
-            mlp: Mlp::load(w, cfg, &format!("{prefix}.mlp"))?,
+            mlp: Mlp::load(w, cfg, &format!("{prefix}.mlp"), backend)?,
         })
     }
 
     fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, key_bias: &Tensor) -> CandleResult<Tensor> {
-        let attn = self.attention.forward(&self.input_norm.forward(xs)?, cos, sin, key_bias)?;
-        let xs = (xs + attn)?;
+        let attn = self
+            .attention
+            .forward(&self.input_norm.forward(xs)?, cos, sin, key_bias)?;
+        let xs = profile::time(Stage::Elementwise, || xs + attn)?;
         let mlp = in_token_chunks(&xs, |chunk| self.mlp.forward(&self.post_attention_norm.forward(chunk)?))?;
-        xs + mlp
+        profile::time(Stage::Elementwise, || xs + mlp)
     }
 }
 
@@ -176,7 +186,11 @@ impl DecoderState {
         self.lengths = keep.iter().map(|&i| self.lengths[i]).collect();
         let width = self.width();
         self.xs = self.xs.index_select(index, 0)?.narrow(1, 0, width)?.contiguous()?;
-        self.key_bias = self.key_bias.index_select(index, 0)?.narrow(3, 0, width)?.contiguous()?;
+        self.key_bias = self
+            .key_bias
+            .index_select(index, 0)?
+            .narrow(3, 0, width)?
+            .contiguous()?;
         self.cos = self.cos.narrow(0, 0, width)?;
         self.sin = self.sin.narrow(0, 0, width)?;
         Ok(())
@@ -193,11 +207,11 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    pub fn load(w: &Weights, cfg: &Config) -> Result<Self> {
+    pub fn load(w: &Weights, cfg: &Config, backend: MatmulBackend) -> Result<Self> {
         let t = &cfg.text_config;
         let embed = w.get(&format!("{PREFIX}.embed_tokens.weight"), &[t.vocab_size, t.hidden_size])?;
         let layers = (0..t.num_hidden_layers)
-            .map(|i| DecoderLayer::load(w, cfg, &format!("{PREFIX}.layers.{i}")))
+            .map(|i| DecoderLayer::load(w, cfg, &format!("{PREFIX}.layers.{i}"), backend))
             .collect::<Result<Vec<_>>>()?;
         let norm = w.get_as(&format!("{PREFIX}.norm.weight"), &[t.hidden_size], DType::F32)?;
         Ok(Self {
@@ -207,6 +221,12 @@ impl Decoder {
             head_dim: cfg.head_dim(),
             rope_theta: t.rope_theta,
         })
+    }
+
+    pub fn matmul(&self) -> String {
+        self.layers
+            .first()
+            .map_or_else(|| "none".into(), |layer| layer.attention.qkv.describe())
     }
 
     /// Embeds the tokens of a batch. `input_ids`: (b, l) u32; `attention_mask`: (b, l) 0/1.

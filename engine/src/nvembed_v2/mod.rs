@@ -12,6 +12,7 @@ pub use ops::{ATTENTION_SCORE_BLOCK_BYTES, TOKEN_CHUNK_ROWS};
 
 use crate::config::Config;
 use crate::error::Result;
+use crate::matmul::MatmulBackend;
 use crate::weights::Weights;
 
 pub struct Model {
@@ -71,17 +72,20 @@ impl Pass {
         }
         let index = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<u32>>(), self.pool_mask.device())?;
         self.decoder.retain(keep, &index)?;
-        self.pool_mask = self.pool_mask.index_select(&index, 0)?.narrow(1, 0, self.decoder.width())?;
+        self.pool_mask = self
+            .pool_mask
+            .index_select(&index, 0)?
+            .narrow(1, 0, self.decoder.width())?;
         Ok(())
     }
 }
 
 impl Model {
-    pub fn load(weights: &Weights, config: &Config) -> Result<Self> {
-        let latent_attention = latent_attention::LatentAttention::load(weights, config)?;
+    pub fn load(weights: &Weights, config: &Config, backend: MatmulBackend) -> Result<Self> {
+        let latent_attention = latent_attention::LatentAttention::load(weights, config, backend)?;
         let layer = mistral::layer_flops_per_token(config).max(1);
         Ok(Self {
-            decoder: mistral::Decoder::load(weights, config)?,
+            decoder: mistral::Decoder::load(weights, config, backend)?,
             latent_steps: latent_attention.flops_per_token().div_ceil(layer).max(1),
             latent_attention,
         })
@@ -94,6 +98,11 @@ impl Model {
             pool_mask: pool_mask.clone(),
             latent: None,
         })
+    }
+
+    /// How the projections run (the first decoder layer's, which every projection shares).
+    pub fn matmul(&self) -> String {
+        self.decoder.matmul()
     }
 
     /// Runs the next step of `pass`; false once all have run and it can be pooled.
@@ -116,7 +125,9 @@ impl Model {
         let total = stage.states.dim(0)?;
         let start = stage.transformed();
         let len = stage.chunk.min(total - start);
-        let part = self.latent_attention.transform(&stage.states.narrow(0, start, len)?.unsqueeze(0)?)?;
+        let part = self
+            .latent_attention
+            .transform(&stage.states.narrow(0, start, len)?.unsqueeze(0)?)?;
         stage.done.push(part.squeeze(0)?);
         Ok(start + len < total)
     }

@@ -2,6 +2,8 @@
 
 use candle_core::{DType, Module, Result, Tensor, D};
 
+use crate::profile::{self, Stage};
+
 /// Upper bound on the f32 attention-score block materialised at once. A full L×L score tensor
 /// for the real model at 32768 tokens would be ~137 GB; queries are processed in blocks so that
 /// one block's scores stay under this size (the softmax makes one more block-sized buffer).
@@ -30,8 +32,9 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dtype = xs.dtype();
-        candle_nn::ops::rms_norm(&xs.to_dtype(DType::F32)?, &self.weight, self.eps)?.to_dtype(dtype)
+        let xs32 = profile::time(Stage::Conversions, || xs.to_dtype(DType::F32))?;
+        let normed = profile::time(Stage::NormsRope, || candle_nn::ops::rms_norm(&xs32, &self.weight, self.eps))?;
+        profile::time(Stage::Conversions, || normed.to_dtype(xs.dtype()))
     }
 }
 
@@ -51,9 +54,10 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dtype = xs.dtype();
-        candle_nn::ops::layer_norm(&xs.to_dtype(DType::F32)?, &self.weight, &self.bias, Self::EPS)?
-            .to_dtype(dtype)
+        let xs32 = profile::time(Stage::Conversions, || xs.to_dtype(DType::F32))?;
+        let normed =
+            profile::time(Stage::NormsRope, || candle_nn::ops::layer_norm(&xs32, &self.weight, &self.bias, Self::EPS))?;
+        profile::time(Stage::Conversions, || normed.to_dtype(xs.dtype()))
     }
 }
 
@@ -62,13 +66,7 @@ impl Module for LayerNorm {
 /// `q`: (b, g, rows, d); `k`, `v`: (b or 1, g, keys, d) — a batch of 1 is broadcast, which is how
 /// the latent keys/values computed once are shared by every row. `key_bias`: optional additive
 /// (b, 1, 1, keys) f32 mask. Returns (b, g, rows, d) in f32.
-pub fn blocked_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    key_bias: Option<&Tensor>,
-    scale: f64,
-) -> Result<Tensor> {
+pub fn blocked_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     attention_in_blocks(q, k, v, key_bias, scale, ATTENTION_SCORE_BLOCK_BYTES)
 }
 
@@ -140,7 +138,8 @@ mod tests {
         let mask = Tensor::from_iter((0..58).map(|i| if i % 29 > 20 { f32::MIN } else { 0.0 }), &dev)?
             .reshape((2, 1, 1, 29))?;
         let scale = 0.25;
-        let full = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?)?.matmul(&v)?;
+        let full =
+            candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?)?.matmul(&v)?;
         // 7 query rows per block with this budget: 6 blocks, the last one partial.
         let blocked = attention_in_blocks(&q, &k, &v, Some(&mask), scale, 7 * 2 * 3 * 29 * 4)?;
         let diff = (full - blocked)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
@@ -149,7 +148,11 @@ mod tests {
         let shared = attention_in_blocks(&q, &k.narrow(0, 0, 1)?, &v.narrow(0, 0, 1)?, None, scale, 1)?;
         let row0 = candle_nn::ops::softmax_last_dim(&(q.narrow(0, 1, 1)?.matmul(&k.narrow(0, 0, 1)?.t()?)? * scale)?)?
             .matmul(&v.narrow(0, 0, 1)?)?;
-        let diff = (shared.narrow(0, 1, 1)? - row0)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let diff = (shared.narrow(0, 1, 1)? - row0)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use nvembed_engine::{DType, Device, EmbedOptions, Embedder, MatmulBackend, ModelSource};
 use serde_json::Value;
 
 pub fn fixture_dir() -> PathBuf {
@@ -19,7 +20,13 @@ pub fn matrix_f32(value: &Value) -> Vec<Vec<f32>> {
         .as_array()
         .expect("matrix")
         .iter()
-        .map(|row| row.as_array().expect("row").iter().map(|x| x.as_f64().expect("number") as f32).collect())
+        .map(|row| {
+            row.as_array()
+                .expect("row")
+                .iter()
+                .map(|x| x.as_f64().expect("number") as f32)
+                .collect()
+        })
         .collect()
 }
 
@@ -28,7 +35,13 @@ pub fn matrix_u32(value: &Value) -> Vec<Vec<u32>> {
         .as_array()
         .expect("matrix")
         .iter()
-        .map(|row| row.as_array().expect("row").iter().map(|x| x.as_u64().expect("int") as u32).collect())
+        .map(|row| {
+            row.as_array()
+                .expect("row")
+                .iter()
+                .map(|x| x.as_u64().expect("int") as u32)
+                .collect()
+        })
         .collect()
 }
 
@@ -63,4 +76,120 @@ pub fn fixture_copy() -> tempfile::TempDir {
         std::fs::set_permissions(&target, perms).expect("chmod");
     }
     dir
+}
+
+pub fn load_with(dtype: DType, backend: MatmulBackend) -> Embedder {
+    let files = ModelSource::Dir(fixture_dir()).resolve().expect("resolve fixture");
+    Embedder::load_with(&files, dtype, &Device::Cpu, backend).expect("load fixture")
+}
+
+pub struct Run<'a> {
+    pub name: &'a str,
+    pub instruction: String,
+    pub texts: Vec<&'a str>,
+    pub max_length: usize,
+    pub value: &'a Value,
+}
+
+pub fn runs(g: &Value) -> Vec<Run<'_>> {
+    g["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|r| Run {
+            name: r["name"].as_str().expect("name"),
+            instruction: g["instructions"][r["instruction"].as_str().expect("kind")]
+                .as_str()
+                .expect("instruction")
+                .to_string(),
+            texts: r["text_ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|id| g["texts"][id.as_str().expect("id")].as_str().expect("text"))
+                .collect(),
+            max_length: r["max_length"].as_u64().expect("max_length") as usize,
+            value: r,
+        })
+        .collect()
+}
+
+pub fn is_nonfinite(run: &Run) -> bool {
+    !run.value["nonfinite_rows"].as_array().expect("rows").is_empty()
+}
+
+/// One padded batch, as the reference ran it.
+pub fn one_batch(max_length: usize) -> EmbedOptions {
+    EmbedOptions {
+        max_length,
+        batch_tokens: usize::MAX,
+    }
+}
+
+/// Checks every finite golden run in f32, as one padded batch and split into small batches:
+/// each within 1e-5 of the reference. Returns the worst difference.
+pub fn f32_golden_diff(embedder: &Embedder) -> f32 {
+    let g = goldens();
+    let mut worst = 0f32;
+    let mut checked = 0;
+    for run in runs(&g) {
+        if is_nonfinite(&run) {
+            continue;
+        }
+        let expected = matrix_f32(&run.value["embeddings"]);
+        let got = embedder
+            .embed(&run.instruction, &run.texts, &one_batch(run.max_length))
+            .expect(run.name);
+        let diff = max_abs_diff(&got, &expected);
+        assert!(diff <= 1e-5, "{} ({}): max abs diff {diff}", run.name, embedder.matmul());
+        // The same texts split into length-sorted batches of a few rows each.
+        let split = EmbedOptions {
+            max_length: run.max_length,
+            batch_tokens: 64,
+        };
+        let got_split = embedder.embed(&run.instruction, &run.texts, &split).expect(run.name);
+        assert!(max_abs_diff(&got_split, &expected) <= 1e-5, "{}: split batches", run.name);
+        worst = worst.max(diff);
+        checked += 1;
+    }
+    assert_eq!(checked, 52, "every finite run was checked");
+    worst
+}
+
+/// Cosine of a 16-bit embedder's vectors against the f32 goldens, on every finite run: each at
+/// least 0.999. Returns the worst.
+pub fn worst_golden_cosine(embedder: &Embedder) -> f64 {
+    let g = goldens();
+    let mut worst = 1f64;
+    for run in runs(&g).iter().filter(|r| !is_nonfinite(r)) {
+        let expected = matrix_f32(&run.value["embeddings"]);
+        let got = embedder
+            .embed(&run.instruction, &run.texts, &one_batch(run.max_length))
+            .unwrap();
+        for (row, (a, b)) in got.iter().zip(&expected).enumerate() {
+            let c = cosine(a, b);
+            assert!(c >= 0.999, "{:?} {} row {row}: cosine {c}", embedder.dtype(), run.name);
+            worst = worst.min(c);
+        }
+    }
+    worst
+}
+
+/// What oneDNN does on a smaller CPU, simulated on this one with `DNNL_MAX_CPU_ISA` (read once,
+/// at oneDNN's first call, so each cap runs in its own test binary): f32 matches the goldens on
+/// the capped kernels, and 16-bit models, for which the capped CPU has no native kernel, still
+/// run — widened to f32 — within the half-precision tolerance.
+pub fn check_under_isa_cap(cap: &str, forbidden_kernel: &str) {
+    std::env::set_var("DNNL_MAX_CPU_ISA", cap);
+    let f32_model = load_with(DType::F32, MatmulBackend::Onednn);
+    let kernel = f32_model.matmul();
+    assert!(!kernel.contains(forbidden_kernel), "{cap}: f32 ran on {kernel}");
+    let worst = f32_golden_diff(&f32_model);
+    eprintln!("{cap}: f32 on {kernel}: worst max abs diff {worst:e}");
+    for dtype in [DType::BF16, DType::F16] {
+        let embedder = load_with(dtype, MatmulBackend::Onednn);
+        assert_eq!(embedder.matmul(), format!("{dtype:?} widened to f32"), "{cap}");
+        let worst = worst_golden_cosine(&embedder);
+        eprintln!("{cap}: {dtype:?} widened: worst cosine {worst:.6}");
+    }
 }

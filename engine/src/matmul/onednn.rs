@@ -1,0 +1,266 @@
+//! oneDNN matmuls for the CPU, through the C layer in `csrc/onednn_matmul.c`.
+//!
+//! Two paths, chosen per model at load by what oneDNN offers on this CPU:
+//! - **packed**: the weights are reordered once into oneDNN's preferred layout and multiplied in
+//!   their own dtype (f32 everywhere; bf16 where the CPU has native BF16 (AVX-512 BF16, AMX);
+//!   f16 where it has AVX-512 FP16);
+//! - **widened**: 16-bit weights on a CPU without a native kernel for them (oneDNN 2.6 has no bf16
+//!   matmul at all on AVX2, and one at half its f32 rate on AVX-512 without BF16) stay 16-bit in
+//!   memory and are widened layer by layer into one shared f32 buffer for an f32 matmul.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::{DType, Device, Result, Storage, Tensor, WithDType};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Row count the weights' layout is chosen for: the middle of what passes feed a projection
+/// (one query's ~30 tokens up to `TOKEN_CHUNK_ROWS`-row chunks). oneDNN's packed layouts
+/// depend on the dtype and the weights' shape, not on it, so it serves every other count too.
+const REFERENCE_ROWS: i64 = 256;
+/// Room for the name of the implementation oneDNN picked.
+const IMPL_NAME_BYTES: usize = 128;
+/// Elements widened per task when 16-bit weights are converted to f32.
+const WIDEN_CHUNK: usize = 1 << 16;
+/// `dnnl_unimplemented`: no implementation for this dtype on this CPU.
+const DNNL_UNIMPLEMENTED: c_int = 3;
+
+#[allow(non_camel_case_types)]
+#[repr(C)]
+struct nv_matmul {
+    _private: [u8; 0],
+}
+
+extern "C" {
+    fn nv_onednn_init() -> c_int;
+    fn nv_onednn_set_threads(threads: c_int);
+    fn nv_matmul_create(
+        dtype: c_int,
+        n: i64,
+        k: i64,
+        weight: *const c_void,
+        reference_m: i64,
+        out: *mut *mut nv_matmul,
+        impl_name: *mut c_char,
+        impl_len: usize,
+    ) -> c_int;
+    fn nv_matmul_run(mm: *mut nv_matmul, m: i64, src: *const c_void, dst: *mut c_void) -> c_int;
+    fn nv_matmul_free(mm: *mut nv_matmul);
+    fn nv_matmul_plain_f32(m: i64, n: i64, k: i64, src: *const f32, weight: *const f32, dst: *mut f32) -> c_int;
+}
+
+/// Serialises every oneDNN call (one stream; its OpenMP pool already uses every core) and holds
+/// the f32 buffer the widened path converts one layer's weights into.
+static WIDENED_WEIGHTS: Mutex<Vec<f32>> = Mutex::new(Vec::new());
+/// Threads for oneDNN's OpenMP pool; 0 leaves OpenMP's default (every core, or OMP_NUM_THREADS).
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the threads oneDNN runs on. OpenMP keeps that setting per calling thread, so it is
+/// applied before every call, from whichever thread makes it.
+pub fn set_threads(threads: usize) {
+    THREADS.store(threads, Ordering::Relaxed);
+}
+
+fn lock() -> Result<std::sync::MutexGuard<'static, Vec<f32>>> {
+    static INIT: OnceLock<c_int> = OnceLock::new();
+    // SAFETY: creates the process' oneDNN engine and stream once; no arguments.
+    let status = *INIT.get_or_init(|| unsafe { nv_onednn_init() });
+    check(status, "creating the oneDNN CPU engine")?;
+    let guard = WIDENED_WEIGHTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let threads = THREADS.load(Ordering::Relaxed);
+    if threads > 0 {
+        // SAFETY: omp_set_num_threads has no preconditions.
+        unsafe { nv_onednn_set_threads(threads as c_int) };
+    }
+    Ok(guard)
+}
+
+fn check(status: c_int, what: &str) -> Result<()> {
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(candle_core::Error::Msg(format!("oneDNN failed {what} (dnnl_status_t {status})")))
+    }
+}
+
+fn dtype_id(dtype: DType) -> Result<c_int> {
+    match dtype {
+        DType::F32 => Ok(0),
+        DType::BF16 => Ok(1),
+        DType::F16 => Ok(2),
+        other => Err(candle_core::Error::Msg(format!("no oneDNN matmul for {other:?}"))),
+    }
+}
+
+/// Runs `f` on the elements of a contiguous CPU tensor.
+fn with_elements<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(candle_core::Error::Msg("oneDNN matmuls run on the CPU only".into()));
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Err(candle_core::Error::Msg("oneDNN matmul input is not contiguous".into()));
+    };
+    Ok(f(&cpu.as_slice::<T>()?[start..end]))
+}
+
+/// A (rows, n) tensor whose elements `fill` writes into an uninitialised buffer; `fill` returns
+/// a oneDNN status and must have written every element when it returns 0.
+fn filled<T: WithDType>(rows: usize, n: usize, fill: impl FnOnce(*mut T) -> c_int, what: &str) -> Result<Tensor> {
+    let len = rows * n;
+    let mut out = Vec::<T>::with_capacity(len);
+    check(fill(out.as_mut_ptr()), what)?;
+    // SAFETY: oneDNN wrote all `len` elements of dst (status 0).
+    unsafe { out.set_len(len) };
+    Tensor::from_vec(out, (rows, n), &Device::Cpu)
+}
+
+/// Weights reordered once into oneDNN's layout, multiplied in their own dtype.
+pub struct PackedMatmul {
+    handle: NonNull<nv_matmul>,
+    dtype: DType,
+    n: usize,
+    implementation: String,
+}
+
+// SAFETY: the handle is only used under `lock()`, which serialises every oneDNN call.
+unsafe impl Send for PackedMatmul {}
+unsafe impl Sync for PackedMatmul {}
+
+impl PackedMatmul {
+    /// Packs `weight` ((n, k), a PyTorch Linear's layout), or returns `None` when oneDNN has no
+    /// kernel native to this CPU for its dtype (the caller then widens 16-bit weights).
+    pub fn new(weight: &Tensor) -> Result<Option<Self>> {
+        let (n, k) = weight.dims2()?;
+        let dtype = weight.dtype();
+        let id = dtype_id(dtype)?;
+        let weight = weight.contiguous()?;
+        let _guard = lock()?;
+        let mut handle = std::ptr::null_mut();
+        let mut name = [0 as c_char; IMPL_NAME_BYTES];
+        let mut create = |ptr: *const c_void| {
+            // SAFETY: `ptr` holds n·k elements of `dtype`; `handle` and `name` outlive the call.
+            unsafe {
+                nv_matmul_create(
+                    id,
+                    n as i64,
+                    k as i64,
+                    ptr,
+                    REFERENCE_ROWS,
+                    &mut handle,
+                    name.as_mut_ptr(),
+                    name.len(),
+                )
+            }
+        };
+        let status = match dtype {
+            DType::F32 => with_elements::<f32, _>(&weight, |w| create(w.as_ptr().cast()))?,
+            DType::BF16 => with_elements::<bf16, _>(&weight, |w| create(w.as_ptr().cast()))?,
+            _ => with_elements::<f16, _>(&weight, |w| create(w.as_ptr().cast()))?,
+        };
+        // SAFETY: the C side always writes a NUL-terminated name (possibly empty) into `name`.
+        let implementation = unsafe { CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned();
+        let packed = NonNull::new(handle).map(|handle| Self {
+            handle,
+            dtype,
+            n,
+            implementation,
+        });
+        match packed {
+            Some(packed) if status == 0 && native(dtype, &packed.implementation) => Ok(Some(packed)),
+            // A 16-bit dtype with no primitive on this CPU (bf16 on AVX2) or only an emulated one.
+            _ if dtype != DType::F32 && (status == 0 || status == DNNL_UNIMPLEMENTED) => Ok(None),
+            _ => {
+                check(status, "packing weights")?;
+                Err(candle_core::Error::Msg("oneDNN has only its reference matmul on this CPU".into()))
+            }
+        }
+    }
+
+    /// What oneDNN picked, e.g. `brg:avx512_core_bf16`.
+    pub fn implementation(&self) -> &str {
+        &self.implementation
+    }
+
+    /// `xs` (rows, k) contiguous, in the weights' dtype; returns (rows, n).
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let rows = xs.dim(0)?;
+        let _guard = lock()?;
+        let run = |src: *const c_void, dst: *mut c_void| {
+            // SAFETY: src holds rows·k and dst room for rows·n elements of the weights' dtype.
+            unsafe { nv_matmul_run(self.handle.as_ptr(), rows as i64, src, dst) }
+        };
+        let what = "running a matmul";
+        match self.dtype {
+            DType::F32 => with_elements::<f32, _>(xs, |x| {
+                filled::<f32>(rows, self.n, |d| run(x.as_ptr().cast(), d.cast()), what)
+            })?,
+            DType::BF16 => with_elements::<bf16, _>(xs, |x| {
+                filled::<bf16>(rows, self.n, |d| run(x.as_ptr().cast(), d.cast()), what)
+            })?,
+            _ => with_elements::<f16, _>(xs, |x| {
+                filled::<f16>(rows, self.n, |d| run(x.as_ptr().cast(), d.cast()), what)
+            })?,
+        }
+    }
+}
+
+impl Drop for PackedMatmul {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from nv_matmul_create and is freed once.
+        unsafe { nv_matmul_free(self.handle.as_ptr()) }
+    }
+}
+
+/// Whether `implementation` is a kernel native to this CPU for `dtype`: anything but oneDNN's
+/// reference code for f32; for 16-bit, only kernels built on the CPU's own 16-bit instructions.
+fn native(dtype: DType, implementation: &str) -> bool {
+    if implementation.is_empty() || implementation.starts_with("ref") {
+        return false;
+    }
+    match dtype {
+        DType::F32 => true,
+        DType::BF16 => implementation.contains("bf16") || implementation.contains("amx"),
+        _ => implementation.contains("fp16") || implementation.contains("amx"),
+    }
+}
+
+/// `xs` (rows, k) f32 times 16-bit `weight` (n, k) widened into the shared f32 buffer: returns
+/// (rows, n) f32.
+pub fn widened_forward(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (n, k) = weight.dims2()?;
+    let rows = xs.dim(0)?;
+    let mut buffer = lock()?;
+    if buffer.len() < n * k {
+        buffer.resize(n * k, 0.0);
+    }
+    let widened = &mut buffer[..n * k];
+    match weight.dtype() {
+        DType::BF16 => with_elements::<bf16, _>(weight, |w| widen(w, widened))?,
+        DType::F16 => with_elements::<f16, _>(weight, |w| widen(w, widened))?,
+        other => return Err(candle_core::Error::Msg(format!("{other:?} weights are not widened"))),
+    }
+    let weights = buffer.as_ptr();
+    with_elements::<f32, _>(xs, |x| {
+        filled::<f32>(
+            rows,
+            n,
+            // SAFETY: x holds rows·k f32, `weights` n·k f32 (locked), dst room for rows·n f32.
+            |d| unsafe { nv_matmul_plain_f32(rows as i64, n as i64, k as i64, x.as_ptr(), weights, d) },
+            "running a widened matmul",
+        )
+    })?
+}
+
+fn widen<H: Sync>(src: &[H], dst: &mut [f32])
+where
+    [H]: HalfFloatSliceExt,
+{
+    dst.par_chunks_mut(WIDEN_CHUNK)
+        .zip(src.par_chunks(WIDEN_CHUNK))
+        .for_each(|(d, s)| s.convert_to_f32_slice(d));
+}
