@@ -5,7 +5,8 @@
 //! The checkpoint is generated once (in a child process, so its allocation does not count
 //! towards the measured peak RSS) under `target/nvembed-bench/medium`.
 
-use std::path::{Path, PathBuf};
+mod medium_checkpoint;
+
 use std::process::Command;
 use std::time::Instant;
 
@@ -21,14 +22,6 @@ const REFERENCE_SECONDS: f64 = 21.4;
 const TARGET_SECONDS: f64 = 8.5;
 const TARGET_RSS_RATIO: f64 = 1.15;
 
-fn checkpoint_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/nvembed-bench/medium")
-}
-
-fn fixture_tokenizer() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nvembed-tiny-a/tokenizer.json")
-}
-
 /// A `/proc/self/status` memory line (VmHWM = peak RSS, VmRSS = current), in bytes.
 fn status_bytes(key: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -41,13 +34,12 @@ fn status_bytes(key: &str) -> u64 {
 }
 
 fn main() {
-    let dir = checkpoint_dir();
+    let dir = medium_checkpoint::dir();
     if std::env::args().any(|a| a == "--generate") {
-        Shape::medium().write(&dir).expect("write medium checkpoint");
-        std::fs::copy(fixture_tokenizer(), dir.join("tokenizer.json")).expect("copy tokenizer");
+        medium_checkpoint::generate();
         return;
     }
-    if !dir.join("model.safetensors").is_file() || !dir.join("tokenizer.json").is_file() {
+    if !medium_checkpoint::exists() {
         eprintln!("generating the medium checkpoint in {} ...", dir.display());
         let status = Command::new(std::env::current_exe().expect("exe"))
             .arg("--generate")
@@ -66,13 +58,18 @@ fn main() {
 
     // Long passages cut at exactly TOKENS_PER_PASSAGE tokens; all differ.
     let base = "The harbour town wakes slowly on winter mornings while fishing boats rock against the stone quay and gulls argue over scraps near the lighthouse";
-    let texts: Vec<String> = (0..PASSAGES).map(|i| format!("Passage {i}. {base} {base} {base} {base} {base}")).collect();
+    let texts: Vec<String> = (0..PASSAGES)
+        .map(|i| format!("Passage {i}. {base} {base} {base} {base} {base}"))
+        .collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let options = EmbedOptions {
         max_length: TOKENS_PER_PASSAGE,
         batch_tokens: PASSAGES * TOKENS_PER_PASSAGE,
     };
-    let inputs = embedder.encoder().encode(PASSAGE_INSTRUCTION, &refs, options.max_length).expect("encode");
+    let inputs = embedder
+        .encoder()
+        .encode(PASSAGE_INSTRUCTION, &refs, options.max_length)
+        .expect("encode");
     assert!(inputs.iter().all(|e| e.ids.len() == TOKENS_PER_PASSAGE));
 
     let mut best = f64::INFINITY;

@@ -82,32 +82,41 @@ enum Weights {
 pub struct Linear {
     weights: Weights,
     bias: Option<Tensor>,
+    /// The profile stage its time is charged to.
+    stage: Stage,
 }
 
 impl Linear {
     /// `weight` (out, in) as stored by PyTorch; `bias` (out). The weight tensor is consumed: on
     /// the oneDNN path it is reordered and dropped, so no second copy stays in memory.
     pub fn new(weight: Tensor, bias: Option<Tensor>, backend: MatmulBackend) -> Result<Self> {
-        let weights = match backend {
-            MatmulBackend::Candle => {
-                return Ok(Self {
-                    weights: Weights::Candle(candle_nn::Linear::new(weight, bias)),
-                    bias: None,
-                })
-            }
+        // candle's Linear adds its own bias; the oneDNN paths add it after the matmul.
+        let (weights, bias) = match backend {
+            MatmulBackend::Candle => (Weights::Candle(candle_nn::Linear::new(weight, bias)), None),
             #[cfg(feature = "onednn")]
             MatmulBackend::Onednn => match onednn::PackedMatmul::new(&weight)? {
-                Some(packed) => Weights::Packed(packed),
-                None => Weights::Widened(weight),
+                Some(packed) => (Weights::Packed(packed), bias),
+                None => (Weights::Widened(weight), bias),
             },
             #[cfg(not(feature = "onednn"))]
             MatmulBackend::Onednn => unreachable!("MatmulBackend::parse refuses onednn without the feature"),
         };
-        Ok(Self { weights, bias })
+        Ok(Self {
+            weights,
+            bias,
+            stage: Stage::Projections,
+        })
+    }
+
+    /// Charges this projection's time to `stage` instead of `Projections` (the latent block's
+    /// attention is written as projections onto its constant keys and values).
+    pub fn charged_to(mut self, stage: Stage) -> Self {
+        self.stage = stage;
+        self
     }
 
     /// How this projection runs, for logs and benchmarks: `candle`, the oneDNN implementation
-    /// name, or `widened f32 (…)`.
+    /// name, or `BF16 widened to f32`.
     pub fn describe(&self) -> String {
         match &self.weights {
             Weights::Candle(_) => "candle".into(),
@@ -149,6 +158,6 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> CandleResult<Tensor> {
-        profile::time(Stage::Projections, || self.project(xs))
+        profile::time(self.stage, || self.project(xs))
     }
 }

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Module, Result as CandleResult, Tensor, D};
 
-use super::ops::{blocked_attention, in_token_chunks, LayerNorm};
+use super::ops::{in_token_chunks, LayerNorm};
 use crate::config::Config;
 use crate::error::Result;
 use crate::matmul::{Linear, MatmulBackend};
@@ -18,11 +18,13 @@ struct CrossAttention {
     norm: LayerNorm,
     to_q: Linear,
     to_out: Linear,
-    /// Keys and values of the latent array, (1, heads, latents, head_dim) each, in f32. They do
-    /// not depend on the input, so they are computed once at load time and shared by every row
-    /// of every batch; `to_kv`, `norm_context` and the latents themselves are then not kept.
-    latent_k: Tensor,
-    latent_v: Tensor,
+    /// Per head, the latent array's keys (latents × head_dim) and values (as head_dim × latents),
+    /// in f32, as the weights of two projections: scores = q·Kᵀ, output = softmax(scores)·V.
+    /// They do not depend on the input, so they are computed once at load time, packed once like
+    /// every other weight, and shared by every row of every batch; `to_kv`, `norm_context` and
+    /// the latents themselves are then not kept.
+    latent_keys: Vec<Linear>,
+    latent_values: Vec<Linear>,
     heads: usize,
     head_dim: usize,
 }
@@ -41,19 +43,22 @@ impl CrossAttention {
         let to_kv = candle_nn::Linear::new(w.get(&format!("{p}.fn.to_kv.weight"), &[2 * inner, l.hidden_dim])?, None);
         let latents = w.get(&format!("{PREFIX}.latents"), &[l.num_latents_value, l.latent_dim])?;
         let kv = to_kv.forward(&norm_context.forward(&latents)?)?;
-        let split = |start: usize| -> CandleResult<Tensor> {
-            kv.narrow(D::Minus1, start, inner)?
-                .reshape((1, l.num_latents_value, l.num_cross_heads, l.cross_dim_head))?
-                .transpose(1, 2)?
-                .to_dtype(DType::F32)?
-                .contiguous()
-        };
+        let kv = kv.to_dtype(DType::F32)?;
+        let head = |start: usize, h: usize| kv.narrow(D::Minus1, start + h * l.cross_dim_head, l.cross_dim_head);
+        let mut latent_keys = Vec::with_capacity(l.num_cross_heads);
+        let mut latent_values = Vec::with_capacity(l.num_cross_heads);
+        for h in 0..l.num_cross_heads {
+            let keys = head(0, h)?.contiguous()?;
+            let values = head(inner, h)?.t()?.contiguous()?;
+            latent_keys.push(Linear::new(keys, None, backend)?.charged_to(Stage::LatentBlock));
+            latent_values.push(Linear::new(values, None, backend)?.charged_to(Stage::LatentBlock));
+        }
         Ok(Self {
             norm: LayerNorm::new(f32_param("norm.weight", l.latent_dim)?, f32_param("norm.bias", l.latent_dim)?),
             to_q: Linear::new(w.get(&format!("{p}.fn.to_q.weight"), &[inner, l.latent_dim])?, None, backend)?,
             to_out: Linear::new(w.get(&format!("{p}.fn.to_out.weight"), &[l.latent_dim, inner])?, None, backend)?,
-            latent_k: split(0)?,
-            latent_v: split(inner)?,
+            latent_keys,
+            latent_values,
             heads: l.num_cross_heads,
             head_dim: l.cross_dim_head,
         })
@@ -62,17 +67,20 @@ impl CrossAttention {
     fn forward(&self, xs: &Tensor) -> CandleResult<Tensor> {
         let (b, l, _) = xs.dims3()?;
         let q = self.to_q.forward(&self.norm.forward(xs)?)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let q = profile::time(Stage::Conversions, || {
-            q.reshape((b, l, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .to_dtype(DType::F32)?
-                .contiguous()
+            q.reshape((b * l, self.heads * self.head_dim))?.to_dtype(DType::F32)? * scale
         })?;
-        let attn = profile::time(Stage::LatentBlock, || {
-            blocked_attention(&q, &self.latent_k, &self.latent_v, None, 1.0 / (self.head_dim as f64).sqrt())
-        })?;
+        let mut heads = Vec::with_capacity(self.heads);
+        for (h, (keys, values)) in self.latent_keys.iter().zip(&self.latent_values).enumerate() {
+            let q_h =
+                profile::time(Stage::Conversions, || q.narrow(1, h * self.head_dim, self.head_dim)?.contiguous())?;
+            let scores = keys.forward(&q_h)?;
+            let probs = profile::time(Stage::LatentBlock, || candle_nn::ops::softmax_last_dim(&scores))?;
+            heads.push(values.forward(&probs)?);
+        }
         let attn = profile::time(Stage::Conversions, || {
-            attn.transpose(1, 2)?
+            Tensor::cat(&heads, 1)?
                 .reshape((b, l, self.heads * self.head_dim))?
                 .to_dtype(xs.dtype())
         })?;
@@ -178,7 +186,7 @@ impl LatentAttention {
 
 /// Floating-point operations per token of the latent block: the to_q / to_out projections, the
 /// GEGLU feed-forward, and attention over the latents (scores and weighted sum).
-fn flops_per_token(cfg: &Config) -> usize {
+pub(super) fn flops_per_token(cfg: &Config) -> usize {
     let l = &cfg.latent_attention_config;
     let inner = l.num_cross_heads * l.cross_dim_head;
     let ff = l.latent_dim * FEED_FORWARD_MULT;

@@ -80,6 +80,23 @@ impl Pass {
     }
 }
 
+/// Floating-point operations a forward pass over rows of these unpadded `lengths` needs: every
+/// projection, the decoder's attention (4·L² per head dimension per layer), and the latent block
+/// per token; not the latent keys/values, computed once at load. What efficiency is measured by.
+pub fn useful_flops(config: &Config, lengths: &[usize]) -> f64 {
+    let t = &config.text_config;
+    let per_token = (t.num_hidden_layers * mistral::layer_flops_per_token(config)
+        + latent_attention::flops_per_token(config)) as f64;
+    let attention_width = (t.num_attention_heads * config.head_dim()) as f64;
+    lengths
+        .iter()
+        .map(|&l| {
+            let l = l as f64;
+            l * per_token + t.num_hidden_layers as f64 * 4.0 * l * l * attention_width
+        })
+        .sum()
+}
+
 impl Model {
     pub fn load(weights: &Weights, config: &Config, backend: MatmulBackend) -> Result<Self> {
         let latent_attention = latent_attention::LatentAttention::load(weights, config, backend)?;

@@ -1,0 +1,278 @@
+//! Compute benchmark on the medium checkpoint: how fast each dtype and matmul backend runs a
+//! 16 × 128-token passage batch and a single 30-token query, how that compares with oneDNN's own
+//! GEMM rate at the same row count (efficiency = useful FLOPs ÷ time ÷ GEMM rate), where the time
+//! goes per stage, and peak RSS over the weights' bytes in that dtype. CPUs without native BF16
+//! are simulated with `DNNL_MAX_CPU_ISA`. Every configuration runs in its own process (its own
+//! RSS, its own oneDNN ISA), on 2 threads, load excluded.
+//!
+//! `cargo bench -p nvembed-engine --bench compute` (part of `make bench`).
+
+mod medium_checkpoint;
+
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::{Module, Tensor};
+use nvembed_engine::matmul::Linear;
+use nvembed_engine::nvembed_v2::useful_flops;
+use nvembed_engine::profile::{self, STAGES};
+use nvembed_engine::random_checkpoint::Shape;
+use nvembed_engine::{
+    parse_dtype, set_compute_threads, DType, Device, EmbedOptions, Embedder, MatmulBackend, ModelSource,
+    PASSAGE_INSTRUCTION, QUERY_INSTRUCTION,
+};
+use serde_json::{json, Value};
+
+const THREADS: usize = 2;
+const PASSAGES: usize = 16;
+const PASSAGE_TOKENS: usize = 128;
+const QUERY_TOKENS: usize = 30;
+const BATCH_RUNS: usize = 3;
+const QUERY_RUNS: usize = 5;
+const GEMM_RUNS: usize = 3;
+/// (dtype, backend, DNNL_MAX_CPU_ISA) of every configuration measured.
+const CONFIGS: [(&str, &str, Option<&str>); 8] = [
+    ("f32", "onednn", None),
+    ("bf16", "onednn", None),
+    ("f32", "candle", None),
+    ("bf16", "candle", None),
+    ("f32", "onednn", Some("AVX512_CORE")),
+    ("bf16", "onednn", Some("AVX512_CORE")),
+    ("f32", "onednn", Some("AVX2")),
+    ("bf16", "onednn", Some("AVX2")),
+];
+/// The original PyTorch code (transformers 4.42.4, oneDNN) on the medium checkpoint, 2 threads,
+/// load excluded, measured 2026-11-27 on a 2-core AMD EPYC Zen 4 (issue 11): not in this run,
+/// so the ratios are only indicative on another CPU. Seconds: (batch, query) per dtype.
+const REFERENCE_F32: (f64, f64) = (8.52, 0.366);
+const REFERENCE_BF16: (f64, f64) = (3.22, 0.122);
+const TARGET_EFFICIENCY: f64 = 0.70;
+
+fn status_bytes(key: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn best_of(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Seconds per stage of one run of `f`, with the run's wall time.
+fn profiled(f: impl FnOnce()) -> Value {
+    profile::reset();
+    profile::enable(true);
+    let start = Instant::now();
+    f();
+    let total = start.elapsed().as_secs_f64();
+    profile::enable(false);
+    let mut stages = serde_json::Map::new();
+    for (stage, seconds) in profile::seconds() {
+        stages.insert(stage.name().into(), json!(seconds));
+    }
+    json!({"total": total, "stages": stages})
+}
+
+/// oneDNN's GEMM rate (GFLOP/s) in `dtype` at `rows` rows over the decoder's four projection
+/// shapes, FLOP-weighted as a layer runs them: the rate a pass's projections could reach.
+fn gemm_rate(shape: &Shape, dtype: DType, rows: usize) -> f64 {
+    let h = shape.hidden_size;
+    let hd = h / shape.num_attention_heads;
+    let qkv = (shape.num_attention_heads + 2 * shape.num_key_value_heads) * hd;
+    let shapes = [
+        (qkv, h),
+        (h, shape.num_attention_heads * hd),
+        (2 * shape.intermediate_size, h),
+        (h, shape.intermediate_size),
+    ];
+    let (mut flops, mut seconds) = (0.0, 0.0);
+    for (n, k) in shapes {
+        let weight = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu)
+            .and_then(|w| w.to_dtype(dtype))
+            .expect("weight");
+        let linear = Linear::new(weight, None, MatmulBackend::Onednn).expect("oneDNN linear");
+        let xs = Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu)
+            .and_then(|x| x.to_dtype(dtype))
+            .expect("input");
+        seconds += best_of(GEMM_RUNS, || {
+            linear.forward(&xs).expect("gemm");
+        });
+        flops += 2.0 * (rows * n * k) as f64;
+    }
+    flops / seconds / 1e9
+}
+
+/// One configuration, in this process: prints one JSON line.
+fn child(dtype_name: &str, backend_name: &str) {
+    set_compute_threads(THREADS).expect("threads");
+    let dtype = parse_dtype(dtype_name).expect("dtype");
+    let backend = MatmulBackend::parse(backend_name, &Device::Cpu).expect("backend");
+    let files = ModelSource::Dir(medium_checkpoint::dir()).resolve().expect("resolve");
+    let embedder = Embedder::load_with(&files, dtype, &Device::Cpu, backend).expect("load");
+    let shape = Shape::medium();
+    let weight_bytes = (shape.parameter_count() * dtype.size_in_bytes()) as f64;
+    let rss_after_load = status_bytes("VmRSS:") as f64 / weight_bytes;
+
+    let base = "The harbour town wakes slowly on winter mornings while fishing boats rock against the stone quay and gulls argue over scraps near the lighthouse";
+    let passages: Vec<String> = (0..PASSAGES)
+        .map(|i| format!("Passage {i}. {base} {base} {base} {base}"))
+        .collect();
+    let passages: Vec<&str> = passages.iter().map(String::as_str).collect();
+    let query = format!("which harbour town wakes slowly? {base}");
+    let batch = EmbedOptions {
+        max_length: PASSAGE_TOKENS,
+        batch_tokens: PASSAGES * PASSAGE_TOKENS,
+    };
+    let single = EmbedOptions {
+        max_length: QUERY_TOKENS,
+        batch_tokens: QUERY_TOKENS,
+    };
+    let encoder = embedder.encoder();
+    let lengths = |instruction: &str, texts: &[&str], max: usize| -> Vec<usize> {
+        encoder
+            .encode(instruction, texts, max)
+            .expect("encode")
+            .iter()
+            .map(|e| e.ids.len())
+            .collect()
+    };
+    let batch_lengths = lengths(PASSAGE_INSTRUCTION, &passages, PASSAGE_TOKENS);
+    let query_lengths = lengths(QUERY_INSTRUCTION, &[query.as_str()], QUERY_TOKENS);
+    assert_eq!((batch_lengths[0], query_lengths[0]), (PASSAGE_TOKENS, QUERY_TOKENS));
+
+    let run_batch = || {
+        embedder.embed(PASSAGE_INSTRUCTION, &passages, &batch).expect("batch");
+    };
+    let run_query = || {
+        embedder
+            .embed(QUERY_INSTRUCTION, &[query.as_str()], &single)
+            .expect("query");
+    };
+    let batch_seconds = best_of(BATCH_RUNS, run_batch);
+    let query_seconds = best_of(QUERY_RUNS, run_query);
+    let batch_profile = profiled(run_batch);
+    let query_profile = profiled(run_query);
+    let config = embedder.config().clone();
+    let line = json!({
+        "matmul": embedder.matmul(),
+        "batch_seconds": batch_seconds,
+        "query_seconds": query_seconds,
+        "batch_flops": useful_flops(&config, &batch_lengths),
+        "query_flops": useful_flops(&config, &query_lengths),
+        "gemm_batch": gemm_rate(&shape, dtype, PASSAGES * PASSAGE_TOKENS),
+        "gemm_query": gemm_rate(&shape, dtype, QUERY_TOKENS),
+        "rss_after_load": rss_after_load,
+        "peak_rss": status_bytes("VmHWM:") as f64 / weight_bytes,
+        "batch_profile": batch_profile,
+        "query_profile": query_profile,
+    });
+    println!("{line}");
+}
+
+fn cpu() -> String {
+    let out = Command::new("lscpu")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let field = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map_or("", |(_, v)| v.trim())
+            .to_string()
+    };
+    let flags: Vec<String> = field("Flags:")
+        .split_whitespace()
+        .filter(|f| f.starts_with("avx") || f.starts_with("amx") || *f == "f16c" || *f == "fma")
+        .map(str::to_string)
+        .collect();
+    format!("{} ({} CPUs); flags: {}", field("Model name:"), field("CPU(s):"), flags.join(" "))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        child(&args[i + 1], &args[i + 2]);
+        return;
+    }
+    if !medium_checkpoint::exists() {
+        eprintln!("generating the medium checkpoint in {} ...", medium_checkpoint::dir().display());
+        medium_checkpoint::generate();
+    }
+    println!("CPU: {}", cpu());
+    println!();
+    println!("| dtype | matmul (oneDNN ISA cap) | 16×128 batch | vs reference | efficiency (GEMM rate) | 30-token query | vs reference | efficiency (GEMM rate) | peak RSS ÷ weights |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut profiles = Vec::new();
+    for (dtype, backend, isa) in CONFIGS {
+        let mut command = Command::new(std::env::current_exe().expect("exe"));
+        command
+            .args(["--child", dtype, backend])
+            .env("OMP_NUM_THREADS", THREADS.to_string());
+        if let Some(isa) = isa {
+            command.env("DNNL_MAX_CPU_ISA", isa);
+        }
+        let output = command.output().expect("spawn configuration");
+        let line = String::from_utf8_lossy(&output.stdout);
+        let Ok(r) = serde_json::from_str::<Value>(line.trim()) else {
+            println!("| {dtype} | {backend} {isa:?} | failed: {} |", String::from_utf8_lossy(&output.stderr).trim());
+            continue;
+        };
+        let f = |key: &str| r[key].as_f64().unwrap_or(f64::NAN);
+        let reference = if dtype == "f32" { REFERENCE_F32 } else { REFERENCE_BF16 };
+        let efficiency = |flops: f64, seconds: f64, gemm: f64| {
+            let e = flops / seconds / 1e9 / gemm;
+            let mark = if backend == "onednn" && isa.is_none() && e < TARGET_EFFICIENCY {
+                " (below 70%)"
+            } else {
+                ""
+            };
+            format!("{:.0}% ({gemm:.0} GFLOP/s){mark}", 100.0 * e)
+        };
+        let setup = format!(
+            "{} {}",
+            r["matmul"].as_str().unwrap_or(backend),
+            isa.map_or(String::new(), |i| format!("(cap {i})"))
+        );
+        println!(
+            "| {dtype} | {setup} | {:.2} s | {:.2}× | {} | {:.0} ms | {:.2}× | {} | {:.3} |",
+            f("batch_seconds"),
+            f("batch_seconds") / reference.0,
+            efficiency(f("batch_flops"), f("batch_seconds"), f("gemm_batch")),
+            1e3 * f("query_seconds"),
+            f("query_seconds") / reference.1,
+            efficiency(f("query_flops"), f("query_seconds"), f("gemm_query")),
+            f("peak_rss"),
+        );
+        profiles.push((format!("{dtype} {setup}"), r));
+    }
+    println!();
+    println!("Time per stage, % of one profiled run (the rest: embedding lookup, layout copies, batching):");
+    println!();
+    let names: Vec<&str> = STAGES.iter().map(|s| s.name()).collect();
+    println!("| configuration | workload | {} | rest |", names.join(" | "));
+    println!("|---|---|{}---|", "---|".repeat(names.len()));
+    for (setup, r) in &profiles {
+        for (workload, key) in [("16×128 batch", "batch_profile"), ("30-token query", "query_profile")] {
+            let total = r[key]["total"].as_f64().unwrap_or(f64::NAN);
+            let shares: Vec<f64> = names
+                .iter()
+                .map(|n| r[key]["stages"][n].as_f64().unwrap_or(0.0) / total)
+                .collect();
+            let rest = 1.0 - shares.iter().sum::<f64>();
+            let cells: Vec<String> = shares.iter().map(|s| format!("{:.0}%", 100.0 * s)).collect();
+            println!("| {setup} | {workload} | {} | {:.0}% |", cells.join(" | "), 100.0 * rest);
+        }
+    }
+}
