@@ -10,7 +10,7 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
 
 use nvembed_protocol::{
-    DEFAULT_BATCH_TOKENS, DEFAULT_MAX_REQUEST_TOKENS, DEVICE_NAMES, DTYPE_NAMES, MAX_LENGTH, QUERY_INSTRUCTION_C,
+    DEFAULT_BATCH_TOKENS, DEFAULT_DTYPE_C, DEFAULT_MAX_REQUEST_TOKENS, DEVICE_NAMES, DTYPE_NAMES, MAX_LENGTH, QUERY_INSTRUCTION_C,
 };
 
 /// Rows a vectorizer worker embeds per model call (and per transaction that writes them).
@@ -19,7 +19,7 @@ const DEFAULT_VECTORIZER_BATCH_ROWS: i32 = 64;
 const DEFAULT_VECTORIZER_MAX_ATTEMPTS: i32 = 5;
 
 pub static MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"nvidia/NV-Embed-v2"));
-pub static DTYPE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"f32"));
+pub static DTYPE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(DEFAULT_DTYPE_C));
 pub static DEVICE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"cpu"));
 pub static PRELOAD: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
@@ -85,8 +85,8 @@ pub fn register() {
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
             c"nvembed.dtype",
-            c"Precision of the model weights: f32, f16 or bf16.",
-            c"bf16 halves memory (about 15 GB for NV-Embed-v2) at a small accuracy cost. A reload restarts the model server.",
+            c"Precision of the model weights: auto (the checkpoint's own), f32, f16 or bf16.",
+            c"NV-Embed-v2 is stored in 16 bits: auto loads it in about 15 GB; f32 needs about 29 GB. On CPUs with AVX-512 BF16 or AMX, bf16 is the fastest. A reload restarts the model server.",
             &DTYPE,
             GucContext::Sighup,
             GucFlags::empty(),

@@ -63,6 +63,8 @@ pub mod pg_test {
             "shared_preload_libraries = 'nvembed'",
             model,
             "nvembed.vectorizer_databases = 'pgrx_tests'",
+            // The goldens are f32 results.
+            "nvembed.dtype = 'f32'",
         ]
     }
 }

@@ -382,7 +382,7 @@ pub(crate) mod tests {
         }
         // postgresql.conf values are checked when they are set, and the error lists the valid ones.
         Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
-        for (setting, valid) in [("nvembed.dtype = 'f64'", "f32, f16, bf16"), ("nvembed.device = 'tpu'", "cpu, cuda")] {
+        for (setting, valid) in [("nvembed.dtype = 'f64'", "auto, f32, f16, bf16"), ("nvembed.device = 'tpu'", "cpu, cuda")] {
             let statement = format!("ALTER SYSTEM SET {setting}");
             Spi::run(&format!(
                 "DO $t$ DECLARE d text; BEGIN

@@ -12,8 +12,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nvembed_engine::{
-    parse_dtype, Device, EmbedOptions, Embedder, ModelFiles, ModelSource, DEFAULT_BATCH_TOKENS, DEFAULT_HUB_MODEL,
-    DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION,
+    choose_dtype, Device, EmbedOptions, Embedder, ModelFiles, ModelSource, DEFAULT_BATCH_TOKENS, DEFAULT_HUB_MODEL,
+    DEFAULT_DTYPE, DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION,
 };
 
 #[derive(Parser)]
@@ -36,7 +36,8 @@ struct Args {
     /// config.json (default: beside the first model file).
     #[arg(long)]
     config: Option<PathBuf>,
-    #[arg(long, default_value = "f32")]
+    /// `auto` (the checkpoint's own), `f32`, `f16` or `bf16`.
+    #[arg(long, default_value = DEFAULT_DTYPE)]
     dtype: String,
     #[arg(long, default_value_t = DEFAULT_MAX_LENGTH)]
     max_length: usize,
@@ -78,7 +79,7 @@ fn model_files(args: &Args) -> Result<ModelFiles, String> {
 
 fn run(args: Args) -> Result<(), String> {
     let files = model_files(&args)?;
-    let dtype = parse_dtype(&args.dtype).map_err(|e| e.to_string())?;
+    let dtype = choose_dtype(&args.dtype, &files).map_err(|e| e.to_string())?;
     let embedder = Embedder::load(&files, dtype, &Device::Cpu).map_err(|e| e.to_string())?;
     let options = EmbedOptions {
         max_length: args.max_length,

@@ -16,7 +16,7 @@ use crate::nvembed_v2::{Model, Pass};
 use crate::source::ModelFiles;
 use crate::weights::Weights;
 
-pub use nvembed_protocol::DEFAULT_BATCH_TOKENS;
+pub use nvembed_protocol::{DEFAULT_BATCH_TOKENS, DEFAULT_DTYPE};
 
 #[derive(Debug, Clone, Copy)]
 pub struct EmbedOptions {
@@ -35,9 +35,9 @@ impl Default for EmbedOptions {
     }
 }
 
-/// Parses `f32`, `f16` or `bf16`.
+/// Parses an explicit dtype: `f32`, `f16` or `bf16` (or PyTorch's `float32`, `float16`, `bfloat16`).
 pub fn parse_dtype(name: &str) -> Result<DType> {
-    let [f32_name, f16_name, bf16_name] = nvembed_protocol::DTYPE_NAMES;
+    let [_, f32_name, f16_name, bf16_name] = nvembed_protocol::DTYPE_NAMES;
     match name.to_ascii_lowercase().as_str() {
         n if n == f32_name || n == "float32" => Ok(DType::F32),
         n if n == f16_name || n == "float16" => Ok(DType::F16),
@@ -46,6 +46,26 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
             "unsupported dtype {other:?} (expected one of {})",
             nvembed_protocol::DTYPE_NAMES.join(", ")
         ))),
+    }
+}
+
+/// The dtype to load `files` in: `auto` is the checkpoint's own (its config's `torch_dtype`,
+/// else the first weight's stored dtype), anything else as `parse_dtype` reads it.
+pub fn choose_dtype(name: &str, files: &ModelFiles) -> Result<DType> {
+    if name.eq_ignore_ascii_case(nvembed_protocol::DEFAULT_DTYPE) {
+        crate::weights::stored_dtype(files)
+    } else {
+        parse_dtype(name)
+    }
+}
+
+/// The name `parse_dtype` reads for `dtype`.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    let [_, f32_name, f16_name, bf16_name] = nvembed_protocol::DTYPE_NAMES;
+    match dtype {
+        DType::F16 => f16_name,
+        DType::BF16 => bf16_name,
+        _ => f32_name,
     }
 }
 

@@ -22,8 +22,8 @@ pub mod weights;
 pub use candle_core::{DType, Device};
 pub use config::Config;
 pub use embedder::{
-    ensure_finite, parse_dtype, set_compute_threads, EmbedOptions, EmbedPass, EmbedStats, Embedder,
-    DEFAULT_BATCH_TOKENS,
+    choose_dtype, dtype_name, ensure_finite, parse_dtype, set_compute_threads, EmbedOptions, EmbedPass, EmbedStats, Embedder,
+    DEFAULT_BATCH_TOKENS, DEFAULT_DTYPE,
 };
 pub use encoding::{
     task_instruction, EncodedInput, InputEncoder, DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION,

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
 
+use crate::embedder::parse_dtype;
 use crate::error::{Error, Result};
+use crate::source::ModelFiles;
 
 pub struct Weights {
     tensors: MmapedSafetensors,
@@ -97,4 +99,32 @@ fn release_pages(bytes: &[u8]) {
             libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
         }
     }
+}
+
+/// The dtype a checkpoint is meant to run in, as `torch_dtype="auto"` reads it: the config's
+/// `torch_dtype` when it names a float type, else the first floating-point weight's stored dtype.
+pub fn stored_dtype(files: &ModelFiles) -> Result<DType> {
+    let config_error = |reason: String| Error::Config {
+        path: files.config.clone(),
+        reason,
+    };
+    let text = std::fs::read_to_string(&files.config).map_err(|e| config_error(e.to_string()))?;
+    let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| config_error(e.to_string()))?;
+    if let Some(dtype) = config["torch_dtype"].as_str().and_then(|name| parse_dtype(name).ok()) {
+        return Ok(dtype);
+    }
+    for file in &files.weights {
+        // SAFETY: read-only mapping of a checkpoint file, only its header is read.
+        let tensors = unsafe { MmapedSafetensors::new(file) }.map_err(|e| Error::Safetensors {
+            path: file.clone(),
+            reason: e.to_string(),
+        })?;
+        let stored = tensors.tensors().into_iter().find_map(|(_, view)| {
+            DType::try_from(view.dtype()).ok().filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16))
+        });
+        if let Some(dtype) = stored {
+            return Ok(dtype);
+        }
+    }
+    Err(config_error("no torch_dtype and no floating-point weights to take the dtype from".into()))
 }

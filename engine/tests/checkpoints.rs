@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use nvembed_engine::random_checkpoint::Shape;
 use nvembed_engine::{
-    parse_dtype, Config, DType, Device, EmbedOptions, Embedder, Error, ModelSource, PASSAGE_INSTRUCTION,
+    choose_dtype, parse_dtype, Config, DType, Device, EmbedOptions, Embedder, Error, ModelSource, PASSAGE_INSTRUCTION,
     QUERY_INSTRUCTION,
 };
 
@@ -130,6 +130,20 @@ fn weights_stored_in_half_precision_load_into_any_dtype() {
             .unwrap();
         assert!(cosine(&got[0], &want[0]) > 0.99, "{dtype:?}");
     }
+    // `auto` is the config's torch_dtype (float32 here), else the stored one, as transformers
+    // reads torch_dtype="auto".
+    let files = ModelSource::Dir(dir.path().to_path_buf()).resolve().unwrap();
+    assert_eq!(choose_dtype("auto", &files).unwrap(), DType::F32);
+    assert_eq!(choose_dtype("f16", &files).unwrap(), DType::F16);
+    let config_path = dir.path().join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["torch_dtype"] = "float16".into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    assert_eq!(choose_dtype("AUTO", &files).unwrap(), DType::F16);
+    config.as_object_mut().unwrap().remove("torch_dtype");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    assert_eq!(choose_dtype("auto", &files).unwrap(), DType::BF16);
+    assert!(choose_dtype("f64", &files).unwrap_err().to_string().contains("auto, f32, f16, bf16"));
 }
 
 #[test]

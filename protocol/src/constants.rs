@@ -37,7 +37,14 @@ pub const DEFAULT_MAX_REQUEST_TOKENS: usize = 1 << 18;
 /// Default padded-token budget of one forward pass (`nvembed.max_batch_tokens`).
 pub const DEFAULT_BATCH_TOKENS: usize = 16_384;
 
-/// Names of the weight dtypes the engine runs (`nvembed.dtype`, `--dtype`).
-pub const DTYPE_NAMES: [&str; 3] = ["f32", "f16", "bf16"];
+/// Names of the weight dtypes the engine runs (`nvembed.dtype`, `--dtype`): `auto` is the
+/// checkpoint's own (what `torch_dtype="auto"` loads: 16-bit for NV-Embed-v2), then explicit ones.
+pub const DTYPE_NAMES: [&str; 4] = [DEFAULT_DTYPE, "f32", "f16", "bf16"];
+/// Default of `nvembed.dtype` and `--dtype`.
+pub const DEFAULT_DTYPE_C: &CStr = c"auto";
+pub const DEFAULT_DTYPE: &str = match DEFAULT_DTYPE_C.to_str() {
+    Ok(s) => s,
+    Err(_) => panic!("the default dtype is UTF-8"),
+};
 /// Names of the compute devices (`nvembed.device`).
 pub const DEVICE_NAMES: [&str; 2] = ["cpu", "cuda"];

@@ -18,6 +18,8 @@ use nvembed_protocol::{
     read_frame, vectors_per_chunk, ClientMessage, EmbedHeader, ErrorKind, ServerMessage, Status, BUILD_ID,
 };
 
+use nvembed_engine::dtype_name;
+
 use crate::admission::admit;
 use crate::model::ModelSlot;
 use crate::scheduler::{Event, Scheduler};
@@ -41,7 +43,8 @@ impl Server {
         Status {
             loaded: loaded.is_some(),
             model: settings.model.clone(),
-            dtype: settings.dtype.clone(),
+            // What `auto` chose, once the model is loaded.
+            dtype: loaded.as_ref().map_or_else(|| settings.dtype.clone(), |m| dtype_name(m.dtype()).to_string()),
             device: settings.device.clone(),
             dimension: loaded.as_ref().map(|m| m.embedding_dim()),
             load_seconds: loaded.as_ref().map(|m| m.load_seconds()),

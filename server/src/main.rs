@@ -25,7 +25,7 @@ struct Args {
     /// Model directory or Hugging Face hub id (`org/name` or `org/name@revision`).
     #[arg(long)]
     model: String,
-    #[arg(long, default_value = "f32")]
+    #[arg(long, default_value = nvembed_protocol::DEFAULT_DTYPE)]
     dtype: String,
     #[arg(long, default_value = "cpu")]
     device: String,

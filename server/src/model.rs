@@ -5,7 +5,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use nvembed_engine::{parse_dtype, Device, Embedder, Error, ModelSource};
+use nvembed_engine::{choose_dtype, Device, Embedder, Error, ModelSource};
 
 /// What the server was started to serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +51,7 @@ fn device(name: &str) -> nvembed_engine::Result<Device> {
 
 fn load(settings: &ModelSettings) -> nvembed_engine::Result<Embedder> {
     let files = ModelSource::parse(&settings.model)?.resolve()?;
-    Embedder::load(&files, parse_dtype(&settings.dtype)?, &device(&settings.device)?)
+    Embedder::load(&files, choose_dtype(&settings.dtype, &files)?, &device(&settings.device)?)
 }
 
 impl ModelSlot {

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use clap::{ArgGroup, Parser, Subcommand};
 use nvembed_engine::{
-    parse_dtype, task_instruction, Device, EmbedOptions, Embedder, ModelSource, DEFAULT_BATCH_TOKENS,
-    DEFAULT_HUB_MODEL, DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION,
+    choose_dtype, task_instruction, Device, EmbedOptions, Embedder, ModelSource, DEFAULT_BATCH_TOKENS,
+    DEFAULT_DTYPE, DEFAULT_HUB_MODEL, DEFAULT_MAX_LENGTH, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION,
 };
 
 /// Texts embedded between two writes to stdout: output streams out while a long run goes on.
@@ -42,7 +42,8 @@ enum Command {
         task: Option<String>,
         #[arg(long, default_value_t = DEFAULT_MAX_LENGTH)]
         max_length: usize,
-        #[arg(long, default_value = "f32")]
+        /// `auto` (the checkpoint's own), `f32`, `f16` or `bf16`.
+        #[arg(long, default_value = DEFAULT_DTYPE)]
         dtype: String,
         /// Padded tokens per forward pass.
         #[arg(long, default_value_t = DEFAULT_BATCH_TOKENS)]
@@ -108,9 +109,9 @@ fn run(cli: Cli) -> Result<(), String> {
 }
 
 fn embed(model: &str, instruction: &str, dtype: &str, options: EmbedOptions) -> Result<(), String> {
-    let dtype = parse_dtype(dtype).map_err(|e| e.to_string())?;
     let texts = read_texts(std::io::stdin().lock())?;
     let files = ModelSource::parse(model).and_then(|source| source.resolve()).map_err(|e| e.to_string())?;
+    let dtype = choose_dtype(dtype, &files).map_err(|e| e.to_string())?;
     let embedder = Embedder::load(&files, dtype, &Device::Cpu).map_err(|e| e.to_string())?;
 
     let show_progress = std::io::stderr().is_terminal();
