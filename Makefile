@@ -9,7 +9,7 @@ TEST_ROOT ?= /tmp/nvembed-test
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUNAS := $(shell [ "$$(id -u)" = 0 ] && echo "--runas postgres --pgdata $(TEST_ROOT)/pgdata")
 
-.PHONY: setup test engine-test extension-test system-test install server demo bench
+.PHONY: setup test engine-test extension-test system-test install server demo bench cuda-check
 
 setup:
 	bash scripts/setup.sh "$(PG_CONFIG)" "$(PGRX_VERSION)" "$(PGVECTOR_VERSION)"
@@ -42,3 +42,7 @@ demo: setup server
 
 bench: setup server
 	bash scripts/bench.sh
+
+# The GPU build compiles (no GPU needed; downloads NVIDIA's CUDA wheels once). Not part of `test`.
+cuda-check:
+	bash scripts/cuda-check.sh

@@ -3,14 +3,11 @@
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/onednn_matmul.c");
-    if std::env::var_os("CARGO_FEATURE_ONEDNN").is_none() {
-        return;
+    #[cfg(feature = "onednn")]
+    {
+        cc::Build::new().file("csrc/onednn_matmul.c").warnings(true).compile("nvembed_onednn");
+        println!("cargo:rustc-link-lib=dylib=dnnl");
+        // oneDNN's Debian build threads with OpenMP; the thread count is set through libgomp.
+        println!("cargo:rustc-link-lib=dylib=gomp");
     }
-    cc::Build::new()
-        .file("csrc/onednn_matmul.c")
-        .warnings(true)
-        .compile("nvembed_onednn");
-    println!("cargo:rustc-link-lib=dylib=dnnl");
-    // oneDNN's Debian build threads with OpenMP; the thread count is set through libgomp.
-    println!("cargo:rustc-link-lib=dylib=gomp");
 }

@@ -22,6 +22,9 @@ server_rss() {
 # 1. Engine (also generates the medium checkpoint once).
 while IFS= read -r line; do TABLE+=("$line"); echo "$line" >&2; done < <(
   cargo bench -q -p nvembed-engine --bench medium 2>/dev/null | grep -E '^\| (embed|peak|RSS|load)' | sed 's/^| /| engine: /')
+# 1b. Compute: dtypes × matmul backends × oneDNN ISA caps, efficiency and stages (its own tables).
+COMPUTE=$(cargo bench -q -p nvembed-engine --bench compute 2>/dev/null)
+echo "$COMPUTE" >&2
 install_nvembed
 PARAMS=$(python3 - "$MEDIUM/model.safetensors" <<'PY'
 import json, struct, sys
@@ -195,5 +198,9 @@ out="bench/results-$(date +%F).md"
   echo "| workload | measured | target |"
   echo "|---|---|---|"
   printf '%s\n' "${TABLE[@]}"
+  echo
+  echo "## Compute (\`cargo bench -p nvembed-engine --bench compute\`)"
+  echo
+  echo "$COMPUTE"
 } > "$out"
 cat "$out"

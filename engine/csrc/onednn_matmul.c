@@ -13,6 +13,11 @@
 
 /* Element types, as numbered by the Rust side. */
 enum { NV_F32 = 0, NV_BF16 = 1, NV_F16 = 2 };
+/* Fused after the product and its bias (oneDNN post-ops, computed on the f32 accumulator before
+ * the result is rounded to the dtype): an activation, then a product with or a sum with a second
+ * (m × n) operand given per call. */
+enum { NV_NO_ACTIVATION = 0, NV_SILU = 1, NV_GELU_ERF = 2 };
+enum { NV_NO_OPERAND = 0, NV_MUL = 1, NV_ADD = 2 };
 
 static dnnl_engine_t engine;
 static dnnl_stream_t stream;
@@ -23,6 +28,9 @@ struct nv_matmul {
     /* The weights, reordered once into the layout oneDNN chose for them. */
     dnnl_memory_desc_t weights_md;
     dnnl_memory_t weights;
+    /* f32 bias (1 × n), or NULL. */
+    dnnl_memory_t bias;
+    int activation, operand;
     /* The primitive for the last row count: a pass feeds every layer the same count. */
     int64_t cached_m;
     dnnl_primitive_t cached;
@@ -51,35 +59,83 @@ int nv_onednn_init(void) {
 
 void nv_onednn_set_threads(int threads) { omp_set_num_threads(threads); }
 
-/* A matmul primitive descriptor for (m × k) · weights → (m × n), row-major src and dst. */
+/* Post-ops for an activation and a second operand (see the enums above). */
+static dnnl_status_t post_ops_attr(dnnl_primitive_attr_t *attr, dnnl_data_type_t dt, int64_t m, int64_t n,
+                                   int activation, int operand) {
+    dnnl_post_ops_t ops = NULL;
+    dnnl_status_t s;
+    *attr = NULL;
+    if (activation == NV_NO_ACTIVATION && operand == NV_NO_OPERAND) return dnnl_success;
+    if ((s = dnnl_primitive_attr_create(attr)) != dnnl_success) return s;
+    if ((s = dnnl_post_ops_create(&ops)) != dnnl_success) goto out;
+    if (activation != NV_NO_ACTIVATION) {
+        /* SiLU is oneDNN's swish with alpha 1: x·sigmoid(x). */
+        dnnl_alg_kind_t alg = activation == NV_SILU ? dnnl_eltwise_swish : dnnl_eltwise_gelu_erf;
+        if ((s = dnnl_post_ops_append_eltwise(ops, 1.0f, alg, 1.0f, 0.0f)) != dnnl_success) goto out;
+    }
+    if (operand != NV_NO_OPERAND) {
+        dnnl_memory_desc_t operand_md;
+        if ((s = plain_md(&operand_md, m, n, dt, dnnl_ab)) != dnnl_success) goto out;
+        if ((s = dnnl_post_ops_append_binary(ops, operand == NV_MUL ? dnnl_binary_mul : dnnl_binary_add, &operand_md))
+            != dnnl_success)
+            goto out;
+    }
+    s = dnnl_primitive_attr_set_post_ops(*attr, ops);
+out:
+    if (ops) dnnl_post_ops_destroy(ops);
+    if (s != dnnl_success && *attr) {
+        dnnl_primitive_attr_destroy(*attr);
+        *attr = NULL;
+    }
+    return s;
+}
+
+/* A matmul primitive descriptor for (m × k) · weights (+ bias) → (m × n), row-major src and dst. */
 static dnnl_status_t matmul_pd(dnnl_primitive_desc_t *pd, dnnl_data_type_t dt, int64_t m, int64_t n, int64_t k,
-                               const dnnl_memory_desc_t *weights_md) {
-    dnnl_memory_desc_t src, dst;
+                               const dnnl_memory_desc_t *weights_md, int has_bias, int activation, int operand) {
+    dnnl_memory_desc_t src, dst, bias;
     dnnl_matmul_desc_t desc;
+    dnnl_primitive_attr_t attr;
     dnnl_status_t s;
     if ((s = plain_md(&src, m, k, dt, dnnl_ab)) != dnnl_success) return s;
     if ((s = plain_md(&dst, m, n, dt, dnnl_ab)) != dnnl_success) return s;
-    if ((s = dnnl_matmul_desc_init(&desc, &src, weights_md, NULL, &dst)) != dnnl_success) return s;
-    return dnnl_primitive_desc_create(pd, &desc, NULL, engine, NULL);
+    if ((s = plain_md(&bias, 1, n, dnnl_f32, dnnl_ab)) != dnnl_success) return s;
+    if ((s = dnnl_matmul_desc_init(&desc, &src, weights_md, has_bias ? &bias : NULL, &dst)) != dnnl_success) return s;
+    if ((s = post_ops_attr(&attr, dt, m, n, activation, operand)) != dnnl_success) return s;
+    s = dnnl_primitive_desc_create(pd, &desc, attr, engine, NULL);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    return s;
 }
 
+/* Runs `prim` on caller-owned buffers; `operand` (m × n) is the binary post-op's, if any, at
+ * post-op index `operand_index`. */
 static dnnl_status_t execute(dnnl_primitive_t prim, dnnl_data_type_t dt, int64_t m, int64_t n, int64_t k,
-                             const void *src, dnnl_memory_t weights, void *dst) {
+                             const void *src, dnnl_memory_t weights, dnnl_memory_t bias, const void *operand,
+                             int operand_index, void *dst) {
     dnnl_memory_desc_t src_md, dst_md;
-    dnnl_memory_t src_mem = NULL, dst_mem = NULL;
+    dnnl_memory_t src_mem = NULL, dst_mem = NULL, operand_mem = NULL;
+    dnnl_exec_arg_t args[5];
+    int nargs = 0;
     dnnl_status_t s;
     if ((s = plain_md(&src_md, m, k, dt, dnnl_ab)) != dnnl_success) return s;
     if ((s = plain_md(&dst_md, m, n, dt, dnnl_ab)) != dnnl_success) return s;
     if ((s = dnnl_memory_create(&src_mem, &src_md, engine, (void *)src)) != dnnl_success) goto out;
     if ((s = dnnl_memory_create(&dst_mem, &dst_md, engine, dst)) != dnnl_success) goto out;
-    {
-        dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst_mem}};
-        if ((s = dnnl_primitive_execute(prim, stream, 3, args)) != dnnl_success) goto out;
+    args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_SRC, src_mem};
+    args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_WEIGHTS, weights};
+    args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_DST, dst_mem};
+    if (bias) args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_BIAS, bias};
+    if (operand) {
+        /* Same shape and dtype as dst. */
+        if ((s = dnnl_memory_create(&operand_mem, &dst_md, engine, (void *)operand)) != dnnl_success) goto out;
+        args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_MULTIPLE_POST_OP(operand_index) | DNNL_ARG_SRC_1, operand_mem};
     }
+    if ((s = dnnl_primitive_execute(prim, stream, nargs, args)) != dnnl_success) goto out;
     s = dnnl_stream_wait(stream);
 out:
     if (src_mem) dnnl_memory_destroy(src_mem);
     if (dst_mem) dnnl_memory_destroy(dst_mem);
+    if (operand_mem) dnnl_memory_destroy(operand_mem);
     return s;
 }
 
@@ -87,10 +143,11 @@ out:
  * Packs `weight` (n rows of k, row-major: a PyTorch Linear's layout, i.e. the k × n operand in
  * "ba" order) into the layout oneDNN prefers for a matmul of `reference_m` rows, and writes the
  * name of the implementation it picked into `impl` (so the caller can tell a native kernel from
- * an emulated or reference one). That layout serves every other row count too.
+ * an emulated or reference one). That layout serves every other row count too. `bias` (n f32)
+ * may be NULL; `activation` and `operand` choose the fused post-ops.
  */
-int nv_matmul_create(int dt_id, int64_t n, int64_t k, const void *weight, int64_t reference_m,
-                     struct nv_matmul **out, char *impl, size_t impl_len) {
+int nv_matmul_create(int dt_id, int64_t n, int64_t k, const void *weight, const float *bias, int activation,
+                     int operand, int64_t reference_m, struct nv_matmul **out, char *impl, size_t impl_len) {
     dnnl_data_type_t dt = data_type(dt_id);
     dnnl_memory_desc_t any_md, plain_weights_md;
     dnnl_primitive_desc_t pd = NULL, reorder_pd = NULL;
@@ -102,7 +159,8 @@ int nv_matmul_create(int dt_id, int64_t n, int64_t k, const void *weight, int64_
 
     *out = NULL;
     if ((s = plain_md(&any_md, k, n, dt, dnnl_format_tag_any)) != dnnl_success) return s;
-    if ((s = matmul_pd(&pd, dt, reference_m, n, k, &any_md)) != dnnl_success) return s;
+    if ((s = matmul_pd(&pd, dt, reference_m, n, k, &any_md, bias != NULL, activation, operand)) != dnnl_success)
+        return s;
     dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &name);
     strncpy(impl, name, impl_len - 1);
     impl[impl_len - 1] = '\0';
@@ -113,6 +171,16 @@ int nv_matmul_create(int dt_id, int64_t n, int64_t k, const void *weight, int64_
     mm->n = n;
     mm->k = k;
     mm->cached_m = -1;
+    mm->activation = activation;
+    mm->operand = operand;
+    if (bias) {
+        dnnl_memory_desc_t bias_md;
+        void *data;
+        if ((s = plain_md(&bias_md, 1, n, dnnl_f32, dnnl_ab)) != dnnl_success) goto out;
+        if ((s = dnnl_memory_create(&mm->bias, &bias_md, engine, DNNL_MEMORY_ALLOCATE)) != dnnl_success) goto out;
+        if ((s = dnnl_memory_get_data_handle(mm->bias, &data)) != dnnl_success) goto out;
+        memcpy(data, bias, (size_t)n * sizeof(float));
+    }
     mm->weights_md = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
     if ((s = dnnl_memory_create(&mm->weights, &mm->weights_md, engine, DNNL_MEMORY_ALLOCATE)) != dnnl_success) goto out;
     if ((s = plain_md(&plain_weights_md, k, n, dt, dnnl_ba)) != dnnl_success) goto out;
@@ -135,18 +203,23 @@ out:
         *out = mm;
     } else if (mm) {
         if (mm->weights) dnnl_memory_destroy(mm->weights);
+        if (mm->bias) dnnl_memory_destroy(mm->bias);
         free(mm);
     }
     return s;
 }
 
-/* dst (m × n) = src (m × k) · packed weights, all in the matmul's element type. */
-int nv_matmul_run(struct nv_matmul *mm, int64_t m, const void *src, void *dst) {
+/* dst (m × n) = post-ops(src (m × k) · packed weights + bias), all in the matmul's element type;
+ * `operand` (m × n) is the second operand of the fused product or sum, if the matmul has one. */
+int nv_matmul_run(struct nv_matmul *mm, int64_t m, const void *src, const void *operand, void *dst) {
     dnnl_status_t s;
     if (mm->cached_m != m) {
         dnnl_primitive_desc_t pd;
         dnnl_primitive_t prim;
-        if ((s = matmul_pd(&pd, mm->dt, m, mm->n, mm->k, &mm->weights_md)) != dnnl_success) return s;
+        if ((s = matmul_pd(&pd, mm->dt, m, mm->n, mm->k, &mm->weights_md, mm->bias != NULL, mm->activation,
+                           mm->operand))
+            != dnnl_success)
+            return s;
         s = dnnl_primitive_create(&prim, pd);
         dnnl_primitive_desc_destroy(pd);
         if (s != dnnl_success) return s;
@@ -154,12 +227,16 @@ int nv_matmul_run(struct nv_matmul *mm, int64_t m, const void *src, void *dst) {
         mm->cached = prim;
         mm->cached_m = m;
     }
-    return execute(mm->cached, mm->dt, m, mm->n, mm->k, src, mm->weights, dst);
+    if ((mm->operand != NV_NO_OPERAND) != (operand != NULL)) return dnnl_invalid_arguments;
+    /* The binary post-op follows the activation when there is one. */
+    return execute(mm->cached, mm->dt, m, mm->n, mm->k, src, mm->weights, mm->bias, operand,
+                   mm->activation != NV_NO_ACTIVATION, dst);
 }
 
 void nv_matmul_free(struct nv_matmul *mm) {
     if (!mm) return;
     if (mm->cached) dnnl_primitive_destroy(mm->cached);
+    if (mm->bias) dnnl_memory_destroy(mm->bias);
     dnnl_memory_destroy(mm->weights);
     free(mm);
 }
@@ -176,12 +253,13 @@ int nv_matmul_plain_f32(int64_t m, int64_t n, int64_t k, const float *src, const
     dnnl_memory_t weights;
     dnnl_status_t s;
     if ((s = plain_md(&weights_md, k, n, dnnl_f32, dnnl_ba)) != dnnl_success) return s;
-    if ((s = matmul_pd(&pd, dnnl_f32, m, n, k, &weights_md)) != dnnl_success) return s;
+    if ((s = matmul_pd(&pd, dnnl_f32, m, n, k, &weights_md, 0, NV_NO_ACTIVATION, NV_NO_OPERAND)) != dnnl_success)
+        return s;
     s = dnnl_primitive_create(&prim, pd);
     dnnl_primitive_desc_destroy(pd);
     if (s != dnnl_success) return s;
     if ((s = dnnl_memory_create(&weights, &weights_md, engine, (void *)weight)) == dnnl_success) {
-        s = execute(prim, dnnl_f32, m, n, k, src, weights, dst);
+        s = execute(prim, dnnl_f32, m, n, k, src, weights, NULL, NULL, 0, dst);
         dnnl_memory_destroy(weights);
     }
     dnnl_primitive_destroy(prim);

@@ -42,6 +42,22 @@ impl Shape {
         }
     }
 
+    /// NV-Embed-v2's own shape: Mistral-7B's decoder and the full-size latent block.
+    pub fn nv_embed_v2() -> Self {
+        Self {
+            vocab_size: 32_000,
+            hidden_size: 4096,
+            intermediate_size: 14_336,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            rope_theta: 10_000.0,
+            num_latents: 512,
+            num_cross_heads: 8,
+            cross_dim_head: 4096,
+        }
+    }
+
     /// Every tensor of the checkpoint with its shape, in the checkpoint's names.
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let (v, h, i) = (self.vocab_size, self.hidden_size, self.intermediate_size);
@@ -86,7 +102,10 @@ impl Shape {
     }
 
     pub fn parameter_count(&self) -> usize {
-        self.tensor_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.tensor_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 
     /// config.json as `save_pretrained` writes it (latent keys at their defaults omitted).
@@ -130,6 +149,12 @@ impl Shape {
     /// Writes `config.json` and a single `model.safetensors` of random f32 weights (norm scales
     /// 1, biases 0, matrices N(0, 0.02²)) into `dir`. Copy a `tokenizer.json` beside them.
     pub fn write(&self, dir: &Path) -> Result<()> {
+        self.write_in(dir, DType::F32)
+    }
+
+    /// As `write`, with the weights stored in `dtype` (and `torch_dtype` saying so): NV-Embed-v2's
+    /// own shape in 16 bits is ~15 GB, held in memory once while written.
+    pub fn write_in(&self, dir: &Path, dtype: DType) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let device = Device::Cpu;
         let mut tensors = HashMap::new();
@@ -141,12 +166,18 @@ impl Shape {
             } else {
                 Tensor::randn(0f32, 0.02, shape, &device)?
             };
-            tensors.insert(name, tensor);
+            tensors.insert(name, tensor.to_dtype(dtype)?);
         }
         let weights = dir.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &weights)?;
         let config = dir.join("config.json");
-        std::fs::write(&config, serde_json::to_string_pretty(&self.config_json()).expect("json"))
-            .map_err(|e| Error::io(&config, e))
+        let mut json = self.config_json();
+        json["torch_dtype"] = match dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        }
+        .into();
+        std::fs::write(&config, serde_json::to_string_pretty(&json).expect("json")).map_err(|e| Error::io(&config, e))
     }
 }

@@ -91,6 +91,15 @@ impl ModelSlot {
                     let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
                     let result = match loaded {
                         Ok(model) => {
+                            // One line in the server log: which dtype `auto` chose and which
+                            // kernels the CPU got (or that candle's matmul runs).
+                            eprintln!(
+                                "nvembed-model-server: loaded {:?} in {:.1} s ({}, projections: {})",
+                                self.settings.model,
+                                model.load_seconds(),
+                                nvembed_engine::dtype_name(model.dtype()),
+                                model.matmul()
+                            );
                             let model = Arc::new(model);
                             guard.0 = State::Ready(model.clone());
                             Ok(Some(model))

@@ -8,7 +8,7 @@
 #[cfg(feature = "onednn")]
 mod onednn;
 
-use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, D};
+use candle_core::{DType, Device, Module, Result as CandleResult, Tensor};
 
 use crate::error::{Error, Result};
 use crate::profile::{self, Stage};
@@ -69,19 +69,44 @@ pub fn set_threads(threads: usize) {
     let _ = threads;
 }
 
+/// An activation applied to a projection's result (fused into oneDNN's matmul).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    None = 0,
+    /// x·sigmoid(x): the decoder MLP's gate.
+    Silu = 1,
+    /// Exact (erf) GELU: the latent block's GEGLU gate.
+    GeluErf = 2,
+}
+
+/// What a projection does with a second operand of its output's shape (fused into oneDNN's
+/// matmul): the gated half of a GLU, or a residual.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combine {
+    None = 0,
+    Mul = 1,
+    Add = 2,
+}
+
 enum Weights {
+    /// candle's matmul; bias, activation and operand applied by candle ops.
     Candle(candle_nn::Linear),
+    /// Packed by oneDNN with bias, activation and operand fused.
     #[cfg(feature = "onednn")]
     Packed(onednn::PackedMatmul),
-    /// 16-bit weights (n, k) kept as loaded, widened per call.
+    /// 16-bit weights (n, k) kept as loaded, widened per call; the rest by candle ops.
     #[cfg(feature = "onednn")]
     Widened(Tensor),
 }
 
-/// One projection, with its weights in the backend's layout.
+/// One projection `combine(activation(x·Wᵀ + b), other)`, with its weights in the backend's
+/// layout.
 pub struct Linear {
     weights: Weights,
+    /// (out) in the model dtype, for the paths that add it with candle.
     bias: Option<Tensor>,
+    activation: Activation,
+    combine: Combine,
     /// The profile stage its time is charged to.
     stage: Stage,
 }
@@ -90,13 +115,23 @@ impl Linear {
     /// `weight` (out, in) as stored by PyTorch; `bias` (out). The weight tensor is consumed: on
     /// the oneDNN path it is reordered and dropped, so no second copy stays in memory.
     pub fn new(weight: Tensor, bias: Option<Tensor>, backend: MatmulBackend) -> Result<Self> {
-        // candle's Linear adds its own bias; the oneDNN paths add it after the matmul.
-        let (weights, bias) = match backend {
-            MatmulBackend::Candle => (Weights::Candle(candle_nn::Linear::new(weight, bias)), None),
+        Self::fused(weight, bias, Activation::None, Combine::None, backend)
+    }
+
+    /// As `new`, followed by `activation`, then `combine` with the operand `forward_with` takes.
+    pub fn fused(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        activation: Activation,
+        combine: Combine,
+        backend: MatmulBackend,
+    ) -> Result<Self> {
+        let weights = match backend {
+            MatmulBackend::Candle => Weights::Candle(candle_nn::Linear::new(weight, None)),
             #[cfg(feature = "onednn")]
-            MatmulBackend::Onednn => match onednn::PackedMatmul::new(&weight)? {
-                Some(packed) => (Weights::Packed(packed), bias),
-                None => (Weights::Widened(weight), bias),
+            MatmulBackend::Onednn => match onednn::PackedMatmul::new(&weight, bias.as_ref(), activation, combine)? {
+                Some(packed) => Weights::Packed(packed),
+                None => Weights::Widened(weight),
             },
             #[cfg(not(feature = "onednn"))]
             MatmulBackend::Onednn => unreachable!("MatmulBackend::parse refuses onednn without the feature"),
@@ -104,6 +139,8 @@ impl Linear {
         Ok(Self {
             weights,
             bias,
+            activation,
+            combine,
             stage: Stage::Projections,
         })
     }
@@ -127,37 +164,71 @@ impl Linear {
         }
     }
 
-    fn project(&self, xs: &Tensor) -> CandleResult<Tensor> {
+    /// `combine(activation(xs·Wᵀ + b), other)` for a projection made with a `Combine`; `other`
+    /// has the output's shape.
+    pub fn forward_with(&self, xs: &Tensor, other: &Tensor) -> CandleResult<Tensor> {
+        profile::time(self.stage, || self.project(xs, Some(other)))
+    }
+
+    fn project(&self, xs: &Tensor, other: Option<&Tensor>) -> CandleResult<Tensor> {
+        if (self.combine == Combine::None) != other.is_none() {
+            return Err(candle_core::Error::Msg(format!("projection combines {:?}, given {other:?}", self.combine)));
+        }
         let dims = xs.dims().to_vec();
         let k = *dims.last().unwrap_or(&0);
         let rows = xs.elem_count() / k.max(1);
-        let flat = || xs.reshape((rows, k))?.contiguous();
-        let out = match &self.weights {
-            Weights::Candle(linear) => return linear.forward(xs),
+        let out_shape = |n: usize| {
+            let mut shape = dims.clone();
+            if let Some(last) = shape.last_mut() {
+                *last = n;
+            }
+            shape
+        };
+        let projected = match &self.weights {
+            Weights::Candle(linear) => linear.forward(xs)?,
             #[cfg(feature = "onednn")]
-            Weights::Packed(packed) => packed.forward(&flat()?)?,
+            Weights::Packed(packed) => {
+                let x = xs.reshape((rows, k))?.contiguous()?;
+                let other = other
+                    .map(|o| o.reshape((rows, o.elem_count() / rows.max(1)))?.contiguous())
+                    .transpose()?;
+                let out = packed.forward(&x, other.as_ref())?;
+                return out.reshape(out_shape(out.dim(1)?));
+            }
             #[cfg(feature = "onednn")]
             Weights::Widened(weight) => {
                 let x =
                     profile::time(Stage::Conversions, || xs.reshape((rows, k))?.to_dtype(DType::F32)?.contiguous())?;
                 let y = onednn::widened_forward(&x, weight)?;
-                profile::time(Stage::Conversions, || y.to_dtype(xs.dtype()))?
+                profile::time(Stage::Conversions, || y.to_dtype(xs.dtype())?.reshape(out_shape(y.dim(1)?)))?
             }
         };
-        let mut shape = dims;
-        if let Some(last) = shape.last_mut() {
-            *last = out.dim(D::Minus1)?;
-        }
-        let out = out.reshape(shape)?;
-        match &self.bias {
-            Some(bias) => out.broadcast_add(bias),
-            None => Ok(out),
-        }
+        self.finish(projected, other)
+    }
+
+    /// Bias, activation and operand by candle ops (the paths oneDNN does not fuse them into).
+    fn finish(&self, projected: Tensor, other: Option<&Tensor>) -> CandleResult<Tensor> {
+        profile::time(Stage::Elementwise, || {
+            let mut out = match &self.bias {
+                Some(bias) => projected.broadcast_add(bias)?,
+                None => projected,
+            };
+            out = match self.activation {
+                Activation::None => out,
+                Activation::Silu => candle_nn::ops::silu(&out)?,
+                Activation::GeluErf => out.gelu_erf()?,
+            };
+            match (self.combine, other) {
+                (Combine::Mul, Some(other)) => out * other,
+                (Combine::Add, Some(other)) => out + other,
+                _ => Ok(out),
+            }
+        })
     }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> CandleResult<Tensor> {
-        profile::time(self.stage, || self.project(xs))
+        profile::time(self.stage, || self.project(xs, None))
     }
 }

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use candle_core::{DType, Device, Result, Storage, Tensor, WithDType};
+
+use super::{Activation, Combine};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -43,12 +45,16 @@ extern "C" {
         n: i64,
         k: i64,
         weight: *const c_void,
+        bias: *const f32,
+        activation: c_int,
+        operand: c_int,
         reference_m: i64,
         out: *mut *mut nv_matmul,
         impl_name: *mut c_char,
         impl_len: usize,
     ) -> c_int;
-    fn nv_matmul_run(mm: *mut nv_matmul, m: i64, src: *const c_void, dst: *mut c_void) -> c_int;
+    fn nv_matmul_run(mm: *mut nv_matmul, m: i64, src: *const c_void, operand: *const c_void, dst: *mut c_void)
+        -> c_int;
     fn nv_matmul_free(mm: *mut nv_matmul);
     fn nv_matmul_plain_f32(m: i64, n: i64, k: i64, src: *const f32, weight: *const f32, dst: *mut f32) -> c_int;
 }
@@ -108,6 +114,16 @@ fn with_elements<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Resu
     Ok(f(&cpu.as_slice::<T>()?[start..end]))
 }
 
+/// The address of a contiguous CPU tensor's first element: valid while the tensor lives (nothing
+/// here writes tensors in place).
+fn element_ptr(t: &Tensor) -> Result<*const c_void> {
+    match t.dtype() {
+        DType::F32 => with_elements::<f32, _>(t, |x| x.as_ptr().cast()),
+        DType::BF16 => with_elements::<bf16, _>(t, |x| x.as_ptr().cast()),
+        _ => with_elements::<f16, _>(t, |x| x.as_ptr().cast()),
+    }
+}
+
 /// A (rows, n) tensor whose elements `fill` writes into an uninitialised buffer; `fill` returns
 /// a oneDNN status and must have written every element when it returns 0.
 fn filled<T: WithDType>(rows: usize, n: usize, fill: impl FnOnce(*mut T) -> c_int, what: &str) -> Result<Tensor> {
@@ -132,13 +148,21 @@ unsafe impl Send for PackedMatmul {}
 unsafe impl Sync for PackedMatmul {}
 
 impl PackedMatmul {
-    /// Packs `weight` ((n, k), a PyTorch Linear's layout), or returns `None` when oneDNN has no
-    /// kernel native to this CPU for its dtype (the caller then widens 16-bit weights).
-    pub fn new(weight: &Tensor) -> Result<Option<Self>> {
+    /// Packs `weight` ((n, k), a PyTorch Linear's layout) with its `bias`, `activation` and
+    /// second operand fused, or returns `None` when oneDNN has no kernel native to this CPU for
+    /// its dtype (the caller then widens 16-bit weights).
+    pub fn new(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        activation: Activation,
+        combine: Combine,
+    ) -> Result<Option<Self>> {
         let (n, k) = weight.dims2()?;
         let dtype = weight.dtype();
         let id = dtype_id(dtype)?;
         let weight = weight.contiguous()?;
+        let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+        let bias_ptr = bias.as_ref().map_or(std::ptr::null(), |b| b.as_ptr());
         let _guard = lock()?;
         let mut handle = std::ptr::null_mut();
         let mut name = [0 as c_char; IMPL_NAME_BYTES];
@@ -150,6 +174,9 @@ impl PackedMatmul {
                     n as i64,
                     k as i64,
                     ptr,
+                    bias_ptr,
+                    activation as c_int,
+                    combine as c_int,
                     REFERENCE_ROWS,
                     &mut handle,
                     name.as_mut_ptr(),
@@ -186,13 +213,21 @@ impl PackedMatmul {
         &self.implementation
     }
 
-    /// `xs` (rows, k) contiguous, in the weights' dtype; returns (rows, n).
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `xs` (rows, k) contiguous, in the weights' dtype; `operand` (rows, n) contiguous, the
+    /// same dtype, when the matmul was made with a `Combine`. Returns (rows, n).
+    pub fn forward(&self, xs: &Tensor, operand: Option<&Tensor>) -> Result<Tensor> {
         let rows = xs.dim(0)?;
+        if let Some(other) = operand {
+            if other.dims() != [rows, self.n] || other.dtype() != self.dtype || !other.is_contiguous() {
+                return Err(candle_core::Error::Msg(format!("operand {other:?} does not match ({rows}, {})", self.n)));
+            }
+        }
+        let operand_ptr = operand.map(element_ptr).transpose()?.unwrap_or(std::ptr::null());
         let _guard = lock()?;
         let run = |src: *const c_void, dst: *mut c_void| {
-            // SAFETY: src holds rows·k and dst room for rows·n elements of the weights' dtype.
-            unsafe { nv_matmul_run(self.handle.as_ptr(), rows as i64, src, dst) }
+            // SAFETY: src holds rows·k, operand (if any) rows·n, and dst has room for rows·n
+            // elements of the weights' dtype; `operand` is borrowed until we return.
+            unsafe { nv_matmul_run(self.handle.as_ptr(), rows as i64, src, operand_ptr, dst) }
         };
         let what = "running a matmul";
         match self.dtype {

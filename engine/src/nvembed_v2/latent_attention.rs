@@ -6,7 +6,7 @@ use candle_core::{DType, Module, Result as CandleResult, Tensor, D};
 use super::ops::{in_token_chunks, LayerNorm};
 use crate::config::Config;
 use crate::error::Result;
-use crate::matmul::{Linear, MatmulBackend};
+use crate::matmul::{Activation, Combine, Linear, MatmulBackend};
 use crate::profile::{self, Stage};
 use crate::weights::Weights;
 
@@ -17,6 +17,7 @@ const FEED_FORWARD_MULT: usize = 4;
 struct CrossAttention {
     norm: LayerNorm,
     to_q: Linear,
+    /// The output projection, with the residual added to it.
     to_out: Linear,
     /// Per head, the latent array's keys (latents × head_dim) and values (as head_dim × latents),
     /// in f32, as the weights of two projections: scores = q·Kᵀ, output = softmax(scores)·V.
@@ -56,7 +57,13 @@ impl CrossAttention {
         Ok(Self {
             norm: LayerNorm::new(f32_param("norm.weight", l.latent_dim)?, f32_param("norm.bias", l.latent_dim)?),
             to_q: Linear::new(w.get(&format!("{p}.fn.to_q.weight"), &[inner, l.latent_dim])?, None, backend)?,
-            to_out: Linear::new(w.get(&format!("{p}.fn.to_out.weight"), &[l.latent_dim, inner])?, None, backend)?,
+            to_out: Linear::fused(
+                w.get(&format!("{p}.fn.to_out.weight"), &[l.latent_dim, inner])?,
+                None,
+                Activation::None,
+                Combine::Add,
+                backend,
+            )?,
             latent_keys,
             latent_values,
             heads: l.num_cross_heads,
@@ -64,6 +71,7 @@ impl CrossAttention {
         })
     }
 
+    /// `xs + cross_attention(xs)`.
     fn forward(&self, xs: &Tensor) -> CandleResult<Tensor> {
         let (b, l, _) = xs.dims3()?;
         let q = self.to_q.forward(&self.norm.forward(xs)?)?;
@@ -84,15 +92,18 @@ impl CrossAttention {
                 .reshape((b, l, self.heads * self.head_dim))?
                 .to_dtype(xs.dtype())
         })?;
-        self.to_out.forward(&attn)
+        self.to_out.forward_with(&attn, xs)
     }
 }
 
+/// GEGLU feed-forward: proj_out(value(x) · gelu(gate(x))), where value and gate are the two
+/// halves of the reference's `net.0`; the activation, the product and the residual are fused
+/// into the projections.
 struct FeedForward {
     norm: LayerNorm,
-    proj_in: Linear,
+    value: Linear,
+    gate: Linear,
     proj_out: Linear,
-    inner: usize,
 }
 
 impl FeedForward {
@@ -100,34 +111,45 @@ impl FeedForward {
         let d = cfg.latent_attention_config.latent_dim;
         let inner = d * FEED_FORWARD_MULT;
         let p = format!("{PREFIX}.cross_attend_blocks.1");
+        let proj_in = w.get(&format!("{p}.fn.net.0.weight"), &[2 * inner, d])?;
+        let proj_in_bias = w.get(&format!("{p}.fn.net.0.bias"), &[2 * inner])?;
+        let half = |t: &Tensor, start: usize| t.narrow(0, start, inner)?.contiguous();
         Ok(Self {
             norm: LayerNorm::new(
                 w.get_as(&format!("{p}.norm.weight"), &[d], DType::F32)?,
                 w.get_as(&format!("{p}.norm.bias"), &[d], DType::F32)?,
             ),
-            proj_in: Linear::new(
-                w.get(&format!("{p}.fn.net.0.weight"), &[2 * inner, d])?,
-                Some(w.get(&format!("{p}.fn.net.0.bias"), &[2 * inner])?),
+            value: Linear::fused(
+                half(&proj_in, 0)?,
+                Some(half(&proj_in_bias, 0)?),
+                Activation::None,
+                Combine::Mul,
                 backend,
             )?,
-            proj_out: Linear::new(
+            gate: Linear::fused(
+                half(&proj_in, inner)?,
+                Some(half(&proj_in_bias, inner)?),
+                Activation::GeluErf,
+                Combine::None,
+                backend,
+            )?,
+            proj_out: Linear::fused(
                 w.get(&format!("{p}.fn.net.2.weight"), &[d, inner])?,
                 Some(w.get(&format!("{p}.fn.net.2.bias"), &[d])?),
+                Activation::None,
+                Combine::Add,
                 backend,
             )?,
-            inner,
         })
     }
-}
 
-impl Module for FeedForward {
+    /// `xs + feed_forward(xs)`.
     fn forward(&self, xs: &Tensor) -> CandleResult<Tensor> {
-        let hidden = self.proj_in.forward(&self.norm.forward(xs)?)?;
-        // GEGLU: first half times exact-erf GELU of the second half.
-        let value = hidden.narrow(D::Minus1, 0, self.inner)?;
-        let gate = hidden.narrow(D::Minus1, self.inner, self.inner)?;
-        let gated = profile::time(Stage::LatentBlock, || value * gate.gelu_erf()?)?;
-        self.proj_out.forward(&gated)
+        let normed = self.norm.forward(xs)?;
+        let gate = self.gate.forward(&normed)?;
+        let gated = self.value.forward_with(&normed, &gate)?;
+        drop(gate);
+        self.proj_out.forward_with(&gated, xs)
     }
 }
 
@@ -158,12 +180,7 @@ impl LatentAttention {
     /// Every token is processed independently (the keys/values are the latents), so any split
     /// of the tokens into chunks gives the same result.
     pub fn transform(&self, tokens: &Tensor) -> CandleResult<Tensor> {
-        in_token_chunks(tokens, |chunk| {
-            let attended = self.cross_attention.forward(chunk)?;
-            let xs = profile::time(Stage::LatentBlock, || chunk + attended)?;
-            let fed = self.feed_forward.forward(&xs)?;
-            profile::time(Stage::LatentBlock, || &xs + fed)
-        })
+        in_token_chunks(tokens, |chunk| self.feed_forward.forward(&self.cross_attention.forward(chunk)?))
     }
 
     /// Masked mean of transformed states `xs` (b, l, d) over `pool_mask` (b, l), normalised

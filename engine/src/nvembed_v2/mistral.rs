@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, D};
 use super::ops::{blocked_attention, in_token_chunks, RmsNorm};
 use crate::config::Config;
 use crate::error::Result;
-use crate::matmul::{Linear, MatmulBackend};
+use crate::matmul::{Activation, Combine, Linear, MatmulBackend};
 use crate::profile::{self, Stage};
 use crate::weights::Weights;
 
@@ -28,6 +28,7 @@ fn rotary_tables(head_dim: usize, theta: f64, len: usize, device: &Device) -> Ca
 struct SelfAttention {
     /// q, k and v projections fused into one matmul.
     qkv: Linear,
+    /// The output projection, with the residual added to it.
     out: Linear,
     heads: usize,
     kv_heads: usize,
@@ -44,14 +45,22 @@ impl SelfAttention {
         let o = w.get(&format!("{prefix}.o_proj.weight"), &[t.hidden_size, t.num_attention_heads * hd])?;
         Ok(Self {
             qkv: Linear::new(Tensor::cat(&[q, k, v], 0)?, None, backend)?,
-            out: Linear::new(o, None, backend)?,
+            out: Linear::fused(o, None, Activation::None, Combine::Add, backend)?,
             heads: t.num_attention_heads,
             kv_heads: t.num_key_value_heads,
             head_dim: hd,
         })
     }
 
-    fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, key_bias: &Tensor) -> CandleResult<Tensor> {
+    /// `residual + attention(xs)`.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        residual: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        key_bias: &Tensor,
+    ) -> CandleResult<Tensor> {
         let (b, l, _) = xs.dims3()?;
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
         let qkv = self.qkv.forward(xs)?;
@@ -83,15 +92,16 @@ impl SelfAttention {
                 .reshape((b, l, h * hd))?
                 .to_dtype(xs.dtype())
         })?;
-        self.out.forward(&attn)
+        self.out.forward_with(&attn, residual)
     }
 }
 
+/// SwiGLU: down(silu(gate(x)) · up(x)), as three projections with the activation, the product
+/// and the residual fused into them.
 struct Mlp {
-    /// gate and up projections fused into one matmul.
-    gate_up: Linear,
+    gate: Linear,
+    up: Linear,
     down: Linear,
-    intermediate: usize,
 }
 
 impl Mlp {
@@ -102,20 +112,18 @@ impl Mlp {
         let up = w.get(&format!("{prefix}.up_proj.weight"), &[is, hs])?;
         let down = w.get(&format!("{prefix}.down_proj.weight"), &[hs, is])?;
         Ok(Self {
-            gate_up: Linear::new(Tensor::cat(&[gate, up], 0)?, None, backend)?,
-            down: Linear::new(down, None, backend)?,
-            intermediate: is,
+            gate: Linear::fused(gate, None, Activation::Silu, Combine::None, backend)?,
+            up: Linear::fused(up, None, Activation::None, Combine::Mul, backend)?,
+            down: Linear::fused(down, None, Activation::None, Combine::Add, backend)?,
         })
     }
-}
 
-impl Module for Mlp {
-    fn forward(&self, xs: &Tensor) -> CandleResult<Tensor> {
-        let gate_up = self.gate_up.forward(xs)?;
-        let gate = gate_up.narrow(D::Minus1, 0, self.intermediate)?;
-        let up = gate_up.narrow(D::Minus1, self.intermediate, self.intermediate)?;
-        let gated = profile::time(Stage::Elementwise, || candle_nn::ops::silu(&gate)? * up)?;
-        self.down.forward(&gated)
+    /// `residual + mlp(xs)`.
+    fn forward(&self, xs: &Tensor, residual: &Tensor) -> CandleResult<Tensor> {
+        let gate = self.gate.forward(xs)?;
+        let gated = self.up.forward_with(xs, &gate)?;
+        drop(gate);
+        self.down.forward_with(&gated, residual)
     }
 }
 
@@ -142,12 +150,10 @@ impl DecoderLayer {
     }
 
     fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, key_bias: &Tensor) -> CandleResult<Tensor> {
-        let attn = self
+        let xs = self
             .attention
-            .forward(&self.input_norm.forward(xs)?, cos, sin, key_bias)?;
-        let xs = profile::time(Stage::Elementwise, || xs + attn)?;
-        let mlp = in_token_chunks(&xs, |chunk| self.mlp.forward(&self.post_attention_norm.forward(chunk)?))?;
-        profile::time(Stage::Elementwise, || xs + mlp)
+            .forward(&self.input_norm.forward(xs)?, xs, cos, sin, key_bias)?;
+        in_token_chunks(&xs, |chunk| self.mlp.forward(&self.post_attention_norm.forward(chunk)?, chunk))
     }
 }
 

@@ -6,8 +6,13 @@ use std::path::{Path, PathBuf};
 use nvembed_engine::{DType, Device, EmbedOptions, Embedder, MatmulBackend, ModelSource};
 use serde_json::Value;
 
+/// The shipped fixture; `NVEMBED_GOLDENS_DIR` points elsewhere (the GPU check runs where the
+/// source tree is not).
 pub fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nvembed-tiny-a")
+    match std::env::var_os("NVEMBED_GOLDENS_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nvembed-tiny-a"),
+    }
 }
 
 pub fn goldens() -> Value {
@@ -79,8 +84,12 @@ pub fn fixture_copy() -> tempfile::TempDir {
 }
 
 pub fn load_with(dtype: DType, backend: MatmulBackend) -> Embedder {
+    load_on(dtype, &Device::Cpu, backend)
+}
+
+pub fn load_on(dtype: DType, device: &Device, backend: MatmulBackend) -> Embedder {
     let files = ModelSource::Dir(fixture_dir()).resolve().expect("resolve fixture");
-    Embedder::load_with(&files, dtype, &Device::Cpu, backend).expect("load fixture")
+    Embedder::load_with(&files, dtype, device, backend).expect("load fixture")
 }
 
 pub struct Run<'a> {
