@@ -19,7 +19,7 @@ server:
 
 install: setup server
 	$(SUDO) install -m 755 target/release/nvembed-model-server "$$($(PG_CONFIG) --pkglibdir)/"
-	cargo pgrx install --package nvembed --release --pg-config "$$($(PG_CONFIG) --bindir)/pg_config" $(if $(SUDO),--sudo,)
+	cd extension && cargo pgrx install --release --pg-config "$$($(PG_CONFIG) --bindir)/pg_config" $(if $(SUDO),--sudo,)
 
 engine-test:
 	cargo test --release -p nvembed-engine -p nvembed-protocol -p nvembed-server
@@ -30,7 +30,7 @@ extension-test: server
 	bash scripts/prepare-test-fixture.sh "$(FIXTURE)" "$(TEST_ROOT)/fixture"
 	rm -rf "$(TEST_ROOT)/pgdata"
 	if [ "$$(id -u)" = 0 ]; then install -d -o postgres "$(TEST_ROOT)/pgdata"; fi
-	NVEMBED_TEST_FIXTURE="$(TEST_ROOT)/fixture" cargo pgrx test pg$(PG_MAJOR) --package nvembed $(RUNAS)
+	cd extension && NVEMBED_TEST_FIXTURE="$(TEST_ROOT)/fixture" cargo pgrx test pg$(PG_MAJOR) $(RUNAS)
 
 system-test: server
 	bash scripts/system-tests.sh

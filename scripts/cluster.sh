@@ -8,7 +8,7 @@ AS_PG=(); [ "$(id -u)" = 0 ] && AS_PG=(sudo -u postgres)
 
 install_nvembed() {
   $SUDO install -m 755 target/release/nvembed-model-server "$("$PG_CONFIG" --pkglibdir)/"
-  cargo pgrx install --package nvembed --release --pg-config "$PG_BINDIR/pg_config" $([ -n "$SUDO" ] && echo --sudo) >/dev/null
+  (cd extension && cargo pgrx install --release --pg-config "$PG_BINDIR/pg_config" $([ -n "$SUDO" ] && echo --sudo) >/dev/null)
 }
 
 # cluster_start MODEL [extra postgresql.conf lines...]

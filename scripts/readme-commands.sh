@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Runs the README's `cargo run ... --example nvembed_v2 ...` lines exactly as written, from the
+# Runs the README's `cargo run --example nvembed_v2 ...` lines exactly as written, from the
 # repository root: those with local files must print the model card's scores, those
 # that need the hub must — with no hub reachable — fail with one line naming the local options.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 hf_home=$(mktemp -d); trap 'rm -rf "$hf_home"' EXIT
-mapfile -t commands < <(grep -E '^cargo run (-p nvembed-engine )?--example nvembed_v2' README.md | sed 's/ *#.*$//')
+mapfile -t commands < <(grep -E '^cargo run --example nvembed_v2' README.md | sed 's/ *#.*$//')
 [ "${#commands[@]}" -ge 4 ] || { echo "README lists ${#commands[@]} example commands, expected at least 4" >&2; exit 1; }
 failed=0
 for command in "${commands[@]}"; do

@@ -8,7 +8,9 @@
 #[cfg(feature = "onednn")]
 mod onednn;
 
-use candle_core::{DType, Device, Module, Result as CandleResult, Tensor};
+#[cfg(feature = "onednn")]
+use candle_core::DType;
+use candle_core::{Device, Module, Result as CandleResult, Tensor};
 
 use crate::error::{Error, Result};
 use crate::profile::{self, Stage};
@@ -174,33 +176,19 @@ impl Linear {
         if (self.combine == Combine::None) != other.is_none() {
             return Err(candle_core::Error::Msg(format!("projection combines {:?}, given {other:?}", self.combine)));
         }
-        let dims = xs.dims().to_vec();
-        let k = *dims.last().unwrap_or(&0);
-        let rows = xs.elem_count() / k.max(1);
-        let out_shape = |n: usize| {
-            let mut shape = dims.clone();
-            if let Some(last) = shape.last_mut() {
-                *last = n;
-            }
-            shape
-        };
         let projected = match &self.weights {
             Weights::Candle(linear) => linear.forward(xs)?,
             #[cfg(feature = "onednn")]
             Weights::Packed(packed) => {
-                let x = xs.reshape((rows, k))?.contiguous()?;
-                let other = other
-                    .map(|o| o.reshape((rows, o.elem_count() / rows.max(1)))?.contiguous())
-                    .transpose()?;
-                let out = packed.forward(&x, other.as_ref())?;
-                return out.reshape(out_shape(out.dim(1)?));
+                let other = other.map(|o| as_rows(o)).transpose()?;
+                let out = packed.forward(&as_rows(xs)?, other.as_ref())?;
+                return out.reshape(with_width(xs, out.dim(1)?));
             }
             #[cfg(feature = "onednn")]
             Weights::Widened(weight) => {
-                let x =
-                    profile::time(Stage::Conversions, || xs.reshape((rows, k))?.to_dtype(DType::F32)?.contiguous())?;
+                let x = profile::time(Stage::Conversions, || as_rows(&xs.to_dtype(DType::F32)?))?;
                 let y = onednn::widened_forward(&x, weight)?;
-                profile::time(Stage::Conversions, || y.to_dtype(xs.dtype())?.reshape(out_shape(y.dim(1)?)))?
+                profile::time(Stage::Conversions, || y.to_dtype(xs.dtype())?.reshape(with_width(xs, y.dim(1)?)))?
             }
         };
         self.finish(projected, other)
@@ -227,8 +215,78 @@ impl Linear {
     }
 }
 
+/// `t` as contiguous (rows, last dimension).
+#[cfg(feature = "onednn")]
+fn as_rows(t: &Tensor) -> CandleResult<Tensor> {
+    let width = t.dims().last().copied().unwrap_or(1).max(1);
+    t.reshape((t.elem_count() / width, width))?.contiguous()
+}
+
+/// `t`'s shape with its last dimension replaced by `width`.
+#[cfg(feature = "onednn")]
+fn with_width(t: &Tensor, width: usize) -> Vec<usize> {
+    let mut dims = t.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = width;
+    }
+    dims
+}
+
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> CandleResult<Tensor> {
         profile::time(self.stage, || self.project(xs, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::DType;
+
+    use super::*;
+
+    #[test]
+    fn backends_parse_by_name_and_unknown_ones_are_named_in_the_error() {
+        assert_eq!(MatmulBackend::parse("candle", &Device::Cpu).unwrap(), MatmulBackend::Candle);
+        #[cfg(feature = "onednn")]
+        assert_eq!(MatmulBackend::parse("onednn", &Device::Cpu).unwrap(), MatmulBackend::Onednn);
+        let err = MatmulBackend::parse("mkl", &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("\"mkl\"") && err.contains(MATMUL_ENV) && err.contains("candle or onednn"), "{err}");
+    }
+
+    /// Fused and unfused projections agree, on whichever path this CPU takes per dtype.
+    #[test]
+    fn fused_activation_and_operand_match_candle_ops() -> CandleResult<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.5, (48, 40), &dev)?;
+        let b = Tensor::randn(0f32, 0.5, 48, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 7, 40), &dev)?;
+        let other = Tensor::randn(0f32, 1.0, (2, 7, 48), &dev)?;
+        let plain = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+        for backend in [MatmulBackend::Candle, MatmulBackend::for_device(&dev).unwrap()] {
+            for dtype in [DType::F32, DType::BF16] {
+                let tolerance = if dtype == DType::F32 { 1e-4 } else { 0.1 };
+                let cast = |t: &Tensor| t.to_dtype(dtype);
+                let cases = [
+                    (Activation::Silu, Combine::Mul, (candle_nn::ops::silu(&plain)? * &other)?),
+                    (Activation::GeluErf, Combine::Add, (plain.gelu_erf()? + &other)?),
+                    (Activation::None, Combine::None, plain.clone()),
+                ];
+                for (activation, combine, want) in cases {
+                    let linear = Linear::fused(cast(&w)?, Some(cast(&b)?), activation, combine, backend).unwrap();
+                    let got = match combine {
+                        Combine::None => linear.forward(&cast(&x)?)?,
+                        _ => linear.forward_with(&cast(&x)?, &cast(&other)?)?,
+                    };
+                    assert_eq!(got.dims(), want.dims());
+                    let diff = (got.to_dtype(DType::F32)? - &want)?
+                        .abs()?
+                        .flatten_all()?
+                        .max(0)?
+                        .to_scalar::<f32>()?;
+                    assert!(diff < tolerance, "{backend:?} {dtype:?} {activation:?} {combine:?}: {diff}");
+                }
+            }
+        }
+        Ok(())
     }
 }

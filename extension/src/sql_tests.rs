@@ -155,30 +155,42 @@ pub(crate) mod tests {
         )
         .unwrap();
         let check = |id: i32, body: &str| {
-            let got = Spi::get_one::<Vec<f32>>(&format!("SELECT embedding::real[] FROM docs WHERE id = {id}")).unwrap().unwrap();
+            let got = Spi::get_one::<Vec<f32>>(&format!("SELECT embedding::real[] FROM docs WHERE id = {id}"))
+                .unwrap()
+                .unwrap();
             // Equal up to float rounding: concurrent tests' calls may share a padded batch.
-        assert!(max_abs_diff(&got, &embed_sql("nvembed_passage($1)", body)) <= 1e-6);
-            let half = Spi::get_one::<Vec<f32>>(&format!("SELECT half::vector::real[] FROM docs WHERE id = {id}")).unwrap().unwrap();
+            assert!(max_abs_diff(&got, &embed_sql("nvembed_passage($1)", body)) <= 1e-6);
+            let half = Spi::get_one::<Vec<f32>>(&format!("SELECT half::vector::real[] FROM docs WHERE id = {id}"))
+                .unwrap()
+                .unwrap();
             assert!(max_abs_diff(&half, &got) <= 1e-3);
-            let arr = Spi::get_one::<Vec<f32>>(&format!("SELECT arr FROM docs WHERE id = {id}")).unwrap().unwrap();
+            let arr = Spi::get_one::<Vec<f32>>(&format!("SELECT arr FROM docs WHERE id = {id}"))
+                .unwrap()
+                .unwrap();
             assert!(max_abs_diff(&arr, &embed_sql("nvembed_query($1)", body)) <= 1e-6);
         };
         check(1, "hello");
         check(2, "Crème brûlée à Paris");
-        let nulls = Spi::get_one::<bool>("SELECT embedding IS NULL AND half IS NULL AND arr IS NULL FROM docs WHERE id = 3").unwrap();
+        let nulls =
+            Spi::get_one::<bool>("SELECT embedding IS NULL AND half IS NULL AND arr IS NULL FROM docs WHERE id = 3")
+                .unwrap();
         assert_eq!(nulls, Some(true));
         // UPDATE of the text re-embeds; UPDATE of another column does not.
         Spi::run("UPDATE docs SET body = 'goodbye' WHERE id = 1").unwrap();
         check(1, "goodbye");
         Spi::run("UPDATE docs SET embedding = array_fill(0.5, ARRAY[32])::vector WHERE id = 2").unwrap();
         Spi::run("UPDATE docs SET note = 'edited' WHERE id = 2").unwrap();
-        let kept = Spi::get_one::<bool>("SELECT embedding = array_fill(0.5, ARRAY[32])::vector FROM docs WHERE id = 2").unwrap();
+        let kept = Spi::get_one::<bool>("SELECT embedding = array_fill(0.5, ARRAY[32])::vector FROM docs WHERE id = 2")
+            .unwrap();
         assert_eq!(kept, Some(true), "an update of another column must not re-embed");
         Spi::run("UPDATE docs SET body = NULL WHERE id = 1").unwrap();
         let cleared = Spi::get_one::<bool>("SELECT embedding IS NULL FROM docs WHERE id = 1").unwrap();
         assert_eq!(cleared, Some(true));
         // Assignment casts: arrays go straight into vector / halfvec columns.
-        Spi::run("INSERT INTO docs (id, note, embedding, half) VALUES (9, 'x', nvembed_passage('x'), nvembed_passage('x'))").unwrap();
+        Spi::run(
+            "INSERT INTO docs (id, note, embedding, half) VALUES (9, 'x', nvembed_passage('x'), nvembed_passage('x'))",
+        )
+        .unwrap();
         // A wrong column name is a clear error at first use.
         Spi::run("CREATE TABLE bad (body text, e vector(32));
                   CREATE TRIGGER b BEFORE INSERT ON bad FOR EACH ROW EXECUTE FUNCTION nvembed_embed_trigger('body', 'embeding')")
@@ -208,10 +220,16 @@ pub(crate) mod tests {
         };
         let is_passage_of = |id: i32, text: &str| {
             let got = vector_of(id).unwrap_or_else(|| panic!("row {id} has no vector"));
-            assert!(max_abs_diff(&got, &embed_sql("nvembed_passage($1)", text)) <= 1e-6, "row {id}: not the vector of {text:?}");
+            assert!(
+                max_abs_diff(&got, &embed_sql("nvembed_passage($1)", text)) <= 1e-6,
+                "row {id}: not the vector of {text:?}"
+            );
         };
         let is_marker = |id: i32, marker: &str| {
-            let kept = Spi::get_one::<bool>(&format!("SELECT embedding = (SELECT {marker} FROM marker) FROM tr WHERE id = {id}")).unwrap();
+            let kept = Spi::get_one::<bool>(&format!(
+                "SELECT embedding = (SELECT {marker} FROM marker) FROM tr WHERE id = {id}"
+            ))
+            .unwrap();
             assert_eq!(kept, Some(true), "row {id} should hold marker {marker}");
         };
         // INSERT: a NULL target is filled (in either partition), a given one kept, also by COPY.
@@ -243,9 +261,11 @@ pub(crate) mod tests {
         // ... and its unchanged out-of-line values are not stored again.
         Spi::run("UPDATE tr SET attachment = repeat('x', 100000) WHERE id = 101").unwrap();
         let toast_rows_written = || {
-            Spi::get_one::<i64>("SELECT pg_stat_get_xact_tuples_inserted(reltoastrelid) FROM pg_class WHERE relname = 'tr_high'")
-                .unwrap()
-                .unwrap()
+            Spi::get_one::<i64>(
+                "SELECT pg_stat_get_xact_tuples_inserted(reltoastrelid) FROM pg_class WHERE relname = 'tr_high'",
+            )
+            .unwrap()
+            .unwrap()
         };
         let before = toast_rows_written();
         Spi::run("UPDATE tr SET note = 'touched again' WHERE id = 101").unwrap();
@@ -300,11 +320,7 @@ pub(crate) mod tests {
     fn model_errors_name_the_path_and_recover() {
         use_fixture_exclusively();
         serve_model("/nonexistent/nvembed-model");
-        assert_error(
-            "PERFORM nvembed_passage('x')",
-            "F0000",
-            "/nonexistent/nvembed-model",
-        );
+        assert_error("PERFORM nvembed_passage('x')", "F0000", "/nonexistent/nvembed-model");
         // A corrupt shard.
         let broken = fixture_copy("broken");
         let shard = format!("{broken}/model-00001-of-00002.safetensors");
@@ -327,8 +343,12 @@ pub(crate) mod tests {
         use_fixture_exclusively();
         let postmaster_started = Spi::get_one::<String>("SELECT pg_postmaster_start_time()::text").unwrap();
         embed_sql("nvembed_passage($1)", "warm up");
-        let pid = Spi::get_one::<i32>("SELECT pid FROM nvembed_status()").unwrap().unwrap();
-        let restarts_before = Spi::get_one::<i64>("SELECT restarts FROM nvembed_status()").unwrap().unwrap();
+        let pid = Spi::get_one::<i32>("SELECT pid FROM nvembed_status()")
+            .unwrap()
+            .unwrap();
+        let restarts_before = Spi::get_one::<i64>("SELECT restarts FROM nvembed_status()")
+            .unwrap()
+            .unwrap();
         let killer = kill_after(pid, 300);
         let long = "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(2000);
         assert_error(
@@ -338,7 +358,9 @@ pub(crate) mod tests {
         );
         killer.join().unwrap();
         assert_eq!(embed_sql("nvembed_passage($1)", "after").len(), 32);
-        let restarts_after = Spi::get_one::<i64>("SELECT restarts FROM nvembed_status()").unwrap().unwrap();
+        let restarts_after = Spi::get_one::<i64>("SELECT restarts FROM nvembed_status()")
+            .unwrap()
+            .unwrap();
         assert!(restarts_after > restarts_before);
         // The postmaster did not crash-restart: same start time, and this session lives on.
         let still = Spi::get_one::<String>("SELECT pg_postmaster_start_time()::text").unwrap();
@@ -349,7 +371,8 @@ pub(crate) mod tests {
     fn status_reports_the_loaded_model() {
         use_fixture_exclusively();
         embed_sql("nvembed_passage($1)", "x");
-        let (loaded, dim, model) = Spi::get_three::<bool, i32, String>("SELECT loaded, dimension, model FROM nvembed_status()").unwrap();
+        let (loaded, dim, model) =
+            Spi::get_three::<bool, i32, String>("SELECT loaded, dimension, model FROM nvembed_status()").unwrap();
         assert_eq!((loaded, dim), (Some(true), Some(32)));
         assert_eq!(model, Some(model_dir()));
     }
@@ -378,11 +401,18 @@ pub(crate) mod tests {
             assert_error(&format!("SET {setting}"), "55P02", "cannot be changed now");
             assert_error(&format!("ALTER ROLE nvembed_plain_user SET {setting}"), "55P02", "cannot be changed now");
             let per_database = format!("ALTER DATABASE contrib_regression SET {setting}").replace('\'', "''");
-            assert_error(&format!("EXECUTE replace('{per_database}', 'contrib_regression', quote_ident(current_database()))"), "55P02", "cannot be changed now");
+            assert_error(
+                &format!("EXECUTE replace('{per_database}', 'contrib_regression', quote_ident(current_database()))"),
+                "55P02",
+                "cannot be changed now",
+            );
         }
         // postgresql.conf values are checked when they are set, and the error lists the valid ones.
         Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
-        for (setting, valid) in [("nvembed.dtype = 'f64'", "auto, f32, f16, bf16"), ("nvembed.device = 'tpu'", "cpu, cuda")] {
+        for (setting, valid) in [
+            ("nvembed.dtype = 'f64'", "auto, f32, f16, bf16"),
+            ("nvembed.device = 'tpu'", "cpu, cuda"),
+        ] {
             let statement = format!("ALTER SYSTEM SET {setting}");
             Spi::run(&format!(
                 "DO $t$ DECLARE d text; BEGIN
@@ -402,11 +432,16 @@ pub(crate) mod tests {
 
     /// A connection string back to this test server, for dblink.
     pub(crate) fn self_connection() -> String {
-        let socket_dir = Spi::get_one::<String>("SELECT split_part(current_setting('unix_socket_directories'), ',', 1)")
+        let socket_dir =
+            Spi::get_one::<String>("SELECT split_part(current_setting('unix_socket_directories'), ',', 1)")
+                .unwrap()
+                .unwrap();
+        let port = Spi::get_one::<String>("SELECT current_setting('port')")
             .unwrap()
             .unwrap();
-        let port = Spi::get_one::<String>("SELECT current_setting('port')").unwrap().unwrap();
-        let db = Spi::get_one::<String>("SELECT current_database()::text").unwrap().unwrap();
+        let db = Spi::get_one::<String>("SELECT current_database()::text")
+            .unwrap()
+            .unwrap();
         format!("host={} port={port} dbname={db} user=postgres", socket_dir.trim())
     }
 
@@ -432,7 +467,8 @@ pub(crate) mod tests {
         let sessions = 8;
         let mut pids = Vec::new();
         for s in 0..sessions {
-            Spi::run_with_args("SELECT dblink_connect($1, $2)", &[format!("c{s}").into(), conn.clone().into()]).unwrap();
+            Spi::run_with_args("SELECT dblink_connect($1, $2)", &[format!("c{s}").into(), conn.clone().into()])
+                .unwrap();
             let pid = Spi::get_one_with_args::<i32>(
                 "SELECT pid FROM dblink($1, 'SELECT pg_backend_pid()') AS t(pid int)",
                 &[format!("c{s}").into()],
@@ -456,11 +492,16 @@ pub(crate) mod tests {
                 )
                 .unwrap()
                 .unwrap();
-                let got: Vec<f32> = got.trim_matches(|c| c == '{' || c == '}').split(',').map(|x| x.parse().unwrap()).collect();
+                let got: Vec<f32> = got
+                    .trim_matches(|c| c == '{' || c == '}')
+                    .split(',')
+                    .map(|x| x.parse().unwrap())
+                    .collect();
                 let expected = &want[(s + round) % texts.len()];
                 assert!(max_abs_diff(&got, expected) <= 1e-6, "session {s} round {round}");
                 // Drain the end-of-results marker of the async query.
-                Spi::run_with_args("SELECT * FROM dblink_get_result($1) AS t(v text)", &[format!("c{s}").into()]).unwrap();
+                Spi::run_with_args("SELECT * FROM dblink_get_result($1) AS t(v text)", &[format!("c{s}").into()])
+                    .unwrap();
             }
         }
         for (s, &pid) in pids.iter().enumerate() {
@@ -480,7 +521,10 @@ pub(crate) mod tests {
         fn drop(&mut self) {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
-            let writer = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&self.0);
+            let writer = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.0);
             if let Ok(mut w) = writer {
                 let _ = w.write_all(b"not json");
             }
@@ -528,7 +572,13 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(got.len(), texts.len());
         for (row, want) in got.iter().zip(&want) {
-            let row: Vec<f32> = row.as_ref().unwrap().trim_matches(|c| c == '{' || c == '}').split(',').map(|x| x.parse().unwrap()).collect();
+            let row: Vec<f32> = row
+                .as_ref()
+                .unwrap()
+                .trim_matches(|c| c == '{' || c == '}')
+                .split(',')
+                .map(|x| x.parse().unwrap())
+                .collect();
             assert!(max_abs_diff(&row, want) <= 1e-6);
         }
         let nulls = Spi::get_one::<Vec<bool>>(
@@ -574,7 +624,8 @@ pub(crate) mod tests {
         // 86 non-NULL texts: row 3 was already embedded (and kept), 85 backfilled, all correct.
         assert_eq!(counts, "0,0,85");
         let kept = "SELECT (embedding = '{1}')::text FROM backfill_docs WHERE id = 3";
-        let kept = Spi::get_one_with_args::<String>("SELECT v FROM dblink('bf', $1) AS t(v text)", &[kept.into()]).unwrap();
+        let kept =
+            Spi::get_one_with_args::<String>("SELECT v FROM dblink('bf', $1) AS t(v text)", &[kept.into()]).unwrap();
         assert_eq!(kept.as_deref(), Some("true"));
         // A re-run finds nothing to do; a wrong column is a clear error.
         Spi::run_with_args("SELECT dblink_exec('bf', $1)", &[call.into()]).unwrap();
@@ -688,7 +739,9 @@ pub(crate) mod tests {
         remote_session("reader");
         remote_session("writer");
         let long = "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(600);
-        let reader_pid = remote_text("reader", "SELECT pg_backend_pid()::text").parse::<i32>().unwrap();
+        let reader_pid = remote_text("reader", "SELECT pg_backend_pid()::text")
+            .parse::<i32>()
+            .unwrap();
         // Under READ COMMITTED the changed row's new version is not at the listed position any
         // more; under REPEATABLE READ the batch's snapshot still sees the old version there, and
         // locking it fails (40001) for that row only.
@@ -719,12 +772,21 @@ pub(crate) mod tests {
             remote_exec("writer", "UPDATE bf_race SET body = 'a text written during the batch' WHERE id = 3");
             remote_exec("writer", "BEGIN");
             assert_eq!(remote_text("writer", "SELECT body FROM bf_race WHERE id = 5 FOR UPDATE"), "race row 5");
-            assert_eq!(backfill_locks_held(reader_pid), 1, "the batch ended before the update: make its first text longer");
-            let counts = Spi::get_one::<String>("SELECT v FROM dblink_get_result('reader') AS t(v text)").unwrap().unwrap();
+            assert_eq!(
+                backfill_locks_held(reader_pid),
+                1,
+                "the batch ended before the update: make its first text longer"
+            );
+            let counts = Spi::get_one::<String>("SELECT v FROM dblink_get_result('reader') AS t(v text)")
+                .unwrap()
+                .unwrap();
             Spi::run("SELECT * FROM dblink_get_result('reader') AS t(v text)").unwrap();
             // Row 3 changed since read (left NULL), row 5 locked (skipped, not waited for).
             assert_eq!(counts, "4,1,1", "{isolation}");
-            let left = remote_text("reader", "SELECT string_agg(id::text, ',' ORDER BY id) FROM bf_race WHERE embedding IS NULL");
+            let left = remote_text(
+                "reader",
+                "SELECT string_agg(id::text, ',' ORDER BY id) FROM bf_race WHERE embedding IS NULL",
+            );
             assert_eq!(left, "3,5", "{isolation}");
             remote_exec("writer", "COMMIT");
             // The next run fills both with their current texts.
@@ -785,7 +847,11 @@ pub(crate) mod tests {
         remote_exec("hostile", &hostile);
         remote_exec("hostile", "SET search_path = bf_hostile, public, pg_catalog");
         // The trap is armed: an unqualified operator in this session runs it.
-        assert_error("PERFORM dblink_exec('hostile', 'SELECT 1::bigint - 1::bigint')", "P0001", "hostile operator called");
+        assert_error(
+            "PERFORM dblink_exec('hostile', 'SELECT 1::bigint - 1::bigint')",
+            "P0001",
+            "hostile operator called",
+        );
         remote_exec("hostile", "CALL nvembed_backfill('public.bf_victim', 'body', 'embedding', batch_size => 3)");
         remote_exec("hostile", "RESET search_path");
         assert_eq!(embedding_state("hostile", "bf_victim", "body", "embedding"), "20,20,0");
@@ -851,7 +917,8 @@ pub(crate) mod tests {
             ("embedding_model.layers.0.self_attn.k_proj.weight", |dir| {
                 let path = format!("{dir}/config.json");
                 let config = std::fs::read_to_string(&path).unwrap();
-                std::fs::write(&path, config.replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 8")).unwrap();
+                std::fs::write(&path, config.replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 8"))
+                    .unwrap();
             }),
             ("config.json", |dir| std::fs::write(format!("{dir}/config.json"), "{").unwrap()),
         ];
@@ -873,12 +940,19 @@ pub(crate) mod tests {
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             assert!((norm - 1.0).abs() < 1e-5 && v.iter().all(|x| x.is_finite()), "{text:?}");
         }
-        let nulls = Spi::get_one::<bool>("SELECT nvembed_passage(NULL) IS NULL AND nvembed_query(NULL) IS NULL AND nvembed_query('x', NULL) IS NULL").unwrap();
+        let nulls = Spi::get_one::<bool>(
+            "SELECT nvembed_passage(NULL) IS NULL AND nvembed_query(NULL) IS NULL AND nvembed_query('x', NULL) IS NULL",
+        )
+        .unwrap();
         assert_eq!(nulls, Some(true));
         // 1 MB of text is truncated to nvembed.max_length tokens.
         Spi::run("SET nvembed.max_length = 512").unwrap();
-        let huge = Spi::get_one::<Vec<f32>>("SELECT nvembed_passage(repeat('lighthouse ', 100000))").unwrap().unwrap();
-        let cut = Spi::get_one::<Vec<f32>>("SELECT nvembed_passage(repeat('lighthouse ', 600))").unwrap().unwrap();
+        let huge = Spi::get_one::<Vec<f32>>("SELECT nvembed_passage(repeat('lighthouse ', 100000))")
+            .unwrap()
+            .unwrap();
+        let cut = Spi::get_one::<Vec<f32>>("SELECT nvembed_passage(repeat('lighthouse ', 600))")
+            .unwrap()
+            .unwrap();
         assert!(max_abs_diff(&huge, &cut) <= 1e-6, "the same first 512 tokens give the same vector");
         assert_error("SET nvembed.max_length = -1", "22023", "max_length");
         // A custom task that leaves nothing to pool.
@@ -890,9 +964,15 @@ pub(crate) mod tests {
     fn garbage_on_the_socket_drops_that_connection_only() {
         use_fixture();
         use std::io::{Read, Write};
-        for garbage in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0xff, 0xff, 0xff, 0xff, 0, 1, 2][..], &[0, 0, 0, 3, b'{', b'}', b'x'][..]] {
+        for garbage in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            &[0xff, 0xff, 0xff, 0xff, 0, 1, 2][..],
+            &[0, 0, 0, 3, b'{', b'}', b'x'][..],
+        ] {
             let mut stream = std::os::unix::net::UnixStream::connect(nvembed_protocol::SOCKET_NAME).unwrap();
-            stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+            stream
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
             stream.write_all(garbage).unwrap();
             let _ = stream.shutdown(std::net::Shutdown::Write);
             let mut rest = Vec::new();
@@ -925,7 +1005,10 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM rb").unwrap(), Some(0));
         // A role that may read but not write the table cannot write through the trigger or backfill.
-        Spi::run("CREATE ROLE nvembed_reader; GRANT SELECT ON rb TO nvembed_reader; INSERT INTO rb (body) VALUES ('y')").unwrap();
+        Spi::run(
+            "CREATE ROLE nvembed_reader; GRANT SELECT ON rb TO nvembed_reader; INSERT INTO rb (body) VALUES ('y')",
+        )
+        .unwrap();
         Spi::run("UPDATE rb SET e = NULL").unwrap();
         Spi::run("SET ROLE nvembed_reader").unwrap();
         assert_error("INSERT INTO rb VALUES ('z')", "42501", "permission denied");
@@ -949,11 +1032,15 @@ pub(crate) mod tests {
         Spi::run_with_args("SELECT dblink_send_query('long', $1)", &[call.into()]).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(300));
         let started = std::time::Instant::now();
-        let cancelled = Spi::get_one::<String>("SELECT dblink_cancel_query('long')").unwrap().unwrap();
+        let cancelled = Spi::get_one::<String>("SELECT dblink_cancel_query('long')")
+            .unwrap()
+            .unwrap();
         assert_eq!(cancelled, "OK");
         // Collect the cancelled query's outcome (an error, not raised here) and drain the result.
         Spi::run("SELECT * FROM dblink_get_result('long', false) AS t(ok bool)").unwrap();
-        let result = Spi::get_one::<String>("SELECT dblink_error_message('long')").unwrap().unwrap();
+        let result = Spi::get_one::<String>("SELECT dblink_error_message('long')")
+            .unwrap()
+            .unwrap();
         Spi::run("SELECT * FROM dblink_get_result('long', false) AS t(ok bool)").unwrap();
         assert!(seconds(started) < 1.0, "cancel took {:.2} s", seconds(started));
         assert!(result.contains("canceling statement"), "{result}");
@@ -977,7 +1064,19 @@ pub(crate) mod tests {
         Spi::run_with_args("SELECT dblink_exec('bf2', $1)", &[setup.into()]).unwrap();
         let call = "CALL nvembed_backfill('resumable', 'body', 'embedding', 'passage', 16)";
         Spi::run_with_args("SELECT dblink_send_query('bf2', $1)", &[call.into()]).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(1000));
+        // Cancelled once its first batches have committed: a fixed wait can end before the first
+        // one on a loaded machine.
+        let progress =
+            "SELECT n FROM dblink($1, 'SELECT count(*) FROM resumable WHERE embedding IS NOT NULL') AS t(n bigint)";
+        for _ in 0..600 {
+            let done = Spi::get_one_with_args::<i64>(progress, &[self_connection().into()])
+                .unwrap()
+                .unwrap_or(0);
+            if done > 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         Spi::run("SELECT dblink_cancel_query('bf2')").unwrap();
         for _ in 0..2 {
             // The cancelled CALL's error, then the end of its results.
@@ -1028,7 +1127,11 @@ pub(crate) mod tests {
         let got = got.map(|v| v.unwrap());
         match got {
             Ok(v) => {
-                let v: Vec<f32> = v.trim_matches(|c| c == '{' || c == '}').split(',').map(|x| x.parse().unwrap()).collect();
+                let v: Vec<f32> = v
+                    .trim_matches(|c| c == '{' || c == '}')
+                    .split(',')
+                    .map(|x| x.parse().unwrap())
+                    .collect();
                 assert!(max_abs_diff(&v, &embed_sql("nvembed_passage($1)", text)) <= 1e-6);
             }
             Err(e) => panic!("{e}"),
@@ -1044,18 +1147,23 @@ pub(crate) mod tests {
         let long = "The lighthouse beam sweeps across the water in slow, steady circles. ".repeat(1500);
         for s in 0..3 {
             let name = format!("mk{s}");
-            Spi::run_with_args("SELECT dblink_connect($1, $2)", &[name.clone().into(), self_connection().into()]).unwrap();
-            let call = format!("SELECT nvembed_passage({}) IS NOT NULL", pgrx::spi::quote_literal(&format!("{long} {s}")));
+            Spi::run_with_args("SELECT dblink_connect($1, $2)", &[name.clone().into(), self_connection().into()])
+                .unwrap();
+            let call =
+                format!("SELECT nvembed_passage({}) IS NOT NULL", pgrx::spi::quote_literal(&format!("{long} {s}")));
             Spi::run_with_args("SELECT dblink_send_query($1, $2)", &[name.into(), call.into()]).unwrap();
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
-        let waiting = Spi::get_one::<i64>("SELECT waiting FROM nvembed_status()").unwrap().unwrap();
+        let waiting = Spi::get_one::<i64>("SELECT waiting FROM nvembed_status()")
+            .unwrap()
+            .unwrap();
         assert!(waiting >= 2, "the sessions' calls are queued or running together: {waiting}");
         let killed = std::time::Instant::now();
         let killer = kill_after(pid, 0);
         for s in 0..3 {
             let name = format!("mk{s}");
-            Spi::run_with_args("SELECT * FROM dblink_get_result($1, false) AS t(ok bool)", &[name.clone().into()]).unwrap();
+            Spi::run_with_args("SELECT * FROM dblink_get_result($1, false) AS t(ok bool)", &[name.clone().into()])
+                .unwrap();
             let message = Spi::get_one_with_args::<String>("SELECT dblink_error_message($1)", &[name.clone().into()])
                 .unwrap()
                 .unwrap();
@@ -1081,7 +1189,9 @@ pub(crate) mod tests {
 
     /// A status column as text.
     fn status_value(column: &str) -> String {
-        Spi::get_one::<String>(&format!("SELECT {column}::text FROM nvembed_status()")).unwrap().unwrap()
+        Spi::get_one::<String>(&format!("SELECT {column}::text FROM nvembed_status()"))
+            .unwrap()
+            .unwrap()
     }
 
     #[pg_test]
@@ -1101,7 +1211,11 @@ pub(crate) mod tests {
         let got = remote_text("other", "SELECT nvembed_query('where is the lighthouse?')::text");
         let search = seconds(started);
         let want = embed_sql("nvembed_query($1)", "where is the lighthouse?");
-        let got: Vec<f32> = got.trim_matches(|c| c == '{' || c == '}').split(',').map(|x| x.parse().unwrap()).collect();
+        let got: Vec<f32> = got
+            .trim_matches(|c| c == '{' || c == '}')
+            .split(',')
+            .map(|x| x.parse().unwrap())
+            .collect();
         assert!(max_abs_diff(&got, &want) <= 1e-6);
         assert!(search < 1.5, "a search waited {search:.2} s behind bulk work");
         // A small batch call is answered when its own rows are done, not after the long call.
@@ -1212,7 +1326,10 @@ pub(crate) mod tests {
         let (_, preloading) = server_restarts_and_pid();
         alter_system("ALTER SYSTEM RESET nvembed.preload");
         let started = std::time::Instant::now();
-        while Spi::get_one::<i32>("SELECT pid FROM nvembed_status()").unwrap().is_none_or(|p| p == preloading) {
+        while Spi::get_one::<i32>("SELECT pid FROM nvembed_status()")
+            .unwrap()
+            .is_none_or(|p| p == preloading)
+        {
             assert!(seconds(started) < 30.0, "the model server was not restarted without preload");
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
@@ -1225,7 +1342,8 @@ pub(crate) mod tests {
         let dir = fixture_copy("nan-weights");
         let name = "embedding_model.norm.weight";
         let index: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(format!("{dir}/model.safetensors.index.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(format!("{dir}/model.safetensors.index.json")).unwrap())
+                .unwrap();
         let shard = format!("{dir}/{}", index["weight_map"][name].as_str().unwrap());
         let mut bytes = std::fs::read(&shard).unwrap();
         let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -1249,5 +1367,4 @@ pub(crate) mod tests {
         serve_model(&model_dir());
         assert_eq!(embed_sql("nvembed_passage($1)", "finite again").len(), 32);
     }
-
 }
