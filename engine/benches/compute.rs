@@ -7,7 +7,7 @@
 //!
 //! `cargo bench -p nvembed-engine --bench compute` (part of `make bench`).
 
-mod medium_checkpoint;
+mod bench_support;
 
 use std::process::Command;
 use std::time::Instant;
@@ -47,16 +47,6 @@ const CONFIGS: [(&str, &str, Option<&str>); 8] = [
 const REFERENCE_F32: (f64, f64) = (8.52, 0.366);
 const REFERENCE_BF16: (f64, f64) = (3.22, 0.122);
 const TARGET_EFFICIENCY: f64 = 0.70;
-
-fn status_bytes(key: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
 
 fn best_of(runs: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -118,11 +108,11 @@ fn child(dtype_name: &str, backend_name: &str) {
     set_compute_threads(THREADS).expect("threads");
     let dtype = parse_dtype(dtype_name).expect("dtype");
     let backend = MatmulBackend::parse(backend_name, &Device::Cpu).expect("backend");
-    let files = ModelSource::Dir(medium_checkpoint::dir()).resolve().expect("resolve");
+    let files = ModelSource::Dir(bench_support::dir()).resolve().expect("resolve");
     let embedder = Embedder::load_with(&files, dtype, &Device::Cpu, backend).expect("load");
     let shape = Shape::medium();
     let weight_bytes = (shape.parameter_count() * dtype.size_in_bytes()) as f64;
-    let rss_after_load = status_bytes("VmRSS:") as f64 / weight_bytes;
+    let rss_after_load = bench_support::status_bytes("VmRSS:") as f64 / weight_bytes;
 
     let base = "The harbour town wakes slowly on winter mornings while fishing boats rock against the stone quay and gulls argue over scraps near the lighthouse";
     let passages: Vec<String> = (0..PASSAGES)
@@ -173,7 +163,7 @@ fn child(dtype_name: &str, backend_name: &str) {
         "gemm_batch": gemm_rate(&shape, dtype, PASSAGES * PASSAGE_TOKENS),
         "gemm_query": gemm_rate(&shape, dtype, QUERY_TOKENS),
         "rss_after_load": rss_after_load,
-        "peak_rss": status_bytes("VmHWM:") as f64 / weight_bytes,
+        "peak_rss": bench_support::status_bytes("VmHWM:") as f64 / weight_bytes,
         "batch_profile": batch_profile,
         "query_profile": query_profile,
     });
@@ -206,9 +196,9 @@ fn main() {
         child(&args[i + 1], &args[i + 2]);
         return;
     }
-    if !medium_checkpoint::exists() {
-        eprintln!("generating the medium checkpoint in {} ...", medium_checkpoint::dir().display());
-        medium_checkpoint::generate();
+    if !bench_support::exists() {
+        eprintln!("generating the medium checkpoint in {} ...", bench_support::dir().display());
+        bench_support::generate();
     }
     println!("CPU: {}", cpu());
     println!();

@@ -5,7 +5,7 @@
 //! The checkpoint is generated once (in a child process, so its allocation does not count
 //! towards the measured peak RSS) under `target/nvembed-bench/medium`.
 
-mod medium_checkpoint;
+mod bench_support;
 
 use std::process::Command;
 use std::time::Instant;
@@ -23,23 +23,13 @@ const TARGET_SECONDS: f64 = 8.5;
 const TARGET_RSS_RATIO: f64 = 1.15;
 
 /// A `/proc/self/status` memory line (VmHWM = peak RSS, VmRSS = current), in bytes.
-fn status_bytes(key: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
 fn main() {
-    let dir = medium_checkpoint::dir();
+    let dir = bench_support::dir();
     if std::env::args().any(|a| a == "--generate") {
-        medium_checkpoint::generate();
+        bench_support::generate();
         return;
     }
-    if !medium_checkpoint::exists() {
+    if !bench_support::exists() {
         eprintln!("generating the medium checkpoint in {} ...", dir.display());
         let status = Command::new(std::env::current_exe().expect("exe"))
             .arg("--generate")
@@ -54,7 +44,8 @@ fn main() {
     let load_start = Instant::now();
     let embedder = Embedder::load(&files, DType::F32, &Device::Cpu).expect("load");
     let load_seconds = load_start.elapsed().as_secs_f64();
-    let (rss_after_load, peak_after_load) = (status_bytes("VmRSS:"), status_bytes("VmHWM:"));
+    let (rss_after_load, peak_after_load) =
+        (bench_support::status_bytes("VmRSS:"), bench_support::status_bytes("VmHWM:"));
 
     // Long passages cut at exactly TOKENS_PER_PASSAGE tokens; all differ.
     let base = "The harbour town wakes slowly on winter mornings while fishing boats rock against the stone quay and gulls argue over scraps near the lighthouse";
@@ -83,7 +74,7 @@ fn main() {
     }
     let weight_bytes = Shape::medium().parameter_count() * DType::F32.size_in_bytes();
     let ratio = |bytes: u64| bytes as f64 / weight_bytes as f64;
-    let rss_ratio = ratio(status_bytes("VmHWM:"));
+    let rss_ratio = ratio(bench_support::status_bytes("VmHWM:"));
 
     println!("| workload | measured | target |");
     println!("|---|---|---|");
