@@ -39,7 +39,7 @@ impl CrossAttention {
         let norm_context = LayerNorm::new(
             f32_param("norm_context.weight", l.hidden_dim)?,
             f32_param("norm_context.bias", l.hidden_dim)?,
-        );
+        )?;
         // Used once, here: candle's matmul, whatever the backend.
         let to_kv = candle_nn::Linear::new(w.get(&format!("{p}.fn.to_kv.weight"), &[2 * inner, l.hidden_dim])?, None);
         let latents = w.get(&format!("{PREFIX}.latents"), &[l.num_latents_value, l.latent_dim])?;
@@ -55,7 +55,7 @@ impl CrossAttention {
             latent_values.push(Linear::new(values, None, backend)?.charged_to(Stage::LatentBlock));
         }
         Ok(Self {
-            norm: LayerNorm::new(f32_param("norm.weight", l.latent_dim)?, f32_param("norm.bias", l.latent_dim)?),
+            norm: LayerNorm::new(f32_param("norm.weight", l.latent_dim)?, f32_param("norm.bias", l.latent_dim)?)?,
             to_q: Linear::new(w.get(&format!("{p}.fn.to_q.weight"), &[inner, l.latent_dim])?, None, backend)?,
             to_out: Linear::fused(
                 w.get(&format!("{p}.fn.to_out.weight"), &[l.latent_dim, inner])?,
@@ -118,7 +118,7 @@ impl FeedForward {
             norm: LayerNorm::new(
                 w.get_as(&format!("{p}.norm.weight"), &[d], DType::F32)?,
                 w.get_as(&format!("{p}.norm.bias"), &[d], DType::F32)?,
-            ),
+            )?,
             value: Linear::fused(
                 half(&proj_in, 0)?,
                 Some(half(&proj_in_bias, 0)?),

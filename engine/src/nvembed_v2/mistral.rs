@@ -139,7 +139,7 @@ impl DecoderLayer {
         let hs = cfg.text_config.hidden_size;
         let eps = cfg.text_config.rms_norm_eps;
         let norm = |name: &str| -> Result<RmsNorm> {
-            Ok(RmsNorm::new(w.get_as(&format!("{prefix}.{name}.weight"), &[hs], DType::F32)?, eps))
+            Ok(RmsNorm::new(w.get_as(&format!("{prefix}.{name}.weight"), &[hs], DType::F32)?, eps)?)
         };
         Ok(Self {
             input_norm: norm("input_layernorm")?,
@@ -223,7 +223,7 @@ impl Decoder {
         Ok(Self {
             embed_tokens: candle_nn::Embedding::new(embed, t.hidden_size),
             layers,
-            norm: RmsNorm::new(norm, t.rms_norm_eps),
+            norm: RmsNorm::new(norm, t.rms_norm_eps)?,
             head_dim: cfg.head_dim(),
             rope_theta: t.rope_theta,
         })

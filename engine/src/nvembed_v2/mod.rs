@@ -2,6 +2,7 @@
 //!
 //! Config-driven: every size comes from `config.json`, and the model runs in f32, f16 or bf16.
 
+mod half_norm;
 mod latent_attention;
 mod mistral;
 mod ops;

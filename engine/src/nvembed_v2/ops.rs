@@ -2,7 +2,13 @@
 
 use candle_core::{DType, Module, Result, Tensor, D};
 
+use super::half_norm::HalfNorm;
 use crate::profile::{self, Stage};
+
+/// Whether a norm of `xs` runs in one pass (`HalfNorm`): 16-bit tensors on the CPU.
+fn one_pass(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && matches!(xs.dtype(), DType::BF16 | DType::F16)
+}
 
 /// Upper bound on the f32 attention-score block materialised at once. A full L×L score tensor
 /// for the real model at 32768 tokens would be ~137 GB; queries are processed in blocks so that
@@ -18,20 +24,30 @@ pub const TOKEN_CHUNK_ROWS: usize = 512;
 /// RMSNorm computed in f32 (weights kept in f32), result cast back to the input dtype.
 pub struct RmsNorm {
     weight: Tensor,
+    /// The same weights, for the one-pass 16-bit path.
+    weight_values: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
-    pub fn new(weight: Tensor, eps: f64) -> Self {
-        Self {
+    pub fn new(weight: Tensor, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight_values: weight.to_vec1()?,
             weight,
             eps: eps as f32,
-        }
+        })
     }
 }
 
 impl Module for RmsNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if one_pass(xs) {
+            let norm = HalfNorm::Rms {
+                weight: &self.weight_values,
+                eps: self.eps,
+            };
+            return profile::time(Stage::NormsRope, || xs.contiguous()?.apply_op1_no_bwd(&norm));
+        }
         let xs32 = profile::time(Stage::Conversions, || xs.to_dtype(DType::F32))?;
         let normed = profile::time(Stage::NormsRope, || candle_nn::ops::rms_norm(&xs32, &self.weight, self.eps))?;
         profile::time(Stage::Conversions, || normed.to_dtype(xs.dtype()))
@@ -42,18 +58,34 @@ impl Module for RmsNorm {
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
+    /// The same parameters, for the one-pass 16-bit path.
+    weight_values: Vec<f32>,
+    bias_values: Vec<f32>,
 }
 
 impl LayerNorm {
     const EPS: f32 = 1e-5;
 
-    pub fn new(weight: Tensor, bias: Tensor) -> Self {
-        Self { weight, bias }
+    pub fn new(weight: Tensor, bias: Tensor) -> Result<Self> {
+        Ok(Self {
+            weight_values: weight.to_vec1()?,
+            bias_values: bias.to_vec1()?,
+            weight,
+            bias,
+        })
     }
 }
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if one_pass(xs) {
+            let norm = HalfNorm::Layer {
+                weight: &self.weight_values,
+                bias: &self.bias_values,
+                eps: Self::EPS,
+            };
+            return profile::time(Stage::NormsRope, || xs.contiguous()?.apply_op1_no_bwd(&norm));
+        }
         let xs32 = profile::time(Stage::Conversions, || xs.to_dtype(DType::F32))?;
         let normed =
             profile::time(Stage::NormsRope, || candle_nn::ops::layer_norm(&xs32, &self.weight, &self.bias, Self::EPS))?;
