@@ -278,3 +278,40 @@ int nv_matmul_plain_f32(int64_t m, int64_t n, int64_t k, const float *src, const
     dnnl_primitive_destroy(prim);
     return s;
 }
+
+/*
+ * c (batch × m × n) = a (batch × m × k) · b (batch × k × n), dense row-major f32, both operands
+ * given per call: attention's scores and weighted sums. Created per call through oneDNN's
+ * primitive cache.
+ */
+int nv_batched_matmul_f32(int64_t batch, int64_t m, int64_t k, int64_t n, const float *a, const float *b, float *c) {
+    dnnl_memory_desc_t a_md, b_md, c_md;
+    dnnl_matmul_desc_t desc;
+    dnnl_primitive_desc_t pd;
+    dnnl_primitive_t prim;
+    dnnl_memory_t a_mem = NULL, b_mem = NULL, c_mem = NULL;
+    dnnl_dims_t a_dims = {batch, m, k}, b_dims = {batch, k, n}, c_dims = {batch, m, n};
+    dnnl_status_t s;
+    if ((s = dnnl_memory_desc_init_by_tag(&a_md, 3, a_dims, dnnl_f32, dnnl_abc)) != dnnl_success) return s;
+    if ((s = dnnl_memory_desc_init_by_tag(&b_md, 3, b_dims, dnnl_f32, dnnl_abc)) != dnnl_success) return s;
+    if ((s = dnnl_memory_desc_init_by_tag(&c_md, 3, c_dims, dnnl_f32, dnnl_abc)) != dnnl_success) return s;
+    if ((s = dnnl_matmul_desc_init(&desc, &a_md, &b_md, NULL, &c_md)) != dnnl_success) return s;
+    if ((s = dnnl_primitive_desc_create(&pd, &desc, NULL, engine, NULL)) != dnnl_success) return s;
+    s = dnnl_primitive_create(&prim, pd);
+    dnnl_primitive_desc_destroy(pd);
+    if (s != dnnl_success) return s;
+    if ((s = dnnl_memory_create(&a_mem, &a_md, engine, (void *)a)) != dnnl_success) goto out;
+    if ((s = dnnl_memory_create(&b_mem, &b_md, engine, (void *)b)) != dnnl_success) goto out;
+    if ((s = dnnl_memory_create(&c_mem, &c_md, engine, c)) != dnnl_success) goto out;
+    {
+        dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}};
+        if ((s = dnnl_primitive_execute(prim, stream, 3, args)) != dnnl_success) goto out;
+    }
+    s = dnnl_stream_wait(stream);
+out:
+    if (a_mem) dnnl_memory_destroy(a_mem);
+    if (b_mem) dnnl_memory_destroy(b_mem);
+    if (c_mem) dnnl_memory_destroy(c_mem);
+    dnnl_primitive_destroy(prim);
+    return s;
+}

@@ -215,6 +215,31 @@ impl Linear {
     }
 }
 
+/// `a` (…, m, k) · `b` (…, k, n) with the same leading dimensions, in f32: oneDNN's batched
+/// matmul for the oneDNN backend on f32 CPU tensors, candle's otherwise (attention's scores and
+/// weighted sums, whose operands are both activations).
+pub fn batched_matmul(a: &Tensor, b: &Tensor, backend: MatmulBackend) -> CandleResult<Tensor> {
+    #[cfg(feature = "onednn")]
+    if backend == MatmulBackend::Onednn
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && a.rank() >= 3
+        && a.dims()[..a.rank() - 2] == b.dims()[..b.rank().max(2) - 2]
+    {
+        let (m, k) = (a.dim(a.rank() - 2)?, a.dim(a.rank() - 1)?);
+        let n = b.dim(b.rank() - 1)?;
+        let batch = a.elem_count() / (m * k).max(1);
+        let mut dims = a.dims().to_vec();
+        *dims.last_mut().expect("rank ≥ 3") = n;
+        let a3 = a.reshape((batch, m, k))?.contiguous()?;
+        let b3 = b.reshape((batch, k, n))?.contiguous()?;
+        return onednn::batched_matmul_f32(&a3, &b3)?.reshape(dims);
+    }
+    #[cfg(not(feature = "onednn"))]
+    let _ = backend;
+    a.broadcast_matmul(b)
+}
+
 /// `t` as contiguous (rows, last dimension).
 #[cfg(feature = "onednn")]
 fn as_rows(t: &Tensor) -> CandleResult<Tensor> {

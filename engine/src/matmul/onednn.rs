@@ -56,6 +56,7 @@ extern "C" {
     fn nv_matmul_run(mm: *mut nv_matmul, m: i64, src: *const c_void, operand: *const c_void, dst: *mut c_void)
         -> c_int;
     fn nv_matmul_free(mm: *mut nv_matmul);
+    fn nv_batched_matmul_f32(batch: i64, m: i64, k: i64, n: i64, a: *const f32, b: *const f32, c: *mut f32) -> c_int;
     fn nv_matmul_plain_f32(m: i64, n: i64, k: i64, src: *const f32, weight: *const f32, dst: *mut f32) -> c_int;
 }
 
@@ -298,4 +299,25 @@ where
     dst.par_chunks_mut(WIDEN_CHUNK)
         .zip(src.par_chunks(WIDEN_CHUNK))
         .for_each(|(d, s)| s.convert_to_f32_slice(d));
+}
+
+/// (batch, m, k) · (batch, k, n) → (batch, m, n), contiguous f32 tensors.
+pub fn batched_matmul_f32(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (batch, m, k) = a.dims3()?;
+    let n = b.dim(2)?;
+    let _guard = lock()?;
+    let out = with_elements::<f32, _>(a, |a| {
+        with_elements::<f32, _>(b, |b| {
+            filled::<f32>(
+                batch * m,
+                n,
+                // SAFETY: a holds batch·m·k, b batch·k·n f32, dst has room for batch·m·n.
+                |c| unsafe {
+                    nv_batched_matmul_f32(batch as i64, m as i64, k as i64, n as i64, a.as_ptr(), b.as_ptr(), c)
+                },
+                "running a batched matmul",
+            )
+        })
+    })???;
+    out.reshape((batch, m, n))
 }

@@ -33,6 +33,8 @@ struct SelfAttention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// Where the attention's own products run.
+    backend: MatmulBackend,
 }
 
 impl SelfAttention {
@@ -49,6 +51,7 @@ impl SelfAttention {
             heads: t.num_attention_heads,
             kv_heads: t.num_key_value_heads,
             head_dim: hd,
+            backend,
         })
     }
 
@@ -84,7 +87,7 @@ impl SelfAttention {
         let n_rep = h / kvh;
         let q = q.reshape((b, kvh, n_rep * l, hd))?;
         let attn = profile::time(Stage::Attention, || {
-            blocked_attention(&q, &k, &v, Some(key_bias), 1.0 / (hd as f64).sqrt())
+            blocked_attention(&q, &k, &v, Some(key_bias), 1.0 / (hd as f64).sqrt(), self.backend)
         })?;
         let attn = profile::time(Stage::Conversions, || {
             attn.reshape((b, h, l, hd))?

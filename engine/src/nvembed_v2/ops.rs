@@ -3,6 +3,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 
 use super::half_norm::HalfNorm;
+use crate::matmul::{batched_matmul, MatmulBackend};
 use crate::profile::{self, Stage};
 
 /// Whether a norm of `xs` runs in one pass (`HalfNorm`): 16-bit tensors on the CPU.
@@ -95,11 +96,18 @@ impl Module for LayerNorm {
 
 /// Scaled dot-product attention over blocks of query rows, in f32.
 ///
-/// `q`: (b, g, rows, d); `k`, `v`: (b or 1, g, keys, d) — a batch of 1 is broadcast, which is how
-/// the latent keys/values computed once are shared by every row. `key_bias`: optional additive
-/// (b, 1, 1, keys) f32 mask. Returns (b, g, rows, d) in f32.
-pub fn blocked_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    attention_in_blocks(q, k, v, key_bias, scale, ATTENTION_SCORE_BLOCK_BYTES)
+/// `q`: (b, g, rows, d); `k`, `v`: (b or 1, g, keys, d) — a batch of 1 is broadcast (by candle's
+/// matmul, whatever the backend). `key_bias`: optional additive
+/// (b, 1, 1, keys) f32 mask. Returns (b, g, rows, d) in f32. Its two products run on `backend`.
+pub fn blocked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: Option<&Tensor>,
+    scale: f64,
+    backend: MatmulBackend,
+) -> Result<Tensor> {
+    attention_in_blocks(q, k, v, key_bias, scale, ATTENTION_SCORE_BLOCK_BYTES, backend)
 }
 
 fn attention_in_blocks(
@@ -109,6 +117,7 @@ fn attention_in_blocks(
     key_bias: Option<&Tensor>,
     scale: f64,
     block_bytes: usize,
+    backend: MatmulBackend,
 ) -> Result<Tensor> {
     let (b, g, rows, _) = q.dims4()?;
     let keys = k.dim(2)?;
@@ -120,13 +129,13 @@ fn attention_in_blocks(
     while start < rows {
         let len = block.min(rows - start);
         let q_block = (q.narrow(2, start, len)? * scale)?;
-        let mut scores = q_block.broadcast_matmul(&k_t)?;
+        let mut scores = batched_matmul(&q_block, &k_t, backend)?;
         if let Some(bias) = key_bias {
             scores = scores.broadcast_add(bias)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         drop(scores);
-        outputs.push(probs.broadcast_matmul(v)?);
+        outputs.push(batched_matmul(&probs, v, backend)?);
         start += len;
     }
     if outputs.len() == 1 {
@@ -172,20 +181,23 @@ mod tests {
         let scale = 0.25;
         let full =
             candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?)?.matmul(&v)?;
-        // 7 query rows per block with this budget: 6 blocks, the last one partial.
-        let blocked = attention_in_blocks(&q, &k, &v, Some(&mask), scale, 7 * 2 * 3 * 29 * 4)?;
-        let diff = (full - blocked)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "{diff}");
-        // A batch-1 key/value set is shared by every row (the latent-attention case).
-        let shared = attention_in_blocks(&q, &k.narrow(0, 0, 1)?, &v.narrow(0, 0, 1)?, None, scale, 1)?;
-        let row0 = candle_nn::ops::softmax_last_dim(&(q.narrow(0, 1, 1)?.matmul(&k.narrow(0, 0, 1)?.t()?)? * scale)?)?
-            .matmul(&v.narrow(0, 0, 1)?)?;
-        let diff = (shared.narrow(0, 1, 1)? - row0)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "{diff}");
+        for backend in [MatmulBackend::Candle, MatmulBackend::for_device(&dev).unwrap()] {
+            // 7 query rows per block with this budget: 6 blocks, the last one partial.
+            let blocked = attention_in_blocks(&q, &k, &v, Some(&mask), scale, 7 * 2 * 3 * 29 * 4, backend)?;
+            let diff = (&full - blocked)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "{diff}");
+            // A batch-1 key/value set is shared by every row.
+            let shared = attention_in_blocks(&q, &k.narrow(0, 0, 1)?, &v.narrow(0, 0, 1)?, None, scale, 1, backend)?;
+            let row0 =
+                candle_nn::ops::softmax_last_dim(&(q.narrow(0, 1, 1)?.matmul(&k.narrow(0, 0, 1)?.t()?)? * scale)?)?
+                    .matmul(&v.narrow(0, 0, 1)?)?;
+            let diff = (shared.narrow(0, 1, 1)? - row0)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "{diff}");
+        }
         Ok(())
     }
 }
