@@ -6,6 +6,10 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+/// Up to this many rows (a query's tokens) are normalised on the calling thread: waking the
+/// thread pool costs more than the work.
+const SEQUENTIAL_ROWS: usize = 32;
+
 /// The norm and its f32 parameters.
 pub enum HalfNorm<'a> {
     Rms {
@@ -67,9 +71,15 @@ impl HalfNorm<'_> {
 
     fn normalize<H: Half>(&self, src: &[H], width: usize) -> Vec<H> {
         let mut out = vec![H::narrow(0.0); src.len()];
-        out.par_chunks_mut(width)
-            .zip(src.par_chunks(width))
-            .for_each(|(out, row)| self.normalize_row(row, out));
+        if src.len() / width <= SEQUENTIAL_ROWS {
+            out.chunks_mut(width)
+                .zip(src.chunks(width))
+                .for_each(|(out, row)| self.normalize_row(row, out));
+        } else {
+            out.par_chunks_mut(width)
+                .zip(src.par_chunks(width))
+                .for_each(|(out, row)| self.normalize_row(row, out));
+        }
         out
     }
 }
