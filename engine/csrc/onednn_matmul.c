@@ -67,7 +67,9 @@ int nv_onednn_init(void) {
     }
     s = dnnl_engine_create(&engine, dnnl_cpu, 0);
     if (s != dnnl_success) return s;
-    return dnnl_stream_create(&stream, engine, dnnl_stream_default_flags);
+    s = dnnl_stream_create(&stream, engine, dnnl_stream_default_flags);
+    if (s != dnnl_success) dnnl_engine_destroy(engine);
+    return s;
 }
 
 void nv_onednn_set_threads(int threads) { omp_set_num_threads(threads); }

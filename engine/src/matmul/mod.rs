@@ -278,6 +278,30 @@ mod tests {
         assert!(err.contains("\"mkl\"") && err.contains(MATMUL_ENV) && err.contains("candle or onednn"), "{err}");
     }
 
+    /// Mis-shaped inputs, operands and biases are errors on every path, never reads past a buffer.
+    #[test]
+    fn mis_shaped_arguments_are_errors() -> CandleResult<()> {
+        let dev = Device::Cpu;
+        for backend in [MatmulBackend::Candle, MatmulBackend::for_device(&dev).unwrap()] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let w = Tensor::zeros((48, 40), dtype, &dev)?;
+                let linear = Linear::fused(w.clone(), None, Activation::None, Combine::Add, backend).unwrap();
+                let narrow = Tensor::zeros((2, 30), dtype, &dev)?;
+                let other = Tensor::zeros((2, 48), dtype, &dev)?;
+                assert!(linear.forward_with(&narrow, &other).is_err(), "{backend:?} {dtype:?} input");
+                let x = Tensor::zeros((2, 40), dtype, &dev)?;
+                let short = Tensor::zeros((2, 47), dtype, &dev)?;
+                assert!(linear.forward_with(&x, &short).is_err(), "{backend:?} {dtype:?} operand");
+                assert!(linear.forward(&x).is_err(), "{backend:?} {dtype:?} missing operand");
+                if backend == MatmulBackend::Onednn {
+                    let bias = Some(Tensor::zeros(47, dtype, &dev)?);
+                    assert!(Linear::fused(w, bias, Activation::None, Combine::None, backend).is_err());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Fused and unfused projections agree, on whichever path this CPU takes per dtype.
     #[test]
     fn fused_activation_and_operand_match_candle_ops() -> CandleResult<()> {

@@ -141,6 +141,7 @@ pub struct PackedMatmul {
     handle: NonNull<nv_matmul>,
     dtype: DType,
     n: usize,
+    k: usize,
     implementation: String,
 }
 
@@ -163,6 +164,11 @@ impl PackedMatmul {
         let id = dtype_id(dtype)?;
         let weight = weight.contiguous()?;
         let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+        if let Some(b) = &bias {
+            if b.len() != n {
+                return Err(candle_core::Error::Msg(format!("bias of {} for a projection of {n} outputs", b.len())));
+            }
+        }
         let bias_ptr = bias.as_ref().map_or(std::ptr::null(), |b| b.as_ptr());
         let _guard = lock()?;
         let mut handle = std::ptr::null_mut();
@@ -196,6 +202,7 @@ impl PackedMatmul {
             handle,
             dtype,
             n,
+            k,
             implementation,
         });
         match packed {
@@ -218,6 +225,9 @@ impl PackedMatmul {
     /// same dtype, when the matmul was made with a `Combine`. Returns (rows, n).
     pub fn forward(&self, xs: &Tensor, operand: Option<&Tensor>) -> Result<Tensor> {
         let rows = xs.dim(0)?;
+        if xs.dims() != [rows, self.k] || xs.dtype() != self.dtype {
+            return Err(candle_core::Error::Msg(format!("input {xs:?} does not match ({rows}, {})", self.k)));
+        }
         if let Some(other) = operand {
             if other.dims() != [rows, self.n] || other.dtype() != self.dtype || !other.is_contiguous() {
                 return Err(candle_core::Error::Msg(format!("operand {other:?} does not match ({rows}, {})", self.n)));
@@ -270,6 +280,9 @@ fn native(dtype: DType, implementation: &str) -> bool {
 pub fn widened_forward(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (n, k) = weight.dims2()?;
     let rows = xs.dim(0)?;
+    if xs.dims() != [rows, k] || xs.dtype() != DType::F32 {
+        return Err(candle_core::Error::Msg(format!("input {xs:?} does not match ({rows}, {k}) f32")));
+    }
     let mut buffer = lock()?;
     if buffer.len() < n * k {
         buffer.resize(n * k, 0.0);

@@ -94,6 +94,13 @@ impl CustomOp1 for HalfNorm<'_> {
             candle_core::bail!("half-norm input is not contiguous");
         };
         let width = layout.dims().last().copied().unwrap_or(1).max(1);
+        let parameters = match *self {
+            HalfNorm::Rms { weight, .. } => [weight.len(), width],
+            HalfNorm::Layer { weight, bias, .. } => [weight.len(), bias.len()],
+        };
+        if parameters != [width, width] {
+            candle_core::bail!("half-norm parameters {parameters:?} for rows of {width}");
+        }
         let out = match storage {
             CpuStorage::BF16(v) => CpuStorage::BF16(self.normalize(&v[start..end], width)),
             CpuStorage::F16(v) => CpuStorage::F16(self.normalize(&v[start..end], width)),
