@@ -122,36 +122,59 @@ static dnnl_status_t matmul_pd(dnnl_primitive_desc_t *pd, dnnl_data_type_t dt, i
     return s;
 }
 
-/* Runs `prim` on caller-owned buffers; `operand` (m × n) is the binary post-op's, if any, at
- * post-op index `operand_index`. */
+/* One argument of `run`: a caller-owned buffer `data` described by `md`, or a memory object. */
+struct run_arg {
+    int name;
+    const dnnl_memory_desc_t *md;
+    const void *data;
+    dnnl_memory_t memory;
+};
+
+#define MAX_RUN_ARGS 5
+
+/* Executes `prim` on `count` arguments, wrapping the caller-owned buffers in memory objects for
+ * the call, and waits for it. */
+static dnnl_status_t run(dnnl_primitive_t prim, int count, const struct run_arg *args) {
+    dnnl_exec_arg_t exec[MAX_RUN_ARGS];
+    dnnl_memory_t wrapped[MAX_RUN_ARGS] = {NULL};
+    dnnl_status_t s = dnnl_success;
+    int i;
+    for (i = 0; i < count && s == dnnl_success; i++) {
+        exec[i].arg = args[i].name;
+        if (args[i].memory) {
+            exec[i].memory = args[i].memory;
+        } else {
+            s = dnnl_memory_create(&wrapped[i], args[i].md, engine, (void *)args[i].data);
+            exec[i].memory = wrapped[i];
+        }
+    }
+    if (s == dnnl_success) s = dnnl_primitive_execute(prim, stream, count, exec);
+    if (s == dnnl_success) s = dnnl_stream_wait(stream);
+    for (i = 0; i < count; i++)
+        if (wrapped[i]) dnnl_memory_destroy(wrapped[i]);
+    return s;
+}
+
+/* Runs a matmul `prim` on caller-owned buffers; `operand` (m × n) is the binary post-op's, if any,
+ * at post-op index `operand_index`. */
 static dnnl_status_t execute(dnnl_primitive_t prim, dnnl_data_type_t dt, int64_t m, int64_t n, int64_t k,
                              const void *src, dnnl_memory_t weights, dnnl_memory_t bias, const void *operand,
                              int operand_index, void *dst) {
     dnnl_memory_desc_t src_md, dst_md;
-    dnnl_memory_t src_mem = NULL, dst_mem = NULL, operand_mem = NULL;
-    dnnl_exec_arg_t args[5];
-    int nargs = 0;
+    struct run_arg args[MAX_RUN_ARGS];
+    int count = 0;
     dnnl_status_t s;
     if ((s = plain_md(&src_md, m, k, dt, dnnl_ab)) != dnnl_success) return s;
     if ((s = plain_md(&dst_md, m, n, dt, dnnl_ab)) != dnnl_success) return s;
-    if ((s = dnnl_memory_create(&src_mem, &src_md, engine, (void *)src)) != dnnl_success) goto out;
-    if ((s = dnnl_memory_create(&dst_mem, &dst_md, engine, dst)) != dnnl_success) goto out;
-    args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_SRC, src_mem};
-    args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_WEIGHTS, weights};
-    args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_DST, dst_mem};
-    if (bias) args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_BIAS, bias};
-    if (operand) {
-        /* Same shape and dtype as dst. */
-        if ((s = dnnl_memory_create(&operand_mem, &dst_md, engine, (void *)operand)) != dnnl_success) goto out;
-        args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_MULTIPLE_POST_OP(operand_index) | DNNL_ARG_SRC_1, operand_mem};
-    }
-    if ((s = dnnl_primitive_execute(prim, stream, nargs, args)) != dnnl_success) goto out;
-    s = dnnl_stream_wait(stream);
-out:
-    if (src_mem) dnnl_memory_destroy(src_mem);
-    if (dst_mem) dnnl_memory_destroy(dst_mem);
-    if (operand_mem) dnnl_memory_destroy(operand_mem);
-    return s;
+    args[count++] = (struct run_arg){DNNL_ARG_SRC, &src_md, src, NULL};
+    args[count++] = (struct run_arg){DNNL_ARG_WEIGHTS, NULL, NULL, weights};
+    args[count++] = (struct run_arg){DNNL_ARG_DST, &dst_md, dst, NULL};
+    if (bias) args[count++] = (struct run_arg){DNNL_ARG_BIAS, NULL, NULL, bias};
+    /* Same shape and dtype as dst. */
+    if (operand)
+        args[count++] =
+            (struct run_arg){DNNL_ARG_ATTR_MULTIPLE_POST_OP(operand_index) | DNNL_ARG_SRC_1, &dst_md, operand, NULL};
+    return run(prim, count, args);
 }
 
 /*
@@ -167,7 +190,6 @@ int nv_matmul_create(int dt_id, int64_t n, int64_t k, const void *weight, const 
     dnnl_memory_desc_t any_md, plain_weights_md;
     dnnl_primitive_desc_t pd = NULL, reorder_pd = NULL;
     dnnl_primitive_t reorder = NULL;
-    dnnl_memory_t plain = NULL;
     struct nv_matmul *mm = NULL;
     const char *name = "";
     dnnl_status_t s;
@@ -199,20 +221,18 @@ int nv_matmul_create(int dt_id, int64_t n, int64_t k, const void *weight, const 
     mm->weights_md = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
     if ((s = dnnl_memory_create(&mm->weights, &mm->weights_md, engine, DNNL_MEMORY_ALLOCATE)) != dnnl_success) goto out;
     if ((s = plain_md(&plain_weights_md, k, n, dt, dnnl_ba)) != dnnl_success) goto out;
-    if ((s = dnnl_memory_create(&plain, &plain_weights_md, engine, (void *)weight)) != dnnl_success) goto out;
     if ((s = dnnl_reorder_primitive_desc_create(&reorder_pd, &plain_weights_md, engine, &mm->weights_md, engine, NULL))
         != dnnl_success)
         goto out;
     if ((s = dnnl_primitive_create(&reorder, reorder_pd)) != dnnl_success) goto out;
     {
-        dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, plain}, {DNNL_ARG_TO, mm->weights}};
-        if ((s = dnnl_primitive_execute(reorder, stream, 2, args)) != dnnl_success) goto out;
+        struct run_arg args[2] = {{DNNL_ARG_FROM, &plain_weights_md, weight, NULL},
+                                  {DNNL_ARG_TO, NULL, NULL, mm->weights}};
+        s = run(reorder, 2, args);
     }
-    s = dnnl_stream_wait(stream);
 out:
     if (reorder) dnnl_primitive_destroy(reorder);
     if (reorder_pd) dnnl_primitive_desc_destroy(reorder_pd);
-    if (plain) dnnl_memory_destroy(plain);
     if (pd) dnnl_primitive_desc_destroy(pd);
     if (s == dnnl_success) {
         *out = mm;
@@ -291,7 +311,6 @@ int nv_batched_matmul_f32(int64_t batch, int64_t m, int64_t k, int64_t n, const 
     dnnl_matmul_desc_t desc;
     dnnl_primitive_desc_t pd;
     dnnl_primitive_t prim;
-    dnnl_memory_t a_mem = NULL, b_mem = NULL, c_mem = NULL;
     dnnl_dims_t a_dims = {batch, m, k}, b_dims = {batch, k, n}, c_dims = {batch, m, n};
     dnnl_status_t s;
     if ((s = dnnl_memory_desc_init_by_tag(&a_md, 3, a_dims, dnnl_f32, dnnl_abc)) != dnnl_success) return s;
@@ -302,18 +321,12 @@ int nv_batched_matmul_f32(int64_t batch, int64_t m, int64_t k, int64_t n, const 
     s = dnnl_primitive_create(&prim, pd);
     dnnl_primitive_desc_destroy(pd);
     if (s != dnnl_success) return s;
-    if ((s = dnnl_memory_create(&a_mem, &a_md, engine, (void *)a)) != dnnl_success) goto out;
-    if ((s = dnnl_memory_create(&b_mem, &b_md, engine, (void *)b)) != dnnl_success) goto out;
-    if ((s = dnnl_memory_create(&c_mem, &c_md, engine, c)) != dnnl_success) goto out;
     {
-        dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}};
-        if ((s = dnnl_primitive_execute(prim, stream, 3, args)) != dnnl_success) goto out;
+        struct run_arg args[3] = {{DNNL_ARG_SRC, &a_md, a, NULL},
+                                  {DNNL_ARG_WEIGHTS, &b_md, b, NULL},
+                                  {DNNL_ARG_DST, &c_md, c, NULL}};
+        s = run(prim, 3, args);
     }
-    s = dnnl_stream_wait(stream);
-out:
-    if (a_mem) dnnl_memory_destroy(a_mem);
-    if (b_mem) dnnl_memory_destroy(b_mem);
-    if (c_mem) dnnl_memory_destroy(c_mem);
     dnnl_primitive_destroy(prim);
     return s;
 }
