@@ -1,6 +1,10 @@
-# nvembed — the two commands users and CI run: `make test`, `make demo`; and `make install`.
-PG_CONFIG ?= pg_config
-PG_MAJOR := 15
+# nvembed — the two commands users and CI run: `make test`, `make demo`; `make install`, `make package`.
+# The PostgreSQL majors the SQL tests run on; 15 is Debian's package, the others are built from
+# Debian's source packages into PG_PREFIX/MAJOR (scripts/postgres.sh). The system tests, the demo
+# and the bench run on PG_CONFIG's major.
+PG_MAJORS ?= 15 18
+PG_PREFIX ?= /opt/nvembed-postgresql
+PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 PGRX_VERSION := 0.18.1
 PGVECTOR_VERSION := 0.8.0
 FIXTURE := engine/tests/fixtures/nvembed-tiny-a
@@ -9,10 +13,10 @@ TEST_ROOT ?= /tmp/nvembed-test
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUNAS := $(shell [ "$$(id -u)" = 0 ] && echo "--runas postgres --pgdata $(TEST_ROOT)/pgdata")
 
-.PHONY: setup test engine-test extension-test system-test install server demo bench cuda-check
+.PHONY: setup test engine-test extension-test system-test install server demo bench cuda-check package
 
 setup:
-	bash scripts/setup.sh "$(PG_CONFIG)" "$(PGRX_VERSION)" "$(PGVECTOR_VERSION)"
+	bash scripts/setup.sh "$(PGRX_VERSION)" "$(PGVECTOR_VERSION)" "$(PG_PREFIX)" $(sort 15 $(PG_MAJORS))
 
 server:
 	cargo build --release -p nvembed-engine --bin nvembed -p nvembed-server --bin nvembed-model-server
@@ -26,14 +30,26 @@ engine-test:
 	bash scripts/readme-commands.sh
 
 extension-test: server
-	$(SUDO) install -m 755 target/release/nvembed-model-server "$$($(PG_CONFIG) --pkglibdir)/"
 	bash scripts/prepare-test-fixture.sh "$(FIXTURE)" "$(TEST_ROOT)/fixture"
-	rm -rf "$(TEST_ROOT)/pgdata"
-	if [ "$$(id -u)" = 0 ]; then install -d -o postgres "$(TEST_ROOT)/pgdata"; fi
-	cd extension && NVEMBED_TEST_FIXTURE="$(TEST_ROOT)/fixture" cargo pgrx test pg$(PG_MAJOR) $(RUNAS)
+	set -e; for major in $(PG_MAJORS); do \
+	  echo "== SQL tests on PostgreSQL $$major"; \
+	  pg_config=$(PG_PREFIX)/$$major/bin/pg_config; [ $$major != 15 ] || pg_config=/usr/lib/postgresql/15/bin/pg_config; \
+	  $(SUDO) install -m 755 target/release/nvembed-model-server "$$($$pg_config --pkglibdir)/"; \
+	  rm -rf "$(TEST_ROOT)/pgdata"; \
+	  if [ "$$(id -u)" = 0 ]; then install -d -o postgres "$(TEST_ROOT)/pgdata"; fi; \
+	  (cd extension && NVEMBED_TEST_FIXTURE="$(TEST_ROOT)/fixture" cargo pgrx test pg$$major $(RUNAS)); \
+	done
 
+# On PG_CONFIG's major (15): whole-server tests, the installation's life (update from 0.1.0,
+# dump/restore, hot standby), and the .deb installed with apt-get.
 system-test: server
 	bash scripts/system-tests.sh
+	bash scripts/lifecycle-tests.sh
+	bash scripts/package-test.sh "$$(bash scripts/package.sh "$(PG_PREFIX)" target/package 15)"
+
+# One .deb per major in PG_MAJORS, under target/package.
+package: setup server
+	bash scripts/package.sh "$(PG_PREFIX)" target/package $(PG_MAJORS)
 
 test: setup engine-test extension-test system-test
 
