@@ -1,6 +1,6 @@
 # Sourced by demo.sh and bench.sh: install nvembed into the PostgreSQL of PG_CONFIG and run a
 # throwaway cluster with it preloaded. Sets WORK (temp dir), PSQL (array: psql command line),
-# PG_BINDIR, PGBENCH; `cluster_stop` stops it and removes WORK (callers trap it on EXIT).
+# PG_BINDIR, PGBENCH, PORT; `cluster_stop` stops it and removes WORK (callers trap it on EXIT).
 PG_CONFIG=${PG_CONFIG:-pg_config}
 PG_BINDIR=$("$PG_CONFIG" --bindir)
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
@@ -20,7 +20,8 @@ cluster_start() {
     cp -r "$model" "$WORK/model"; model="$WORK/model"
   fi
   [ "$(id -u)" = 0 ] && chown -R postgres "$WORK"
-  local port=$((20000 + RANDOM % 10000))
+  PORT=$((20000 + RANDOM % 10000))
+  local port=$PORT
   "${AS_PG[@]}" "$PG_BINDIR/initdb" -D "$WORK/data" -A trust -U postgres >/dev/null
   {
     echo "port = $port"

@@ -95,6 +95,8 @@ CREATE TABLE nvembed_vectorizer_batch (
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer_queue', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer_failure', '');
+-- Restored vectorizers keep their ids, so the next one must not be given one of them.
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer_id_seq', '');
 
 -- The primary key of `tbl`, one row per column in key order: the column, its type and the
 -- equality operator of the key's index (schema-qualified: the caller's search_path plays no
@@ -461,8 +463,13 @@ BEGIN
         CROSS JOIN LATERAL pg_partition_tree(r.oid) p
         JOIN @extschema@.nvembed_vectorizer v
           ON v.tbl = r.oid OR v.tbl IN (SELECT a.relid FROM pg_partition_ancestors(r.oid) AS a(relid))
-        WHERE NOT EXISTS (SELECT 1 FROM pg_trigger t
+        WHERE p.relid <> v.tbl
+          AND NOT EXISTS (SELECT 1 FROM pg_trigger t
                           WHERE t.tgrelid = p.relid AND t.tgname = format('nvembed_vectorizer_%s_insert', v.id))
+          -- Only once the vectorized table has its own: pg_restore alters tables (keys, indexes)
+          -- before it creates the dumped triggers, the partitions' included.
+          AND EXISTS (SELECT 1 FROM pg_trigger t
+                      WHERE t.tgrelid = v.tbl AND t.tgname = format('nvembed_vectorizer_%s_insert', v.id))
     LOOP
         PERFORM @extschema@.nvembed_vectorizer_create_triggers(missing.id, missing.part);
     END LOOP;

@@ -1,0 +1,1217 @@
+-- nvembed 0.1.0 -> 0.2.0, run by ALTER EXTENSION nvembed UPDATE.
+-- 0.2.0 adds the vectorizers (tables, views, event triggers, workers' functions),
+-- nvembed_model_dimension() and nvembed_backfill_batch(); it changes nvembed_status()'s columns,
+-- nvembed_task_instruction() (now C, sharing the Rust constants), the trigger's rules and the
+-- backfill. Functions 0.1.0 already had keep their OIDs (CREATE OR REPLACE), so users' views and
+-- functions that call them survive; only nvembed_status(), whose result type changed, is dropped
+-- and created again. scripts/lifecycle-tests.sh checks that an updated installation has exactly
+-- the objects, definitions and privileges of a fresh 0.2.0 one.
+\echo Use "ALTER EXTENSION nvembed UPDATE" to load this file. \quit
+
+DROP FUNCTION @extschema@.nvembed_status();
+
+CREATE FUNCTION "nvembed_model_dimension"() RETURNS INT /* Option < i32 > */
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'nvembed_model_dimension_wrapper';
+
+CREATE FUNCTION "nvembed_status"() RETURNS TABLE (
+	"server_running" bool,  /* bool */
+	"loaded" bool,  /* bool */
+	"model" TEXT,  /* Option < String > */
+	"dtype" TEXT,  /* Option < String > */
+	"device" TEXT,  /* Option < String > */
+	"dimension" INT,  /* Option < i32 > */
+	"load_seconds" double precision,  /* Option < f64 > */
+	"requests" bigint,  /* i64 */
+	"tokens" bigint,  /* i64 */
+	"waiting" bigint,  /* i64 */
+	"active_rows" bigint,  /* i64 */
+	"cancelled_rows" bigint,  /* i64 */
+	"restarts" bigint,  /* i64 */
+	"pid" INT  /* Option < i32 > */
+)
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'nvembed_status_wrapper';
+
+-- nvembed_status() shows the model's path and the server's process id: for monitoring roles,
+-- not for every role (PUBLIC may execute any new function by default).
+
+REVOKE EXECUTE ON FUNCTION @extschema@.nvembed_status() FROM PUBLIC;
+
+GRANT EXECUTE ON FUNCTION @extschema@.nvembed_status() TO pg_monitor;
+
+CREATE OR REPLACE FUNCTION "nvembed_task_instruction"(
+	"task" TEXT /* & str */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'nvembed_task_instruction_wrapper';
+
+-- nvembed_embed_trigger(source_column, target_column [, 'passage' | 'query'])
+--
+-- BEFORE INSERT OR UPDATE ... FOR EACH ROW (on a plain table, or on a partitioned parent, where
+-- it fires for rows routed to any partition). Rules:
+--   INSERT  a non-NULL target is kept (COPY of precomputed vectors, pg_restore --data-only,
+--           logical replication with ENABLE ALWAYS); a NULL target gets the source's embedding.
+--   UPDATE  the source changed: re-embed, unless the same statement also set the target to
+--           another non-NULL vector (writing back the old vector, as ORMs do, or NULL re-embeds);
+--           the source is unchanged: a NULL target is filled, any other target is kept.
+-- A NULL source gives a NULL embedding. Only the two named columns are read, and only the
+-- target is written: the row is never converted as a whole (a 4096-float vector is ~50 KB of
+-- text). The target may be vector(N), halfvec(N) or real[]: the value is assigned through the
+-- column type's own input, exactly as an INSERT of the array would be.
+
+CREATE OR REPLACE FUNCTION nvembed_embed_trigger() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+-- The new vector reaches the column as JSON numbers: shortest exact float output, whatever the
+-- session's extra_float_digits.
+SET extra_float_digits = 3
+AS $$
+DECLARE
+    source_column text := TG_ARGV[0];
+    target_column text := TG_ARGV[1];
+    kind text := coalesce(TG_ARGV[2], 'passage');
+    source_text text;
+    target_is_null boolean;
+    source_changed boolean;
+    target_set boolean;
+    embedding real[];
+    -- What the dynamic reads below get instead of NEW itself: passing a row to EXECUTE flattens
+    -- it, fetching its out-of-line (TOASTed) values into it, and a NEW flattened that way would
+    -- make the UPDATE store its unchanged long values (the vector, the text) again.
+    new_row record;
+BEGIN
+    IF TG_WHEN <> 'BEFORE' OR TG_LEVEL <> 'ROW' OR TG_OP NOT IN ('INSERT', 'UPDATE') THEN
+        RAISE EXCEPTION 'nvembed_embed_trigger must be a BEFORE INSERT OR UPDATE ... FOR EACH ROW trigger'
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'CREATE TRIGGER ... BEFORE INSERT OR UPDATE ON t FOR EACH ROW EXECUTE FUNCTION nvembed_embed_trigger(''body'', ''embedding'')';
+    END IF;
+    IF TG_NARGS NOT IN (2, 3) OR kind NOT IN ('passage', 'query') THEN
+        RAISE EXCEPTION 'nvembed_embed_trigger expects (source_column, target_column [, ''passage'' | ''query''])'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR i IN 0..1 LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                       WHERE attrelid = TG_RELID AND attname = TG_ARGV[i] AND attnum > 0 AND NOT attisdropped) THEN
+            RAISE EXCEPTION 'column "%" of relation %.% does not exist', TG_ARGV[i], TG_TABLE_SCHEMA, TG_TABLE_NAME
+                USING ERRCODE = 'undefined_column',
+                      HINT = 'Check the column names given to nvembed_embed_trigger in the trigger definition.';
+        END IF;
+    END LOOP;
+    new_row := NEW;
+    IF TG_OP = 'INSERT' THEN
+        EXECUTE format('SELECT ($1).%I IS NULL', target_column) INTO target_is_null USING new_row;
+        IF NOT target_is_null THEN
+            RETURN NEW;
+        END IF;
+    ELSE
+        -- Byte-for-byte image comparison (*=): no equality operator of the column types needed,
+        -- and "changed" means any change. The target is compared only when the source changed.
+        EXECUTE format('SELECT NOT (ROW(($1).%1$I)::record *= ROW(($2).%1$I)::record), ($1).%2$I IS NULL',
+                       source_column, target_column)
+            INTO source_changed, target_is_null USING new_row, OLD;
+        IF source_changed THEN
+            EXECUTE format('SELECT NOT (ROW(($1).%1$I)::record *= ROW(($2).%1$I)::record)', target_column)
+                INTO target_set USING new_row, OLD;
+            IF target_set AND NOT target_is_null THEN
+                RETURN NEW;
+            END IF;
+        ELSIF NOT target_is_null THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+    EXECUTE format('SELECT ($1).%I::text', source_column) INTO source_text USING new_row;
+    IF source_text IS NULL THEN
+        embedding := NULL;
+        IF target_is_null THEN
+            RETURN NEW;
+        END IF;
+    ELSIF kind = 'query' THEN
+        embedding := @extschema@.nvembed_query(source_text);
+    ELSE
+        embedding := @extschema@.nvembed_passage(source_text);
+    END IF;
+    RETURN jsonb_populate_record(NEW, jsonb_build_object(target_column, to_jsonb(embedding)));
+END;
+$$;
+
+-- CALL nvembed_backfill(tbl, source_column, target_column [, kind [, batch_size]])
+--
+-- Embeds every row whose target is NULL and whose source is not, batch_size rows per model
+-- round trip, committing after each batch: an interrupted run loses at most one batch, and a
+-- re-run continues where it stopped.
+--
+-- A run first lists the positions of the rows to embed, once (one scan; the list is kept across
+-- COMMITs), then works through the list batch by batch, so each batch costs only its own rows
+-- whatever the table's size, and each row is visited once: rows that cannot be written (locked,
+-- changed, hidden by row-level security, cancelled by a trigger) never make it loop, and rows
+-- inserted or changed during the run are left for the next one.
+--
+-- Rows are identified by (tableoid, ctid), not by ctid alone (unique only inside one partition or
+-- inheritance child) and not by primary key (tables without one must work too, and a key may span
+-- several columns of any type). A position may come to hold another row (after a DELETE and a
+-- VACUUM), so it is trusted only together with the text re-checked at the write.
+
+-- One batch of nvembed_backfill: the rows at positions (rels[i], row_ids[i]), in one transaction
+-- (the caller commits):
+--   1. read the texts of those rows that still need a vector, WITHOUT locking them: the model
+--      call that follows takes seconds per row with the real model, and holding row locks that
+--      long would stall the application's UPDATEs;
+--   2. embed them in one model round trip;
+--   3. claim the rows whose source is still byte-for-byte the text that was embedded and whose
+--      target is still NULL, FOR NO KEY UPDATE SKIP LOCKED (the lock the UPDATE itself takes;
+--      rows another session holds are skipped and counted, never waited for);
+--   4. write the claimed rows, re-checking the text in the UPDATE's WHERE.
+-- Returns how many rows it embedded, skipped because another session held them locked, and
+-- skipped because they changed, went away or were filled since the run listed them.
+-- Concurrent batches on the same table (as named) take turns (a transaction-level advisory lock),
+-- so no text is embedded twice. A plain function, so it can pin search_path.
+
+CREATE FUNCTION nvembed_backfill_batch(
+    tbl regclass, source_column text, target_column text, kind text, rels oid[], row_ids tid[],
+    OUT embedded integer, OUT locked integer, OUT changed integer)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- Advisory lock class of nvembed_backfill ('nvbf'); the second key is the table.
+    backfill_lock_class CONSTANT integer := 1853252198;
+    embed_call text;
+    todo_rels oid[];
+    todo_rows tid[];
+    texts text[];
+    vectors real[]; -- two-dimensional: one row per text, in batch order
+    claim text;
+    write text;
+    claimed_rels oid[];
+    claimed_rows tid[];
+    claimed_n bigint[];
+    matching integer;
+    written integer;
+    -- The row still holds the text that was embedded (byte-for-byte: a nondeterministic
+    -- collation could call different texts equal) and still needs a vector.
+    unchanged text := format('t.%1$I IS NULL AND (t.%2$I::text COLLATE "C") = b.src', target_column, source_column);
+BEGIN
+    embed_call := CASE kind WHEN 'passage' THEN '@extschema@.nvembed_passages'
+                            WHEN 'query' THEN '@extschema@.nvembed_queries' END;
+    IF embed_call IS NULL THEN
+        RAISE EXCEPTION 'nvembed_backfill: kind must be ''passage'' or ''query'', not %', quote_nullable(kind)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    embedded := 0;
+    locked := 0;
+    PERFORM pg_advisory_xact_lock(backfill_lock_class, tbl::oid::integer);
+
+    EXECUTE format(
+        'SELECT array_agg(b.rel ORDER BY b.n), array_agg(b.row_id ORDER BY b.n), array_agg(t.%1$I::text ORDER BY b.n)
+         FROM unnest($1::oid[], $2::tid[]) WITH ORDINALITY AS b(rel, row_id, n)
+         JOIN %2$s AS t ON t.tableoid = b.rel AND t.ctid = b.row_id
+         WHERE t.%3$I IS NULL AND t.%1$I IS NOT NULL',
+        source_column, tbl, target_column)
+        INTO todo_rels, todo_rows, texts USING rels, row_ids;
+
+    IF texts IS NOT NULL THEN
+        EXECUTE format('SELECT array_agg(e ORDER BY n) FROM %s($1) WITH ORDINALITY AS v(e, n)', embed_call)
+            INTO vectors USING texts;
+
+        claim := format(
+            'WITH b AS (SELECT * FROM unnest($1::oid[], $2::tid[], $3::text[], $4::bigint[]) AS b(rel, row_id, src, n)),
+                  matching AS (SELECT 1 FROM %1$s AS t JOIN b ON t.tableoid = b.rel AND t.ctid = b.row_id WHERE %2$s),
+                  claimed AS (SELECT t.tableoid AS rel, t.ctid AS row_id, b.n
+                              FROM %1$s AS t JOIN b ON t.tableoid = b.rel AND t.ctid = b.row_id WHERE %2$s
+                              FOR NO KEY UPDATE OF t SKIP LOCKED)
+             SELECT (SELECT count(*) FROM matching), array_agg(rel), array_agg(row_id), array_agg(n) FROM claimed',
+            tbl, unchanged);
+        write := format(
+            'UPDATE %1$s AS t SET %2$I = ARRAY(SELECT unnest($4[b.n:b.n][:]))
+             FROM (SELECT c.rel, c.row_id, c.n::integer AS n, $5[c.n] AS src
+                   FROM unnest($1::oid[], $2::tid[], $3::bigint[]) AS c(rel, row_id, n)) b
+             WHERE t.tableoid = b.rel AND t.ctid = b.row_id AND %3$s',
+            tbl, target_column, unchanged);
+        -- Claim and write in one (sub)transaction: rows locked by one transaction id and
+        -- updated by another would each need a MultiXact.
+        BEGIN
+            EXECUTE claim INTO matching, claimed_rels, claimed_rows, claimed_n
+                USING todo_rels, todo_rows, texts, ARRAY(SELECT generate_series(1, cardinality(texts)));
+            locked := matching - coalesce(cardinality(claimed_n), 0);
+            IF claimed_n IS NOT NULL THEN
+                EXECUTE write USING claimed_rels, claimed_rows, claimed_n, vectors, texts;
+                GET DIAGNOSTICS embedded = ROW_COUNT;
+            END IF;
+        EXCEPTION WHEN serialization_failure THEN
+            -- A row was moved to another partition, or (REPEATABLE READ) changed since this
+            -- transaction's snapshot: claim and write row by row, leaving the rows that fail.
+            locked := 0;
+            embedded := 0;
+            FOR i IN 1..cardinality(texts) LOOP
+                BEGIN
+                    EXECUTE claim INTO matching, claimed_rels, claimed_rows, claimed_n
+                        USING ARRAY[todo_rels[i]], ARRAY[todo_rows[i]], ARRAY[texts[i]], ARRAY[i::bigint];
+                    locked := locked + matching - coalesce(cardinality(claimed_n), 0);
+                    IF claimed_n IS NOT NULL THEN
+                        EXECUTE write USING claimed_rels, claimed_rows, claimed_n, vectors, texts;
+                        GET DIAGNOSTICS written = ROW_COUNT;
+                        embedded := embedded + written;
+                    END IF;
+                EXCEPTION WHEN serialization_failure THEN
+                    NULL;
+                END;
+            END LOOP;
+        END;
+    END IF;
+    changed := cardinality(rels) - embedded - locked;
+END;
+$$;
+
+CREATE OR REPLACE PROCEDURE nvembed_backfill(tbl regclass, source_column text, target_column text,
+                                  kind text DEFAULT 'passage', batch_size integer DEFAULT 64)
+LANGUAGE plpgsql
+-- SECURITY INVOKER: it writes only what the calling role could write itself. A procedure that
+-- COMMITs cannot carry a SET search_path clause, so every type, function and operator below is
+-- schema-qualified (an unqualified operator on mixed types would run whatever a role put first
+-- in the caller's search_path: CVE-2018-1058); the batch function pins its own search_path.
+AS $$
+DECLARE
+    progress_interval CONSTANT interval := '2 s';
+    still_null bigint;
+    visited bigint := 0;
+    embedded bigint := 0;
+    locked bigint := 0;
+    changed bigint := 0;
+    started pg_catalog.timestamptz := pg_catalog.clock_timestamp();
+    -- The first batch reports at once: with the real model it may take minutes.
+    last_notice pg_catalog.timestamptz := started OPERATOR(pg_catalog.-) progress_interval;
+    elapsed double precision;
+    todo pg_catalog.record;
+    batch pg_catalog.record;
+    column_name pg_catalog.text;
+BEGIN
+    IF kind IS NULL OR NOT (kind OPERATOR(pg_catalog.=) ANY (ARRAY['passage', 'query'])) THEN
+        RAISE EXCEPTION 'nvembed_backfill: kind must be ''passage'' or ''query'', not %', pg_catalog.quote_nullable(kind)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF batch_size IS NULL OR batch_size OPERATOR(pg_catalog.<) 1 THEN
+        RAISE EXCEPTION 'nvembed_backfill: batch_size must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH column_name IN ARRAY ARRAY[source_column, target_column] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                       WHERE attrelid OPERATOR(pg_catalog.=) tbl AND attname OPERATOR(pg_catalog.=) column_name
+                         AND attnum OPERATOR(pg_catalog.>) 0 AND NOT attisdropped) THEN
+            RAISE EXCEPTION 'column "%" of relation % does not exist', column_name, tbl
+                USING ERRCODE = 'undefined_column';
+        END IF;
+    END LOOP;
+    -- Before any model call: a role that may not write the target would only waste the compute.
+    IF NOT pg_catalog.has_column_privilege(tbl, target_column, 'UPDATE') THEN
+        RAISE EXCEPTION 'permission denied to update column "%" of relation %', target_column, tbl
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    -- The positions of the rows to embed, cut into batches, each carrying the total; the loop's
+    -- query result is kept (materialised) across the COMMITs below.
+    FOR todo IN EXECUTE pg_catalog.format(
+        'SELECT pg_catalog.array_agg(tableoid) AS rels, pg_catalog.array_agg(ctid) AS row_ids,
+                (pg_catalog.sum(pg_catalog.count(*)) OVER ())::bigint AS total
+         FROM (SELECT tableoid, ctid, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) $1 AS batch_no
+               FROM %s WHERE %I IS NULL AND %I IS NOT NULL) rows_to_embed
+         GROUP BY batch_no ORDER BY batch_no',
+        tbl, target_column, source_column) USING batch_size::bigint
+    LOOP
+        SELECT * INTO batch FROM @extschema@.nvembed_backfill_batch(
+            tbl, source_column, target_column, kind, todo.rels, todo.row_ids);
+        COMMIT;
+        visited := visited OPERATOR(pg_catalog.+) pg_catalog.cardinality(todo.rels);
+        embedded := embedded OPERATOR(pg_catalog.+) batch.embedded;
+        locked := locked OPERATOR(pg_catalog.+) batch.locked;
+        changed := changed OPERATOR(pg_catalog.+) batch.changed;
+        IF pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) last_notice OPERATOR(pg_catalog.>=) progress_interval THEN
+            last_notice := pg_catalog.clock_timestamp();
+            elapsed := GREATEST(pg_catalog.date_part('epoch', last_notice OPERATOR(pg_catalog.-) started), 1e-6);
+            RAISE NOTICE 'nvembed_backfill: % of % rows, % embedded, % rows/s, ETA % s', visited, todo.total, embedded,
+                pg_catalog.round((embedded::double precision OPERATOR(pg_catalog./) elapsed)::numeric, 1),
+                pg_catalog.round(((todo.total OPERATOR(pg_catalog.-) visited)::double precision
+                                  OPERATOR(pg_catalog.*) elapsed OPERATOR(pg_catalog./) visited::double precision)::numeric, 0);
+        END IF;
+    END LOOP;
+    EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM %s WHERE %I IS NULL AND %I IS NOT NULL',
+                              tbl, target_column, source_column) INTO still_null;
+    elapsed := pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) started);
+    RAISE NOTICE 'nvembed_backfill: done in % s: % rows embedded, % skipped (locked by another session), % skipped (changed, deleted or filled meanwhile); % rows with a non-NULL % still have a NULL %',
+        pg_catalog.round(elapsed::numeric, 1), embedded, locked, changed, still_null,
+        pg_catalog.quote_ident(source_column), pg_catalog.quote_ident(target_column);
+END;
+$$;
+
+-- Vectorizers: asynchronous embedding of a table's column.
+--
+-- nvembed_create_vectorizer(tbl, source_column, target_column [, kind]) installs statement-level
+-- AFTER INSERT / AFTER UPDATE triggers that only write queue entries (one per row, keyed by the
+-- table's primary key), so an INSERT or a COPY never waits for the model. The vectorizer
+-- workers (one per database in nvembed.vectorizer_databases, started by the supervisor) drain
+-- the queue:
+--   1. claim: a short transaction takes up to nvembed.vectorizer_batch_rows due entries
+--      FOR UPDATE SKIP LOCKED and marks them with the worker's pid; the worker reads the rows'
+--      texts as the vectorizer's owner (nvembed_vectorizer_read) and commits before the model
+--      call. The call takes seconds per text
+--      with the real model (hours for a 32k-token one): no transaction, snapshot or row lock is
+--      held meanwhile, so neither VACUUM nor the application's writes wait for it.
+--   2. the worker embeds the texts through the model server as bulk work;
+--   3. write and settle: one transaction writes each vector as the owner
+--      (nvembed_vectorizer_write), only where the row, locked, still has byte-for-byte the text
+--      that was embedded, then settles the entries (nvembed_vectorizer_settle): written or gone
+--      ones are removed; a row whose text changed stays queued (the change's own enqueue may have
+--      found it queued already); a row another session holds locked is released for later.
+-- A claim whose worker is gone (crash, restart) is released by the next claim: claims carry the
+-- worker's pid, and a worker releases its own pid's claims when it starts (a pid may be reused).
+-- Texts that fail are retried with exponential backoff and, after
+-- nvembed.vectorizer_max_attempts, move to nvembed_vectorizer_failures, out of the way of the
+-- rest of the queue; nvembed_vectorizer_retry() puts them back.
+--
+-- Privileges: the vectorizer records the role that created it; the worker reads and writes the
+-- table as that role (the user id switched as SECURITY DEFINER does it, so no code it runs can
+-- switch back), and runs no code of the table's as anything else. The bookkeeping tables are
+-- open to every role through row-level security policies that admit a row only for a role that
+-- may update the vectorized column; the enqueue trigger is SECURITY DEFINER (anyone who may
+-- write the table may enqueue its rows) and evaluates nothing of the row but NULL tests, byte
+-- comparisons and the key columns' output functions.
+
+CREATE TABLE nvembed_vectorizer (
+    id integer GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    tbl regclass NOT NULL,
+    source_column name NOT NULL,
+    target_column name NOT NULL,
+    kind text NOT NULL CHECK (kind IN ('passage', 'query')),
+    -- Fixed when the vectorizer is created: a session's nvembed.query_instruction must not
+    -- change the vectors of rows embedded later.
+    instruction text NOT NULL,
+    -- The session's nvembed.max_length when the vectorizer was created, for the same reason.
+    max_length integer NOT NULL CHECK (max_length > 0),
+    owner regrole NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- The primary key's columns when the vectorizer was created, in key order.
+    key_columns name[] NOT NULL CHECK (cardinality(key_columns) > 0),
+    embedded bigint NOT NULL DEFAULT 0,
+    -- The last problem that was nobody's text's fault (model server unreachable, model not
+    -- loadable), shown by the status view until a batch succeeds.
+    last_error text,
+    last_error_at timestamptz,
+    UNIQUE (tbl, target_column)
+);
+
+-- Enqueueing must cost little next to the write that enqueues (a COPY of many rows): no
+-- foreign key (a lookup per row) and no unique key (a speculative insertion per row, several
+-- times the cost of the row itself). A row may so have several entries; a claim takes all
+-- entries of the keys it claims, and embeds each key once.
+
+CREATE TABLE nvembed_vectorizer_queue (
+    vectorizer_id integer NOT NULL,
+    -- The primary key's values as text, in the key's column order, as a text[] literal (exact:
+    -- each type's own output and input functions; compared byte-for-byte).
+    row_key text COLLATE "C" NOT NULL,
+    queued_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    attempts integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT '-infinity',
+    last_error text,
+    last_attempt_at timestamptz,
+    -- pid of the worker that claimed the entry; NULL while waiting.
+    claimed_by integer
+);
+
+CREATE INDEX nvembed_vectorizer_queue_key ON nvembed_vectorizer_queue (vectorizer_id, row_key);
+
+CREATE INDEX nvembed_vectorizer_queue_claimed ON nvembed_vectorizer_queue (claimed_by) WHERE claimed_by IS NOT NULL;
+
+CREATE TABLE nvembed_vectorizer_failure (
+    vectorizer_id integer NOT NULL,
+    row_key text COLLATE "C" NOT NULL,
+    attempts integer NOT NULL,
+    last_error text NOT NULL,
+    last_attempt_at timestamptz NOT NULL,
+    PRIMARY KEY (vectorizer_id, row_key)
+);
+
+-- One row per completed batch of the last minute, for rows_per_second.
+
+CREATE TABLE nvembed_vectorizer_batch (
+    vectorizer_id integer NOT NULL,
+    finished_at timestamptz NOT NULL,
+    rows_embedded integer NOT NULL
+);
+
+-- pg_dump keeps the vectorizers and their queues (tables created by an extension are
+-- otherwise left out of a dump).
+
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer', '');
+
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer_queue', '');
+
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer_failure', '');
+-- Restored vectorizers keep their ids, so the next one must not be given one of them.
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer_id_seq', '');
+
+-- The primary key of `tbl`, one row per column in key order: the column, its type and the
+-- equality operator of the key's index (schema-qualified: the caller's search_path plays no
+-- part, and the comparison is the one the index answers).
+
+CREATE FUNCTION nvembed_vectorizer_key(tbl regclass)
+RETURNS TABLE (key_position bigint, column_name name, type_name text, equals text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT k.key_position, a.attname, a.atttypid::regtype::text,
+           format('OPERATOR(%I.%s)', n.nspname, o.oprname)
+    FROM pg_index i
+    CROSS JOIN LATERAL unnest(i.indkey::int2[], i.indclass::oid[]) WITH ORDINALITY AS k(attnum, opclass, key_position)
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    JOIN pg_opclass c ON c.oid = k.opclass
+    JOIN pg_amop ao ON ao.amopfamily = c.opcfamily AND ao.amoplefttype = c.opcintype
+                   AND ao.amoprighttype = c.opcintype AND ao.amopstrategy = 3 AND ao.amopmethod = 403
+    JOIN pg_operator o ON o.oid = ao.amopopr
+    JOIN pg_namespace n ON n.oid = o.oprnamespace
+    WHERE i.indrelid = $1 AND i.indisprimary
+    ORDER BY k.key_position
+$$;
+
+-- Whether the current role may manage vectorizer `id`: it may update the vectorized column.
+-- (A single expression, without SET: the row-level security policies below inline it.)
+
+CREATE FUNCTION nvembed_vectorizer_managed(id integer) RETURNS boolean
+LANGUAGE sql STABLE
+RETURN EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer v
+               WHERE v.id OPERATOR(pg_catalog.=) $1
+                 AND pg_catalog.has_column_privilege(v.tbl, v.target_column, 'UPDATE'));
+
+ALTER TABLE nvembed_vectorizer ENABLE ROW LEVEL SECURITY;
+
+ALTER TABLE nvembed_vectorizer_queue ENABLE ROW LEVEL SECURITY;
+
+ALTER TABLE nvembed_vectorizer_failure ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY read ON nvembed_vectorizer FOR SELECT USING (true);
+
+CREATE POLICY create_own ON nvembed_vectorizer FOR INSERT
+    WITH CHECK (owner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER)
+                AND pg_catalog.has_table_privilege(tbl, 'TRIGGER')
+                AND key_columns OPERATOR(pg_catalog.=) ARRAY(SELECT k.column_name FROM @extschema@.nvembed_vectorizer_key(tbl) k
+                                                            ORDER BY k.key_position)
+                AND embedded OPERATOR(pg_catalog.=) 0 AND last_error IS NULL);
+
+CREATE POLICY drop_managed ON nvembed_vectorizer FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(id));
+
+CREATE POLICY managed ON nvembed_vectorizer_queue FOR SELECT USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
+
+CREATE POLICY drop_managed ON nvembed_vectorizer_queue FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
+-- Only keys as the triggers write them: one text per key column of the vectorizer, spelled as
+-- text[] spells them. (Only these two columns may be given: INSERT is granted on them alone.)
+
+CREATE POLICY enqueue_managed ON nvembed_vectorizer_queue FOR INSERT
+    WITH CHECK (@extschema@.nvembed_vectorizer_managed(vectorizer_id)
+                AND (row_key::text[])::text OPERATOR(pg_catalog.=) row_key
+                AND pg_catalog.array_ndims(row_key::text[]) OPERATOR(pg_catalog.=) 1
+                AND pg_catalog.array_lower(row_key::text[], 1) OPERATOR(pg_catalog.=) 1
+                AND pg_catalog.cardinality(row_key::text[]) OPERATOR(pg_catalog.=)
+                    (SELECT pg_catalog.cardinality(v.key_columns) FROM @extschema@.nvembed_vectorizer v
+                     WHERE v.id OPERATOR(pg_catalog.=) vectorizer_id));
+
+CREATE POLICY managed ON nvembed_vectorizer_failure FOR SELECT USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
+
+CREATE POLICY drop_managed ON nvembed_vectorizer_failure FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
+
+GRANT SELECT, INSERT, DELETE ON nvembed_vectorizer TO PUBLIC;
+
+GRANT SELECT, DELETE ON nvembed_vectorizer_queue TO PUBLIC;
+
+GRANT INSERT (vectorizer_id, row_key) ON nvembed_vectorizer_queue TO PUBLIC;
+
+GRANT SELECT, DELETE ON nvembed_vectorizer_failure TO PUBLIC;
+
+-- The key of row `alias` as the text of a text[] (the queue's row_key), from the key columns'
+-- output functions only (format's %s): no cast a role may have defined runs here.
+-- (A loop, not a query: the enqueue trigger calls it for every statement.)
+
+CREATE FUNCTION nvembed_vectorizer_key_text(key_columns name[], alias text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    column_name name;
+    values_list text;
+BEGIN
+    FOREACH column_name IN ARRAY key_columns LOOP
+        values_list := concat_ws(', ', values_list, format('pg_catalog.format(''%%s'', %s.%I)', alias, column_name));
+    END LOOP;
+    RETURN format('(ARRAY[%s]::pg_catalog.text[])::pg_catalog.text', values_list);
+END;
+$$;
+
+-- The statement that queues the rows of `relation` that have a text and no vector:
+-- the enqueue trigger's for inserted rows, and nvembed_create_vectorizer's for existing ones.
+
+CREATE FUNCTION nvembed_vectorizer_queue_rows(key_columns name[], source_column name, target_column name, relation text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+RETURN format('INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
+               SELECT $1, %s FROM %s n WHERE n.%I IS NULL AND n.%I IS NOT NULL',
+              @extschema@.nvembed_vectorizer_key_text(key_columns, 'n'), relation, target_column, source_column);
+
+-- "row `alias` of `tbl` has the key in text[] expression `key`", usable by the key's index.
+-- The vectorizer's key columns must still be the primary key.
+
+CREATE FUNCTION nvembed_vectorizer_key_matches(tbl regclass, key_columns name[], alias text, key text) RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    matches text;
+BEGIN
+    SELECT string_agg(format('%s.%I %s (%s)[%s]::%s', alias, k.column_name, k.equals, key, k.key_position, k.type_name),
+                      ' AND ' ORDER BY k.key_position)
+    INTO matches
+    FROM @extschema@.nvembed_vectorizer_key(tbl) k
+    HAVING array_agg(k.column_name ORDER BY k.key_position) = key_columns;
+    IF matches IS NULL THEN
+        RAISE EXCEPTION 'the primary key of % is not (%) any more', tbl, array_to_string(key_columns, ', ')
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Drop the vectorizer and create it again.';
+    END IF;
+    RETURN matches;
+END;
+$$;
+
+-- The enqueue trigger: FOR EACH STATEMENT with transition tables (one INSERT ... SELECT per
+-- statement, so a COPY of many rows costs one queue write, not one call per row). Rows are
+-- queued when they need a vector:
+--   INSERT  the target is NULL and the source is not (a COPY of precomputed vectors queues
+--           nothing);
+--   UPDATE  the source changed (byte-for-byte), unless the same statement also set the target
+--           to another non-NULL vector; or the target is NULL and the source is not. A row that
+--           kept its key and has an entry waiting already gets no other; one whose entry a
+--           worker has claimed gets a new one, whatever becomes of the claimed one.
+
+CREATE FUNCTION nvembed_vectorizer_enqueue() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+-- Keys are written and read as text: the same settings everywhere (a writer's DateStyle must not
+-- change what a date key reads back as).
+SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET bytea_output = 'hex'
+AS $$
+DECLARE
+    v @extschema@.nvembed_vectorizer;
+BEGIN
+    SELECT * INTO v FROM @extschema@.nvembed_vectorizer WHERE id = TG_ARGV[0]::integer;
+    IF NOT FOUND THEN
+        RETURN NULL; -- dropped by a concurrent nvembed_drop_vectorizer
+    END IF;
+    -- Not a table of the vectorizer (any more): a partition detached since, or a trigger made by
+    -- hand for another table (SECURITY DEFINER: it must not enqueue keys for another table).
+    IF v.tbl <> TG_RELID AND NOT v.tbl IN (SELECT r FROM pg_partition_ancestors(TG_RELID) AS a(r)) THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        EXECUTE @extschema@.nvembed_vectorizer_queue_rows(v.key_columns, v.source_column, v.target_column, 'nvembed_new_rows')
+            USING v.id;
+    ELSE
+        -- o.nvembed_key IS NULL: no old row has the new row's key (the statement changed it).
+        EXECUTE format(
+            'INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
+             SELECT $1, n.nvembed_key
+             FROM (SELECT %1$s AS nvembed_key, n.* FROM nvembed_new_rows n) n
+             LEFT JOIN (SELECT %2$s AS nvembed_key, o.* FROM nvembed_old_rows o) o ON o.nvembed_key = n.nvembed_key
+             WHERE ((n.%3$I IS NULL AND n.%4$I IS NOT NULL)
+                    OR ((o.nvembed_key IS NULL OR NOT (ROW(n.%4$I)::record *= ROW(o.%4$I)::record))
+                        AND NOT (o.nvembed_key IS NOT NULL AND NOT (ROW(n.%3$I)::record *= ROW(o.%3$I)::record)
+                                 AND n.%3$I IS NOT NULL)))
+               AND (o.nvembed_key IS NULL
+                    OR NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
+                                   WHERE q.vectorizer_id = $1 AND q.row_key = n.nvembed_key AND q.claimed_by IS NULL))',
+            @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'n'), @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'o'),
+            v.target_column, v.source_column)
+            USING v.id;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+-- The triggers of vectorizer `id` on `rel`.
+
+CREATE FUNCTION nvembed_vectorizer_create_triggers(id integer, rel regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS nvembed_new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue(%s)',
+                   format('nvembed_vectorizer_%s_insert', id), rel, id);
+    EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS nvembed_old_rows NEW TABLE AS nvembed_new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue(%s)',
+                   format('nvembed_vectorizer_%s_update', id), rel, id);
+END;
+$$;
+
+-- Creates a vectorizer: `target_column` of `tbl` will hold the embedding of `source_column`
+-- ('passage', or 'query' with the session's nvembed.query_instruction), kept up to date by the
+-- vectorizer workers. Queues every row that has a text and no vector. Returns the id.
+
+CREATE FUNCTION nvembed_create_vectorizer(tbl regclass, source_column text, target_column text,
+                                          kind text DEFAULT 'passage') RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+-- The key settings of nvembed_vectorizer_enqueue.
+SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET bytea_output = 'hex'
+AS $$
+DECLARE
+    relkind "char";
+    target_type regtype;
+    target_type_name name;
+    dimension integer;
+    model_dimension integer;
+    id integer;
+    key_columns name[];
+    part regclass;
+    missing text;
+BEGIN
+    IF kind IS NULL OR kind NOT IN ('passage', 'query') THEN
+        RAISE EXCEPTION 'nvembed_create_vectorizer: kind must be ''passage'' or ''query'', not %', quote_nullable(kind)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT c.relkind INTO relkind FROM pg_class c WHERE c.oid = tbl;
+    IF relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = 'wrong_object_type',
+            HINT = 'A vectorizer fills a column of a table or of a partitioned table.';
+    END IF;
+    SELECT string_agg(quote_ident(c), ', ') INTO missing
+    FROM unnest(ARRAY[source_column, target_column]) AS c
+    WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'column % of relation % does not exist', missing, tbl USING ERRCODE = 'undefined_column';
+    END IF;
+    SELECT a.atttypid, t.typname, a.atttypmod INTO target_type, target_type_name, dimension
+    FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+    WHERE a.attrelid = tbl AND a.attname = target_column;
+    IF target_type = 'real[]'::regtype THEN
+        dimension := NULL;
+    ELSIF target_type_name IN ('vector', 'halfvec')
+          AND EXISTS (SELECT 1 FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
+                      WHERE d.classid = 'pg_type'::regclass AND d.objid = target_type AND e.extname = 'vector') THEN
+        dimension := nullif(dimension, -1);
+    ELSE
+        RAISE EXCEPTION 'column % of % has type %, not vector(n), halfvec(n) or real[]', quote_ident(target_column), tbl, target_type
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = format('ALTER TABLE %s ALTER COLUMN %I TYPE vector(n), with n the model''s dimension.', tbl, target_column);
+    END IF;
+    model_dimension := @extschema@.nvembed_model_dimension();
+    IF dimension IS DISTINCT FROM model_dimension AND dimension IS NOT NULL AND model_dimension IS NOT NULL THEN
+        RAISE EXCEPTION 'column % of % has % dimensions, but the model''s vectors have %', quote_ident(target_column), tbl, dimension, model_dimension
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = format('ALTER TABLE %s ALTER COLUMN %I TYPE %s(%s).', tbl, target_column, target_type_name, model_dimension);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_key(tbl)) THEN
+        RAISE EXCEPTION 'table % has no primary key', tbl USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = format('A vectorizer finds rows again by their primary key: ALTER TABLE %s ADD PRIMARY KEY (...).', tbl);
+    END IF;
+    -- Refused now rather than failing in the worker, batch after batch.
+    IF NOT has_column_privilege(tbl, target_column, 'UPDATE')
+       OR NOT has_column_privilege(tbl, source_column, 'SELECT')
+       OR EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_key(tbl) k WHERE NOT has_column_privilege(tbl, k.column_name, 'SELECT')) THEN
+        RAISE EXCEPTION 'permission denied to embed % of % into %', quote_ident(source_column), tbl, quote_ident(target_column)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'The vectorizer reads and writes as the role that creates it: it needs SELECT on the source and key columns and UPDATE on the target column.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer v WHERE v.tbl = $1 AND v.target_column = $3) THEN
+        RAISE EXCEPTION 'a vectorizer already fills column % of %', quote_ident(target_column), tbl
+            USING ERRCODE = 'duplicate_object', HINT = 'Drop it first with nvembed_drop_vectorizer.';
+    END IF;
+    INSERT INTO @extschema@.nvembed_vectorizer AS v (tbl, source_column, target_column, key_columns, kind, instruction,
+                                                     max_length, owner)
+    VALUES ($1, $2, $3, ARRAY(SELECT k.column_name FROM @extschema@.nvembed_vectorizer_key(tbl) k ORDER BY k.key_position),
+            $4, CASE $4 WHEN 'query' THEN current_setting('nvembed.query_instruction') ELSE '' END,
+            current_setting('nvembed.max_length')::integer,
+            (SELECT r.oid FROM pg_roles r WHERE r.rolname = current_user)::regrole)
+    RETURNING v.id, v.key_columns INTO id, key_columns;
+    -- Statement triggers of a partitioned table fire only for statements naming it: each
+    -- partition gets its own, for statements that write to it directly.
+    FOR part IN SELECT tbl UNION SELECT relid FROM pg_partition_tree(tbl) LOOP
+        PERFORM @extschema@.nvembed_vectorizer_create_triggers(id, part);
+    END LOOP;
+    EXECUTE @extschema@.nvembed_vectorizer_queue_rows(key_columns, source_column, target_column, tbl::text) USING id;
+    RETURN id;
+END;
+$$;
+
+-- Removes vectorizers `ids` with their queues and failures (their triggers are the caller's
+-- business).
+
+CREATE FUNCTION nvembed_vectorizer_forget(ids integer[]) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    DELETE FROM @extschema@.nvembed_vectorizer_queue q WHERE q.vectorizer_id = ANY (ids);
+    DELETE FROM @extschema@.nvembed_vectorizer_failure f WHERE f.vectorizer_id = ANY (ids);
+    DELETE FROM @extschema@.nvembed_vectorizer v WHERE v.id = ANY (ids);
+END;
+
+-- Removes the vectorizer of `target_column` of `tbl`: its triggers, queue and failures. The
+-- vectors already written stay.
+
+CREATE FUNCTION nvembed_drop_vectorizer(tbl regclass, target_column text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id integer;
+    part regclass;
+BEGIN
+    SELECT v.id INTO v_id FROM @extschema@.nvembed_vectorizer v WHERE v.tbl = $1 AND v.target_column = $2;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no vectorizer fills column % of %', quote_ident(target_column), tbl
+            USING ERRCODE = 'undefined_object', HINT = 'SELECT * FROM nvembed_vectorizer_status lists the vectorizers.';
+    END IF;
+    IF NOT @extschema@.nvembed_vectorizer_managed(v_id) THEN
+        RAISE EXCEPTION 'permission denied to drop the vectorizer of % of %', quote_ident(target_column), tbl
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Only a role that may update the column may drop its vectorizer.';
+    END IF;
+    FOR part IN SELECT tbl UNION SELECT relid FROM pg_partition_tree(tbl) LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_insert', v_id), part);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_update', v_id), part);
+    END LOOP;
+    PERFORM @extschema@.nvembed_vectorizer_forget(ARRAY[v_id]);
+END;
+$$;
+
+-- Queues the failed rows of the vectorizer of `target_column` of `tbl` again, with fresh
+-- attempts. Returns how many.
+
+CREATE FUNCTION nvembed_vectorizer_retry(tbl regclass, target_column text) RETURNS bigint
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    WITH v AS (SELECT v.id FROM @extschema@.nvembed_vectorizer v WHERE v.tbl = $1 AND v.target_column = $2),
+         moved AS (DELETE FROM @extschema@.nvembed_vectorizer_failure f USING v WHERE f.vectorizer_id = v.id
+                   RETURNING f.vectorizer_id, f.row_key),
+         queued AS (INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
+                    SELECT moved.vectorizer_id, moved.row_key FROM moved RETURNING 1)
+    SELECT count(*) FROM moved;
+END;
+
+-- A vectorizer goes with its table, or with its source or target column.
+
+CREATE FUNCTION nvembed_vectorizer_on_drop() RETURNS event_trigger
+LANGUAGE plpgsql
+-- The dropping role may not be the one that manages the vectorizer.
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    gone integer[];
+BEGIN
+    SELECT array_agg(v.id) INTO gone
+    FROM @extschema@.nvembed_vectorizer v
+    JOIN pg_event_trigger_dropped_objects() d ON d.classid = 'pg_class'::regclass AND d.objid = v.tbl
+    WHERE d.objsubid = 0 OR d.address_names[3] IN (v.source_column, v.target_column);
+    IF gone IS NOT NULL THEN
+        PERFORM @extschema@.nvembed_vectorizer_forget(gone);
+    END IF;
+END;
+$$;
+
+CREATE EVENT TRIGGER nvembed_vectorizer_on_drop ON sql_drop EXECUTE FUNCTION nvembed_vectorizer_on_drop();
+
+-- A partition created in, or attached to, a vectorized table gets the vectorizer's triggers, for
+-- statements that name it directly (those naming an ancestor fire the ancestor's). CREATE TABLE
+-- ... PARTITION OF names the partition; ALTER TABLE ... ATTACH PARTITION names the parent.
+
+CREATE FUNCTION nvembed_vectorizer_on_partition() RETURNS event_trigger
+LANGUAGE plpgsql
+-- The triggers are the vectorizer's, whoever adds the partition.
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    missing record;
+BEGIN
+    FOR missing IN
+        SELECT DISTINCT v.id, p.relid::regclass AS part
+        FROM pg_event_trigger_ddl_commands() c
+        JOIN pg_class r ON c.classid = 'pg_class'::regclass AND r.oid = c.objid AND r.relkind IN ('r', 'p')
+        CROSS JOIN LATERAL pg_partition_tree(r.oid) p
+        JOIN @extschema@.nvembed_vectorizer v
+          ON v.tbl = r.oid OR v.tbl IN (SELECT a.relid FROM pg_partition_ancestors(r.oid) AS a(relid))
+        WHERE p.relid <> v.tbl
+          AND NOT EXISTS (SELECT 1 FROM pg_trigger t
+                          WHERE t.tgrelid = p.relid AND t.tgname = format('nvembed_vectorizer_%s_insert', v.id))
+          -- Only once the vectorized table has its own: pg_restore alters tables (keys, indexes)
+          -- before it creates the dumped triggers, the partitions' included.
+          AND EXISTS (SELECT 1 FROM pg_trigger t
+                      WHERE t.tgrelid = v.tbl AND t.tgname = format('nvembed_vectorizer_%s_insert', v.id))
+    LOOP
+        PERFORM @extschema@.nvembed_vectorizer_create_triggers(missing.id, missing.part);
+    END LOOP;
+END;
+$$;
+
+CREATE EVENT TRIGGER nvembed_vectorizer_on_partition ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION nvembed_vectorizer_on_partition();
+
+-- The pids of the vectorizer workers of this database that are running.
+
+CREATE FUNCTION nvembed_vectorizer_workers() RETURNS SETOF integer
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT a.pid FROM pg_stat_activity a
+    WHERE a.backend_type = 'nvembed vectorizer' AND a.datname = current_database()
+$$;
+
+CREATE VIEW nvembed_vectorizer_status AS
+WITH workers AS (SELECT pid FROM @extschema@.nvembed_vectorizer_workers() AS w(pid))
+
+SELECT v.id, v.tbl, v.source_column, v.target_column, v.kind, v.owner,
+       coalesce(q.pending, 0) AS pending,
+       coalesce(q.in_progress, 0) AS in_progress,
+       v.embedded,
+       coalesce(f.failed, 0) AS failed,
+       e.last_error,
+       e.last_error_at,
+       coalesce((SELECT sum(b.rows_embedded) FROM @extschema@.nvembed_vectorizer_batch b
+                 WHERE b.vectorizer_id = v.id AND b.finished_at > pg_catalog.now() - interval '1 minute'), 0)::double precision
+           / 60 AS rows_per_second,
+       pg_catalog.now() - q.oldest_pending AS oldest_pending_age
+FROM @extschema@.nvembed_vectorizer v
+LEFT JOIN LATERAL (
+    -- Rows, not entries (a row may have several).
+    SELECT count(DISTINCT row_key) FILTER (WHERE NOT claimed) AS pending,
+           count(DISTINCT row_key) FILTER (WHERE claimed) AS in_progress,
+           min(queued_at) FILTER (WHERE NOT claimed) AS oldest_pending
+    FROM (SELECT q.row_key, q.queued_at, coalesce(q.claimed_by IN (SELECT pid FROM workers), false) AS claimed
+          FROM @extschema@.nvembed_vectorizer_queue q WHERE q.vectorizer_id = v.id) AS entries
+) q ON true
+LEFT JOIN LATERAL (SELECT count(*) AS failed FROM @extschema@.nvembed_vectorizer_failure f WHERE f.vectorizer_id = v.id) f ON true
+LEFT JOIN LATERAL (
+    SELECT errors.message AS last_error, errors.at AS last_error_at
+    FROM (SELECT v.last_error, v.last_error_at
+          UNION ALL SELECT q.last_error, q.last_attempt_at FROM @extschema@.nvembed_vectorizer_queue q
+                    WHERE q.vectorizer_id = v.id AND q.last_error IS NOT NULL
+          UNION ALL SELECT f.last_error, f.last_attempt_at FROM @extschema@.nvembed_vectorizer_failure f
+                    WHERE f.vectorizer_id = v.id) AS errors(message, at)
+    WHERE errors.message IS NOT NULL
+    ORDER BY errors.at DESC LIMIT 1
+) e ON true
+-- The view runs with its owner's rights: each role sees the vectorizers of tables it may read.
+WHERE CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) v.tbl)
+           THEN pg_catalog.has_table_privilege(v.tbl, 'SELECT') END;
+
+CREATE VIEW nvembed_vectorizer_failures AS
+
+SELECT v.tbl, v.target_column, f.row_key::text[] AS row_key, f.attempts, f.last_error, f.last_attempt_at
+FROM @extschema@.nvembed_vectorizer_failure f
+JOIN @extschema@.nvembed_vectorizer v ON v.id = f.vectorizer_id
+WHERE CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) v.tbl)
+           THEN pg_catalog.has_table_privilege(v.tbl, 'SELECT') END;
+
+GRANT SELECT ON nvembed_vectorizer_status, nvembed_vectorizer_failures TO PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------
+-- The worker's side. claim, fail, release and settle touch only this extension's tables (as the
+-- worker, a superuser; not granted to PUBLIC); read and write touch the vectorized table and run
+-- as the vectorizer's owner (the worker switches to it around them).
+
+-- The keys of a two-dimensional key array, one text[] each, numbered from 1.
+
+CREATE FUNCTION nvembed_vectorizer_key_rows(keys text[]) RETURNS TABLE (key text[], n bigint)
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ARRAY(SELECT unnest(keys[i:i][:])), i FROM generate_series(1, array_length(keys, 1)) AS i
+$$;
+
+-- Claims up to `max_rows` due entries of one vectorizer (that of the first due entry met; the
+-- queue is mostly in insertion order, and no sort of the whole queue is needed) for the calling
+-- worker, and every other waiting entry of the same rows (a row is embedded once per claim).
+-- Returns NULLs when nothing is due. `row_keys` is a two-dimensional text[] in its text form,
+-- one key per row, to be handed back unchanged.
+
+CREATE FUNCTION nvembed_vectorizer_claim(max_rows integer,
+    OUT vectorizer_id integer, OUT owner oid, OUT instruction text, OUT max_length integer, OUT row_keys text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v @extschema@.nvembed_vectorizer;
+    keys text[];
+BEGIN
+    -- Claims of workers that are gone (crash, restart, terminated) are free again.
+    UPDATE @extschema@.nvembed_vectorizer_queue q SET claimed_by = NULL
+    WHERE q.claimed_by IS NOT NULL AND q.claimed_by NOT IN (SELECT w FROM @extschema@.nvembed_vectorizer_workers() AS w);
+    LOOP
+        SELECT * INTO v FROM @extschema@.nvembed_vectorizer
+        WHERE id = (SELECT q.vectorizer_id FROM @extschema@.nvembed_vectorizer_queue q
+                    WHERE q.claimed_by IS NULL AND q.next_attempt_at <= now()
+                    LIMIT 1);
+        IF NOT FOUND THEN
+            -- Nothing due, or entries of a vectorizer that is gone: clean up.
+            DELETE FROM @extschema@.nvembed_vectorizer_queue q
+            WHERE NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer v2 WHERE v2.id = q.vectorizer_id);
+            IF FOUND THEN
+                CONTINUE;
+            END IF;
+            RETURN;
+        END IF;
+        EXIT WHEN EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = v.tbl);
+        RAISE LOG 'nvembed: table % of vectorizer % was dropped; dropping the vectorizer', v.tbl::oid, v.id;
+        PERFORM @extschema@.nvembed_vectorizer_forget(ARRAY[v.id]);
+    END LOOP;
+    WITH due AS (
+        SELECT q.ctid FROM @extschema@.nvembed_vectorizer_queue q
+        WHERE q.vectorizer_id = v.id AND q.claimed_by IS NULL AND q.next_attempt_at <= now()
+        LIMIT max_rows
+        FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE @extschema@.nvembed_vectorizer_queue q SET claimed_by = pg_backend_pid()
+        FROM due WHERE q.ctid = due.ctid
+        RETURNING q.row_key
+    )
+    SELECT array_agg(DISTINCT claimed.row_key) INTO keys FROM claimed;
+    IF keys IS NULL THEN
+        RETURN;
+    END IF;
+    WITH same_rows AS (
+        SELECT q.ctid FROM @extschema@.nvembed_vectorizer_queue q
+        WHERE q.vectorizer_id = v.id AND q.row_key = ANY (keys) AND q.claimed_by IS NULL
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE @extschema@.nvembed_vectorizer_queue q SET claimed_by = pg_backend_pid()
+    FROM same_rows WHERE q.ctid = same_rows.ctid;
+    vectorizer_id := v.id;
+    owner := v.owner;
+    instruction := v.instruction;
+    max_length := v.max_length;
+    -- As a two-dimensional text[]: one key per row.
+    row_keys := (SELECT array_agg(k::text[]) FROM unnest(keys) AS k)::text;
+END;
+$$;
+
+-- Run as the vectorizer's owner: the texts (UTF-8, whatever the database encoding) of the rows
+-- with keys `row_keys`, NULL for a row that is gone (or hidden from the owner) or has no text;
+-- or why they cannot be read.
+
+CREATE FUNCTION nvembed_vectorizer_read(vectorizer_id integer, row_keys text, OUT texts bytea[], OUT error text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+-- The key settings of nvembed_vectorizer_enqueue.
+SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET bytea_output = 'hex'
+AS $$
+DECLARE
+    v @extschema@.nvembed_vectorizer;
+BEGIN
+    SELECT * INTO STRICT v FROM @extschema@.nvembed_vectorizer WHERE id = $1;
+    EXECUTE format('SELECT array_agg(convert_to(t.%I::text, ''UTF8'') ORDER BY k.n)
+                    FROM @extschema@.nvembed_vectorizer_key_rows($1) AS k(key, n)
+                    LEFT JOIN %s t ON %s',
+                   v.source_column, v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 't', 'k.key'))
+        INTO texts USING row_keys::text[];
+EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
+    texts := NULL;
+    error := format('reading %s as %s: %s', v.tbl, current_user, SQLERRM);
+END;
+$$;
+
+-- Run as the vectorizer's owner: writes the vectors of a claimed batch, each only where the row,
+-- locked, still has byte-for-byte the text that was embedded (a row whose text is now NULL gets
+-- a NULL target). texts are the texts read (UTF-8); errors[i] is the model's error for text i
+-- (such rows are left alone); `vectors` holds the vectors of the texts that are neither NULL nor
+-- failed, in order, `dimension` floats each. Returns one outcome per row: 'written', 'changed'
+-- (its text is not the embedded one any more), 'gone' (no such row for the owner), 'locked'
+-- (another session holds it: skipped, never waited for), 'failed' (the model's error), or why
+-- it was not written (its write failed, or the UPDATE left it alone). A failing batch write is retried row by row, so one row's failure (a
+-- constraint, the table's own trigger, a missing privilege) never fails the others.
+
+CREATE FUNCTION nvembed_vectorizer_write(vectorizer_id integer, row_keys text, texts bytea[], vectors real[],
+                                         dimension integer, errors text[])
+RETURNS text[]
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+-- The key settings of nvembed_vectorizer_enqueue.
+SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET bytea_output = 'hex'
+AS $$
+DECLARE
+    v @extschema@.nvembed_vectorizer;
+    keys text[] := row_keys::text[];
+    sources text[] := ARRAY(SELECT convert_from(t, 'UTF8') FROM unnest(texts) WITH ORDINALITY AS u(t, n) ORDER BY n);
+    -- The table's own triggers fire on this write as on any other: they get the search_path a
+    -- session of this database starts with (set around the EXECUTEs only; every name in the
+    -- statement is schema-qualified).
+    session_path text := (SELECT s.reset_val FROM pg_settings s WHERE s.name = 'search_path');
+    write text;
+    outcome text[];
+    row_outcome text[];
+BEGIN
+    SELECT * INTO v FROM @extschema@.nvembed_vectorizer WHERE id = $1;
+    IF NOT FOUND THEN
+        RETURN NULL; -- dropped meanwhile
+    END IF;
+    -- $6: one row's number, or NULL for all. Rows are locked FOR NO KEY UPDATE SKIP LOCKED; a
+    -- locked row whose text is the embedded one is always written (its vector, or NULL for a
+    -- NULL text), so a REPEATABLE READ writer that read it before fails to update it, as it
+    -- must, instead of deciding from a stale snapshot that it needs no queue entry.
+    BEGIN
+        write := format(
+            'WITH b_all AS (SELECT k.key, k.n, $2[k.n] AS src, $5[k.n] IS NOT NULL AS model_failed,
+                                   -- where its vector starts, among those of the texts embedded
+                                   pg_catalog.count($2[k.n]) FILTER (WHERE $5[k.n] IS NULL) OVER (ORDER BY k.n) AS j
+                            FROM @extschema@.nvembed_vectorizer_key_rows($1) AS k(key, n)),
+                  batch_rows AS (SELECT * FROM b_all WHERE $6::pg_catalog.int8 IS NULL OR b_all.n OPERATOR(pg_catalog.=) $6),
+                  b AS (SELECT * FROM batch_rows r WHERE NOT r.model_failed),
+                  present AS (SELECT b.n FROM b JOIN %1$s t ON %2$s),
+                  locked AS (SELECT t.tableoid AS rel, t.ctid AS row_id, b.n, b.src, b.j,
+                                    (t.%3$I::pg_catalog.text COLLATE pg_catalog."C") IS NOT DISTINCT FROM b.src AS same_text
+                             FROM %1$s t JOIN b ON %2$s
+                             FOR NO KEY UPDATE OF t SKIP LOCKED),
+                  written AS (UPDATE %1$s t
+                              SET %4$I = CASE WHEN l.src IS NULL THEN NULL
+                                              ELSE $3[(l.j OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.*) $4 OPERATOR(pg_catalog.+) 1
+                                                      : l.j OPERATOR(pg_catalog.*) $4] END
+                              FROM locked l
+                              WHERE l.same_text AND t.tableoid OPERATOR(pg_catalog.=) l.rel AND t.ctid OPERATOR(pg_catalog.=) l.row_id
+                              RETURNING l.n)
+             SELECT pg_catalog.array_agg(CASE WHEN r.model_failed THEN ''failed''
+                                              WHEN r.n IN (SELECT n FROM written) THEN ''written''
+                                              WHEN r.n IN (SELECT n FROM locked WHERE NOT same_text) THEN ''changed''
+                                              WHEN r.n IN (SELECT n FROM locked)
+                                                  THEN ''the row was not written: a trigger skipped it, or row-level security hides it from UPDATE''
+                                              WHEN r.n IN (SELECT n FROM present) THEN ''locked''
+                                              ELSE ''gone'' END ORDER BY r.n)
+             FROM batch_rows r',
+            v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 't', 'b.key'), v.source_column, v.target_column);
+    EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
+        RETURN array_fill(format('writing %s.%s as %s: %s', v.tbl, quote_ident(v.target_column), current_user, SQLERRM),
+                          ARRAY[array_length(keys, 1)]);
+    END;
+    BEGIN
+        PERFORM pg_catalog.set_config('search_path', session_path, true);
+        EXECUTE write INTO outcome USING keys, sources, vectors, dimension, errors, NULL::bigint;
+        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    -- (Also a statement_timeout, or a trigger's ASSERT: whatever the table does fails its rows,
+    -- never the worker.)
+    EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
+        outcome := array_fill(NULL::text, ARRAY[array_length(keys, 1)]);
+        FOR n IN 1 .. array_length(keys, 1) LOOP
+            IF errors[n] IS NOT NULL THEN
+                outcome[n] := 'failed';
+                CONTINUE;
+            END IF;
+            BEGIN
+                PERFORM pg_catalog.set_config('search_path', session_path, true);
+                EXECUTE write INTO row_outcome USING keys, sources, vectors, dimension, errors, n::bigint;
+                PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+                outcome[n] := row_outcome[1];
+            EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
+                outcome[n] := format('writing %s.%s as %s: %s', v.tbl, quote_ident(v.target_column), current_user, SQLERRM);
+            END;
+        END LOOP;
+    END;
+    RETURN outcome;
+END;
+$$;
+
+-- An attempt failed for each of the worker's entries of the rows with keys `row_keys` (errors[i]
+-- for key i): back off (1 s, doubling, at most 10 min) or, after
+-- nvembed.vectorizer_max_attempts, move them to the failures.
+
+CREATE FUNCTION nvembed_vectorizer_fail(vectorizer_id integer, row_keys text, errors text[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    max_attempts integer := current_setting('nvembed.vectorizer_max_attempts')::integer;
+BEGIN
+    UPDATE @extschema@.nvembed_vectorizer_queue q
+    SET attempts = q.attempts + 1, last_error = errors[k.n], last_attempt_at = clock_timestamp(), claimed_by = NULL,
+        next_attempt_at = clock_timestamp() + interval '1 s' * power(2, least(q.attempts, 10))
+    FROM @extschema@.nvembed_vectorizer_key_rows(row_keys::text[]) AS k
+    WHERE q.vectorizer_id = $1 AND q.row_key = k.key::text AND q.claimed_by = pg_backend_pid();
+    WITH moved AS (
+        DELETE FROM @extschema@.nvembed_vectorizer_queue q
+        WHERE q.vectorizer_id = $1 AND q.attempts >= max_attempts
+          AND q.row_key IN (SELECT k.key::text FROM @extschema@.nvembed_vectorizer_key_rows(row_keys::text[]) AS k)
+        RETURNING q.vectorizer_id, q.row_key, q.attempts, q.last_error, q.last_attempt_at
+    )
+    INSERT INTO @extschema@.nvembed_vectorizer_failure AS f (vectorizer_id, row_key, attempts, last_error, last_attempt_at)
+    SELECT DISTINCT ON (m.row_key) m.vectorizer_id, m.row_key, m.attempts, m.last_error, m.last_attempt_at FROM moved m
+    ORDER BY m.row_key, m.attempts DESC
+    ON CONFLICT ON CONSTRAINT nvembed_vectorizer_failure_pkey DO UPDATE
+        SET attempts = excluded.attempts, last_error = excluded.last_error, last_attempt_at = excluded.last_attempt_at;
+END;
+$$;
+
+-- The batch could not be embedded for a reason that is no text's fault (model server
+-- unreachable, model not loadable): the entries wait for the next claim, attempts unchanged.
+
+CREATE FUNCTION nvembed_vectorizer_release(vectorizer_id integer, row_keys text, error text) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    UPDATE @extschema@.nvembed_vectorizer_queue q SET claimed_by = NULL
+    WHERE q.vectorizer_id = $1 AND q.claimed_by = pg_backend_pid()
+      AND q.row_key IN (SELECT k.key::text FROM @extschema@.nvembed_vectorizer_key_rows(row_keys::text[]) AS k);
+    UPDATE @extschema@.nvembed_vectorizer v SET last_error = error, last_error_at = clock_timestamp() WHERE v.id = $1;
+END;
+
+-- Settles the worker's entries of a written batch by each row's outcome (nvembed_vectorizer_write;
+-- 'failed' rows take their error from errors[i]):
+--   written, gone: removed (and a written row leaves the failures);
+--   changed: queued again, due now, attempts unchanged;
+--   locked: queued again, due in a second, attempts unchanged;
+--   anything else: a failed attempt with that reason.
+-- Returns how many vectors were written.
+
+CREATE FUNCTION nvembed_vectorizer_settle(vectorizer_id integer, row_keys text, texts bytea[], outcome text[], errors text[])
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    written integer;
+BEGIN
+    DELETE FROM @extschema@.nvembed_vectorizer_queue q
+    USING @extschema@.nvembed_vectorizer_key_rows(row_keys::text[]) AS k
+    WHERE q.vectorizer_id = $1 AND q.claimed_by = pg_backend_pid() AND q.row_key = k.key::text
+      AND outcome[k.n] IN ('written', 'gone');
+    DELETE FROM @extschema@.nvembed_vectorizer_failure f
+    USING @extschema@.nvembed_vectorizer_key_rows(row_keys::text[]) AS k
+    WHERE f.vectorizer_id = $1 AND f.row_key = k.key::text AND outcome[k.n] = 'written';
+    UPDATE @extschema@.nvembed_vectorizer_queue q
+    SET claimed_by = NULL,
+        next_attempt_at = CASE outcome[k.n] WHEN 'locked' THEN clock_timestamp() + interval '1 s' ELSE '-infinity' END
+    FROM @extschema@.nvembed_vectorizer_key_rows(row_keys::text[]) AS k
+    WHERE q.vectorizer_id = $1 AND q.claimed_by = pg_backend_pid() AND q.row_key = k.key::text
+      AND outcome[k.n] IN ('changed', 'locked');
+    PERFORM @extschema@.nvembed_vectorizer_fail($1, array_agg(k.key ORDER BY k.n)::text,
+                                                 array_agg(CASE outcome[k.n] WHEN 'failed' THEN errors[k.n] ELSE outcome[k.n] END
+                                                           ORDER BY k.n))
+    FROM @extschema@.nvembed_vectorizer_key_rows(row_keys::text[]) AS k
+    WHERE outcome[k.n] NOT IN ('written', 'gone', 'changed', 'locked')
+    HAVING count(*) > 0;
+    -- Vectors written (not the NULLs written for rows whose text became NULL).
+    SELECT count(*) INTO written FROM generate_series(1, cardinality(outcome)) AS n
+    WHERE outcome[n] = 'written' AND texts[n] IS NOT NULL;
+    IF written > 0 THEN
+        UPDATE @extschema@.nvembed_vectorizer v SET embedded = v.embedded + written, last_error = NULL, last_error_at = NULL
+        WHERE v.id = $1;
+        INSERT INTO @extschema@.nvembed_vectorizer_batch VALUES ($1, clock_timestamp(), written);
+    END IF;
+    DELETE FROM @extschema@.nvembed_vectorizer_batch b WHERE b.finished_at < now() - interval '1 minute';
+    RETURN written;
+END;
+$$;
+
+REVOKE EXECUTE ON FUNCTION nvembed_vectorizer_claim(integer), nvembed_vectorizer_fail(integer, text, text[]),
+    nvembed_vectorizer_release(integer, text, text), nvembed_vectorizer_settle(integer, text, bytea[], text[], text[])
+    FROM PUBLIC;
