@@ -6,10 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cluster.sh
 trap cluster_stop EXIT
+OFFLINE_MODEL=engine/tests/fixtures/nvembed-tiny-a
+model=${NVEMBED_MODEL:-nvidia/NV-Embed-v2}
 install_nvembed
-cluster_start "${NVEMBED_MODEL:-nvidia/NV-Embed-v2}"
+cluster_start "$model"
 
-"${PSQL[@]}" -e <<'SQL'
+status=0
+"${PSQL[@]}" -e 2>"$WORK/psql.err" <<'SQL' || status=$?
 CREATE EXTENSION vector;
 CREATE EXTENSION nvembed;
 SELECT server_running, loaded FROM nvembed_status();  -- the model loads on the first call, not before
@@ -25,3 +28,10 @@ SELECT q.query, d.id, round((100 * -(d.embedding::vector <#> nvembed_query(q.que
 FROM q CROSS JOIN docs d ORDER BY q.query, score DESC;
 SELECT * FROM nvembed_status();
 SQL
+cat "$WORK/psql.err" >&2
+# A hub model that cannot be fetched (no network, no cache) fails at the first embedding: the
+# last line says how to see the demo without the hub.
+if [ "$status" != 0 ] && [ ! -d "$model" ] && grep -q 'could not load model' "$WORK/psql.err"; then
+  echo "nvembed demo: the hub model $model could not be fetched; for the offline demo run: NVEMBED_MODEL=$OFFLINE_MODEL make demo" >&2
+fi
+exit "$status"
