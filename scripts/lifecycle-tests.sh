@@ -204,3 +204,16 @@ if grep -E 'ERROR|FATAL|PANIC' "$WORK/standby.log" | grep -v 'the database syste
 fi
 rows=$("${SPSQL[@]}" -d dumped -c "SELECT count(*) FROM docs")
 echo "PASS hot standby: $rows rows searched with its own model server (pids primary,standby = $pids), same order as the primary, no errors in its log"
+
+# 4. `make demo` where the hub cannot be reached: after the load error, one line names the offline
+# demo, and that command works.
+cleanup
+STANDBY=""
+out=$(HF_HUB_OFFLINE=1 HF_HOME="$(mktemp -d)" make -s demo 2>&1) && fail "make demo without the hub succeeded"
+hint="nvembed demo: the hub model nvidia/NV-Embed-v2 could not be fetched; for the offline demo run: NVEMBED_MODEL=$TINY make demo"
+grep -n -e 'could not load model' -e "^$hint\$" <<<"$out" | cut -d: -f1 | tr '\n' ' ' | grep -qE '^[0-9]+ [0-9]+ $' \
+  || { echo "$out" | tail -n 5 >&2; fail "make demo without the hub: want the load error, then the hint line"; }
+out=$(NVEMBED_MODEL=$TINY make -s demo 2>&1) || { echo "$out" | tail -n 5 >&2; fail "the offline demo failed"; }
+[ "$(grep -cE '^ (are judo|how to become).*\| +[0-9]+ \| +-?[0-9.]+$' <<<"$out")" = 4 ] \
+  || { echo "$out" | tail -n 20 >&2; fail "the offline demo printed no scores"; }
+echo "PASS make demo: without the hub, the load error and then the offline command; that command prints the 4 scores"
