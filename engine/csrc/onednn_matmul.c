@@ -301,31 +301,122 @@ int nv_matmul_plain_f32(int64_t m, int64_t n, int64_t k, const float *src, const
     return s;
 }
 
-/*
- * c (batch × m × n) = a (batch × m × k) · b (batch × k × n), dense row-major f32, both operands
- * given per call: attention's scores and weighted sums. Created per call through oneDNN's
- * primitive cache.
- */
-int nv_batched_matmul_f32(int64_t batch, int64_t m, int64_t k, int64_t n, const float *a, const float *b, float *c) {
-    dnnl_memory_desc_t a_md, b_md, c_md;
-    dnnl_matmul_desc_t desc;
+/* Creates, runs on `count` caller-owned buffers, and destroys the primitive of `desc` (oneDNN's
+ * primitive cache keeps its compiled code for the next call of the same shape). */
+static dnnl_status_t run_once(const_dnnl_op_desc_t desc, dnnl_primitive_attr_t attr, int count,
+                              const struct run_arg *args) {
     dnnl_primitive_desc_t pd;
     dnnl_primitive_t prim;
-    dnnl_dims_t a_dims = {batch, m, k}, b_dims = {batch, k, n}, c_dims = {batch, m, n};
+    dnnl_status_t s = dnnl_primitive_desc_create(&pd, desc, attr, engine, NULL);
+    if (s != dnnl_success) return s;
+    s = dnnl_primitive_create(&prim, pd);
+    dnnl_primitive_desc_destroy(pd);
+    if (s != dnnl_success) return s;
+    s = run(prim, count, args);
+    dnnl_primitive_destroy(prim);
+    return s;
+}
+
+/* Softmax along `axis` of f32 `src` (described by `md`) into `dst`, which may be `src`. */
+static dnnl_status_t softmax(const dnnl_memory_desc_t *md, int axis, const float *src, float *dst) {
+    dnnl_softmax_desc_t desc;
+    dnnl_status_t s = dnnl_softmax_forward_desc_init(&desc, dnnl_forward_inference, md, axis);
+    if (s != dnnl_success) return s;
+    {
+        struct run_arg args[2] = {{DNNL_ARG_SRC, md, src, NULL}, {DNNL_ARG_DST, md, dst, NULL}};
+        return run_once(&desc, NULL, 2, args);
+    }
+}
+
+/* Softmax of each row of contiguous (rows × cols) f32 `src` into `dst`. */
+int nv_softmax_f32(int64_t rows, int64_t cols, const float *src, float *dst) {
+    dnnl_memory_desc_t md;
+    dnnl_status_t s = plain_md(&md, rows, cols, dnnl_f32, dnnl_ab);
+    return s != dnnl_success ? s : softmax(&md, 1, src, dst);
+}
+
+/*
+ * Attention of `g` heads for each of `b` rows, in f32: softmax(scale · q·kᵀ + key_bias) · v.
+ * q, out: (b, g, m, d); k, v: (kv_b, g, n, d), kv_b = b, or 1 for keys shared by every row; all
+ * contiguous. k is read transposed where it lies. key_bias: (b, n), added to every query row of
+ * its batch row, or NULL. The scale and the bias are fused into the first product and the
+ * softmax runs in place, so the scores (`scores`, the caller's (b, g, m, n) scratch) are
+ * written once and read twice.
+ */
+int nv_attention_f32(int64_t b, int64_t kv_b, int64_t g, int64_t m, int64_t n, int64_t d, float scale,
+                     const float *q, const float *k, const float *v, const float *key_bias, float *scores,
+                     float *out) {
+    dnnl_memory_desc_t q_md, kt_md, v_md, scores_md, out_md, bias_md;
+    dnnl_dims_t q_dims = {b, g, m, d}, kt_dims = {kv_b, g, d, n}, v_dims = {kv_b, g, n, d};
+    dnnl_dims_t scores_dims = {b, g, m, n}, bias_dims = {b, 1, 1, n};
+    dnnl_matmul_desc_t desc;
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_post_ops_t ops = NULL;
     dnnl_status_t s;
-    if ((s = dnnl_memory_desc_init_by_tag(&a_md, 3, a_dims, dnnl_f32, dnnl_abc)) != dnnl_success) return s;
-    if ((s = dnnl_memory_desc_init_by_tag(&b_md, 3, b_dims, dnnl_f32, dnnl_abc)) != dnnl_success) return s;
-    if ((s = dnnl_memory_desc_init_by_tag(&c_md, 3, c_dims, dnnl_f32, dnnl_abc)) != dnnl_success) return s;
-    if ((s = dnnl_matmul_desc_init(&desc, &a_md, &b_md, NULL, &c_md)) != dnnl_success) return s;
-    if ((s = dnnl_primitive_desc_create(&pd, &desc, NULL, engine, NULL)) != dnnl_success) return s;
+    if ((s = dnnl_memory_desc_init_by_tag(&q_md, 4, q_dims, dnnl_f32, dnnl_abcd)) != dnnl_success) return s;
+    if ((s = dnnl_memory_desc_init_by_tag(&out_md, 4, q_dims, dnnl_f32, dnnl_abcd)) != dnnl_success) return s;
+    /* (kv_b, g, n, d) row-major is kᵀ (kv_b, g, d, n) with its last two axes swapped. */
+    if ((s = dnnl_memory_desc_init_by_tag(&kt_md, 4, kt_dims, dnnl_f32, dnnl_abdc)) != dnnl_success) return s;
+    if ((s = dnnl_memory_desc_init_by_tag(&v_md, 4, v_dims, dnnl_f32, dnnl_abcd)) != dnnl_success) return s;
+    if ((s = dnnl_memory_desc_init_by_tag(&scores_md, 4, scores_dims, dnnl_f32, dnnl_abcd)) != dnnl_success) return s;
+    if ((s = dnnl_memory_desc_init_by_tag(&bias_md, 4, bias_dims, dnnl_f32, dnnl_abcd)) != dnnl_success) return s;
+
+    if ((s = dnnl_primitive_attr_create(&attr)) != dnnl_success) return s;
+    if ((s = dnnl_post_ops_create(&ops)) != dnnl_success) goto out;
+    if ((s = dnnl_post_ops_append_eltwise(ops, 1.0f, dnnl_eltwise_linear, scale, 0.0f)) != dnnl_success) goto out;
+    if (key_bias && (s = dnnl_post_ops_append_binary(ops, dnnl_binary_add, &bias_md)) != dnnl_success) goto out;
+    if ((s = dnnl_primitive_attr_set_post_ops(attr, ops)) != dnnl_success) goto out;
+    if ((s = dnnl_matmul_desc_init(&desc, &q_md, &kt_md, NULL, &scores_md)) != dnnl_success) goto out;
+    {
+        struct run_arg args[4] = {{DNNL_ARG_SRC, &q_md, q, NULL},
+                                  {DNNL_ARG_WEIGHTS, &kt_md, k, NULL},
+                                  {DNNL_ARG_DST, &scores_md, scores, NULL},
+                                  {DNNL_ARG_ATTR_MULTIPLE_POST_OP(1) | DNNL_ARG_SRC_1, &bias_md, key_bias, NULL}};
+        if ((s = run_once(&desc, attr, key_bias ? 4 : 3, args)) != dnnl_success) goto out;
+    }
+    if ((s = softmax(&scores_md, 3, scores, scores)) != dnnl_success) goto out;
+    if ((s = dnnl_matmul_desc_init(&desc, &scores_md, &v_md, NULL, &out_md)) != dnnl_success) goto out;
+    {
+        struct run_arg args[3] = {{DNNL_ARG_SRC, &scores_md, scores, NULL},
+                                  {DNNL_ARG_WEIGHTS, &v_md, v, NULL},
+                                  {DNNL_ARG_DST, &out_md, out, NULL}};
+        s = run_once(&desc, NULL, 3, args);
+    }
+out:
+    if (ops) dnnl_post_ops_destroy(ops);
+    dnnl_primitive_attr_destroy(attr);
+    return s;
+}
+
+/*
+ * Copies the `ndims`-dimensional array `src` (element type `src_dt`, laid out by `src_strides`, in
+ * elements) into contiguous row-major `dst` of type `dst_dt`: a permutation or a slice and a
+ * dtype conversion in one pass (oneDNN's reorder).
+ */
+int nv_reorder(int ndims, const int64_t *dims, int src_dt, const int64_t *src_strides, const void *src, int dst_dt,
+               void *dst) {
+    dnnl_memory_desc_t src_md, dst_md;
+    dnnl_dims_t d, strides, dst_strides;
+    dnnl_primitive_desc_t pd;
+    dnnl_primitive_t prim;
+    dnnl_status_t s;
+    int i;
+    if (ndims < 1 || ndims > DNNL_MAX_NDIMS) return dnnl_invalid_arguments;
+    for (i = ndims - 1; i >= 0; i--) {
+        d[i] = dims[i];
+        strides[i] = src_strides[i];
+        dst_strides[i] = i == ndims - 1 ? 1 : dst_strides[i + 1] * dims[i + 1];
+    }
+    if ((s = dnnl_memory_desc_init_by_strides(&src_md, ndims, d, data_type(src_dt), strides)) != dnnl_success) return s;
+    if ((s = dnnl_memory_desc_init_by_strides(&dst_md, ndims, d, data_type(dst_dt), dst_strides)) != dnnl_success)
+        return s;
+    if ((s = dnnl_reorder_primitive_desc_create(&pd, &src_md, engine, &dst_md, engine, NULL)) != dnnl_success) return s;
     s = dnnl_primitive_create(&prim, pd);
     dnnl_primitive_desc_destroy(pd);
     if (s != dnnl_success) return s;
     {
-        struct run_arg args[3] = {{DNNL_ARG_SRC, &a_md, a, NULL},
-                                  {DNNL_ARG_WEIGHTS, &b_md, b, NULL},
-                                  {DNNL_ARG_DST, &c_md, c, NULL}};
-        s = run(prim, 3, args);
+        struct run_arg args[2] = {{DNNL_ARG_FROM, &src_md, src, NULL}, {DNNL_ARG_TO, &dst_md, dst, NULL}};
+        s = run(prim, 2, args);
     }
     dnnl_primitive_destroy(prim);
     return s;

@@ -215,29 +215,49 @@ impl Linear {
     }
 }
 
-/// `a` (…, m, k) · `b` (…, k, n) with the same leading dimensions, in f32: oneDNN's batched
-/// matmul for the oneDNN backend on f32 CPU tensors, candle's otherwise (attention's scores and
-/// weighted sums, whose operands are both activations).
-pub fn batched_matmul(a: &Tensor, b: &Tensor, backend: MatmulBackend) -> CandleResult<Tensor> {
+/// softmax(scale · q·kᵀ + key_bias) · v, in f32: q (b, g, m, d); k, v (b or 1, g, n, d), a batch
+/// of 1 shared by every row; key_bias (b, 1, 1, n) or none. On the oneDNN backend the scale and
+/// the bias are fused into the first product and the softmax is oneDNN's.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: Option<&Tensor>,
+    scale: f64,
+    backend: MatmulBackend,
+) -> CandleResult<Tensor> {
     #[cfg(feature = "onednn")]
-    if backend == MatmulBackend::Onednn
-        && a.dtype() == DType::F32
-        && b.dtype() == DType::F32
-        && a.rank() >= 3
-        && a.dims()[..a.rank() - 2] == b.dims()[..b.rank().max(2) - 2]
-    {
-        let (m, k) = (a.dim(a.rank() - 2)?, a.dim(a.rank() - 1)?);
-        let n = b.dim(b.rank() - 1)?;
-        let batch = a.elem_count() / (m * k).max(1);
-        let mut dims = a.dims().to_vec();
-        *dims.last_mut().expect("rank ≥ 3") = n;
-        let a3 = a.reshape((batch, m, k))?.contiguous()?;
-        let b3 = b.reshape((batch, k, n))?.contiguous()?;
-        return onednn::batched_matmul_f32(&a3, &b3)?.reshape(dims);
+    if backend == MatmulBackend::Onednn && [q, k, v].iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu()) {
+        let bias = match key_bias {
+            Some(bias) => Some(bias.flatten_from(1)?.contiguous()?),
+            None => None,
+        };
+        return onednn::attention_f32(
+            &q.contiguous()?,
+            &k.contiguous()?,
+            &v.contiguous()?,
+            bias.as_ref(),
+            scale as f32,
+        );
     }
     #[cfg(not(feature = "onednn"))]
     let _ = backend;
-    a.broadcast_matmul(b)
+    let mut scores = (q * scale)?.broadcast_matmul(&k.t()?)?;
+    if let Some(bias) = key_bias {
+        scores = scores.broadcast_add(bias)?;
+    }
+    candle_nn::ops::softmax_last_dim(&scores)?.broadcast_matmul(v)
+}
+
+/// Softmax over the last axis; oneDNN's on the oneDNN backend for f32 CPU tensors.
+pub fn softmax_last_dim(xs: &Tensor, backend: MatmulBackend) -> CandleResult<Tensor> {
+    #[cfg(feature = "onednn")]
+    if backend == MatmulBackend::Onednn && xs.dtype() == DType::F32 && xs.device().is_cpu() {
+        return onednn::softmax_last_dim_f32(&xs.contiguous()?);
+    }
+    #[cfg(not(feature = "onednn"))]
+    let _ = backend;
+    candle_nn::ops::softmax_last_dim(xs)
 }
 
 /// `t` as contiguous (rows, last dimension).
@@ -279,6 +299,35 @@ mod tests {
     }
 
     /// Mis-shaped inputs, operands and biases are errors on every path, never reads past a buffer.
+    #[test]
+    fn layout_copies_and_softmax_match_candles() -> CandleResult<()> {
+        let dev = Device::Cpu;
+        let xs = Tensor::randn(0f32, 1.0, (2, 7, 6, 5), &dev)?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> CandleResult<f32> {
+            (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()
+        };
+        for backend in [MatmulBackend::Candle, MatmulBackend::for_device(&dev).unwrap()] {
+            for (from, to) in [
+                (DType::F32, DType::BF16),
+                (DType::BF16, DType::F32),
+                (DType::F16, DType::F16),
+            ] {
+                // A slice of heads, transposed: what attention reads out of a projection.
+                let view = xs.to_dtype(from)?.narrow(2, 1, 3)?.transpose(1, 2)?;
+                let copied = contiguous_as(&view, to, backend)?;
+                assert!(copied.is_contiguous() && copied.dtype() == to && copied.dims() == [2, 3, 7, 5]);
+                assert_eq!(max_diff(&copied, &view.to_dtype(to)?)?, 0.0, "{backend:?} {from:?} -> {to:?}");
+            }
+            let softmax = softmax_last_dim(&xs, backend)?;
+            assert!(max_diff(&softmax, &candle_nn::ops::softmax_last_dim(&xs)?)? < 1e-6, "{backend:?}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn mis_shaped_arguments_are_errors() -> CandleResult<()> {
         let dev = Device::Cpu;
@@ -338,4 +387,19 @@ mod tests {
         }
         Ok(())
     }
+}
+
+/// `xs.to_dtype(dtype)?.contiguous()` for any strided view (slices, transposes): one oneDNN
+/// reorder pass on the oneDNN backend for CPU tensors, candle's conversion and copy otherwise.
+pub fn contiguous_as(xs: &Tensor, dtype: DType, backend: MatmulBackend) -> CandleResult<Tensor> {
+    if xs.dtype() == dtype && xs.is_contiguous() {
+        return Ok(xs.clone());
+    }
+    #[cfg(feature = "onednn")]
+    if backend == MatmulBackend::Onednn && xs.device().is_cpu() && xs.rank() <= onednn::MAX_DIMS {
+        return onednn::contiguous_as(xs, dtype);
+    }
+    #[cfg(not(feature = "onednn"))]
+    let _ = backend;
+    xs.to_dtype(dtype)?.contiguous()
 }

@@ -13,7 +13,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use candle_core::{DType, Device, Result, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Device, Result, Shape, Storage, Tensor, WithDType};
 
 use super::{Activation, Combine};
 use half::slice::HalfFloatSliceExt;
@@ -56,7 +56,31 @@ extern "C" {
     fn nv_matmul_run(mm: *mut nv_matmul, m: i64, src: *const c_void, operand: *const c_void, dst: *mut c_void)
         -> c_int;
     fn nv_matmul_free(mm: *mut nv_matmul);
-    fn nv_batched_matmul_f32(batch: i64, m: i64, k: i64, n: i64, a: *const f32, b: *const f32, c: *mut f32) -> c_int;
+    fn nv_attention_f32(
+        b: i64,
+        kv_b: i64,
+        g: i64,
+        m: i64,
+        n: i64,
+        d: i64,
+        scale: f32,
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        key_bias: *const f32,
+        scores: *mut f32,
+        out: *mut f32,
+    ) -> c_int;
+    fn nv_softmax_f32(rows: i64, cols: i64, src: *const f32, dst: *mut f32) -> c_int;
+    fn nv_reorder(
+        ndims: c_int,
+        dims: *const i64,
+        src_dt: c_int,
+        src_strides: *const i64,
+        src: *const c_void,
+        dst_dt: c_int,
+        dst: *mut c_void,
+    ) -> c_int;
     fn nv_matmul_plain_f32(m: i64, n: i64, k: i64, src: *const f32, weight: *const f32, dst: *mut f32) -> c_int;
 }
 
@@ -127,13 +151,14 @@ fn element_ptr(t: &Tensor) -> Result<*const c_void> {
 
 /// A (rows, n) tensor whose elements `fill` writes into an uninitialised buffer; `fill` returns
 /// a oneDNN status and must have written every element when it returns 0.
-fn filled<T: WithDType>(rows: usize, n: usize, fill: impl FnOnce(*mut T) -> c_int, what: &str) -> Result<Tensor> {
-    let len = rows * n;
+fn filled<T: WithDType>(shape: impl Into<Shape>, fill: impl FnOnce(*mut T) -> c_int, what: &str) -> Result<Tensor> {
+    let shape = shape.into();
+    let len = shape.elem_count();
     let mut out = Vec::<T>::with_capacity(len);
     check(fill(out.as_mut_ptr()), what)?;
     // SAFETY: oneDNN wrote all `len` elements of dst (status 0).
     unsafe { out.set_len(len) };
-    Tensor::from_vec(out, (rows, n), &Device::Cpu)
+    Tensor::from_vec(out, shape, &Device::Cpu)
 }
 
 /// Weights reordered once into oneDNN's layout, multiplied in their own dtype.
@@ -243,13 +268,13 @@ impl PackedMatmul {
         let what = "running a matmul";
         match self.dtype {
             DType::F32 => with_elements::<f32, _>(xs, |x| {
-                filled::<f32>(rows, self.n, |d| run(x.as_ptr().cast(), d.cast()), what)
+                filled::<f32>((rows, self.n), |d| run(x.as_ptr().cast(), d.cast()), what)
             })?,
             DType::BF16 => with_elements::<bf16, _>(xs, |x| {
-                filled::<bf16>(rows, self.n, |d| run(x.as_ptr().cast(), d.cast()), what)
+                filled::<bf16>((rows, self.n), |d| run(x.as_ptr().cast(), d.cast()), what)
             })?,
             _ => with_elements::<f16, _>(xs, |x| {
-                filled::<f16>(rows, self.n, |d| run(x.as_ptr().cast(), d.cast()), what)
+                filled::<f16>((rows, self.n), |d| run(x.as_ptr().cast(), d.cast()), what)
             })?,
         }
     }
@@ -296,8 +321,7 @@ pub fn widened_forward(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let weights = buffer.as_ptr();
     with_elements::<f32, _>(xs, |x| {
         filled::<f32>(
-            rows,
-            n,
+            (rows, n),
             // SAFETY: x holds rows·k f32, `weights` n·k f32 (locked), dst room for rows·n f32.
             |d| unsafe { nv_matmul_plain_f32(rows as i64, n as i64, k as i64, x.as_ptr(), weights, d) },
             "running a widened matmul",
@@ -314,23 +338,103 @@ where
         .for_each(|(d, s)| s.convert_to_f32_slice(d));
 }
 
-/// (batch, m, k) · (batch, k, n) → (batch, m, n), contiguous f32 tensors.
-pub fn batched_matmul_f32(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (batch, m, k) = a.dims3()?;
-    let n = b.dim(2)?;
+/// softmax(scale · q·kᵀ + key_bias) · v for contiguous f32 tensors: q (b, g, m, d); k, v
+/// (b or 1, g, n, d); key_bias (b, n). Returns (b, g, m, d).
+pub fn attention_f32(q: &Tensor, k: &Tensor, v: &Tensor, key_bias: Option<&Tensor>, scale: f32) -> Result<Tensor> {
+    let (b, g, m, d) = q.dims4()?;
+    let (kv_b, _, n, _) = k.dims4()?;
+    let mismatch = |what: &str| candle_core::Error::Msg(format!("attention: {what} (q {q:?}, k {k:?}, v {v:?})"));
+    if (kv_b != b && kv_b != 1) || k.dims() != [kv_b, g, n, d] || v.dims() != k.dims() {
+        return Err(mismatch("k and v must be (b or 1, g, n, d)"));
+    }
+    if key_bias.is_some_and(|bias| bias.dims() != [b, n]) {
+        return Err(mismatch("key_bias must be (b, n)"));
+    }
     let _guard = lock()?;
-    let out = with_elements::<f32, _>(a, |a| {
-        with_elements::<f32, _>(b, |b| {
-            filled::<f32>(
-                batch * m,
-                n,
-                // SAFETY: a holds batch·m·k, b batch·k·n f32, dst has room for batch·m·n.
-                |c| unsafe {
-                    nv_batched_matmul_f32(batch as i64, m as i64, k as i64, n as i64, a.as_ptr(), b.as_ptr(), c)
-                },
-                "running a batched matmul",
-            )
+    let mut scores = Vec::<f32>::with_capacity(b * g * m * n);
+    let out = with_elements::<f32, _>(q, |q| {
+        with_elements::<f32, _>(k, |k| {
+            with_elements::<f32, _>(v, |v| {
+                let bias = match key_bias {
+                    Some(bias) => with_elements::<f32, _>(bias, |bias| bias.as_ptr())?,
+                    None => std::ptr::null(),
+                };
+                filled::<f32>(
+                    (b, g, m, d),
+                    // SAFETY: the shapes were checked above; `scores` has room for b·g·m·n f32
+                    // and is only written before it is read; dst has room for b·g·m·d f32.
+                    |out| unsafe {
+                        nv_attention_f32(
+                            b as i64,
+                            kv_b as i64,
+                            g as i64,
+                            m as i64,
+                            n as i64,
+                            d as i64,
+                            scale,
+                            q.as_ptr(),
+                            k.as_ptr(),
+                            v.as_ptr(),
+                            bias,
+                            scores.as_mut_ptr(),
+                            out,
+                        )
+                    },
+                    "running attention",
+                )
+            })
         })
-    })???;
-    out.reshape((batch, m, n))
+    })????;
+    Ok(out)
+}
+
+/// Softmax over the last axis of a contiguous f32 tensor.
+pub fn softmax_last_dim_f32(xs: &Tensor) -> Result<Tensor> {
+    let cols = xs.dim(candle_core::D::Minus1)?;
+    let rows = xs.elem_count() / cols.max(1);
+    let _guard = lock()?;
+    let out = with_elements::<f32, _>(xs, |src| {
+        filled::<f32>(
+            xs.shape().clone(),
+            // SAFETY: src holds rows·cols f32, dst has room for as many.
+            |dst| unsafe { nv_softmax_f32(rows as i64, cols as i64, src.as_ptr(), dst) },
+            "running a softmax",
+        )
+    })??;
+    Ok(out)
+}
+
+/// oneDNN's DNNL_MAX_NDIMS: the most dimensions a reorder takes.
+pub const MAX_DIMS: usize = 12;
+
+/// `xs` (any strided view of CPU storage: slices, transposes) copied into a contiguous tensor of
+/// `dtype` in one pass.
+pub fn contiguous_as(xs: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (storage, layout) = xs.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(candle_core::Error::Msg("oneDNN reorders run on the CPU only".into()));
+    };
+    let offset = layout.start_offset();
+    // SAFETY (of each `add`): candle keeps a view's offset inside its storage.
+    let src: *const c_void = match cpu {
+        CpuStorage::F32(v) => unsafe { v.as_ptr().add(offset).cast() },
+        CpuStorage::BF16(v) => unsafe { v.as_ptr().add(offset).cast() },
+        CpuStorage::F16(v) => unsafe { v.as_ptr().add(offset).cast() },
+        _ => return Err(candle_core::Error::Msg(format!("no oneDNN matmul for {:?}", xs.dtype()))),
+    };
+    let dims: Vec<i64> = layout.dims().iter().map(|&d| d as i64).collect();
+    let strides: Vec<i64> = layout.stride().iter().map(|&s| s as i64).collect();
+    let (src_dt, dst_dt) = (dtype_id(xs.dtype())?, dtype_id(dtype)?);
+    let _guard = lock()?;
+    // SAFETY: candle's layout keeps every strided element of the view inside the storage; dst
+    // has room for the view's element count in `dtype`.
+    let run = |dst: *mut c_void| unsafe {
+        nv_reorder(dims.len() as c_int, dims.as_ptr(), src_dt, strides.as_ptr(), src, dst_dt, dst)
+    };
+    let what = "copying a tensor's layout";
+    match dtype {
+        DType::F32 => filled::<f32>(xs.shape().clone(), |d| run(d.cast()), what),
+        DType::BF16 => filled::<bf16>(xs.shape().clone(), |d| run(d.cast()), what),
+        _ => filled::<f16>(xs.shape().clone(), |d| run(d.cast()), what),
+    }
 }

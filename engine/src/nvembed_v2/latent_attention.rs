@@ -6,7 +6,7 @@ use candle_core::{DType, Module, Result as CandleResult, Tensor, D};
 use super::ops::{in_token_chunks, LayerNorm};
 use crate::config::Config;
 use crate::error::Result;
-use crate::matmul::{Activation, Combine, Linear, MatmulBackend};
+use crate::matmul::{contiguous_as, softmax_last_dim, Activation, Combine, Linear, MatmulBackend};
 use crate::profile::{self, Stage};
 use crate::weights::Weights;
 
@@ -19,8 +19,9 @@ struct CrossAttention {
     to_q: Linear,
     /// The output projection, with the residual added to it.
     to_out: Linear,
-    /// Per head, the latent array's keys (latents × head_dim) and values (as head_dim × latents),
-    /// in f32, as the weights of two projections: scores = q·Kᵀ, output = softmax(scores)·V.
+    /// Per head, the latent array's keys (latents × head_dim, times the attention scale) and
+    /// values (as head_dim × latents), in f32, as the weights of two projections:
+    /// scores = q·(scale·K)ᵀ, output = softmax(scores)·V.
     /// They do not depend on the input, so they are computed once at load time, packed once like
     /// every other weight, and shared by every row of every batch; `to_kv`, `norm_context` and
     /// the latents themselves are then not kept.
@@ -28,6 +29,7 @@ struct CrossAttention {
     latent_values: Vec<Linear>,
     heads: usize,
     head_dim: usize,
+    backend: MatmulBackend,
 }
 
 impl CrossAttention {
@@ -46,10 +48,13 @@ impl CrossAttention {
         let kv = to_kv.forward(&norm_context.forward(&latents)?)?;
         let kv = kv.to_dtype(DType::F32)?;
         let head = |start: usize, h: usize| kv.narrow(D::Minus1, start + h * l.cross_dim_head, l.cross_dim_head);
+        // Folded into the keys once instead of scaling every query (exact for a power-of-two
+        // head size, NV-Embed-v2's 1024).
+        let scale = 1.0 / (l.cross_dim_head as f64).sqrt();
         let mut latent_keys = Vec::with_capacity(l.num_cross_heads);
         let mut latent_values = Vec::with_capacity(l.num_cross_heads);
         for h in 0..l.num_cross_heads {
-            let keys = head(0, h)?.contiguous()?;
+            let keys = (head(0, h)? * scale)?.contiguous()?;
             let values = head(inner, h)?.t()?.contiguous()?;
             latent_keys.push(Linear::new(keys, None, backend)?.charged_to(Stage::LatentBlock));
             latent_values.push(Linear::new(values, None, backend)?.charged_to(Stage::LatentBlock));
@@ -68,6 +73,7 @@ impl CrossAttention {
             latent_values,
             heads: l.num_cross_heads,
             head_dim: l.cross_dim_head,
+            backend,
         })
     }
 
@@ -75,23 +81,20 @@ impl CrossAttention {
     fn forward(&self, xs: &Tensor) -> CandleResult<Tensor> {
         let (b, l, _) = xs.dims3()?;
         let q = self.to_q.forward(&self.norm.forward(xs)?)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = profile::time(Stage::Conversions, || {
-            q.reshape((b * l, self.heads * self.head_dim))?.to_dtype(DType::F32)? * scale
-        })?;
+        let q = q.reshape((b * l, self.heads * self.head_dim))?;
         let mut heads = Vec::with_capacity(self.heads);
         for (h, (keys, values)) in self.latent_keys.iter().zip(&self.latent_values).enumerate() {
-            let q_h =
-                profile::time(Stage::Conversions, || q.narrow(1, h * self.head_dim, self.head_dim)?.contiguous())?;
+            // One head's queries in f32, copied out of the projection's output in one pass.
+            let q_h = profile::time(Stage::Conversions, || {
+                contiguous_as(&q.narrow(1, h * self.head_dim, self.head_dim)?, DType::F32, self.backend)
+            })?;
             let scores = keys.forward(&q_h)?;
-            let probs = profile::time(Stage::LatentBlock, || candle_nn::ops::softmax_last_dim(&scores))?;
-            heads.push(values.forward(&probs)?);
+            let probs = profile::time(Stage::LatentBlock, || softmax_last_dim(&scores, self.backend))?;
+            let head = values.forward(&probs)?;
+            heads.push(profile::time(Stage::Conversions, || contiguous_as(&head, xs.dtype(), self.backend))?);
         }
-        let attn = profile::time(Stage::Conversions, || {
-            Tensor::cat(&heads, 1)?
-                .reshape((b, l, self.heads * self.head_dim))?
-                .to_dtype(xs.dtype())
-        })?;
+        let attn =
+            profile::time(Stage::Conversions, || Tensor::cat(&heads, 1)?.reshape((b, l, self.heads * self.head_dim)))?;
         self.to_out.forward_with(&attn, xs)
     }
 }

@@ -1,12 +1,12 @@
 //! The bidirectional Mistral decoder of NV-Embed-v2: Mistral-7B's blocks with the causal mask
 //! replaced by a padding-only key mask, and no sliding window.
 
-use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, D};
+use candle_core::{DType, Device, Module, Result as CandleResult, Tensor};
 
 use super::ops::{blocked_attention, in_token_chunks, RmsNorm};
 use crate::config::Config;
 use crate::error::Result;
-use crate::matmul::{Activation, Combine, Linear, MatmulBackend};
+use crate::matmul::{contiguous_as, Activation, Combine, Linear, MatmulBackend};
 use crate::profile::{self, Stage};
 use crate::weights::Weights;
 
@@ -69,13 +69,12 @@ impl SelfAttention {
         let qkv = self.qkv.forward(xs)?;
         // Attention runs in f32 whatever the model dtype: rotary phases and score magnitudes
         // are where half precision loses the most.
+        // Each of q, k, v as (b, heads, l, hd) f32, read in place from the projection's output:
+        // a view, then one copy that also converts.
+        let heads_view = qkv.reshape((b, l, h + 2 * kvh, hd))?;
         let split = |start: usize, heads: usize| -> CandleResult<Tensor> {
             profile::time(Stage::Conversions, || {
-                qkv.narrow(D::Minus1, start * hd, heads * hd)?
-                    .reshape((b, l, heads, hd))?
-                    .transpose(1, 2)?
-                    .to_dtype(DType::F32)?
-                    .contiguous()
+                contiguous_as(&heads_view.narrow(2, start, heads)?.transpose(1, 2)?, DType::F32, self.backend)
             })
         };
         let rope = |xs: Tensor| profile::time(Stage::NormsRope, || candle_nn::rotary_emb::rope(&xs, cos, sin));
@@ -90,10 +89,11 @@ impl SelfAttention {
             blocked_attention(&q, &k, &v, Some(key_bias), 1.0 / (hd as f64).sqrt(), self.backend)
         })?;
         let attn = profile::time(Stage::Conversions, || {
-            attn.reshape((b, h, l, hd))?
-                .transpose(1, 2)?
-                .reshape((b, l, h * hd))?
-                .to_dtype(xs.dtype())
+            contiguous_as(&attn.reshape((b, h, l, hd))?.transpose(1, 2)?, xs.dtype(), self.backend)?.reshape((
+                b,
+                l,
+                h * hd,
+            ))
         })?;
         self.out.forward_with(&attn, residual)
     }

@@ -3,7 +3,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 
 use super::half_norm::HalfNorm;
-use crate::matmul::{batched_matmul, MatmulBackend};
+use crate::matmul::{attention, MatmulBackend};
 use crate::profile::{self, Stage};
 
 /// Whether a norm of `xs` runs in one pass (`HalfNorm`): 16-bit tensors on the CPU.
@@ -98,7 +98,7 @@ impl Module for LayerNorm {
 ///
 /// `q`: (b, g, rows, d); `k`, `v`: (b or 1, g, keys, d) — a batch of 1 is broadcast (by candle's
 /// matmul, whatever the backend). `key_bias`: optional additive
-/// (b, 1, 1, keys) f32 mask. Returns (b, g, rows, d) in f32. Its two products run on `backend`.
+/// (b, 1, 1, keys) f32 mask. Returns (b, g, rows, d) in f32, computed on `backend`.
 pub fn blocked_attention(
     q: &Tensor,
     k: &Tensor,
@@ -121,21 +121,13 @@ fn attention_in_blocks(
 ) -> Result<Tensor> {
     let (b, g, rows, _) = q.dims4()?;
     let keys = k.dim(2)?;
-    let k_t = k.transpose(2, 3)?.contiguous()?;
     let row_bytes = b * g * keys * DType::F32.size_in_bytes();
     let block = (block_bytes / row_bytes.max(1)).clamp(1, rows.max(1));
     let mut outputs = Vec::with_capacity(rows.div_ceil(block));
     let mut start = 0;
     while start < rows {
         let len = block.min(rows - start);
-        let q_block = (q.narrow(2, start, len)? * scale)?;
-        let mut scores = batched_matmul(&q_block, &k_t, backend)?;
-        if let Some(bias) = key_bias {
-            scores = scores.broadcast_add(bias)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        drop(scores);
-        outputs.push(batched_matmul(&probs, v, backend)?);
+        outputs.push(attention(&q.narrow(2, start, len)?, k, v, key_bias, scale, backend)?);
         start += len;
     }
     if outputs.len() == 1 {
