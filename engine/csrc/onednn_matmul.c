@@ -388,17 +388,12 @@ out:
     return s;
 }
 
-/*
- * Copies the `ndims`-dimensional array `src` (element type `src_dt`, laid out by `src_strides`, in
- * elements) into contiguous row-major `dst` of type `dst_dt`: a permutation or a slice and a
- * dtype conversion in one pass (oneDNN's reorder).
- */
-int nv_reorder(int ndims, const int64_t *dims, int src_dt, const int64_t *src_strides, const void *src, int dst_dt,
-               void *dst) {
-    dnnl_memory_desc_t src_md, dst_md;
+/* The reorder of an `ndims` array laid out by `src_strides` into a contiguous one (descriptors in
+ * `src_md`, `dst_md`). */
+static dnnl_status_t reorder_pd(dnnl_primitive_desc_t *pd, int ndims, const int64_t *dims, int src_dt,
+                                const int64_t *src_strides, int dst_dt, dnnl_memory_desc_t *src_md,
+                                dnnl_memory_desc_t *dst_md) {
     dnnl_dims_t d, strides, dst_strides;
-    dnnl_primitive_desc_t pd;
-    dnnl_primitive_t prim;
     dnnl_status_t s;
     int i;
     if (ndims < 1 || ndims > DNNL_MAX_NDIMS) return dnnl_invalid_arguments;
@@ -407,10 +402,24 @@ int nv_reorder(int ndims, const int64_t *dims, int src_dt, const int64_t *src_st
         strides[i] = src_strides[i];
         dst_strides[i] = i == ndims - 1 ? 1 : dst_strides[i + 1] * dims[i + 1];
     }
-    if ((s = dnnl_memory_desc_init_by_strides(&src_md, ndims, d, data_type(src_dt), strides)) != dnnl_success) return s;
-    if ((s = dnnl_memory_desc_init_by_strides(&dst_md, ndims, d, data_type(dst_dt), dst_strides)) != dnnl_success)
+    if ((s = dnnl_memory_desc_init_by_strides(src_md, ndims, d, data_type(src_dt), strides)) != dnnl_success) return s;
+    if ((s = dnnl_memory_desc_init_by_strides(dst_md, ndims, d, data_type(dst_dt), dst_strides)) != dnnl_success)
         return s;
-    if ((s = dnnl_reorder_primitive_desc_create(&pd, &src_md, engine, &dst_md, engine, NULL)) != dnnl_success) return s;
+    return dnnl_reorder_primitive_desc_create(pd, src_md, engine, dst_md, engine, NULL);
+}
+
+/*
+ * Copies the `ndims`-dimensional array `src` (element type `src_dt`, laid out by `src_strides`, in
+ * elements) into contiguous row-major `dst` of type `dst_dt`: a permutation or a slice and a
+ * dtype conversion in one pass (oneDNN's reorder).
+ */
+int nv_reorder(int ndims, const int64_t *dims, int src_dt, const int64_t *src_strides, const void *src, int dst_dt,
+               void *dst) {
+    dnnl_memory_desc_t src_md, dst_md;
+    dnnl_primitive_desc_t pd;
+    dnnl_primitive_t prim;
+    dnnl_status_t s = reorder_pd(&pd, ndims, dims, src_dt, src_strides, dst_dt, &src_md, &dst_md);
+    if (s != dnnl_success) return s;
     s = dnnl_primitive_create(&prim, pd);
     dnnl_primitive_desc_destroy(pd);
     if (s != dnnl_success) return s;
@@ -420,4 +429,21 @@ int nv_reorder(int ndims, const int64_t *dims, int src_dt, const int64_t *src_st
     }
     dnnl_primitive_destroy(prim);
     return s;
+}
+
+/* Writes into `impl` the implementation oneDNN picks for reordering heads out of a projection's
+ * output (a transposed slice) from `src_dt` to `dst_dt`: on some CPUs a conversion has only a
+ * reference implementation, slower than candle's. */
+int nv_reorder_impl(int src_dt, int dst_dt, char *impl, size_t impl_len) {
+    const int64_t dims[4] = {2, 4, 32, 64}, strides[4] = {32 * 8 * 64, 64, 8 * 64, 1};
+    dnnl_memory_desc_t src_md, dst_md;
+    dnnl_primitive_desc_t pd;
+    const char *name = "";
+    dnnl_status_t s = reorder_pd(&pd, 4, dims, src_dt, strides, dst_dt, &src_md, &dst_md);
+    if (s != dnnl_success) return s;
+    dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &name);
+    strncpy(impl, name, impl_len - 1);
+    impl[impl_len - 1] = '\0';
+    dnnl_primitive_desc_destroy(pd);
+    return dnnl_success;
 }

@@ -390,13 +390,19 @@ mod tests {
 }
 
 /// `xs.to_dtype(dtype)?.contiguous()` for any strided view (slices, transposes): one oneDNN
-/// reorder pass on the oneDNN backend for CPU tensors, candle's conversion and copy otherwise.
+/// reorder pass on the oneDNN backend for CPU tensors where oneDNN has a JIT kernel for the
+/// conversion (not for bf16 on AVX2-only CPUs, nor for f16, whose reference kernel is slower than
+/// candle's), candle's conversion and copy otherwise.
 pub fn contiguous_as(xs: &Tensor, dtype: DType, backend: MatmulBackend) -> CandleResult<Tensor> {
     if xs.dtype() == dtype && xs.is_contiguous() {
         return Ok(xs.clone());
     }
     #[cfg(feature = "onednn")]
-    if backend == MatmulBackend::Onednn && xs.device().is_cpu() && xs.rank() <= onednn::MAX_DIMS {
+    if backend == MatmulBackend::Onednn
+        && xs.device().is_cpu()
+        && xs.rank() <= onednn::MAX_DIMS
+        && onednn::reorder_implementation(xs.dtype(), dtype).is_ok_and(|name| name.starts_with("jit"))
+    {
         return onednn::contiguous_as(xs, dtype);
     }
     #[cfg(not(feature = "onednn"))]

@@ -72,6 +72,7 @@ extern "C" {
         out: *mut f32,
     ) -> c_int;
     fn nv_softmax_f32(rows: i64, cols: i64, src: *const f32, dst: *mut f32) -> c_int;
+    fn nv_reorder_impl(src_dt: c_int, dst_dt: c_int, name: *mut c_char, len: usize) -> c_int;
     fn nv_reorder(
         ndims: c_int,
         dims: *const i64,
@@ -402,6 +403,25 @@ pub fn softmax_last_dim_f32(xs: &Tensor) -> Result<Tensor> {
         )
     })??;
     Ok(out)
+}
+
+/// The implementation oneDNN picks for copying heads out of a projection from `from` to `to`
+/// (asked once per pair).
+pub fn reorder_implementation(from: DType, to: DType) -> Result<String> {
+    static NAMES: Mutex<Vec<(DType, DType, String)>> = Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, _, name)) = names.iter().find(|(f, t, _)| (*f, *t) == (from, to)) {
+        return Ok(name.clone());
+    }
+    let (src_dt, dst_dt) = (dtype_id(from)?, dtype_id(to)?);
+    let _guard = lock()?;
+    let mut name = [0 as c_char; IMPL_NAME_BYTES];
+    // SAFETY: `name` has IMPL_NAME_BYTES bytes; the C side writes a NUL-terminated string into them.
+    check(unsafe { nv_reorder_impl(src_dt, dst_dt, name.as_mut_ptr(), name.len()) }, "choosing a reorder")?;
+    // SAFETY: NUL-terminated by the C side.
+    let name = unsafe { CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned();
+    names.push((from, to, name.clone()));
+    Ok(name)
 }
 
 /// oneDNN's DNNL_MAX_NDIMS: the most dimensions a reorder takes.
