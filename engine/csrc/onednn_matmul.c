@@ -317,8 +317,8 @@ static dnnl_status_t run_once(const_dnnl_op_desc_t desc, dnnl_primitive_attr_t a
     return s;
 }
 
-/* Softmax along `axis` of f32 `src` (described by `md`) into `dst`, which may be `src`. */
-static dnnl_status_t softmax(const dnnl_memory_desc_t *md, int axis, const float *src, float *dst) {
+/* Softmax along `axis` of `src` (described by `md`) into `dst`, which may be `src`. */
+static dnnl_status_t softmax(const dnnl_memory_desc_t *md, int axis, const void *src, void *dst) {
     dnnl_softmax_desc_t desc;
     dnnl_status_t s = dnnl_softmax_forward_desc_init(&desc, dnnl_forward_inference, md, axis);
     if (s != dnnl_success) return s;
@@ -328,10 +328,11 @@ static dnnl_status_t softmax(const dnnl_memory_desc_t *md, int axis, const float
     }
 }
 
-/* Softmax of each row of contiguous (rows × cols) f32 `src` into `dst`. */
-int nv_softmax_f32(int64_t rows, int64_t cols, const float *src, float *dst) {
+/* Softmax of each row of contiguous (rows × cols) `src` of element type `dt` into `dst` (computed
+ * in f32 whatever `dt`, rounded once). */
+int nv_softmax(int dt, int64_t rows, int64_t cols, const void *src, void *dst) {
     dnnl_memory_desc_t md;
-    dnnl_status_t s = plain_md(&md, rows, cols, dnnl_f32, dnnl_ab);
+    dnnl_status_t s = plain_md(&md, rows, cols, data_type(dt), dnnl_ab);
     return s != dnnl_success ? s : softmax(&md, 1, src, dst);
 }
 

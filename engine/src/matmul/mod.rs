@@ -166,6 +166,15 @@ impl Linear {
         }
     }
 
+    /// Whether the weights run packed on oneDNN in their own dtype (a native kernel).
+    pub fn packed(&self) -> bool {
+        #[cfg(feature = "onednn")]
+        if let Weights::Packed(_) = self.weights {
+            return true;
+        }
+        false
+    }
+
     /// `combine(activation(xs·Wᵀ + b), other)` for a projection made with a `Combine`; `other`
     /// has the output's shape.
     pub fn forward_with(&self, xs: &Tensor, other: &Tensor) -> CandleResult<Tensor> {
@@ -249,11 +258,12 @@ pub fn attention(
     candle_nn::ops::softmax_last_dim(&scores)?.broadcast_matmul(v)
 }
 
-/// Softmax over the last axis; oneDNN's on the oneDNN backend for f32 CPU tensors.
+/// Softmax over the last axis: oneDNN's on the oneDNN backend for CPU tensors (computed in f32,
+/// rounded once to a 16-bit dtype), candle's otherwise.
 pub fn softmax_last_dim(xs: &Tensor, backend: MatmulBackend) -> CandleResult<Tensor> {
     #[cfg(feature = "onednn")]
-    if backend == MatmulBackend::Onednn && xs.dtype() == DType::F32 && xs.device().is_cpu() {
-        return onednn::softmax_last_dim_f32(&xs.contiguous()?);
+    if backend == MatmulBackend::Onednn && xs.device().is_cpu() {
+        return onednn::softmax_last_dim(&xs.contiguous()?);
     }
     #[cfg(not(feature = "onednn"))]
     let _ = backend;

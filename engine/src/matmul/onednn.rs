@@ -71,7 +71,7 @@ extern "C" {
         scores: *mut f32,
         out: *mut f32,
     ) -> c_int;
-    fn nv_softmax_f32(rows: i64, cols: i64, src: *const f32, dst: *mut f32) -> c_int;
+    fn nv_softmax(dt: c_int, rows: i64, cols: i64, src: *const c_void, dst: *mut c_void) -> c_int;
     fn nv_reorder_impl(src_dt: c_int, dst_dt: c_int, name: *mut c_char, len: usize) -> c_int;
     fn nv_reorder(
         ndims: c_int,
@@ -389,20 +389,21 @@ pub fn attention_f32(q: &Tensor, k: &Tensor, v: &Tensor, key_bias: Option<&Tenso
     Ok(out)
 }
 
-/// Softmax over the last axis of a contiguous f32 tensor.
-pub fn softmax_last_dim_f32(xs: &Tensor) -> Result<Tensor> {
+/// Softmax over the last axis of a contiguous CPU tensor, in f32 whatever its dtype.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     let cols = xs.dim(candle_core::D::Minus1)?;
     let rows = xs.elem_count() / cols.max(1);
+    let dt = dtype_id(xs.dtype())?;
+    let src = element_ptr(xs)?;
     let _guard = lock()?;
-    let out = with_elements::<f32, _>(xs, |src| {
-        filled::<f32>(
-            xs.shape().clone(),
-            // SAFETY: src holds rows·cols f32, dst has room for as many.
-            |dst| unsafe { nv_softmax_f32(rows as i64, cols as i64, src.as_ptr(), dst) },
-            "running a softmax",
-        )
-    })??;
-    Ok(out)
+    // SAFETY: src holds rows·cols elements of `dt`, dst has room for as many.
+    let run = |dst: *mut c_void| unsafe { nv_softmax(dt, rows as i64, cols as i64, src, dst) };
+    let what = "running a softmax";
+    match xs.dtype() {
+        DType::F32 => filled::<f32>(xs.shape().clone(), |d| run(d.cast()), what),
+        DType::BF16 => filled::<bf16>(xs.shape().clone(), |d| run(d.cast()), what),
+        _ => filled::<f16>(xs.shape().clone(), |d| run(d.cast()), what),
+    }
 }
 
 /// The implementation oneDNN picks for copying heads out of a projection from `from` to `to`

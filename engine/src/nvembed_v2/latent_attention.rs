@@ -29,6 +29,8 @@ struct CrossAttention {
     latent_values: Vec<Linear>,
     heads: usize,
     head_dim: usize,
+    /// The dtype of the latent keys and values, so of the attention's products.
+    attention_dtype: DType,
     backend: MatmulBackend,
 }
 
@@ -51,13 +53,24 @@ impl CrossAttention {
         // Folded into the keys once instead of scaling every query (exact for a power-of-two
         // head size, NV-Embed-v2's 1024).
         let scale = 1.0 / (l.cross_dim_head as f64).sqrt();
-        let mut latent_keys = Vec::with_capacity(l.num_cross_heads);
-        let mut latent_values = Vec::with_capacity(l.num_cross_heads);
-        for h in 0..l.num_cross_heads {
-            let keys = (head(0, h)? * scale)?.contiguous()?;
-            let values = head(inner, h)?.t()?.contiguous()?;
-            latent_keys.push(Linear::new(keys, None, backend)?.charged_to(Stage::LatentBlock));
-            latent_values.push(Linear::new(values, None, backend)?.charged_to(Stage::LatentBlock));
+        // In the model's dtype where oneDNN has a native kernel for it (as the reference runs
+        // them), else in f32: widening them for every product would cost more than they save.
+        let per_head = |dtype: DType| -> Result<(Vec<Linear>, Vec<Linear>)> {
+            let mut keys = Vec::with_capacity(l.num_cross_heads);
+            let mut values = Vec::with_capacity(l.num_cross_heads);
+            for h in 0..l.num_cross_heads {
+                let k = (head(0, h)? * scale)?.to_dtype(dtype)?.contiguous()?;
+                let v = head(inner, h)?.t()?.to_dtype(dtype)?.contiguous()?;
+                keys.push(Linear::new(k, None, backend)?.charged_to(Stage::LatentBlock));
+                values.push(Linear::new(v, None, backend)?.charged_to(Stage::LatentBlock));
+            }
+            Ok((keys, values))
+        };
+        let mut attention_dtype = latents.dtype();
+        let (mut latent_keys, mut latent_values) = per_head(attention_dtype)?;
+        if attention_dtype != DType::F32 && !latent_keys.iter().chain(&latent_values).all(Linear::packed) {
+            attention_dtype = DType::F32;
+            (latent_keys, latent_values) = per_head(attention_dtype)?;
         }
         Ok(Self {
             norm: LayerNorm::new(f32_param("norm.weight", l.latent_dim)?, f32_param("norm.bias", l.latent_dim)?)?,
@@ -73,6 +86,7 @@ impl CrossAttention {
             latent_values,
             heads: l.num_cross_heads,
             head_dim: l.cross_dim_head,
+            attention_dtype,
             backend,
         })
     }
@@ -84,9 +98,10 @@ impl CrossAttention {
         let q = q.reshape((b * l, self.heads * self.head_dim))?;
         let mut heads = Vec::with_capacity(self.heads);
         for (h, (keys, values)) in self.latent_keys.iter().zip(&self.latent_values).enumerate() {
-            // One head's queries in f32, copied out of the projection's output in one pass.
+            // One head's queries in the keys' dtype, copied out of the projection's output in one
+            // pass.
             let q_h = profile::time(Stage::Conversions, || {
-                contiguous_as(&q.narrow(1, h * self.head_dim, self.head_dim)?, DType::F32, self.backend)
+                contiguous_as(&q.narrow(1, h * self.head_dim, self.head_dim)?, self.attention_dtype, self.backend)
             })?;
             let scores = keys.forward(&q_h)?;
             let probs = profile::time(Stage::LatentBlock, || softmax_last_dim(&scores, self.backend))?;
