@@ -82,7 +82,12 @@ CREATE VIEW docs_search AS
 CREATE TABLE docs_before AS SELECT * FROM docs;
 SQL
 [ "$(sql postgres -c "SELECT extversion FROM pg_extension WHERE extname = 'nvembed'")" = "$OLD_VERSION" ] || fail "could not create version $OLD_VERSION"
+# Until the update, this build serves 0.1.0's SQL: its nvembed_status() columns must read right.
+status_before=$(sql postgres -c "SELECT restarts || ',' || pid FROM nvembed_status()")
 sql postgres -c "ALTER EXTENSION nvembed UPDATE" >/dev/null
+status_after=$(sql postgres -c "SELECT restarts || ',' || pid FROM nvembed_status()")
+[ "$status_before" = "$status_after" ] && [ "${status_after#*,}" -gt 0 ] ||
+  fail "nvembed_status() restarts,pid at $OLD_VERSION = $status_before, after the update = $status_after"
 [ "$(sql postgres -c "SELECT extversion FROM pg_extension WHERE extname = 'nvembed'")" = "$VERSION" ] || fail "ALTER EXTENSION UPDATE did not reach $VERSION"
 result=$(sql postgres <<'SQL'
 -- The rows embedded by 0.1.0 are untouched.

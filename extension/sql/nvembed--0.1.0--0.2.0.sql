@@ -33,7 +33,7 @@ CREATE FUNCTION "nvembed_status"() RETURNS TABLE (
 )
 STRICT
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'nvembed_status_wrapper';
+AS 'MODULE_PATHNAME', 'nvembed_server_status_wrapper';
 
 -- nvembed_status() shows the model's path and the server's process id: for monitoring roles,
 -- not for every role (PUBLIC may execute any new function by default).

@@ -62,11 +62,52 @@ fn nvembed_model_dimension() -> Option<i32> {
     client::status().and_then(|s| s.dimension).map(|d| d as i32)
 }
 
+/// One row of `nvembed_status()`: server_running, loaded, model, dtype, device, dimension,
+/// load_seconds, requests, tokens, waiting, active_rows, cancelled_rows, restarts, pid.
+type StatusRow = (
+    bool,
+    bool,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i32>,
+    Option<f64>,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<i32>,
+);
+
+fn status_row() -> StatusRow {
+    match client::status() {
+        Some(s) => (
+            true,
+            s.loaded,
+            Some(s.model),
+            Some(s.dtype),
+            Some(s.device),
+            s.dimension.map(|d| d as i32),
+            s.load_seconds,
+            s.requests as i64,
+            s.tokens as i64,
+            s.waiting as i64,
+            s.active_rows as i64,
+            s.cancelled_rows as i64,
+            s.restarts as i64,
+            Some(s.pid as i32),
+        ),
+        None => (false, false, None, None, None, None, None, 0, 0, 0, 0, 0, 0, None),
+    }
+}
+
 /// What the model server is doing, for monitoring. Not granted to PUBLIC (it shows paths and
 /// process ids): `sql/status.sql` grants it to pg_monitor.
-#[pg_extern]
+#[pg_extern(name = "nvembed_status")]
 #[allow(clippy::type_complexity)]
-fn nvembed_status() -> TableIterator<
+fn nvembed_server_status() -> TableIterator<
     'static,
     (
         name!(server_running, bool),
@@ -85,24 +126,59 @@ fn nvembed_status() -> TableIterator<
         name!(pid, Option<i32>),
     ),
 > {
-    let row = match client::status() {
-        Some(s) => (
-            true,
-            s.loaded,
-            Some(s.model),
-            Some(s.dtype),
-            Some(s.device),
-            s.dimension.map(|d| d as i32),
-            s.load_seconds,
-            s.requests as i64,
-            s.tokens as i64,
-            s.waiting as i64,
-            s.active_rows as i64,
-            s.cancelled_rows as i64,
-            s.restarts as i64,
-            Some(s.pid as i32),
-        ),
-        None => (false, false, None, None, None, None, None, 0, 0, 0, 0, 0, 0, None),
-    };
-    TableIterator::once(row)
+    TableIterator::once(status_row())
+}
+
+/// nvembed 0.1.0's `nvembed_status()`, without active_rows and cancelled_rows: the C symbol
+/// 0.1.0's SQL names, so a database still at 0.1.0 (this build installed, ALTER EXTENSION
+/// nvembed UPDATE not yet run) reads every column right. Not part of the current SQL.
+#[pg_extern(sql = false)]
+#[allow(clippy::type_complexity)]
+fn nvembed_status() -> TableIterator<
+    'static,
+    (
+        name!(server_running, bool),
+        name!(loaded, bool),
+        name!(model, Option<String>),
+        name!(dtype, Option<String>),
+        name!(device, Option<String>),
+        name!(dimension, Option<i32>),
+        name!(load_seconds, Option<f64>),
+        name!(requests, i64),
+        name!(tokens, i64),
+        name!(waiting, i64),
+        name!(restarts, i64),
+        name!(pid, Option<i32>),
+    ),
+> {
+    let (
+        running,
+        loaded,
+        model,
+        dtype,
+        device,
+        dimension,
+        load_seconds,
+        requests,
+        tokens,
+        waiting,
+        _,
+        _,
+        restarts,
+        pid,
+    ) = status_row();
+    TableIterator::once((
+        running,
+        loaded,
+        model,
+        dtype,
+        device,
+        dimension,
+        load_seconds,
+        requests,
+        tokens,
+        waiting,
+        restarts,
+        pid,
+    ))
 }

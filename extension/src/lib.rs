@@ -23,7 +23,7 @@ pgrx::extension_sql_file!(
         functions::nvembed_task_instruction
     ]
 );
-pgrx::extension_sql_file!("../sql/status.sql", name = "status", requires = [functions::nvembed_status]);
+pgrx::extension_sql_file!("../sql/status.sql", name = "status", requires = [functions::nvembed_server_status]);
 pgrx::extension_sql_file!("../sql/trigger.sql", name = "trigger", requires = ["functions"]);
 pgrx::extension_sql_file!("../sql/backfill.sql", name = "backfill", requires = ["functions"]);
 pgrx::extension_sql_file!(
