@@ -1,6 +1,7 @@
 //! Compute benchmark on the medium checkpoint: how fast each dtype and matmul backend runs a
 //! 16 × 128-token passage batch and a single 30-token query, how that compares with oneDNN's own
-//! GEMM rate at the same row count (efficiency = useful FLOPs ÷ time ÷ GEMM rate), where the time
+//! GEMM rate at the same row count (efficiency = useful FLOPs ÷ time ÷ GEMM rate; for the query
+//! also against the rate with weights read from memory as a pass reads them), where the time
 //! goes per stage, and peak RSS over the weights' bytes in that dtype. CPUs without native BF16
 //! are simulated with `DNNL_MAX_CPU_ISA`. Every configuration runs in its own process (its own
 //! RSS, its own oneDNN ISA), on 2 threads, load excluded.
@@ -76,7 +77,10 @@ fn profiled(f: impl FnOnce()) -> Value {
 
 /// oneDNN's GEMM rate (GFLOP/s) in `dtype` at `rows` rows over the decoder's four projection
 /// shapes, FLOP-weighted as a layer runs them: the rate a pass's projections could reach.
-fn gemm_rate(shape: &Shape, dtype: DType, rows: usize) -> f64 {
+/// With `layers` = 1 the same weights are multiplied again and again, so they stay in cache;
+/// with the checkpoint's layer count every product has weights of its own, read from memory
+/// once per round as a pass reads them (what bounds a few-row pass such as one query).
+fn gemm_rate(shape: &Shape, dtype: DType, rows: usize, layers: usize) -> f64 {
     let h = shape.hidden_size;
     let hd = h / shape.num_attention_heads;
     let qkv = (shape.num_attention_heads + 2 * shape.num_key_value_heads) * hd;
@@ -86,20 +90,37 @@ fn gemm_rate(shape: &Shape, dtype: DType, rows: usize) -> f64 {
         (2 * shape.intermediate_size, h),
         (h, shape.intermediate_size),
     ];
-    let (mut flops, mut seconds) = (0.0, 0.0);
-    for (n, k) in shapes {
-        let weight = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu)
-            .and_then(|w| w.to_dtype(dtype))
-            .expect("weight");
-        let linear = Linear::new(weight, None, MatmulBackend::Onednn).expect("oneDNN linear");
-        let xs = Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu)
-            .and_then(|x| x.to_dtype(dtype))
-            .expect("input");
-        seconds += best_of(GEMM_RUNS, || {
-            linear.forward(&xs).expect("gemm");
-        });
-        flops += 2.0 * (rows * n * k) as f64;
+    let mut products = Vec::new();
+    let mut flops = 0.0;
+    for _ in 0..layers {
+        for (n, k) in shapes {
+            let weight = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu)
+                .and_then(|w| w.to_dtype(dtype))
+                .expect("weight");
+            let linear = Linear::new(weight, None, MatmulBackend::Onednn).expect("oneDNN linear");
+            let xs = Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu)
+                .and_then(|x| x.to_dtype(dtype))
+                .expect("input");
+            products.push((linear, xs));
+            flops += 2.0 * (rows * n * k) as f64;
+        }
     }
+    let seconds: f64 = if layers == 1 {
+        products
+            .iter()
+            .map(|(linear, xs)| {
+                best_of(GEMM_RUNS, || {
+                    linear.forward(xs).expect("gemm");
+                })
+            })
+            .sum()
+    } else {
+        best_of(GEMM_RUNS, || {
+            for (linear, xs) in &products {
+                linear.forward(xs).expect("gemm");
+            }
+        })
+    };
     flops / seconds / 1e9
 }
 
@@ -160,8 +181,9 @@ fn child(dtype_name: &str, backend_name: &str) {
         "query_seconds": query_seconds,
         "batch_flops": useful_flops(&config, &batch_lengths),
         "query_flops": useful_flops(&config, &query_lengths),
-        "gemm_batch": gemm_rate(&shape, dtype, PASSAGES * PASSAGE_TOKENS),
-        "gemm_query": gemm_rate(&shape, dtype, QUERY_TOKENS),
+        "gemm_batch": gemm_rate(&shape, dtype, PASSAGES * PASSAGE_TOKENS, 1),
+        "gemm_query": gemm_rate(&shape, dtype, QUERY_TOKENS, 1),
+        "gemm_query_streamed": gemm_rate(&shape, dtype, QUERY_TOKENS, shape.num_hidden_layers),
         "rss_after_load": rss_after_load,
         "peak_rss": bench_support::status_bytes("VmHWM:") as f64 / weight_bytes,
         "batch_profile": batch_profile,
@@ -202,8 +224,8 @@ fn main() {
     }
     println!("CPU: {}", cpu());
     println!();
-    println!("| dtype | matmul (oneDNN ISA cap) | 16×128 batch | vs reference | efficiency (GEMM rate) | 30-token query | vs reference | efficiency (GEMM rate) | peak RSS ÷ weights |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| dtype | matmul (oneDNN ISA cap) | 16×128 batch | vs reference | efficiency (GEMM rate) | 30-token query | vs reference | efficiency (GEMM rate) | query efficiency, weights streamed (GEMM rate) | peak RSS ÷ weights |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut profiles = Vec::new();
     for (dtype, backend, isa) in CONFIGS {
         let mut command = Command::new(std::env::current_exe().expect("exe"));
@@ -236,13 +258,15 @@ fn main() {
             isa.map_or(String::new(), |i| format!("(cap {i})"))
         );
         println!(
-            "| {dtype} | {setup} | {:.2} s | {:.2}× | {} | {:.0} ms | {:.2}× | {} | {:.3} |",
+            "| {dtype} | {setup} | {:.2} s | {:.2}× | {} | {:.0} ms | {:.2}× | {} | {:.0}% ({:.0} GFLOP/s) | {:.3} |",
             f("batch_seconds"),
             f("batch_seconds") / reference.0,
             efficiency(f("batch_flops"), f("batch_seconds"), f("gemm_batch")),
             1e3 * f("query_seconds"),
             f("query_seconds") / reference.1,
             efficiency(f("query_flops"), f("query_seconds"), f("gemm_query")),
+            100.0 * f("query_flops") / f("query_seconds") / 1e9 / f("gemm_query_streamed"),
+            f("gemm_query_streamed"),
             f("peak_rss"),
         );
         profiles.push((format!("{dtype} {setup}"), r));
