@@ -51,6 +51,14 @@ static dnnl_status_t plain_md(dnnl_memory_desc_t *md, int64_t rows, int64_t cols
     return dnnl_memory_desc_init_by_tag(md, 2, dims, dt, tag);
 }
 
+/* Copies the name of the implementation oneDNN picked for `pd` into `impl` (`impl_len` bytes). */
+static void impl_name(const_dnnl_primitive_desc_t pd, char *impl, size_t impl_len) {
+    const char *name = "";
+    dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &name);
+    strncpy(impl, name, impl_len - 1);
+    impl[impl_len - 1] = '\0';
+}
+
 /*
  * oneDNN keeps up to 1024 primitives by default, each with its JIT-compiled code: measured ~70 MB
  * of RSS after passes of 200 different row counts. Every projection keeps the primitive for its
@@ -191,16 +199,13 @@ int nv_matmul_create(int dt_id, int64_t n, int64_t k, const void *weight, const 
     dnnl_primitive_desc_t pd = NULL, reorder_pd = NULL;
     dnnl_primitive_t reorder = NULL;
     struct nv_matmul *mm = NULL;
-    const char *name = "";
     dnnl_status_t s;
 
     *out = NULL;
     if ((s = plain_md(&any_md, k, n, dt, dnnl_format_tag_any)) != dnnl_success) return s;
     if ((s = matmul_pd(&pd, dt, reference_m, n, k, &any_md, bias != NULL, activation, operand)) != dnnl_success)
         return s;
-    dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &name);
-    strncpy(impl, name, impl_len - 1);
-    impl[impl_len - 1] = '\0';
+    impl_name(pd, impl, impl_len);
 
     mm = calloc(1, sizeof *mm);
     if (!mm) { s = dnnl_out_of_memory; goto out; }
@@ -301,20 +306,25 @@ int nv_matmul_plain_f32(int64_t m, int64_t n, int64_t k, const float *src, const
     return s;
 }
 
-/* Creates, runs on `count` caller-owned buffers, and destroys the primitive of `desc` (oneDNN's
- * primitive cache keeps its compiled code for the next call of the same shape). */
-static dnnl_status_t run_once(const_dnnl_op_desc_t desc, dnnl_primitive_attr_t attr, int count,
-                              const struct run_arg *args) {
-    dnnl_primitive_desc_t pd;
+/* Creates the primitive of `pd` (destroying `pd`), runs it on `count` caller-owned buffers and
+ * destroys it (oneDNN's primitive cache keeps its compiled code for the next call of the same
+ * shape). */
+static dnnl_status_t run_pd(dnnl_primitive_desc_t pd, int count, const struct run_arg *args) {
     dnnl_primitive_t prim;
-    dnnl_status_t s = dnnl_primitive_desc_create(&pd, desc, attr, engine, NULL);
-    if (s != dnnl_success) return s;
-    s = dnnl_primitive_create(&prim, pd);
+    dnnl_status_t s = dnnl_primitive_create(&prim, pd);
     dnnl_primitive_desc_destroy(pd);
     if (s != dnnl_success) return s;
     s = run(prim, count, args);
     dnnl_primitive_destroy(prim);
     return s;
+}
+
+/* `run_pd` for the operation `desc`. */
+static dnnl_status_t run_once(const_dnnl_op_desc_t desc, dnnl_primitive_attr_t attr, int count,
+                              const struct run_arg *args) {
+    dnnl_primitive_desc_t pd;
+    dnnl_status_t s = dnnl_primitive_desc_create(&pd, desc, attr, engine, NULL);
+    return s != dnnl_success ? s : run_pd(pd, count, args);
 }
 
 /* Softmax along `axis` of `src` (described by `md`) into `dst`, which may be `src`. */
@@ -418,18 +428,12 @@ int nv_reorder(int ndims, const int64_t *dims, int src_dt, const int64_t *src_st
                void *dst) {
     dnnl_memory_desc_t src_md, dst_md;
     dnnl_primitive_desc_t pd;
-    dnnl_primitive_t prim;
     dnnl_status_t s = reorder_pd(&pd, ndims, dims, src_dt, src_strides, dst_dt, &src_md, &dst_md);
-    if (s != dnnl_success) return s;
-    s = dnnl_primitive_create(&prim, pd);
-    dnnl_primitive_desc_destroy(pd);
     if (s != dnnl_success) return s;
     {
         struct run_arg args[2] = {{DNNL_ARG_FROM, &src_md, src, NULL}, {DNNL_ARG_TO, &dst_md, dst, NULL}};
-        s = run(prim, 2, args);
+        return run_pd(pd, 2, args);
     }
-    dnnl_primitive_destroy(prim);
-    return s;
 }
 
 /* Writes into `impl` the implementation oneDNN picks for reordering heads out of a projection's
@@ -439,12 +443,9 @@ int nv_reorder_impl(int src_dt, int dst_dt, char *impl, size_t impl_len) {
     const int64_t dims[4] = {2, 4, 32, 64}, strides[4] = {32 * 8 * 64, 64, 8 * 64, 1};
     dnnl_memory_desc_t src_md, dst_md;
     dnnl_primitive_desc_t pd;
-    const char *name = "";
     dnnl_status_t s = reorder_pd(&pd, 4, dims, src_dt, strides, dst_dt, &src_md, &dst_md);
     if (s != dnnl_success) return s;
-    dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &name);
-    strncpy(impl, name, impl_len - 1);
-    impl[impl_len - 1] = '\0';
+    impl_name(pd, impl, impl_len);
     dnnl_primitive_desc_destroy(pd);
     return dnnl_success;
 }

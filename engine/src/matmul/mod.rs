@@ -270,6 +270,27 @@ pub fn softmax_last_dim(xs: &Tensor, backend: MatmulBackend) -> CandleResult<Ten
     candle_nn::ops::softmax_last_dim(xs)
 }
 
+/// `xs.to_dtype(dtype)?.contiguous()` for any strided view (slices, transposes): one oneDNN
+/// reorder pass on the oneDNN backend for CPU tensors where oneDNN has a JIT kernel for the
+/// conversion (not for bf16 on AVX2-only CPUs, nor for f16, whose reference kernel is slower than
+/// candle's), candle's conversion and copy otherwise.
+pub fn contiguous_as(xs: &Tensor, dtype: DType, backend: MatmulBackend) -> CandleResult<Tensor> {
+    if xs.dtype() == dtype && xs.is_contiguous() {
+        return Ok(xs.clone());
+    }
+    #[cfg(feature = "onednn")]
+    if backend == MatmulBackend::Onednn
+        && xs.device().is_cpu()
+        && xs.rank() <= onednn::MAX_DIMS
+        && onednn::reorder_implementation(xs.dtype(), dtype).is_ok_and(|name| name.starts_with("jit"))
+    {
+        return onednn::contiguous_as(xs, dtype);
+    }
+    #[cfg(not(feature = "onednn"))]
+    let _ = backend;
+    xs.to_dtype(dtype)?.contiguous()
+}
+
 /// `t` as contiguous (rows, last dimension).
 #[cfg(feature = "onednn")]
 fn as_rows(t: &Tensor) -> CandleResult<Tensor> {
@@ -308,7 +329,7 @@ mod tests {
         assert!(err.contains("\"mkl\"") && err.contains(MATMUL_ENV) && err.contains("candle or onednn"), "{err}");
     }
 
-    /// Mis-shaped inputs, operands and biases are errors on every path, never reads past a buffer.
+    /// Strided views copied and converted, and softmax, equal candle's on every backend.
     #[test]
     fn layout_copies_and_softmax_match_candles() -> CandleResult<()> {
         let dev = Device::Cpu;
@@ -338,6 +359,7 @@ mod tests {
         Ok(())
     }
 
+    /// Mis-shaped inputs, operands and biases are errors on every path, never reads past a buffer.
     #[test]
     fn mis_shaped_arguments_are_errors() -> CandleResult<()> {
         let dev = Device::Cpu;
@@ -397,25 +419,4 @@ mod tests {
         }
         Ok(())
     }
-}
-
-/// `xs.to_dtype(dtype)?.contiguous()` for any strided view (slices, transposes): one oneDNN
-/// reorder pass on the oneDNN backend for CPU tensors where oneDNN has a JIT kernel for the
-/// conversion (not for bf16 on AVX2-only CPUs, nor for f16, whose reference kernel is slower than
-/// candle's), candle's conversion and copy otherwise.
-pub fn contiguous_as(xs: &Tensor, dtype: DType, backend: MatmulBackend) -> CandleResult<Tensor> {
-    if xs.dtype() == dtype && xs.is_contiguous() {
-        return Ok(xs.clone());
-    }
-    #[cfg(feature = "onednn")]
-    if backend == MatmulBackend::Onednn
-        && xs.device().is_cpu()
-        && xs.rank() <= onednn::MAX_DIMS
-        && onednn::reorder_implementation(xs.dtype(), dtype).is_ok_and(|name| name.starts_with("jit"))
-    {
-        return onednn::contiguous_as(xs, dtype);
-    }
-    #[cfg(not(feature = "onednn"))]
-    let _ = backend;
-    xs.to_dtype(dtype)?.contiguous()
 }

@@ -162,6 +162,20 @@ fn filled<T: WithDType>(shape: impl Into<Shape>, fill: impl FnOnce(*mut T) -> c_
     Tensor::from_vec(out, shape, &Device::Cpu)
 }
 
+/// `filled` for a tensor of any dtype oneDNN takes here (F32, BF16, F16).
+fn filled_as(
+    dtype: DType,
+    shape: impl Into<Shape>,
+    fill: impl FnOnce(*mut c_void) -> c_int,
+    what: &str,
+) -> Result<Tensor> {
+    match dtype {
+        DType::F32 => filled::<f32>(shape, |d| fill(d.cast()), what),
+        DType::BF16 => filled::<bf16>(shape, |d| fill(d.cast()), what),
+        _ => filled::<f16>(shape, |d| fill(d.cast()), what),
+    }
+}
+
 /// Weights reordered once into oneDNN's layout, multiplied in their own dtype.
 pub struct PackedMatmul {
     handle: NonNull<nv_matmul>,
@@ -260,24 +274,12 @@ impl PackedMatmul {
             }
         }
         let operand_ptr = operand.map(element_ptr).transpose()?.unwrap_or(std::ptr::null());
+        let src = element_ptr(xs)?;
         let _guard = lock()?;
-        let run = |src: *const c_void, dst: *mut c_void| {
-            // SAFETY: src holds rows·k, operand (if any) rows·n, and dst has room for rows·n
-            // elements of the weights' dtype; `operand` is borrowed until we return.
-            unsafe { nv_matmul_run(self.handle.as_ptr(), rows as i64, src, operand_ptr, dst) }
-        };
-        let what = "running a matmul";
-        match self.dtype {
-            DType::F32 => with_elements::<f32, _>(xs, |x| {
-                filled::<f32>((rows, self.n), |d| run(x.as_ptr().cast(), d.cast()), what)
-            })?,
-            DType::BF16 => with_elements::<bf16, _>(xs, |x| {
-                filled::<bf16>((rows, self.n), |d| run(x.as_ptr().cast(), d.cast()), what)
-            })?,
-            _ => with_elements::<f16, _>(xs, |x| {
-                filled::<f16>((rows, self.n), |d| run(x.as_ptr().cast(), d.cast()), what)
-            })?,
-        }
+        // SAFETY: src holds rows·k, operand (if any) rows·n, and dst has room for rows·n elements
+        // of the weights' dtype; `xs` and `operand` are borrowed until we return.
+        let run = |dst: *mut c_void| unsafe { nv_matmul_run(self.handle.as_ptr(), rows as i64, src, operand_ptr, dst) };
+        filled_as(self.dtype, (rows, self.n), run, "running a matmul")
     }
 }
 
@@ -398,12 +400,7 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     let _guard = lock()?;
     // SAFETY: src holds rows·cols elements of `dt`, dst has room for as many.
     let run = |dst: *mut c_void| unsafe { nv_softmax(dt, rows as i64, cols as i64, src, dst) };
-    let what = "running a softmax";
-    match xs.dtype() {
-        DType::F32 => filled::<f32>(xs.shape().clone(), |d| run(d.cast()), what),
-        DType::BF16 => filled::<bf16>(xs.shape().clone(), |d| run(d.cast()), what),
-        _ => filled::<f16>(xs.shape().clone(), |d| run(d.cast()), what),
-    }
+    filled_as(xs.dtype(), xs.shape().clone(), run, "running a softmax")
 }
 
 /// The implementation oneDNN picks for copying heads out of a projection from `from` to `to`
@@ -452,10 +449,5 @@ pub fn contiguous_as(xs: &Tensor, dtype: DType) -> Result<Tensor> {
     let run = |dst: *mut c_void| unsafe {
         nv_reorder(dims.len() as c_int, dims.as_ptr(), src_dt, strides.as_ptr(), src, dst_dt, dst)
     };
-    let what = "copying a tensor's layout";
-    match dtype {
-        DType::F32 => filled::<f32>(xs.shape().clone(), |d| run(d.cast()), what),
-        DType::BF16 => filled::<bf16>(xs.shape().clone(), |d| run(d.cast()), what),
-        _ => filled::<f16>(xs.shape().clone(), |d| run(d.cast()), what),
-    }
+    filled_as(dtype, xs.shape().clone(), run, "copying a tensor's layout")
 }
