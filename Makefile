@@ -33,7 +33,7 @@ extension-test: server
 	bash scripts/prepare-test-fixture.sh "$(FIXTURE)" "$(TEST_ROOT)/fixture"
 	set -e; for major in $(PG_MAJORS); do \
 	  echo "== SQL tests on PostgreSQL $$major"; \
-	  pg_config=$(PG_PREFIX)/$$major/bin/pg_config; [ $$major != 15 ] || pg_config=/usr/lib/postgresql/15/bin/pg_config; \
+	  pg_config=$$(bash scripts/pg-config.sh "$(PG_PREFIX)" $$major); \
 	  $(SUDO) install -m 755 target/release/nvembed-model-server "$$($$pg_config --pkglibdir)/"; \
 	  rm -rf "$(TEST_ROOT)/pgdata"; \
 	  if [ "$$(id -u)" = 0 ]; then install -d -o postgres "$(TEST_ROOT)/pgdata"; fi; \

@@ -12,8 +12,7 @@ ARCH=$(dpkg --print-architecture)
 mkdir -p "$OUT"
 
 for major in "$@"; do
-  pg_config=$PREFIX_ROOT/$major/bin/pg_config
-  [ "$major" != 15 ] || pg_config=/usr/lib/postgresql/15/bin/pg_config
+  pg_config=$(bash scripts/pg-config.sh "$PREFIX_ROOT" "$major")
   built=target/package/pgrx-pg$major
   (cd extension && cargo pgrx package --pg-config "$pg_config" --out-dir "../$built" >"../$built.log" 2>&1) ||
     { cat "$built.log" >&2; exit 1; }

@@ -13,9 +13,7 @@ export DEBIAN_FRONTEND=noninteractive
 declare -A SUITE=([17]=trixie [18]=sid)
 declare -A VERSION=([17]=17.12 [18]=18.6)
 
-pg_config_of() {
-  if [ "$1" = 15 ]; then echo /usr/lib/postgresql/15/bin/pg_config; else echo "$PREFIX_ROOT/$1/bin/pg_config"; fi
-}
+pg_config_of() { bash "$(dirname "$0")/pg-config.sh" "$PREFIX_ROOT" "$1"; }
 has_pgvector() { [ -f "$("$1" --sharedir)/extension/vector.control" ]; }
 
 build_pg=() build_vector=()
