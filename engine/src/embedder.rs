@@ -240,7 +240,8 @@ impl Embedder {
     }
 
     /// Runs the next step of `pass` (a decoder layer, or a share of the latent block costing
-    /// about as much); false once it is ready for `finish_pass`.
+    /// about as much; a small pass's whole latent block); false once it is ready for
+    /// `finish_pass`.
     pub fn step_pass(&self, pass: &mut EmbedPass) -> Result<bool> {
         Ok(self.model.step(&mut pass.0)?)
     }
@@ -273,9 +274,14 @@ impl EmbedPass {
         self.0.rows()
     }
 
-    /// Padded tokens one step of this pass processes.
+    /// Padded tokens one decoder layer of this pass processes.
     pub fn padded_tokens(&self) -> usize {
         self.0.padded_tokens()
+    }
+
+    /// Whether the next step is a decoder layer (not a share of the latent block).
+    pub fn in_decoder(&self) -> bool {
+        self.0.in_decoder()
     }
 
     /// Keeps only the rows at `keep` (indices into the current rows, in order): in the decoder

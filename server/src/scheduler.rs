@@ -131,7 +131,8 @@ struct Running {
     rows: Vec<(u64, usize)>,
 }
 
-/// Measured seconds per padded token and layer, to size bulk passes by time.
+/// Measured seconds per padded token of a decoder layer, to size bulk passes by time. Latent
+/// steps are not sampled: a small pass runs its latent block in one step of several layers' cost.
 struct LayerCost(Option<f64>);
 
 impl LayerCost {
@@ -353,8 +354,13 @@ impl Scheduler {
         }
         let started = Instant::now();
         let tokens = running.pass.padded_tokens();
+        let decoder_layer = running.pass.in_decoder();
         match running.embedder.step_pass(&mut running.pass) {
-            Ok(true) => cost.record(started.elapsed().as_secs_f64(), tokens),
+            Ok(true) => {
+                if decoder_layer {
+                    cost.record(started.elapsed().as_secs_f64(), tokens);
+                }
+            }
             Ok(false) => {
                 let result = running.embedder.finish_pass(&running.pass).map_err(|e| e.to_string());
                 let rows = std::mem::take(&mut running.rows);

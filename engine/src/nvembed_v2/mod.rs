@@ -11,6 +11,12 @@ use candle_core::{Result as CandleResult, Tensor};
 
 pub use ops::{ATTENTION_SCORE_BLOCK_BYTES, TOKEN_CHUNK_ROWS};
 
+/// Fewest token rows a latent step processes: the latent block of a smaller pass (a query) runs
+/// in one step. Below a few tens of rows a CPU's products are bound by reading their weights
+/// (its 16-bit rate over its memory bandwidth), so splitting there would read the whole block's
+/// weights once per step and make no step meaningfully shorter.
+const LATENT_STEP_MIN_ROWS: usize = 64;
+
 use crate::config::Config;
 use crate::error::Result;
 use crate::matmul::MatmulBackend;
@@ -25,7 +31,8 @@ pub struct Model {
 
 /// A batch on its way through the model, advanced one step per `Model::step`: each decoder
 /// layer, then the latent block in `latent_steps` chunks of tokens, so no step costs much more
-/// than a layer (NV-Embed-v2's latent block costs about two and a half layers per token).
+/// than a layer (NV-Embed-v2's latent block costs about two and a half layers per token); a
+/// small pass's latent block runs in one step (see `LATENT_STEP_MIN_ROWS`).
 pub struct Pass {
     decoder: mistral::DecoderState,
     pool_mask: Tensor,
@@ -59,7 +66,12 @@ impl Pass {
         }
     }
 
-    /// Padded tokens of this pass: what one decoder layer (or one latent step) processes.
+    /// Whether the next step is a decoder layer.
+    pub fn in_decoder(&self) -> bool {
+        self.latent.is_none()
+    }
+
+    /// Padded tokens of this pass: what one decoder layer processes.
     pub fn padded_tokens(&self) -> usize {
         self.decoder.padded_tokens()
     }
@@ -96,6 +108,18 @@ pub fn useful_flops(config: &Config, lengths: &[usize]) -> f64 {
             l * per_token + t.num_hidden_layers as f64 * 4.0 * l * l * attention_width
         })
         .sum()
+}
+
+/// Token rows per latent step for a pass of `tokens` rows cut into about `steps` steps: at
+/// least `LATENT_STEP_MIN_ROWS`, and whole `TOKEN_CHUNK_ROWS` chunks when larger, so that no
+/// step ends in a short chunk that reads the block's weights once more for a few rows.
+fn latent_step_rows(tokens: usize, steps: usize) -> usize {
+    let share = tokens.div_ceil(steps.max(1)).max(LATENT_STEP_MIN_ROWS);
+    if share > TOKEN_CHUNK_ROWS {
+        share / TOKEN_CHUNK_ROWS * TOKEN_CHUNK_ROWS
+    } else {
+        share
+    }
 }
 
 impl Model {
@@ -135,7 +159,7 @@ impl Model {
                 states: hidden.reshape((b * l, d))?,
                 shape: (b, l, d),
                 done: Vec::new(),
-                chunk: (b * l).div_ceil(self.latent_steps).max(1),
+                chunk: latent_step_rows(b * l, self.latent_steps),
                 keep: (0..b).collect(),
             });
             return Ok(true);
@@ -169,5 +193,29 @@ impl Model {
     /// The decoder's output alone (after its final RMSNorm), for checking against references.
     pub fn decoder_hidden_states(&self, input_ids: &Tensor, attention_mask: &Tensor) -> CandleResult<Tensor> {
         self.decoder.forward(input_ids, attention_mask)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How many latent steps a pass of `tokens` rows takes.
+    fn latent_steps(tokens: usize, steps: usize) -> usize {
+        tokens.div_ceil(latent_step_rows(tokens, steps))
+    }
+
+    #[test]
+    fn latent_steps_are_never_weight_bound_slivers() {
+        // A query's latent block runs whole.
+        assert_eq!(latent_steps(30, 3), 1);
+        assert_eq!(latent_steps(LATENT_STEP_MIN_ROWS, 3), 1);
+        assert_eq!(latent_steps(100, 3), 2);
+        // A bulk pass is shared out as before.
+        assert_eq!(latent_step_rows(300, 3), 100);
+        // Above a token chunk, whole chunks only: 2048 / 3 = 683 rows would end in 171.
+        assert_eq!(latent_step_rows(2048, 3), TOKEN_CHUNK_ROWS);
+        assert_eq!(latent_steps(2048, 3), 4);
+        assert_eq!(latent_step_rows(5000, 2), 4 * TOKEN_CHUNK_ROWS);
     }
 }
