@@ -15,7 +15,8 @@ pub enum Stage {
     Projections,
     /// Scores, softmax and weighted sums of the decoder's self-attention.
     Attention,
-    /// RMSNorm, LayerNorm and rotary embeddings.
+    /// RMSNorm, LayerNorm and rotary embeddings (on the CPU with the heads' copy out of the q/k/v
+    /// projection, which they are fused with).
     NormsRope,
     /// SiLU gating and residual additions of the decoder.
     Elementwise,

@@ -1,9 +1,10 @@
 //! The bidirectional Mistral decoder of NV-Embed-v2: Mistral-7B's blocks with the causal mask
 //! replaced by a padding-only key mask, and no sliding window.
 
-use candle_core::{DType, Device, Module, Result as CandleResult, Tensor};
+use candle_core::{DType, Module, Result as CandleResult, Tensor};
 
 use super::ops::{blocked_attention, in_token_chunks, RmsNorm};
+use super::rotary;
 use crate::config::Config;
 use crate::error::Result;
 use crate::matmul::{contiguous_as, Activation, Combine, Linear, MatmulBackend};
@@ -11,19 +12,6 @@ use crate::profile::{self, Stage};
 use crate::weights::Weights;
 
 const PREFIX: &str = "embedding_model";
-
-/// cos/sin tables for rotary embeddings, computed in f32 for the positions of one batch.
-fn rotary_tables(head_dim: usize, theta: f64, len: usize, device: &Device) -> CandleResult<(Tensor, Tensor)> {
-    let inv_freq: Vec<f32> = (0..head_dim / 2)
-        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
-        .collect();
-    let inv_freq = Tensor::from_vec(inv_freq, (1, head_dim / 2), device)?;
-    let positions = Tensor::arange(0u32, len as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((len, 1))?;
-    let angles = positions.broadcast_mul(&inv_freq)?;
-    Ok((angles.cos()?, angles.sin()?))
-}
 
 struct SelfAttention {
     /// q, k and v projections fused into one matmul.
@@ -66,21 +54,10 @@ impl SelfAttention {
     ) -> CandleResult<Tensor> {
         let (b, l, _) = xs.dims3()?;
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let qkv = self.qkv.forward(xs)?;
+        let qkv = self.qkv.forward(xs)?.reshape((b, l, h + 2 * kvh, hd))?;
         // Attention runs in f32 whatever the model dtype: rotary phases and score magnitudes
         // are where half precision loses the most.
-        // Each of q, k, v as (b, heads, l, hd) f32, read in place from the projection's output:
-        // a view, then one copy that also converts.
-        let heads_view = qkv.reshape((b, l, h + 2 * kvh, hd))?;
-        let split = |start: usize, heads: usize| -> CandleResult<Tensor> {
-            profile::time(Stage::Conversions, || {
-                contiguous_as(&heads_view.narrow(2, start, heads)?.transpose(1, 2)?, DType::F32, self.backend)
-            })
-        };
-        let rope = |xs: Tensor| profile::time(Stage::NormsRope, || candle_nn::rotary_emb::rope(&xs, cos, sin));
-        let q = rope(split(0, h)?)?;
-        let k = rope(split(h, kvh)?)?;
-        let v = split(h + kvh, kvh)?;
+        let (q, k, v) = profile::time(Stage::NormsRope, || rotary::split_heads(&qkv, h, kvh, cos, sin, self.backend))?;
         // Grouped-query attention without copying K/V: the n_rep query heads sharing one kv head
         // become extra query rows of that kv head, (b, kvh, n_rep * l, hd).
         let n_rep = h / kvh;
@@ -242,7 +219,7 @@ impl Decoder {
     pub fn begin(&self, input_ids: &Tensor, attention_mask: &Tensor) -> CandleResult<DecoderState> {
         let (b, l) = input_ids.dims2()?;
         let device = input_ids.device();
-        let (cos, sin) = rotary_tables(self.head_dim, self.rope_theta, l, device)?;
+        let (cos, sin) = rotary::tables(self.head_dim, self.rope_theta, l, device)?;
         let mask = attention_mask.to_dtype(DType::F32)?;
         let lengths = mask.sum(1)?.to_vec1::<f32>()?.into_iter().map(|n| n as usize).collect();
         // Padding keys get a large negative bias (the reference uses the dtype's minimum);

@@ -6,6 +6,7 @@ mod half_norm;
 mod latent_attention;
 mod mistral;
 mod ops;
+mod rotary;
 
 use candle_core::{Result as CandleResult, Tensor};
 
