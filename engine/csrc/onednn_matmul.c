@@ -10,6 +10,7 @@
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 /* Element types, as numbered by the Rust side. */
 enum { NV_F32 = 0, NV_BF16 = 1, NV_F16 = 2 };
@@ -25,9 +26,10 @@ static dnnl_stream_t stream;
 struct nv_matmul {
     dnnl_data_type_t dt;
     int64_t n, k;
-    /* The weights, reordered once into the layout oneDNN chose for them. */
+    /* The weights, reordered once into the layout oneDNN chose for them, in `weights_buffer`. */
     dnnl_memory_desc_t weights_md;
     dnnl_memory_t weights;
+    void *weights_buffer;
     /* f32 bias (1 × n), or NULL. */
     dnnl_memory_t bias;
     int activation, operand;
@@ -139,6 +141,8 @@ struct run_arg {
 };
 
 #define MAX_RUN_ARGS 5
+/* x86-64's transparent huge page. */
+#define HUGE_PAGE_BYTES ((size_t)2 << 20)
 
 /* Executes `prim` on `count` arguments, wrapping the caller-owned buffers in memory objects for
  * the call, and waits for it. */
@@ -186,6 +190,20 @@ static dnnl_status_t execute(dnnl_primitive_t prim, dnnl_data_type_t dt, int64_t
 }
 
 /*
+ * `bytes` for packed weights, aligned to a huge page and advised to be backed by huge pages
+ * where the kernel allows it (transparent_hugepage "madvise", Debian's default, or "always"). A
+ * few-row pass streams every weight from memory once; with 4 KiB pages each 4 KiB costs a TLB
+ * miss, and a bf16 query ran ~4 % faster on huge pages. The tail past the last whole huge page
+ * keeps small pages, so no memory is added.
+ */
+static void *huge_page_buffer(size_t bytes) {
+    void *buffer = NULL;
+    if (posix_memalign(&buffer, HUGE_PAGE_BYTES, bytes ? bytes : 1) != 0) return NULL;
+    if (bytes >= HUGE_PAGE_BYTES) madvise(buffer, bytes / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES, MADV_HUGEPAGE);
+    return buffer;
+}
+
+/*
  * Packs `weight` (n rows of k, row-major: a PyTorch Linear's layout, i.e. the k × n operand in
  * "ba" order) into the layout oneDNN prefers for a matmul of `reference_m` rows, and writes the
  * name of the implementation it picked into `impl` (so the caller can tell a native kernel from
@@ -224,7 +242,11 @@ int nv_matmul_create(int dt_id, int64_t n, int64_t k, const void *weight, const 
         memcpy(data, bias, (size_t)n * sizeof(float));
     }
     mm->weights_md = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
-    if ((s = dnnl_memory_create(&mm->weights, &mm->weights_md, engine, DNNL_MEMORY_ALLOCATE)) != dnnl_success) goto out;
+    if (!(mm->weights_buffer = huge_page_buffer(dnnl_memory_desc_get_size(&mm->weights_md)))) {
+        s = dnnl_out_of_memory;
+        goto out;
+    }
+    if ((s = dnnl_memory_create(&mm->weights, &mm->weights_md, engine, mm->weights_buffer)) != dnnl_success) goto out;
     if ((s = plain_md(&plain_weights_md, k, n, dt, dnnl_ba)) != dnnl_success) goto out;
     if ((s = dnnl_reorder_primitive_desc_create(&reorder_pd, &plain_weights_md, engine, &mm->weights_md, engine, NULL))
         != dnnl_success)
@@ -244,6 +266,7 @@ out:
     } else if (mm) {
         if (mm->weights) dnnl_memory_destroy(mm->weights);
         if (mm->bias) dnnl_memory_destroy(mm->bias);
+        free(mm->weights_buffer);
         free(mm);
     }
     return s;
@@ -278,6 +301,7 @@ void nv_matmul_free(struct nv_matmul *mm) {
     if (mm->cached) dnnl_primitive_destroy(mm->cached);
     if (mm->bias) dnnl_memory_destroy(mm->bias);
     dnnl_memory_destroy(mm->weights);
+    free(mm->weights_buffer);
     free(mm);
 }
 
