@@ -3,14 +3,16 @@
 //! GEMM rate at the same row count (efficiency = useful FLOPs ÷ time ÷ GEMM rate), where the
 //! time goes per stage, and peak RSS over the weights' bytes in that dtype.
 //!
-//! GEMM rates, all measured in the same process: the issue's own (M×4096)·(4096×4096); the
-//! decoder's projection shapes; and, for the query, the same shapes with weights read from
-//! memory once per round as a pass reads them. A few-row pass is bound by reading its weights,
-//! and no product of NV-Embed-v2 fits a CPU's cache (its smallest is 32 MB in bf16), so the rate
-//! of the medium checkpoint's products repeated on weights that stay in cache is shown for the
-//! query but is not what its target is measured against. CPUs without native BF16
-//! are simulated with `DNNL_MAX_CPU_ISA`. Every configuration runs in its own process (its own
-//! RSS, its own oneDNN ISA), on 2 threads, load excluded.
+//! The target (70 %) is measured against the decoder's own projection shapes run alone, their
+//! weights read as a pass reads them: for the batch (compute-bound at 2048 rows) each product
+//! repeated; for the query every layer with weights of its own, read from memory once per round.
+//! A few-row pass is bound by reading its weights, and no product of NV-Embed-v2 fits a CPU's
+//! cache (its smallest is 32 MB in bf16), so the query's rate on the medium checkpoint's weights
+//! repeated while they stay in cache is shown, not targeted. The issue's own GEMM,
+//! (M×4096)·(4096×4096), is shown beside both, measured in the same process.
+//!
+//! CPUs without native BF16 are simulated with `DNNL_MAX_CPU_ISA`. Every configuration runs in
+//! its own process (its own RSS, its own oneDNN ISA), on 2 threads, load excluded.
 //!
 //! `cargo bench -p nvembed-engine --bench compute` (part of `make bench`).
 
@@ -242,7 +244,7 @@ fn main() {
     }
     println!("CPU: {}", cpu());
     println!();
-    println!("| dtype | matmul (oneDNN ISA cap) | 16×128 batch | vs reference | efficiency: GEMM, model shapes | GEMM 4096×4096 | 30-token query | vs reference | efficiency: GEMM, weights streamed | GEMM 4096×4096 | GEMM, weights in cache (not a target) | peak RSS ÷ weights |");
+    println!("| dtype | matmul (oneDNN ISA cap) | 16×128 batch | vs reference | efficiency: GEMM, model shapes | GEMM (M×4096)·(4096×4096) | 30-token query | vs reference | efficiency: GEMM, model shapes, weights streamed | GEMM (M×4096)·(4096×4096) | GEMM, model shapes, weights in cache | peak RSS ÷ weights |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut profiles = Vec::new();
     for (dtype, backend, isa) in CONFIGS {
@@ -283,11 +285,11 @@ fn main() {
             f("batch_seconds"),
             f("batch_seconds") / reference.0,
             efficiency(batch.0, batch.1, "gemm_batch", true),
-            efficiency(batch.0, batch.1, "gemm_batch_issue", true),
+            efficiency(batch.0, batch.1, "gemm_batch_issue", false),
             1e3 * f("query_seconds"),
             f("query_seconds") / reference.1,
             efficiency(query.0, query.1, "gemm_query_streamed", true),
-            efficiency(query.0, query.1, "gemm_query_issue", true),
+            efficiency(query.0, query.1, "gemm_query_issue", false),
             efficiency(query.0, query.1, "gemm_query_cached", false),
             f("peak_rss"),
         );
