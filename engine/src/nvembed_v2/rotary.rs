@@ -36,21 +36,9 @@ pub fn split_heads(
     backend: MatmulBackend,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     if qkv.device().is_cpu() {
-        split_heads_cpu(qkv, heads, kv_heads, cos, sin)
-    } else {
-        split_heads_by_copies(qkv, heads, kv_heads, cos, sin, backend)
+        return split_heads_cpu(qkv, heads, kv_heads, cos, sin);
     }
-}
-
-/// A copy per part, then candle's rope (what the GPU runs).
-fn split_heads_by_copies(
-    qkv: &Tensor,
-    heads: usize,
-    kv_heads: usize,
-    cos: &Tensor,
-    sin: &Tensor,
-    backend: MatmulBackend,
-) -> Result<(Tensor, Tensor, Tensor)> {
+    // Elsewhere (the GPU): a copy per part, then candle's rope.
     let part = |start: usize, n: usize| contiguous_as(&qkv.narrow(2, start, n)?.transpose(1, 2)?, DType::F32, backend);
     let l = qkv.dim(1)?;
     let (cos, sin) = (cos.narrow(0, 0, l)?, sin.narrow(0, 0, l)?);
@@ -164,8 +152,8 @@ fn split_parts<T: Copy + Sync>(
 mod tests {
     use super::*;
 
-    /// The one-pass CPU split gives exactly what copying each part and applying candle's rope
-    /// gives, for every dtype, above and below the sequential row count.
+    /// The one-pass CPU split gives exactly what copying each part to f32 and applying candle's
+    /// rope gives, for every dtype, above and below the sequential row count.
     #[test]
     fn one_pass_matches_copies_and_candles_rope() -> Result<()> {
         let dev = Device::Cpu;
@@ -173,12 +161,24 @@ mod tests {
         for (b, l) in [(1, 5), (3, 17)] {
             // Tables longer than the batch: a pass trimmed after its longest row left.
             let (cos, sin) = tables(d, 10_000.0, l + 3, &dev)?;
+            let (cos_l, sin_l) = (cos.narrow(0, 0, l)?, sin.narrow(0, 0, l)?);
             let qkv = Tensor::randn(0f32, 1.0, (b, l, heads + 2 * kv_heads, d), &dev)?;
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let qkv = qkv.to_dtype(dtype)?;
-                let got = split_heads_cpu(&qkv, heads, kv_heads, &cos, &sin)?;
-                let want = split_heads_by_copies(&qkv, heads, kv_heads, &cos, &sin, MatmulBackend::Candle)?;
-                for (got, want) in [(got.0, want.0), (got.1, want.1), (got.2, want.2)] {
+                let part = |start: usize, n: usize| {
+                    qkv.narrow(2, start, n)?
+                        .transpose(1, 2)?
+                        .to_dtype(DType::F32)?
+                        .contiguous()
+                };
+                let rope = |xs: Tensor| candle_nn::rotary_emb::rope(&xs, &cos_l, &sin_l);
+                let want = [
+                    rope(part(0, heads)?)?,
+                    rope(part(heads, kv_heads)?)?,
+                    part(heads + kv_heads, kv_heads)?,
+                ];
+                let (q, k, v) = split_heads_cpu(&qkv, heads, kv_heads, &cos, &sin)?;
+                for (got, want) in [q, k, v].into_iter().zip(want) {
                     assert_eq!(got.dims(), want.dims());
                     let diff = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
                     assert_eq!(diff, 0.0, "{dtype:?} b={b} l={l}");
