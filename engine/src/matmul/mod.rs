@@ -8,9 +8,7 @@
 #[cfg(feature = "onednn")]
 mod onednn;
 
-#[cfg(feature = "onednn")]
-use candle_core::DType;
-use candle_core::{Device, Module, Result as CandleResult, Tensor};
+use candle_core::{DType, Device, Module, Result as CandleResult, Tensor};
 
 use crate::error::{Error, Result};
 use crate::profile::{self, Stage};
