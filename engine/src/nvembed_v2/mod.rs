@@ -12,28 +12,30 @@ use candle_core::{Result as CandleResult, Tensor};
 
 pub use ops::{ATTENTION_SCORE_BLOCK_BYTES, TOKEN_CHUNK_ROWS};
 
-/// Fewest token rows a latent step processes: the latent block of a smaller pass (a query) runs
-/// in one step. Below a few tens of rows a CPU's products are bound by reading their weights
-/// (its 16-bit rate over its memory bandwidth), so splitting there would read the whole block's
-/// weights once per step and make no step meaningfully shorter.
-const LATENT_STEP_MIN_ROWS: usize = 64;
-
 use crate::config::Config;
 use crate::error::Result;
 use crate::matmul::MatmulBackend;
 use crate::weights::Weights;
 
+/// Fewest token rows a latent step processes (a shorter remainder joins the step before it): the
+/// latent block of a smaller pass (a query) runs in one step. Below a few tens of rows a CPU's
+/// products are bound by reading their weights (its 16-bit rate over its memory bandwidth), so
+/// splitting there would read the whole block's weights once per step and make no step
+/// meaningfully shorter.
+const LATENT_STEP_MIN_ROWS: usize = 64;
+
 pub struct Model {
     decoder: mistral::Decoder,
     latent_attention: latent_attention::LatentAttention,
-    /// Steps the latent block is cut into, so that each costs about one decoder layer.
+    /// About how many steps the latent block of a large pass is cut into, so that each costs
+    /// about one decoder layer (see `latent_step_rows`).
     latent_steps: usize,
 }
 
 /// A batch on its way through the model, advanced one step per `Model::step`: each decoder
-/// layer, then the latent block in `latent_steps` chunks of tokens, so no step costs much more
-/// than a layer (NV-Embed-v2's latent block costs about two and a half layers per token); a
-/// small pass's latent block runs in one step (see `LATENT_STEP_MIN_ROWS`).
+/// layer, then the latent block in steps of about 1/`latent_steps` of its tokens, so no step
+/// costs much more than a layer (NV-Embed-v2's latent block costs about two and a half layers
+/// per token); a small pass's latent block runs in one step (see `LATENT_STEP_MIN_ROWS`).
 pub struct Pass {
     decoder: mistral::DecoderState,
     pool_mask: Tensor,
@@ -123,6 +125,16 @@ fn latent_step_rows(tokens: usize, steps: usize) -> usize {
     }
 }
 
+/// Rows of the next latent step with `rest` rows left: `chunk`, or all of them when fewer than
+/// `LATENT_STEP_MIN_ROWS` would be left after it.
+fn next_latent_step(rest: usize, chunk: usize) -> usize {
+    if rest < chunk + LATENT_STEP_MIN_ROWS {
+        rest
+    } else {
+        chunk
+    }
+}
+
 impl Model {
     pub fn load(weights: &Weights, config: &Config, backend: MatmulBackend) -> Result<Self> {
         let latent_attention = latent_attention::LatentAttention::load(weights, config, backend)?;
@@ -167,7 +179,7 @@ impl Model {
         };
         let total = stage.states.dim(0)?;
         let start = stage.transformed();
-        let len = stage.chunk.min(total - start);
+        let len = next_latent_step(total - start, stage.chunk);
         let part = self
             .latent_attention
             .transform(&stage.states.narrow(0, start, len)?.unsqueeze(0)?)?;
@@ -201,22 +213,31 @@ impl Model {
 mod tests {
     use super::*;
 
-    /// How many latent steps a pass of `tokens` rows takes.
-    fn latent_steps(tokens: usize, steps: usize) -> usize {
-        tokens.div_ceil(latent_step_rows(tokens, steps))
+    /// The rows of each latent step of a pass of `tokens` rows.
+    fn latent_steps(tokens: usize, steps: usize) -> Vec<usize> {
+        let chunk = latent_step_rows(tokens, steps);
+        let mut lengths = Vec::new();
+        let mut done = 0;
+        while done < tokens {
+            lengths.push(next_latent_step(tokens - done, chunk));
+            done += lengths.last().copied().unwrap_or(0);
+        }
+        lengths
     }
 
     #[test]
     fn latent_steps_are_never_weight_bound_slivers() {
         // A query's latent block runs whole.
-        assert_eq!(latent_steps(30, 3), 1);
-        assert_eq!(latent_steps(LATENT_STEP_MIN_ROWS, 3), 1);
-        assert_eq!(latent_steps(100, 3), 2);
+        assert_eq!(latent_steps(30, 3), [30]);
+        assert_eq!(latent_steps(LATENT_STEP_MIN_ROWS, 3), [LATENT_STEP_MIN_ROWS]);
+        // 64 + 36 would end in a sliver: one step.
+        assert_eq!(latent_steps(100, 3), [100]);
         // A bulk pass is shared out as before.
-        assert_eq!(latent_step_rows(300, 3), 100);
-        // Above a token chunk, whole chunks only: 2048 / 3 = 683 rows would end in 171.
-        assert_eq!(latent_step_rows(2048, 3), TOKEN_CHUNK_ROWS);
-        assert_eq!(latent_steps(2048, 3), 4);
-        assert_eq!(latent_step_rows(5000, 2), 4 * TOKEN_CHUNK_ROWS);
+        assert_eq!(latent_steps(300, 3), [100, 100, 100]);
+        // Above a token chunk, whole chunks: 2048 / 3 = 683 rows would each run as 512 + 171.
+        assert_eq!(latent_steps(2048, 3), [512; 4]);
+        // A remainder under the minimum joins the last step (512 + 4 would end in 4 rows).
+        assert_eq!(latent_steps(1540, 3), [512, 512, 516]);
+        assert_eq!(latent_steps(5000, 2), [2048, 2048, 904]);
     }
 }

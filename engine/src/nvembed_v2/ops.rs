@@ -137,18 +137,21 @@ fn attention_in_blocks(
     }
 }
 
-/// Applies a position-wise `f` to (b, l, h) in chunks of at most `TOKEN_CHUNK_ROWS` token rows,
-/// each passed as (1, rows, h).
+/// Applies a position-wise `f` to (b, l, h) in equal chunks of at most `TOKEN_CHUNK_ROWS` token
+/// rows, each passed as (1, rows, h).
 pub fn in_token_chunks(xs: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let (b, l, h) = xs.dims3()?;
     if b * l <= TOKEN_CHUNK_ROWS {
         return f(xs);
     }
     let flat = xs.reshape((b * l, h))?;
-    let mut parts = Vec::with_capacity((b * l).div_ceil(TOKEN_CHUNK_ROWS));
+    let count = (b * l).div_ceil(TOKEN_CHUNK_ROWS);
+    // Chunks of equal size: no short last chunk that reads every weight again for a few rows.
+    let rows = (b * l).div_ceil(count);
+    let mut parts = Vec::with_capacity(count);
     let mut start = 0;
     while start < b * l {
-        let len = TOKEN_CHUNK_ROWS.min(b * l - start);
+        let len = rows.min(b * l - start);
         parts.push(f(&flat.narrow(0, start, len)?.unsqueeze(0)?)?.squeeze(0)?);
         start += len;
     }
