@@ -380,7 +380,6 @@ impl Scheduler {
         rows: &[(u64, usize)],
         result: Result<Vec<Vec<f32>>, String>,
     ) {
-        *slot = None;
         Stats::sub(&self.stats.active_rows, rows.len() as u64);
         match result {
             Ok(vectors) => {
@@ -390,6 +389,8 @@ impl Scheduler {
             }
             Err(message) => self.fail_rows(calls, rows, ErrorKind::Internal, &message),
         }
+        // After the answers: dropping a large pass returns its memory to the OS first.
+        *slot = None;
     }
 
     fn deliver(&self, calls: &mut Calls, id: u64, row: usize, vector: Vec<f32>) {
