@@ -15,8 +15,8 @@ pub enum Stage {
     Projections,
     /// Scores, softmax and weighted sums of the decoder's self-attention.
     Attention,
-    /// RMSNorm, LayerNorm and rotary embeddings (on the CPU with the heads' copy out of the q/k/v
-    /// projection, which they are fused with).
+    /// RMSNorm, LayerNorm and rotary embeddings, with the copy of q, k and v out of the fused
+    /// projection that the embeddings are applied in (one pass on the CPU).
     NormsRope,
     /// SiLU gating and residual additions of the decoder.
     Elementwise,

@@ -314,8 +314,6 @@ impl Module for Linear {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::DType;
-
     use super::*;
 
     #[test]

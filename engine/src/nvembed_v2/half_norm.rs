@@ -1,6 +1,7 @@
 //! RMSNorm and LayerNorm of 16-bit tensors on the CPU in one pass: each row's statistics are
 //! accumulated in f32 and every output rounded once — the same arithmetic as widening the
-//! tensor to f32, normalising and narrowing it back, without the two f32 copies.
+//! tensor to f32, normalising and narrowing it back (up to summation order), without the two f32
+//! copies.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use half::{bf16, f16};
@@ -97,10 +98,9 @@ impl HalfNorm<'_> {
                 .zip(src.chunks(width))
                 .for_each(|(out, row)| self.normalize_row(row, &mut widened, out));
         } else {
-            out.par_chunks_mut(width).zip(src.par_chunks(width)).for_each_init(
-                || vec![0f32; width],
-                |widened, (out, row)| self.normalize_row(row, widened, out),
-            );
+            out.par_chunks_mut(width)
+                .zip(src.par_chunks(width))
+                .for_each_init(|| vec![0f32; width], |widened, (out, row)| self.normalize_row(row, widened, out));
         }
         out
     }
