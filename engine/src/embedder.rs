@@ -4,7 +4,6 @@
 //! budget, so short texts are not padded to the longest one; results come back in input order,
 //! and because padding never changes a result they do not depend on how batches were formed.
 
-use std::mem::ManuallyDrop;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -239,8 +238,8 @@ impl Embedder {
         let pool = Tensor::new(batch.pool_mask, &self.device)?;
         let pass = self.model.begin(&ids, &attention, &pool)?;
         Ok(EmbedPass {
-            release_on_drop: pass.padded_tokens() >= TOKEN_CHUNK_ROWS,
-            pass: ManuallyDrop::new(pass),
+            _release: ReleaseOnDrop(pass.padded_tokens() >= TOKEN_CHUNK_ROWS),
+            pass,
         })
     }
 
@@ -275,15 +274,17 @@ impl Embedder {
 /// least `TOKEN_CHUNK_ROWS` padded tokens returns the memory its activations used to the OS; a
 /// smaller one's few megabytes stay for the next pass (releasing them cost a query ~1 ms).
 pub struct EmbedPass {
-    pass: ManuallyDrop<Pass>,
-    release_on_drop: bool,
+    pass: Pass,
+    /// Declared after `pass`, so dropped after it, once the pass's memory is free.
+    _release: ReleaseOnDrop,
 }
 
-impl Drop for EmbedPass {
+/// When set, returns the heap's free pages to the OS as it is dropped.
+struct ReleaseOnDrop(bool);
+
+impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
-        // SAFETY: the pass is dropped here, once, and never used again.
-        unsafe { ManuallyDrop::drop(&mut self.pass) };
-        if self.release_on_drop {
+        if self.0 {
             release_freed_activations();
         }
     }

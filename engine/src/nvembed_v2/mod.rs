@@ -114,8 +114,8 @@ pub fn useful_flops(config: &Config, lengths: &[usize]) -> f64 {
 }
 
 /// Token rows per latent step for a pass of `tokens` rows cut into about `steps` steps: at
-/// least `LATENT_STEP_MIN_ROWS`, and whole `TOKEN_CHUNK_ROWS` chunks when larger, so that no
-/// step ends in a short chunk that reads the block's weights once more for a few rows.
+/// least `LATENT_STEP_MIN_ROWS`, and whole `TOKEN_CHUNK_ROWS` chunks when larger, so that each
+/// read of the block's weights serves a full chunk (683 rows would run as two reads of ~342).
 fn latent_step_rows(tokens: usize, steps: usize) -> usize {
     let share = tokens.div_ceil(steps.max(1)).max(LATENT_STEP_MIN_ROWS);
     if share > TOKEN_CHUNK_ROWS {
