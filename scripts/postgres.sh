@@ -2,12 +2,17 @@
 # The PostgreSQL majors nvembed is built and tested against, each with pgvector, registered with
 # cargo-pgrx. 15 is bookworm's own package; majors that bookworm has no binaries for are built
 # from Debian's source packages into PG_PREFIX/MAJOR. Whatever already holds the pinned version is
-# kept as it is. Usage: postgres.sh PG_PREFIX PGVECTOR_VERSION MAJOR...
+# kept as it is, as long as it was built by this recipe (see RECIPE below).
+# Usage: postgres.sh PG_PREFIX PGVECTOR_VERSION MAJOR...
 set -euo pipefail
 PREFIX_ROOT=$1; shift
 PGVECTOR_VERSION=$1; shift
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 export DEBIAN_FRONTEND=noninteractive
+# PostgreSQL's makefiles decide from the make level and flags they inherit whether to generate
+# headers (utils/errcodes.h, ...): started under `make test` -> `make setup` they skipped them and
+# the build failed. Every build below starts as it would from a shell, whoever runs this script.
+unset MAKELEVEL MAKEFLAGS MFLAGS MAKEOVERRIDES GNUMAKEFLAGS
 
 # Source-built majors: the Debian suite that has the source and the upstream version built.
 declare -A SUITE=([17]=trixie [18]=sid)
@@ -16,17 +21,29 @@ declare -A VERSION=([17]=17.12 [18]=18.6)
 pg_config_of() { bash "$(dirname "$0")/pg-config.sh" "$PREFIX_ROOT" "$1"; }
 has_pgvector() { [ -f "$("$1" --sharedir)/extension/vector.control" ]; }
 
+# What built a major's PostgreSQL and pgvector, the way CI caches are keyed on their inputs: this
+# script, pg-config.sh and the pinned versions. Written beside pgvector once both are installed; a
+# major whose stamp differs is built again (a source-built prefix from scratch), so a change that
+# breaks the recipe fails on the machine that made it, not on the next fresh one.
+recipe_of() {
+  { cat "$0" "$(dirname "$0")/pg-config.sh"
+    echo "major $1 postgresql ${VERSION[$1]:-debian} ${SUITE[$1]:-bookworm} pgvector $PGVECTOR_VERSION"
+  } | sha256sum | cut -d' ' -f1
+}
+recipe_file() { echo "$("$1" --sharedir)/extension/vector.nvembed-recipe"; }
+built_by_recipe() { [ "$(cat "$(recipe_file "$2")" 2>/dev/null)" = "$(recipe_of "$1")" ]; }
+
 build_pg=() build_vector=()
 for major in "$@"; do
   pg_config=$(pg_config_of "$major")
   if [ "$major" != 15 ]; then
     [ -n "${SUITE[$major]:-}" ] || { echo "postgres.sh: no source recipe for PostgreSQL $major" >&2; exit 2; }
     if ! [ -x "$pg_config" ] || [ "$("$pg_config" --version)" != "PostgreSQL ${VERSION[$major]}" ] ||
-      ! [ -f "$("$pg_config" --sharedir)/extension/dblink.control" ]; then
+      ! [ -f "$("$pg_config" --sharedir)/extension/dblink.control" ] || ! built_by_recipe "$major" "$pg_config"; then
       build_pg+=("$major"); build_vector+=("$major"); continue
     fi
   fi
-  has_pgvector "$pg_config" || build_vector+=("$major")
+  { has_pgvector "$pg_config" && built_by_recipe "$major" "$pg_config"; } || build_vector+=("$major")
 done
 
 if [ ${#build_vector[@]} -gt 0 ]; then
@@ -66,6 +83,8 @@ fetch() {
 for major in "${build_pg[@]}"; do
   prefix="$PREFIX_ROOT/$major"
   echo "building PostgreSQL ${VERSION[$major]} (Debian ${SUITE[$major]} source) into $prefix"
+  # From scratch: nothing of an older recipe's build (or of what was installed into it) survives.
+  $SUDO rm -rf "$prefix"
   fetch "postgresql-$major" "${VERSION[$major]}" "$work/pg$major"
   (
     cd "$work/pg$major"
@@ -90,8 +109,10 @@ for major in "${build_vector[@]}"; do
     sed -i 's/buildstate->tupdesc->attrs\[0\]\.atttypid/TupleDescAttr(buildstate->tupdesc, 0)->atttypid/' \
       "$work/pgvector$major/src/ivfbuild.c"
   fi
+  echo "building pgvector $PGVECTOR_VERSION (Debian trixie source) for PostgreSQL $major"
   make -C "$work/pgvector$major" -s PG_CONFIG="$pg_config" >/dev/null
   $SUDO make -C "$work/pgvector$major" -s PG_CONFIG="$pg_config" install >/dev/null
+  recipe_of "$major" | $SUDO tee "$(recipe_file "$pg_config")" >/dev/null
 done
 
 # cargo-pgrx builds and tests against exactly these. `cargo pgrx init` forces a rebuild of the
