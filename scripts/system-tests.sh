@@ -253,3 +253,55 @@ wait_until 30 '[ "$pending" = 0 ] && [ "$in_progress" = 0 ]'
 ok=$("${PSQL[@]}" -At -c "SELECT (SELECT max(abs(p - q)) FROM unnest(embedding, nvembed_passage(body)) u(p, q)) <= 1e-6 FROM vz_fault WHERE id = 1")
 [ "$ok" = t ] || fail "the restarted worker did not embed the changed row"
 echo "PASS vectorizer workers: a database without the extension logged once in $noext_seconds s; a terminated worker restarted (pid $old_worker -> $new_worker) and drains"
+
+# 9. Logical replication: a vectorizer on a subscriber embeds what the apply worker writes (it
+#    fires row triggers only: nvembed's replica insert and update triggers), into a plain and a
+#    partitioned table, rows moved between partitions included. The subscriber's database is
+#    listed before it exists: logged once, and its worker starts when it is created.
+cluster_stop
+cluster_start "$TINY" "wal_level = logical" "nvembed.vectorizer_databases = 'sub'"
+sleep 6 # (the supervisor looks for a missing database every 5 s)
+"${PSQL[@]}" -c "CREATE DATABASE pub" -c "CREATE DATABASE sub" >/dev/null
+"${PSQL[@]}" -d pub >/dev/null <<'SQL'
+CREATE TABLE docs (id int PRIMARY KEY, body text, e real[]);
+CREATE TABLE parts (id int, part int, body text, e real[], PRIMARY KEY (part, id));
+CREATE PUBLICATION pub FOR TABLE docs, parts;
+SELECT pg_create_logical_replication_slot('sub', 'pgoutput');
+SQL
+"${PSQL[@]}" -d sub >/dev/null <<SQL
+CREATE EXTENSION nvembed;
+CREATE TABLE docs (id int PRIMARY KEY, body text, e real[]);
+CREATE TABLE parts (id int, part int, body text, e real[], PRIMARY KEY (part, id)) PARTITION BY LIST (part);
+CREATE TABLE parts_1 PARTITION OF parts FOR VALUES IN (1);
+CREATE TABLE parts_2 PARTITION OF parts FOR VALUES IN (2);
+SELECT nvembed_create_vectorizer('docs', 'body', 'e');
+SELECT nvembed_create_vectorizer('parts', 'body', 'e');
+CREATE SUBSCRIPTION sub CONNECTION 'host=$WORK port=$PORT dbname=pub user=postgres' PUBLICATION pub
+    WITH (create_slot = false, slot_name = 'sub');
+SQL
+"${PSQL[@]}" -d pub >/dev/null <<'SQL'
+INSERT INTO docs SELECT g, 'replicated row ' || g FROM generate_series(1, 20) g;
+INSERT INTO parts SELECT g, 1 + g % 2, 'replicated part row ' || g FROM generate_series(1, 10) g;
+UPDATE docs SET body = 'replicated and changed ' || id WHERE id <= 5;
+UPDATE docs SET id = id + 100, body = upper(body) WHERE id BETWEEN 6 AND 8;
+DELETE FROM docs WHERE id = 20;
+UPDATE parts SET part = 3 - part, body = body || ', moved' WHERE id <= 4;
+SQL
+sub_state() {
+  "${PSQL[@]}" -d sub -At <<'SQL' 2>/dev/null || true
+SELECT (SELECT count(*) FROM docs) || ',' || (SELECT count(*) FROM parts) || ',' ||
+       (SELECT count(*) FROM (SELECT body, e FROM docs UNION ALL SELECT body, e FROM parts) r
+        WHERE (SELECT max(abs(x - y)) FROM unnest(r.e, nvembed_passage(r.body)) u(x, y)) <= 1e-6) || ',' ||
+       (SELECT sum(pending + in_progress) FROM nvembed_vectorizer_status)
+SQL
+}
+started=$(date +%s)
+until [ "$(sub_state)" = "19,10,29,0" ]; do
+  [ $(( $(date +%s) - started )) -lt 60 ] || fail "logical replication: docs,parts,correct,queued = $(sub_state) (want 19,10,29,0)"
+  sleep 0.5
+done
+missing=$(grep -c 'database "sub" listed in nvembed.vectorizer_databases does not exist' "$WORK/server.log" || true)
+fatal=$(grep -c 'FATAL:  database "sub" does not exist' "$WORK/server.log" || true)
+[ "$missing" = 1 ] && [ "$fatal" = 0 ] || fail "a listed database that does not exist yet: logged $missing times, $fatal FATALs (want 1, 0)"
+"${PSQL[@]}" -d sub -c "DROP SUBSCRIPTION sub" >/dev/null
+echo "PASS logical replication: a subscriber's vectorizer embeds replicated inserts, updates, key changes and partition moves (29 rows correct); its database, listed before it existed, was logged once"

@@ -15,6 +15,30 @@
 -- several columns of any type). A position may come to hold another row (after a DELETE and a
 -- VACUUM), so it is trusted only together with the text re-checked at the write.
 
+-- The vectors of `texts` (two-dimensional: one row per text, in order) from `embed_call`, in as
+-- few calls as nvembed.max_request_tokens allows: a call the model server refuses as too large
+-- (refused before any compute; long documents reach the limit at a few dozen texts) is split in
+-- halves until the parts fit. A single text that does not fit fails as it would alone.
+CREATE FUNCTION nvembed_backfill_embed(embed_call text, texts text[]) RETURNS real[]
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    vectors real[];
+    half integer := cardinality(texts) / 2;
+BEGIN
+    EXECUTE format('SELECT array_agg(e ORDER BY n) FROM %s($1) WITH ORDINALITY AS v(e, n)', embed_call)
+        INTO vectors USING texts;
+    RETURN vectors;
+EXCEPTION WHEN program_limit_exceeded THEN
+    IF half = 0 OR SQLERRM NOT LIKE '%nvembed.max_request_tokens%' THEN
+        RAISE;
+    END IF;
+    RETURN @extschema@.nvembed_backfill_embed(embed_call, texts[1:half])
+        || @extschema@.nvembed_backfill_embed(embed_call, texts[half + 1:]);
+END;
+$$;
+
 -- One batch of nvembed_backfill: the rows at positions (rels[i], row_ids[i]), in one transaction
 -- (the caller commits):
 --   1. read the texts of those rows that still need a vector, WITHOUT locking them: the model
@@ -73,8 +97,7 @@ BEGIN
         INTO todo_rels, todo_rows, texts USING rels, row_ids;
 
     IF texts IS NOT NULL THEN
-        EXECUTE format('SELECT array_agg(e ORDER BY n) FROM %s($1) WITH ORDINALITY AS v(e, n)', embed_call)
-            INTO vectors USING texts;
+        vectors := @extschema@.nvembed_backfill_embed(embed_call, texts);
 
         claim := format(
             'WITH b AS (SELECT * FROM unnest($1::oid[], $2::tid[], $3::text[], $4::bigint[]) AS b(rel, row_id, src, n)),
@@ -167,6 +190,14 @@ BEGIN
     IF NOT pg_catalog.has_column_privilege(tbl, target_column, 'UPDATE') THEN
         RAISE EXCEPTION 'permission denied to update column "%" of relation %', target_column, tbl
             USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    -- Before any work: it COMMITs after each batch, which a transaction block (BEGIN, psql -1, a
+    -- driver without autocommit) or a calling function would refuse only after the first
+    -- batch's compute.
+    IF NOT @extschema@.nvembed_transaction_control_allowed() THEN
+        RAISE EXCEPTION 'nvembed_backfill cannot run inside a transaction block: it commits after each batch'
+            USING ERRCODE = 'active_sql_transaction',
+                  HINT = 'CALL it as a statement of its own, outside BEGIN ... COMMIT and not from a function (psql: without -1 or --single-transaction; psycopg: autocommit = True; JDBC: setAutoCommit(true)).';
     END IF;
     -- The positions of the rows to embed, cut into batches, each carrying the total; the loop's
     -- query result is kept (materialised) across the COMMITs below.

@@ -1,6 +1,7 @@
 -- nvembed 0.1.0 -> 0.2.0, run by ALTER EXTENSION nvembed UPDATE.
 -- 0.2.0 adds the vectorizers (tables, views, event triggers, workers' functions),
--- nvembed_model_dimension() and nvembed_backfill_batch(); it changes nvembed_status()'s columns,
+-- nvembed_model_dimension(), nvembed_transaction_control_allowed(), nvembed_backfill_embed() and
+-- nvembed_backfill_batch(); it changes nvembed_status()'s columns,
 -- nvembed_task_instruction() (now C, sharing the Rust constants), the trigger's rules and the
 -- backfill. Functions 0.1.0 already had keep their OIDs (CREATE OR REPLACE), so users' views and
 -- functions that call them survive; only nvembed_status(), whose result type changed, is dropped
@@ -14,6 +15,11 @@ CREATE FUNCTION "nvembed_model_dimension"() RETURNS INT /* Option < i32 > */
 STRICT VOLATILE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'nvembed_model_dimension_wrapper';
+
+CREATE FUNCTION "nvembed_transaction_control_allowed"() RETURNS bool /* bool */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'nvembed_transaction_control_allowed_wrapper';
 
 CREATE FUNCTION "nvembed_status"() RETURNS TABLE (
 	"server_running" bool,  /* bool */
@@ -58,11 +64,12 @@ AS 'MODULE_PATHNAME', 'nvembed_task_instruction_wrapper';
 --   UPDATE  the source changed: re-embed, unless the same statement also set the target to
 --           another non-NULL vector (writing back the old vector, as ORMs do, or NULL re-embeds);
 --           the source is unchanged: a NULL target is filled, any other target is kept.
--- A NULL source gives a NULL embedding. Only the two named columns are read, and only the
--- target is written: the row is never converted as a whole (a 4096-float vector is ~50 KB of
--- text). The target may be vector(N), halfvec(N) or real[]: the value is assigned through the
+-- A NULL source gives a NULL embedding. A generated source column is refused (it is computed
+-- after BEFORE triggers; a vectorizer embeds it). This must be the last BEFORE trigger to fire
+-- (they fire in name order): a warning names any that fires after it. Only the two named columns
+-- are read, and only the target is written: the row is never converted as a whole (a 4096-float
+-- vector is ~50 KB of text). The target may be vector(N), halfvec(N) or real[]: the value is assigned through the
 -- column type's own input, exactly as an INSERT of the array would be.
-
 CREATE OR REPLACE FUNCTION nvembed_embed_trigger() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -83,6 +90,7 @@ DECLARE
     -- it, fetching its out-of-line (TOASTed) values into it, and a NEW flattened that way would
     -- make the UPDATE store its unchanged long values (the vector, the text) again.
     new_row record;
+    later_trigger name;
 BEGIN
     IF TG_WHEN <> 'BEFORE' OR TG_LEVEL <> 'ROW' OR TG_OP NOT IN ('INSERT', 'UPDATE') THEN
         RAISE EXCEPTION 'nvembed_embed_trigger must be a BEFORE INSERT OR UPDATE ... FOR EACH ROW trigger'
@@ -100,6 +108,28 @@ BEGIN
                       HINT = 'Check the column names given to nvembed_embed_trigger in the trigger definition.';
         END IF;
     END LOOP;
+    -- A generated column is computed after the BEFORE triggers: here it is still NULL, so its
+    -- row would get no vector, and an UPDATE would see the text "changed" to NULL.
+    IF EXISTS (SELECT 1 FROM pg_attribute
+               WHERE attrelid = TG_RELID AND attname = source_column AND attgenerated <> '') THEN
+        RAISE EXCEPTION 'nvembed_embed_trigger cannot embed generated column "%" of %.%: a BEFORE trigger runs before it is computed',
+                source_column, TG_TABLE_SCHEMA, TG_TABLE_NAME
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = format('Drop the trigger and use a vectorizer, which embeds the stored value: SELECT nvembed_create_vectorizer(%L, %L, %L);',
+                                format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), source_column, target_column);
+    END IF;
+    -- BEFORE triggers fire in name order: one that sorts after this one may still change the
+    -- text that was embedded here, leaving a vector of a text the row does not have.
+    later_trigger := (SELECT min(t.tgname COLLATE "C") FROM pg_trigger t
+                      WHERE t.tgrelid = TG_RELID AND t.tgname > TG_NAME COLLATE "C" AND t.tgenabled <> 'D' AND NOT t.tgisinternal
+                        AND t.tgtype & (1 | 2) = (1 | 2) -- ROW, BEFORE
+                        AND t.tgtype & CASE TG_OP WHEN 'INSERT' THEN 4 ELSE 16 END <> 0);
+    IF later_trigger IS NOT NULL THEN
+        RAISE WARNING 'trigger "%" on %.% fires after nvembed''s trigger "%": a change it makes to "%" is not embedded',
+                later_trigger, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_NAME, source_column
+            USING HINT = format('BEFORE triggers fire in name order: rename nvembed''s so that it fires last, e.g. ALTER TRIGGER %I ON %I.%I RENAME TO %I;',
+                                TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME, 'zz_' || TG_NAME);
+    END IF;
     new_row := NEW;
     IF TG_OP = 'INSERT' THEN
         EXECUTE format('SELECT ($1).%I IS NULL', target_column) INTO target_is_null USING new_row;
@@ -137,6 +167,35 @@ BEGIN
 END;
 $$;
 
+-- CREATE TRIGGER ... nvembed_embed_trigger on a generated source column is refused when it is
+-- made, not at the table's next write (the trigger function refuses it too, as a backstop).
+CREATE FUNCTION nvembed_embed_trigger_on_create() RETURNS event_trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    refused record;
+BEGIN
+    SELECT t.tgname, t.tgrelid::regclass AS rel, a.attname INTO refused
+    FROM pg_event_trigger_ddl_commands() d
+    JOIN pg_trigger t ON d.classid = 'pg_trigger'::regclass AND t.oid = d.objid
+    JOIN pg_attribute a ON a.attrelid = t.tgrelid AND a.attnum > 0 AND NOT a.attisdropped
+                       AND a.attname = (string_to_array(encode(t.tgargs, 'escape'), '\000'))[1]
+    WHERE t.tgfoid = '@extschema@.nvembed_embed_trigger()'::regprocedure AND a.attgenerated <> ''
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'nvembed_embed_trigger cannot embed generated column "%" of %: a BEFORE trigger runs before it is computed',
+                refused.attname, refused.rel
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = format('Use a vectorizer, which embeds the stored value: SELECT nvembed_create_vectorizer(%L, %L, ...);',
+                                refused.rel, refused.attname);
+    END IF;
+END;
+$$;
+
+CREATE EVENT TRIGGER nvembed_embed_trigger_on_create ON ddl_command_end WHEN TAG IN ('CREATE TRIGGER')
+    EXECUTE FUNCTION nvembed_embed_trigger_on_create();
+
 -- CALL nvembed_backfill(tbl, source_column, target_column [, kind [, batch_size]])
 --
 -- Embeds every row whose target is NULL and whose source is not, batch_size rows per model
@@ -154,6 +213,30 @@ $$;
 -- several columns of any type). A position may come to hold another row (after a DELETE and a
 -- VACUUM), so it is trusted only together with the text re-checked at the write.
 
+-- The vectors of `texts` (two-dimensional: one row per text, in order) from `embed_call`, in as
+-- few calls as nvembed.max_request_tokens allows: a call the model server refuses as too large
+-- (refused before any compute; long documents reach the limit at a few dozen texts) is split in
+-- halves until the parts fit. A single text that does not fit fails as it would alone.
+CREATE FUNCTION nvembed_backfill_embed(embed_call text, texts text[]) RETURNS real[]
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    vectors real[];
+    half integer := cardinality(texts) / 2;
+BEGIN
+    EXECUTE format('SELECT array_agg(e ORDER BY n) FROM %s($1) WITH ORDINALITY AS v(e, n)', embed_call)
+        INTO vectors USING texts;
+    RETURN vectors;
+EXCEPTION WHEN program_limit_exceeded THEN
+    IF half = 0 OR SQLERRM NOT LIKE '%nvembed.max_request_tokens%' THEN
+        RAISE;
+    END IF;
+    RETURN @extschema@.nvembed_backfill_embed(embed_call, texts[1:half])
+        || @extschema@.nvembed_backfill_embed(embed_call, texts[half + 1:]);
+END;
+$$;
+
 -- One batch of nvembed_backfill: the rows at positions (rels[i], row_ids[i]), in one transaction
 -- (the caller commits):
 --   1. read the texts of those rows that still need a vector, WITHOUT locking them: the model
@@ -168,7 +251,6 @@ $$;
 -- skipped because they changed, went away or were filled since the run listed them.
 -- Concurrent batches on the same table (as named) take turns (a transaction-level advisory lock),
 -- so no text is embedded twice. A plain function, so it can pin search_path.
-
 CREATE FUNCTION nvembed_backfill_batch(
     tbl regclass, source_column text, target_column text, kind text, rels oid[], row_ids tid[],
     OUT embedded integer, OUT locked integer, OUT changed integer)
@@ -213,8 +295,7 @@ BEGIN
         INTO todo_rels, todo_rows, texts USING rels, row_ids;
 
     IF texts IS NOT NULL THEN
-        EXECUTE format('SELECT array_agg(e ORDER BY n) FROM %s($1) WITH ORDINALITY AS v(e, n)', embed_call)
-            INTO vectors USING texts;
+        vectors := @extschema@.nvembed_backfill_embed(embed_call, texts);
 
         claim := format(
             'WITH b AS (SELECT * FROM unnest($1::oid[], $2::tid[], $3::text[], $4::bigint[]) AS b(rel, row_id, src, n)),
@@ -307,6 +388,14 @@ BEGIN
     IF NOT pg_catalog.has_column_privilege(tbl, target_column, 'UPDATE') THEN
         RAISE EXCEPTION 'permission denied to update column "%" of relation %', target_column, tbl
             USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    -- Before any work: it COMMITs after each batch, which a transaction block (BEGIN, psql -1, a
+    -- driver without autocommit) or a calling function would refuse only after the first
+    -- batch's compute.
+    IF NOT @extschema@.nvembed_transaction_control_allowed() THEN
+        RAISE EXCEPTION 'nvembed_backfill cannot run inside a transaction block: it commits after each batch'
+            USING ERRCODE = 'active_sql_transaction',
+                  HINT = 'CALL it as a statement of its own, outside BEGIN ... COMMIT and not from a function (psql: without -1 or --single-transaction; psycopg: autocommit = True; JDBC: setAutoCommit(true)).';
     END IF;
     -- The positions of the rows to embed, cut into batches, each carrying the total; the loop's
     -- query result is kept (materialised) across the COMMITs below.
@@ -403,7 +492,6 @@ CREATE TABLE nvembed_vectorizer (
 -- foreign key (a lookup per row) and no unique key (a speculative insertion per row, several
 -- times the cost of the row itself). A row may so have several entries; a claim takes all
 -- entries of the keys it claims, and embeds each key once.
-
 CREATE TABLE nvembed_vectorizer_queue (
     vectorizer_id integer NOT NULL,
     -- The primary key's values as text, in the key's column order, as a text[] literal (exact:
@@ -417,9 +505,7 @@ CREATE TABLE nvembed_vectorizer_queue (
     -- pid of the worker that claimed the entry; NULL while waiting.
     claimed_by integer
 );
-
 CREATE INDEX nvembed_vectorizer_queue_key ON nvembed_vectorizer_queue (vectorizer_id, row_key);
-
 CREATE INDEX nvembed_vectorizer_queue_claimed ON nvembed_vectorizer_queue (claimed_by) WHERE claimed_by IS NOT NULL;
 
 CREATE TABLE nvembed_vectorizer_failure (
@@ -432,7 +518,6 @@ CREATE TABLE nvembed_vectorizer_failure (
 );
 
 -- One row per completed batch of the last minute, for rows_per_second.
-
 CREATE TABLE nvembed_vectorizer_batch (
     vectorizer_id integer NOT NULL,
     finished_at timestamptz NOT NULL,
@@ -441,11 +526,8 @@ CREATE TABLE nvembed_vectorizer_batch (
 
 -- pg_dump keeps the vectorizers and their queues (tables created by an extension are
 -- otherwise left out of a dump).
-
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer', '');
-
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer_queue', '');
-
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer_failure', '');
 -- Restored vectorizers keep their ids, so the next one must not be given one of them.
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer_id_seq', '');
@@ -453,7 +535,6 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer_id_se
 -- The primary key of `tbl`, one row per column in key order: the column, its type and the
 -- equality operator of the key's index (schema-qualified: the caller's search_path plays no
 -- part, and the comparison is the one the index answers).
-
 CREATE FUNCTION nvembed_vectorizer_key(tbl regclass)
 RETURNS TABLE (key_position bigint, column_name name, type_name text, equals text)
 LANGUAGE sql STABLE
@@ -475,7 +556,6 @@ $$;
 
 -- Whether the current role may manage vectorizer `id`: it may update the vectorized column.
 -- (A single expression, without SET: the row-level security policies below inline it.)
-
 CREATE FUNCTION nvembed_vectorizer_managed(id integer) RETURNS boolean
 LANGUAGE sql STABLE
 RETURN EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer v
@@ -483,28 +563,20 @@ RETURN EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer v
                  AND pg_catalog.has_column_privilege(v.tbl, v.target_column, 'UPDATE'));
 
 ALTER TABLE nvembed_vectorizer ENABLE ROW LEVEL SECURITY;
-
 ALTER TABLE nvembed_vectorizer_queue ENABLE ROW LEVEL SECURITY;
-
 ALTER TABLE nvembed_vectorizer_failure ENABLE ROW LEVEL SECURITY;
-
 CREATE POLICY read ON nvembed_vectorizer FOR SELECT USING (true);
-
 CREATE POLICY create_own ON nvembed_vectorizer FOR INSERT
     WITH CHECK (owner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER)
                 AND pg_catalog.has_table_privilege(tbl, 'TRIGGER')
                 AND key_columns OPERATOR(pg_catalog.=) ARRAY(SELECT k.column_name FROM @extschema@.nvembed_vectorizer_key(tbl) k
                                                             ORDER BY k.key_position)
                 AND embedded OPERATOR(pg_catalog.=) 0 AND last_error IS NULL);
-
 CREATE POLICY drop_managed ON nvembed_vectorizer FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(id));
-
 CREATE POLICY managed ON nvembed_vectorizer_queue FOR SELECT USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
-
 CREATE POLICY drop_managed ON nvembed_vectorizer_queue FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
 -- Only keys as the triggers write them: one text per key column of the vectorizer, spelled as
 -- text[] spells them. (Only these two columns may be given: INSERT is granted on them alone.)
-
 CREATE POLICY enqueue_managed ON nvembed_vectorizer_queue FOR INSERT
     WITH CHECK (@extschema@.nvembed_vectorizer_managed(vectorizer_id)
                 AND (row_key::text[])::text OPERATOR(pg_catalog.=) row_key
@@ -513,23 +585,16 @@ CREATE POLICY enqueue_managed ON nvembed_vectorizer_queue FOR INSERT
                 AND pg_catalog.cardinality(row_key::text[]) OPERATOR(pg_catalog.=)
                     (SELECT pg_catalog.cardinality(v.key_columns) FROM @extschema@.nvembed_vectorizer v
                      WHERE v.id OPERATOR(pg_catalog.=) vectorizer_id));
-
 CREATE POLICY managed ON nvembed_vectorizer_failure FOR SELECT USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
-
 CREATE POLICY drop_managed ON nvembed_vectorizer_failure FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
-
 GRANT SELECT, INSERT, DELETE ON nvembed_vectorizer TO PUBLIC;
-
 GRANT SELECT, DELETE ON nvembed_vectorizer_queue TO PUBLIC;
-
 GRANT INSERT (vectorizer_id, row_key) ON nvembed_vectorizer_queue TO PUBLIC;
-
 GRANT SELECT, DELETE ON nvembed_vectorizer_failure TO PUBLIC;
 
 -- The key of row `alias` as the text of a text[] (the queue's row_key), from the key columns'
 -- output functions only (format's %s): no cast a role may have defined runs here.
 -- (A loop, not a query: the enqueue trigger calls it for every statement.)
-
 CREATE FUNCTION nvembed_vectorizer_key_text(key_columns name[], alias text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
@@ -547,7 +612,6 @@ $$;
 
 -- The statement that queues the rows of `relation` that have a text and no vector:
 -- the enqueue trigger's for inserted rows, and nvembed_create_vectorizer's for existing ones.
-
 CREATE FUNCTION nvembed_vectorizer_queue_rows(key_columns name[], source_column name, target_column name, relation text)
 RETURNS text
 LANGUAGE sql IMMUTABLE
@@ -558,7 +622,6 @@ RETURN format('INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, 
 
 -- "row `alias` of `tbl` has the key in text[] expression `key`", usable by the key's index.
 -- The vectorizer's key columns must still be the primary key.
-
 CREATE FUNCTION nvembed_vectorizer_key_matches(tbl regclass, key_columns name[], alias text, key text) RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -580,16 +643,61 @@ BEGIN
 END;
 $$;
 
--- The enqueue trigger: FOR EACH STATEMENT with transition tables (one INSERT ... SELECT per
--- statement, so a COPY of many rows costs one queue write, not one call per row). Rows are
--- queued when they need a vector:
+-- The enqueue triggers queue a row when it needs a vector:
 --   INSERT  the target is NULL and the source is not (a COPY of precomputed vectors queues
 --           nothing);
 --   UPDATE  the source changed (byte-for-byte), unless the same statement also set the target
---           to another non-NULL vector; or the target is NULL and the source is not. A row that
---           kept its key and has an entry waiting already gets no other; one whose entry a
---           worker has claimed gets a new one, whatever becomes of the claimed one.
+--           to another non-NULL vector; or the target is NULL and the source is not.
+-- A row that has an entry waiting already gets no other; one whose entry a worker has claimed
+-- gets a new one, whatever becomes of the claimed one. The triggers of vectorizer N:
+--   nvembed_vectorizer_N_insert  AFTER INSERT FOR EACH STATEMENT with a transition table, on the
+--           table and on each partition (statement triggers fire only for statements naming
+--           their table): one INSERT ... SELECT per statement, so a COPY of many rows costs one
+--           queue write, not one call per row;
+--   nvembed_vectorizer_N_update  AFTER UPDATE FOR EACH ROW, its WHEN clause the rule above (a
+--           row that needs nothing costs no call): only a row trigger pairs each row with its
+--           own old version (a statement that changes keys cannot be paired by key: a row moved
+--           onto a key another row held would be compared with that other row). Fires ALWAYS,
+--           so also in logical replication's apply worker. On the table only; PostgreSQL
+--           clones it to every partition;
+--   nvembed_vectorizer_N_rekey   AFTER UPDATE FOR EACH ROW WHEN the key changed: a row that needs
+--           nothing by the rule above is queued under its new key if its old key has an entry
+--           (its pending work would look for it at the old key). ALWAYS, cloned like _update;
+--   nvembed_vectorizer_N_moved   AFTER UPDATE FOR EACH STATEMENT, on a partitioned table and
+--           its partitioned partitions: a row moved to another partition fires no row UPDATE
+--           trigger (it is deleted and inserted), and its key changed with it (a primary key
+--           includes the partition key). Every new row whose key no old row had is queued, and
+--           every one whose text differs from the old row's with its key (rows that swapped
+--           partitions; on a partitioned table an UPDATE that sets both the text and the vector
+--           is so embedded again);
+--   nvembed_vectorizer_N_replica_insert  AFTER INSERT FOR EACH ROW, fired only in replica mode
+--           (session_replication_role = replica: the apply worker of a subscription), where
+--           statement triggers never fire. On the table only, cloned to the partitions.
 
+-- Whether table `rel` has a column named `column_name`.
+CREATE FUNCTION nvembed_vectorizer_has_column(rel oid, column_name name) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+               WHERE a.attrelid OPERATOR(pg_catalog.=) rel AND a.attname OPERATOR(pg_catalog.=) column_name
+                 AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped);
+
+-- Whether the triggers of vectorizer `v`, firing on relation `rel`, are to queue its rows: `rel`
+-- is the vectorized table or one of its partitions (not one detached since, nor another table a
+-- trigger was made for by hand: the triggers are SECURITY DEFINER), and every column the
+-- vectorizer names is still there (a rename that was not followed must never make the table
+-- unwritable; the status view reports it).
+CREATE FUNCTION nvembed_vectorizer_applies(v @extschema@.nvembed_vectorizer, rel oid) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT (v.tbl = rel OR v.tbl IN (SELECT a.relid FROM pg_partition_ancestors(rel) AS a(relid)))
+       AND NOT EXISTS (SELECT 1 FROM unnest(v.key_columns || ARRAY[v.source_column, v.target_column]) AS c(name)
+                       WHERE NOT @extschema@.nvembed_vectorizer_has_column(rel, c.name))
+$$;
+
+-- The statement triggers: INSERT queues the inserted rows that need a vector; UPDATE (on a
+-- partitioned table) the rows moved between partitions (see _moved above).
 CREATE FUNCTION nvembed_vectorizer_enqueue() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -603,59 +711,144 @@ DECLARE
     v @extschema@.nvembed_vectorizer;
 BEGIN
     SELECT * INTO v FROM @extschema@.nvembed_vectorizer WHERE id = TG_ARGV[0]::integer;
-    IF NOT FOUND THEN
-        RETURN NULL; -- dropped by a concurrent nvembed_drop_vectorizer
-    END IF;
-    -- Not a table of the vectorizer (any more): a partition detached since, or a trigger made by
-    -- hand for another table (SECURITY DEFINER: it must not enqueue keys for another table).
-    IF v.tbl <> TG_RELID AND NOT v.tbl IN (SELECT r FROM pg_partition_ancestors(TG_RELID) AS a(r)) THEN
+    -- Not found: dropped by a concurrent nvembed_drop_vectorizer.
+    IF NOT FOUND OR NOT @extschema@.nvembed_vectorizer_applies(v, TG_RELID) THEN
         RETURN NULL;
     END IF;
     IF TG_OP = 'INSERT' THEN
         EXECUTE @extschema@.nvembed_vectorizer_queue_rows(v.key_columns, v.source_column, v.target_column, 'nvembed_new_rows')
             USING v.id;
     ELSE
-        -- o.nvembed_key IS NULL: no old row has the new row's key (the statement changed it).
         EXECUTE format(
             'INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
-             SELECT $1, n.nvembed_key
+             SELECT DISTINCT $1, n.nvembed_key
              FROM (SELECT %1$s AS nvembed_key, n.* FROM nvembed_new_rows n) n
-             LEFT JOIN (SELECT %2$s AS nvembed_key, o.* FROM nvembed_old_rows o) o ON o.nvembed_key = n.nvembed_key
-             WHERE ((n.%3$I IS NULL AND n.%4$I IS NOT NULL)
-                    OR ((o.nvembed_key IS NULL OR NOT (ROW(n.%4$I)::record *= ROW(o.%4$I)::record))
-                        AND NOT (o.nvembed_key IS NOT NULL AND NOT (ROW(n.%3$I)::record *= ROW(o.%3$I)::record)
-                                 AND n.%3$I IS NOT NULL)))
-               AND (o.nvembed_key IS NULL
-                    OR NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
-                                   WHERE q.vectorizer_id = $1 AND q.row_key = n.nvembed_key AND q.claimed_by IS NULL))',
+             WHERE NOT EXISTS (SELECT 1 FROM (SELECT %2$s AS nvembed_key, o.* FROM nvembed_old_rows o) o
+                               WHERE o.nvembed_key = n.nvembed_key AND ROW(o.%3$I)::record *= ROW(n.%3$I)::record)
+               AND NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
+                               WHERE q.vectorizer_id = $1 AND q.row_key = n.nvembed_key AND q.claimed_by IS NULL)',
             @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'n'), @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'o'),
-            v.target_column, v.source_column)
+            v.source_column)
             USING v.id;
     END IF;
     RETURN NULL;
 END;
 $$;
 
--- The triggers of vectorizer `id` on `rel`.
+-- The row triggers: queue row NEW (their WHEN clause has decided that it needs a vector).
+CREATE FUNCTION nvembed_vectorizer_enqueue_row() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+-- The key settings of nvembed_vectorizer_enqueue.
+SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET bytea_output = 'hex'
+AS $$
+DECLARE
+    v @extschema@.nvembed_vectorizer;
+    old_key text;
+    new_key text;
+BEGIN
+    SELECT * INTO v FROM @extschema@.nvembed_vectorizer WHERE id = TG_ARGV[0]::integer;
+    IF NOT FOUND OR NOT @extschema@.nvembed_vectorizer_applies(v, TG_RELID) THEN
+        RETURN NULL;
+    END IF;
+    -- A row whose key changed and needs nothing by the rule above may still have work pending
+    -- under its old key (a text changed just before, not embedded yet): that entry would find
+    -- another row or none at its key, so the row is queued under its new one.
+    IF TG_NARGS > 1 AND TG_ARGV[1] = 'rekey' THEN
+        EXECUTE 'SELECT ' || @extschema@.nvembed_vectorizer_key_text(v.key_columns, '($1)') INTO old_key USING OLD;
+        IF NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q WHERE q.vectorizer_id = v.id AND q.row_key = old_key) THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    EXECUTE 'SELECT ' || @extschema@.nvembed_vectorizer_key_text(v.key_columns, '($1)') INTO new_key USING NEW;
+    INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
+    SELECT v.id, new_key
+    WHERE NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
+                      WHERE q.vectorizer_id = v.id AND q.row_key = new_key AND q.claimed_by IS NULL);
+    RETURN NULL;
+END;
+$$;
 
+-- The triggers of vectorizer `id` on `rel`: the vectorized table itself, or one of its
+-- partitions (which get the statement triggers only; the row triggers are cloned to them).
 CREATE FUNCTION nvembed_vectorizer_create_triggers(id integer, rel regclass) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v @extschema@.nvembed_vectorizer;
+    -- The update rule above, on OLD and NEW (byte-for-byte image comparison: no equality
+    -- operator of the column types needed, and "changed" means any change).
+    needs_vector text;
 BEGIN
+    SELECT * INTO STRICT v FROM @extschema@.nvembed_vectorizer x WHERE x.id = $1;
+    -- Made already: creating the table's triggers (their ALTER TABLE ... ENABLE) runs the event
+    -- trigger below, which gives the partitions theirs.
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = rel AND t.tgname = format('nvembed_vectorizer_%s_insert', id)) THEN
+        RETURN;
+    END IF;
     EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS nvembed_new_rows
                     FOR EACH STATEMENT EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue(%s)',
                    format('nvembed_vectorizer_%s_insert', id), rel, id);
-    EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS nvembed_old_rows NEW TABLE AS nvembed_new_rows
-                    FOR EACH STATEMENT EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue(%s)',
-                   format('nvembed_vectorizer_%s_update', id), rel, id);
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = rel) = 'p' THEN
+        EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS nvembed_old_rows NEW TABLE AS nvembed_new_rows
+                        FOR EACH STATEMENT EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue(%s)',
+                       format('nvembed_vectorizer_%s_moved', id), rel, id);
+    END IF;
+    IF rel = v.tbl THEN
+        needs_vector := format(
+            '(NEW.%1$I IS NULL AND NEW.%2$I IS NOT NULL)
+             OR (NOT (ROW(NEW.%2$I)::record OPERATOR(pg_catalog.*=) ROW(OLD.%2$I)::record)
+                 AND (NEW.%1$I IS NULL OR ROW(NEW.%1$I)::record OPERATOR(pg_catalog.*=) ROW(OLD.%1$I)::record))',
+            v.target_column, v.source_column);
+        EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s FOR EACH ROW WHEN (%s)
+                        EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue_row(%s)',
+                       format('nvembed_vectorizer_%s_update', id), rel, needs_vector, id);
+        EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s FOR EACH ROW WHEN (NOT (ROW(%s)::record OPERATOR(pg_catalog.*=) ROW(%s)::record))
+                        EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue_row(%s, ''rekey'')',
+                       format('nvembed_vectorizer_%s_rekey', id), rel,
+                       (SELECT string_agg(format('NEW.%I', k), ', ') FROM unnest(v.key_columns) AS k),
+                       (SELECT string_agg(format('OLD.%I', k), ', ') FROM unnest(v.key_columns) AS k), id);
+        EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s FOR EACH ROW WHEN (NEW.%I IS NULL AND NEW.%I IS NOT NULL)
+                        EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue_row(%s)',
+                       format('nvembed_vectorizer_%s_replica_insert', id), rel, v.target_column, v.source_column, id);
+        PERFORM @extschema@.nvembed_vectorizer_set_firing(id);
+    END IF;
+END;
+$$;
+
+-- When the row triggers of vectorizer `id` fire: the update and rekey triggers ALWAYS, the
+-- replica insert trigger only in replica mode, on the table and on every partition. (SECURITY
+-- DEFINER: only the table's owner may change when a trigger fires, and a role with TRIGGER
+-- privilege may create a vectorizer. It changes nothing but the firing of a vectorizer's row
+-- triggers.)
+CREATE FUNCTION nvembed_vectorizer_set_firing(id integer) RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN
+        SELECT g.tgrelid::regclass AS rel, g.tgname, CASE WHEN g.tgname LIKE '%\_replica\_insert' THEN 'REPLICA' ELSE 'ALWAYS' END AS firing
+        FROM @extschema@.nvembed_vectorizer v
+        JOIN pg_trigger g ON g.tgrelid IN (SELECT p.relid FROM pg_partition_tree(v.tbl) p UNION SELECT v.tbl)
+        WHERE v.id = $1
+          AND g.tgname IN (format('nvembed_vectorizer_%s_update', v.id), format('nvembed_vectorizer_%s_rekey', v.id),
+                           format('nvembed_vectorizer_%s_replica_insert', v.id))
+          AND g.tgfoid = '@extschema@.nvembed_vectorizer_enqueue_row()'::regprocedure
+    LOOP
+        EXECUTE format('ALTER TABLE %s ENABLE %s TRIGGER %I', t.rel, t.firing, t.tgname);
+    END LOOP;
 END;
 $$;
 
 -- Creates a vectorizer: `target_column` of `tbl` will hold the embedding of `source_column`
 -- ('passage', or 'query' with the session's nvembed.query_instruction), kept up to date by the
 -- vectorizer workers. Queues every row that has a text and no vector. Returns the id.
-
 CREATE FUNCTION nvembed_create_vectorizer(tbl regclass, source_column text, target_column text,
                                           kind text DEFAULT 'passage') RETURNS integer
 LANGUAGE plpgsql
@@ -683,6 +876,15 @@ BEGIN
     IF relkind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = 'wrong_object_type',
             HINT = 'A vectorizer fills a column of a table or of a partitioned table.';
+    END IF;
+    IF (SELECT c.relispartition FROM pg_class c WHERE c.oid = tbl) THEN
+        RAISE EXCEPTION '% is a partition of %', tbl, pg_partition_root(tbl) USING ERRCODE = 'wrong_object_type',
+            HINT = format('Create the vectorizer on the partitioned table %s: it covers every partition, and the rows written through it.',
+                          pg_partition_root(tbl));
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = tbl AND NOT c.relispartition) THEN
+        RAISE EXCEPTION '% has inheritance children', tbl USING ERRCODE = 'wrong_object_type',
+            HINT = 'A vectorizer fills the rows of one table: create one on each table of the hierarchy, or partition the table (a vectorizer on a partitioned table covers every partition).';
     END IF;
     SELECT string_agg(quote_ident(c), ', ') INTO missing
     FROM unnest(ARRAY[source_column, target_column]) AS c
@@ -745,7 +947,6 @@ $$;
 
 -- Removes vectorizers `ids` with their queues and failures (their triggers are the caller's
 -- business).
-
 CREATE FUNCTION nvembed_vectorizer_forget(ids integer[]) RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
@@ -755,16 +956,34 @@ BEGIN ATOMIC
     DELETE FROM @extschema@.nvembed_vectorizer v WHERE v.id = ANY (ids);
 END;
 
+-- Drops the triggers of vectorizer `id` on `tbl` and its partitions.
+CREATE FUNCTION nvembed_vectorizer_drop_triggers(id integer, tbl regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    part regclass;
+BEGIN
+    -- The row triggers on the table first: their clones on the partitions go with them (and
+    -- cannot be dropped by themselves).
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_update', id), tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_rekey', id), tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_replica_insert', id), tbl);
+    FOR part IN SELECT tbl UNION SELECT relid FROM pg_partition_tree(tbl) LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_insert', id), part);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_moved', id), part);
+    END LOOP;
+END;
+$$;
+
 -- Removes the vectorizer of `target_column` of `tbl`: its triggers, queue and failures. The
 -- vectors already written stay.
-
 CREATE FUNCTION nvembed_drop_vectorizer(tbl regclass, target_column text) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_id integer;
-    part regclass;
 BEGIN
     SELECT v.id INTO v_id FROM @extschema@.nvembed_vectorizer v WHERE v.tbl = $1 AND v.target_column = $2;
     IF NOT FOUND THEN
@@ -776,17 +995,13 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Only a role that may update the column may drop its vectorizer.';
     END IF;
-    FOR part IN SELECT tbl UNION SELECT relid FROM pg_partition_tree(tbl) LOOP
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_insert', v_id), part);
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_update', v_id), part);
-    END LOOP;
+    PERFORM @extschema@.nvembed_vectorizer_drop_triggers(v_id, tbl);
     PERFORM @extschema@.nvembed_vectorizer_forget(ARRAY[v_id]);
 END;
 $$;
 
 -- Queues the failed rows of the vectorizer of `target_column` of `tbl` again, with fresh
 -- attempts. Returns how many.
-
 CREATE FUNCTION nvembed_vectorizer_retry(tbl regclass, target_column text) RETURNS bigint
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
@@ -800,7 +1015,6 @@ BEGIN ATOMIC
 END;
 
 -- A vectorizer goes with its table, or with its source or target column.
-
 CREATE FUNCTION nvembed_vectorizer_on_drop() RETURNS event_trigger
 LANGUAGE plpgsql
 -- The dropping role may not be the one that manages the vectorizer.
@@ -809,12 +1023,20 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     gone integer[];
+    column_gone record;
 BEGIN
     SELECT array_agg(v.id) INTO gone
     FROM @extschema@.nvembed_vectorizer v
     JOIN pg_event_trigger_dropped_objects() d ON d.classid = 'pg_class'::regclass AND d.objid = v.tbl
     WHERE d.objsubid = 0 OR d.address_names[3] IN (v.source_column, v.target_column);
     IF gone IS NOT NULL THEN
+        -- A dropped column leaves the table with the vectorizer's other triggers.
+        FOR column_gone IN
+            SELECT v.id, v.tbl FROM @extschema@.nvembed_vectorizer v
+            WHERE v.id = ANY (gone) AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = v.tbl)
+        LOOP
+            PERFORM @extschema@.nvembed_vectorizer_drop_triggers(column_gone.id, column_gone.tbl);
+        END LOOP;
         PERFORM @extschema@.nvembed_vectorizer_forget(gone);
     END IF;
 END;
@@ -822,19 +1044,60 @@ $$;
 
 CREATE EVENT TRIGGER nvembed_vectorizer_on_drop ON sql_drop EXECUTE FUNCTION nvembed_vectorizer_on_drop();
 
--- A partition created in, or attached to, a vectorized table gets the vectorizer's triggers, for
--- statements that name it directly (those naming an ancestor fire the ancestor's). CREATE TABLE
--- ... PARTITION OF names the partition; ALTER TABLE ... ATTACH PARTITION names the parent.
-
-CREATE FUNCTION nvembed_vectorizer_on_partition() RETURNS event_trigger
+-- After CREATE TABLE and ALTER TABLE:
+--   * a partition created in, or attached to, a vectorized table gets the vectorizer's statement
+--     triggers, for statements that name it directly (those naming an ancestor fire the
+--     ancestor's; the row triggers are cloned by PostgreSQL). CREATE TABLE ... PARTITION OF
+--     names the partition; ALTER TABLE ... ATTACH PARTITION names the parent;
+--   * a vectorized table may not become a partition or get inheritance children (the
+--     vectorizer would miss rows written to them; nvembed_create_vectorizer refuses the same);
+--   * a renamed source, target or key column is followed: a RENAME COLUMN renames one column,
+--     so the one name of a vectorizer of the table that no longer exists is the renamed one.
+CREATE FUNCTION nvembed_vectorizer_on_alter() RETURNS event_trigger
 LANGUAGE plpgsql
--- The triggers are the vectorizer's, whoever adds the partition.
+-- The triggers are the vectorizer's, whoever adds the partition or renames the column.
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     missing record;
+    offending record;
+    renamed record;
 BEGIN
+    SELECT v.tbl, c.relispartition INTO offending
+    FROM pg_event_trigger_ddl_commands() d
+    JOIN @extschema@.nvembed_vectorizer v
+      ON v.tbl = d.objid
+         OR v.tbl IN (SELECT i.inhparent FROM pg_inherits i WHERE i.inhrelid = d.objid)
+         OR v.tbl IN (SELECT i.inhrelid FROM pg_inherits i WHERE i.inhparent = d.objid)
+    JOIN pg_class c ON c.oid = v.tbl
+    WHERE d.classid = 'pg_class'::regclass
+      AND (c.relispartition
+           OR EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class k ON k.oid = i.inhrelid
+                      WHERE i.inhparent = v.tbl AND NOT k.relispartition))
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION '% has a vectorizer: it cannot %', offending.tbl,
+            CASE WHEN offending.relispartition THEN 'become a partition' ELSE 'have inheritance children' END
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Drop the vectorizer first: SELECT nvembed_drop_vectorizer(%L, ...).', offending.tbl);
+    END IF;
+    FOR renamed IN
+        SELECT d.objid AS rel, a.attname AS new_name
+        FROM pg_event_trigger_ddl_commands() d
+        JOIN pg_attribute a ON a.attrelid = d.objid AND a.attnum = d.objsubid
+        WHERE d.classid = 'pg_class'::regclass AND d.objsubid > 0 AND d.object_type = 'table column'
+    LOOP
+        UPDATE @extschema@.nvembed_vectorizer v
+        SET source_column = CASE WHEN @extschema@.nvembed_vectorizer_has_column(v.tbl, v.source_column)
+                                 THEN v.source_column ELSE renamed.new_name END,
+            target_column = CASE WHEN @extschema@.nvembed_vectorizer_has_column(v.tbl, v.target_column)
+                                 THEN v.target_column ELSE renamed.new_name END,
+            key_columns = ARRAY(SELECT CASE WHEN @extschema@.nvembed_vectorizer_has_column(v.tbl, k.name)
+                                            THEN k.name ELSE renamed.new_name END
+                                FROM unnest(v.key_columns) WITH ORDINALITY AS k(name, n) ORDER BY k.n)
+        WHERE v.tbl = renamed.rel;
+    END LOOP;
     FOR missing IN
         SELECT DISTINCT v.id, p.relid::regclass AS part
         FROM pg_event_trigger_ddl_commands() c
@@ -851,15 +1114,15 @@ BEGIN
                       WHERE t.tgrelid = v.tbl AND t.tgname = format('nvembed_vectorizer_%s_insert', v.id))
     LOOP
         PERFORM @extschema@.nvembed_vectorizer_create_triggers(missing.id, missing.part);
+        PERFORM @extschema@.nvembed_vectorizer_set_firing(missing.id);
     END LOOP;
 END;
 $$;
 
-CREATE EVENT TRIGGER nvembed_vectorizer_on_partition ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
-    EXECUTE FUNCTION nvembed_vectorizer_on_partition();
+CREATE EVENT TRIGGER nvembed_vectorizer_on_alter ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION nvembed_vectorizer_on_alter();
 
 -- The pids of the vectorizer workers of this database that are running.
-
 CREATE FUNCTION nvembed_vectorizer_workers() RETURNS SETOF integer
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -868,9 +1131,41 @@ AS $$
     WHERE a.backend_type = 'nvembed vectorizer' AND a.datname = current_database()
 $$;
 
+-- Whether row-level security filters what the calling role reads of table `tbl` (false for a
+-- table that is gone).
+CREATE FUNCTION nvembed_vectorizer_rls_active(tbl oid) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+RETURN CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) tbl)
+            THEN pg_catalog.row_security_active(tbl) ELSE false END;
+
+-- Whether the calling role sees the row with key `row_key` of vectorizer `vectorizer_id`'s table:
+-- the views show the queued and failed rows of a table with row-level security only as far as
+-- its policies show the rows themselves (their keys and errors may be another tenant's). Runs as
+-- the caller, the table's policies applied; false for a key that cannot be matched any more.
+CREATE FUNCTION nvembed_vectorizer_row_visible(vectorizer_id integer, row_key text) RETURNS boolean
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+-- The key settings of nvembed_vectorizer_enqueue.
+SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET bytea_output = 'hex'
+AS $$
+DECLARE
+    v @extschema@.nvembed_vectorizer;
+    visible boolean;
+BEGIN
+    SELECT * INTO v FROM @extschema@.nvembed_vectorizer WHERE id = $1;
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s t WHERE %s)', v.tbl,
+                   @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 't', '$1'))
+        INTO visible USING row_key::text[];
+    RETURN visible;
+EXCEPTION WHEN OTHERS THEN
+    RETURN false;
+END;
+$$;
+
 CREATE VIEW nvembed_vectorizer_status AS
 WITH workers AS (SELECT pid FROM @extschema@.nvembed_vectorizer_workers() AS w(pid))
-
 SELECT v.id, v.tbl, v.source_column, v.target_column, v.kind, v.owner,
        coalesce(q.pending, 0) AS pending,
        coalesce(q.in_progress, 0) AS in_progress,
@@ -883,22 +1178,33 @@ SELECT v.id, v.tbl, v.source_column, v.target_column, v.kind, v.owner,
            / 60 AS rows_per_second,
        pg_catalog.now() - q.oldest_pending AS oldest_pending_age
 FROM @extschema@.nvembed_vectorizer v
+-- Under row-level security only the entries of rows the role sees count.
+CROSS JOIN LATERAL (SELECT @extschema@.nvembed_vectorizer_rls_active(v.tbl) AS active) rls
 LEFT JOIN LATERAL (
     -- Rows, not entries (a row may have several).
     SELECT count(DISTINCT row_key) FILTER (WHERE NOT claimed) AS pending,
            count(DISTINCT row_key) FILTER (WHERE claimed) AS in_progress,
            min(queued_at) FILTER (WHERE NOT claimed) AS oldest_pending
     FROM (SELECT q.row_key, q.queued_at, coalesce(q.claimed_by IN (SELECT pid FROM workers), false) AS claimed
-          FROM @extschema@.nvembed_vectorizer_queue q WHERE q.vectorizer_id = v.id) AS entries
+          FROM @extschema@.nvembed_vectorizer_queue q
+          WHERE q.vectorizer_id = v.id AND (NOT rls.active OR @extschema@.nvembed_vectorizer_row_visible(v.id, q.row_key))) AS entries
 ) q ON true
-LEFT JOIN LATERAL (SELECT count(*) AS failed FROM @extschema@.nvembed_vectorizer_failure f WHERE f.vectorizer_id = v.id) f ON true
+LEFT JOIN LATERAL (SELECT count(*) AS failed FROM @extschema@.nvembed_vectorizer_failure f
+                   WHERE f.vectorizer_id = v.id AND (NOT rls.active OR @extschema@.nvembed_vectorizer_row_visible(v.id, f.row_key))) f ON true
 LEFT JOIN LATERAL (
     SELECT errors.message AS last_error, errors.at AS last_error_at
     FROM (SELECT v.last_error, v.last_error_at
+          -- A column renamed while the rename could not be followed, or dropped from a partition.
+          UNION ALL SELECT pg_catalog.format('column %s of %s does not exist any more: the vectorizer queues no rows; drop it and create it again',
+                                             pg_catalog.quote_ident(c.name), v.tbl), pg_catalog.now()
+                    FROM pg_catalog.unnest(v.key_columns || ARRAY[v.source_column, v.target_column]) AS c(name)
+                    WHERE NOT @extschema@.nvembed_vectorizer_has_column(v.tbl, c.name)
           UNION ALL SELECT q.last_error, q.last_attempt_at FROM @extschema@.nvembed_vectorizer_queue q
                     WHERE q.vectorizer_id = v.id AND q.last_error IS NOT NULL
+                      AND (NOT rls.active OR @extschema@.nvembed_vectorizer_row_visible(v.id, q.row_key))
           UNION ALL SELECT f.last_error, f.last_attempt_at FROM @extschema@.nvembed_vectorizer_failure f
-                    WHERE f.vectorizer_id = v.id) AS errors(message, at)
+                    WHERE f.vectorizer_id = v.id
+                      AND (NOT rls.active OR @extschema@.nvembed_vectorizer_row_visible(v.id, f.row_key))) AS errors(message, at)
     WHERE errors.message IS NOT NULL
     ORDER BY errors.at DESC LIMIT 1
 ) e ON true
@@ -907,12 +1213,13 @@ WHERE CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid OPERATOR
            THEN pg_catalog.has_table_privilege(v.tbl, 'SELECT') END;
 
 CREATE VIEW nvembed_vectorizer_failures AS
-
 SELECT v.tbl, v.target_column, f.row_key::text[] AS row_key, f.attempts, f.last_error, f.last_attempt_at
 FROM @extschema@.nvembed_vectorizer_failure f
 JOIN @extschema@.nvembed_vectorizer v ON v.id = f.vectorizer_id
 WHERE CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) v.tbl)
-           THEN pg_catalog.has_table_privilege(v.tbl, 'SELECT') END;
+           THEN pg_catalog.has_table_privilege(v.tbl, 'SELECT') END
+  -- Under row-level security, only the failures of rows the role sees.
+  AND (NOT @extschema@.nvembed_vectorizer_rls_active(v.tbl) OR @extschema@.nvembed_vectorizer_row_visible(v.id, f.row_key));
 
 GRANT SELECT ON nvembed_vectorizer_status, nvembed_vectorizer_failures TO PUBLIC;
 
@@ -922,7 +1229,6 @@ GRANT SELECT ON nvembed_vectorizer_status, nvembed_vectorizer_failures TO PUBLIC
 -- as the vectorizer's owner (the worker switches to it around them).
 
 -- The keys of a two-dimensional key array, one text[] each, numbered from 1.
-
 CREATE FUNCTION nvembed_vectorizer_key_rows(keys text[]) RETURNS TABLE (key text[], n bigint)
 LANGUAGE sql IMMUTABLE STRICT
 SET search_path = pg_catalog, pg_temp
@@ -935,7 +1241,6 @@ $$;
 -- worker, and every other waiting entry of the same rows (a row is embedded once per claim).
 -- Returns NULLs when nothing is due. `row_keys` is a two-dimensional text[] in its text form,
 -- one key per row, to be handed back unchanged.
-
 CREATE FUNCTION nvembed_vectorizer_claim(max_rows integer,
     OUT vectorizer_id integer, OUT owner oid, OUT instruction text, OUT max_length integer, OUT row_keys text)
 LANGUAGE plpgsql
@@ -998,9 +1303,10 @@ $$;
 
 -- Run as the vectorizer's owner: the texts (UTF-8, whatever the database encoding) of the rows
 -- with keys `row_keys`, NULL for a row that is gone (or hidden from the owner) or has no text;
--- or why they cannot be read.
-
-CREATE FUNCTION nvembed_vectorizer_read(vectorizer_id integer, row_keys text, OUT texts bytea[], OUT error text)
+-- errors[i] says why row i could not be read (NULL when it could). One row that cannot be read
+-- (an invalid byte in an SQL_ASCII database, a source column whose conversion to text fails)
+-- fails alone: when the batch's read fails, its rows are read one by one.
+CREATE FUNCTION nvembed_vectorizer_read(vectorizer_id integer, row_keys text, OUT texts bytea[], OUT errors text[])
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 -- The key settings of nvembed_vectorizer_enqueue.
@@ -1009,16 +1315,36 @@ SET bytea_output = 'hex'
 AS $$
 DECLARE
     v @extschema@.nvembed_vectorizer;
+    keys text[] := row_keys::text[];
+    read text;
+    one_text bytea[];
 BEGIN
     SELECT * INTO STRICT v FROM @extschema@.nvembed_vectorizer WHERE id = $1;
-    EXECUTE format('SELECT array_agg(convert_to(t.%I::text, ''UTF8'') ORDER BY k.n)
-                    FROM @extschema@.nvembed_vectorizer_key_rows($1) AS k(key, n)
-                    LEFT JOIN %s t ON %s',
-                   v.source_column, v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 't', 'k.key'))
-        INTO texts USING row_keys::text[];
-EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
-    texts := NULL;
-    error := format('reading %s as %s: %s', v.tbl, current_user, SQLERRM);
+    errors := array_fill(NULL::text, ARRAY[array_length(keys, 1)]);
+    BEGIN
+        read := format('SELECT array_agg(convert_to(t.%I::text, ''UTF8'') ORDER BY k.n)
+                        FROM @extschema@.nvembed_vectorizer_key_rows($1) AS k(key, n)
+                        LEFT JOIN %s t ON %s',
+                       v.source_column, v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 't', 'k.key'));
+        EXECUTE read INTO texts USING keys;
+        RETURN;
+    EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
+        IF read IS NULL THEN
+            -- The statement itself could not be made (the key changed): no row can be read.
+            errors := array_fill(format('reading %s as %s: %s', v.tbl, current_user, SQLERRM), ARRAY[array_length(keys, 1)]);
+            texts := array_fill(NULL::bytea, ARRAY[array_length(keys, 1)]);
+            RETURN;
+        END IF;
+    END;
+    texts := array_fill(NULL::bytea, ARRAY[array_length(keys, 1)]);
+    FOR n IN 1 .. array_length(keys, 1) LOOP
+        BEGIN
+            EXECUTE read INTO one_text USING keys[n:n][:];
+            texts[n] := one_text[1];
+        EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
+            errors[n] := format('reading %s as %s: %s', v.tbl, current_user, SQLERRM);
+        END;
+    END LOOP;
 END;
 $$;
 
@@ -1031,7 +1357,6 @@ $$;
 -- (another session holds it: skipped, never waited for), 'failed' (the model's error), or why
 -- it was not written (its write failed, or the UPDATE left it alone). A failing batch write is retried row by row, so one row's failure (a
 -- constraint, the table's own trigger, a missing privilege) never fails the others.
-
 CREATE FUNCTION nvembed_vectorizer_write(vectorizer_id integer, row_keys text, texts bytea[], vectors real[],
                                          dimension integer, errors text[])
 RETURNS text[]
@@ -1124,7 +1449,6 @@ $$;
 -- An attempt failed for each of the worker's entries of the rows with keys `row_keys` (errors[i]
 -- for key i): back off (1 s, doubling, at most 10 min) or, after
 -- nvembed.vectorizer_max_attempts, move them to the failures.
-
 CREATE FUNCTION nvembed_vectorizer_fail(vectorizer_id integer, row_keys text, errors text[]) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -1153,7 +1477,6 @@ $$;
 
 -- The batch could not be embedded for a reason that is no text's fault (model server
 -- unreachable, model not loadable): the entries wait for the next claim, attempts unchanged.
-
 CREATE FUNCTION nvembed_vectorizer_release(vectorizer_id integer, row_keys text, error text) RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
@@ -1171,7 +1494,6 @@ END;
 --   locked: queued again, due in a second, attempts unchanged;
 --   anything else: a failed attempt with that reason.
 -- Returns how many vectors were written.
-
 CREATE FUNCTION nvembed_vectorizer_settle(vectorizer_id integer, row_keys text, texts bytea[], outcome text[], errors text[])
 RETURNS integer
 LANGUAGE plpgsql

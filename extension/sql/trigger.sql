@@ -7,9 +7,11 @@
 --   UPDATE  the source changed: re-embed, unless the same statement also set the target to
 --           another non-NULL vector (writing back the old vector, as ORMs do, or NULL re-embeds);
 --           the source is unchanged: a NULL target is filled, any other target is kept.
--- A NULL source gives a NULL embedding. Only the two named columns are read, and only the
--- target is written: the row is never converted as a whole (a 4096-float vector is ~50 KB of
--- text). The target may be vector(N), halfvec(N) or real[]: the value is assigned through the
+-- A NULL source gives a NULL embedding. A generated source column is refused (it is computed
+-- after BEFORE triggers; a vectorizer embeds it). This must be the last BEFORE trigger to fire
+-- (they fire in name order): a warning names any that fires after it. Only the two named columns
+-- are read, and only the target is written: the row is never converted as a whole (a 4096-float
+-- vector is ~50 KB of text). The target may be vector(N), halfvec(N) or real[]: the value is assigned through the
 -- column type's own input, exactly as an INSERT of the array would be.
 CREATE FUNCTION nvembed_embed_trigger() RETURNS trigger
 LANGUAGE plpgsql
@@ -31,6 +33,7 @@ DECLARE
     -- it, fetching its out-of-line (TOASTed) values into it, and a NEW flattened that way would
     -- make the UPDATE store its unchanged long values (the vector, the text) again.
     new_row record;
+    later_trigger name;
 BEGIN
     IF TG_WHEN <> 'BEFORE' OR TG_LEVEL <> 'ROW' OR TG_OP NOT IN ('INSERT', 'UPDATE') THEN
         RAISE EXCEPTION 'nvembed_embed_trigger must be a BEFORE INSERT OR UPDATE ... FOR EACH ROW trigger'
@@ -48,6 +51,28 @@ BEGIN
                       HINT = 'Check the column names given to nvembed_embed_trigger in the trigger definition.';
         END IF;
     END LOOP;
+    -- A generated column is computed after the BEFORE triggers: here it is still NULL, so its
+    -- row would get no vector, and an UPDATE would see the text "changed" to NULL.
+    IF EXISTS (SELECT 1 FROM pg_attribute
+               WHERE attrelid = TG_RELID AND attname = source_column AND attgenerated <> '') THEN
+        RAISE EXCEPTION 'nvembed_embed_trigger cannot embed generated column "%" of %.%: a BEFORE trigger runs before it is computed',
+                source_column, TG_TABLE_SCHEMA, TG_TABLE_NAME
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = format('Drop the trigger and use a vectorizer, which embeds the stored value: SELECT nvembed_create_vectorizer(%L, %L, %L);',
+                                format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), source_column, target_column);
+    END IF;
+    -- BEFORE triggers fire in name order: one that sorts after this one may still change the
+    -- text that was embedded here, leaving a vector of a text the row does not have.
+    later_trigger := (SELECT min(t.tgname COLLATE "C") FROM pg_trigger t
+                      WHERE t.tgrelid = TG_RELID AND t.tgname > TG_NAME COLLATE "C" AND t.tgenabled <> 'D' AND NOT t.tgisinternal
+                        AND t.tgtype & (1 | 2) = (1 | 2) -- ROW, BEFORE
+                        AND t.tgtype & CASE TG_OP WHEN 'INSERT' THEN 4 ELSE 16 END <> 0);
+    IF later_trigger IS NOT NULL THEN
+        RAISE WARNING 'trigger "%" on %.% fires after nvembed''s trigger "%": a change it makes to "%" is not embedded',
+                later_trigger, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_NAME, source_column
+            USING HINT = format('BEFORE triggers fire in name order: rename nvembed''s so that it fires last, e.g. ALTER TRIGGER %I ON %I.%I RENAME TO %I;',
+                                TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME, 'zz_' || TG_NAME);
+    END IF;
     new_row := NEW;
     IF TG_OP = 'INSERT' THEN
         EXECUTE format('SELECT ($1).%I IS NULL', target_column) INTO target_is_null USING new_row;
@@ -84,3 +109,32 @@ BEGIN
     RETURN jsonb_populate_record(NEW, jsonb_build_object(target_column, to_jsonb(embedding)));
 END;
 $$;
+
+-- CREATE TRIGGER ... nvembed_embed_trigger on a generated source column is refused when it is
+-- made, not at the table's next write (the trigger function refuses it too, as a backstop).
+CREATE FUNCTION nvembed_embed_trigger_on_create() RETURNS event_trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    refused record;
+BEGIN
+    SELECT t.tgname, t.tgrelid::regclass AS rel, a.attname INTO refused
+    FROM pg_event_trigger_ddl_commands() d
+    JOIN pg_trigger t ON d.classid = 'pg_trigger'::regclass AND t.oid = d.objid
+    JOIN pg_attribute a ON a.attrelid = t.tgrelid AND a.attnum > 0 AND NOT a.attisdropped
+                       AND a.attname = (string_to_array(encode(t.tgargs, 'escape'), '\000'))[1]
+    WHERE t.tgfoid = '@extschema@.nvembed_embed_trigger()'::regprocedure AND a.attgenerated <> ''
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'nvembed_embed_trigger cannot embed generated column "%" of %: a BEFORE trigger runs before it is computed',
+                refused.attname, refused.rel
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = format('Use a vectorizer, which embeds the stored value: SELECT nvembed_create_vectorizer(%L, %L, ...);',
+                                refused.rel, refused.attname);
+    END IF;
+END;
+$$;
+
+CREATE EVENT TRIGGER nvembed_embed_trigger_on_create ON ddl_command_end WHEN TAG IN ('CREATE TRIGGER')
+    EXECUTE FUNCTION nvembed_embed_trigger_on_create();

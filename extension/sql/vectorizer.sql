@@ -209,15 +209,61 @@ BEGIN
 END;
 $$;
 
--- The enqueue trigger: FOR EACH STATEMENT with transition tables (one INSERT ... SELECT per
--- statement, so a COPY of many rows costs one queue write, not one call per row). Rows are
--- queued when they need a vector:
+-- The enqueue triggers queue a row when it needs a vector:
 --   INSERT  the target is NULL and the source is not (a COPY of precomputed vectors queues
 --           nothing);
 --   UPDATE  the source changed (byte-for-byte), unless the same statement also set the target
---           to another non-NULL vector; or the target is NULL and the source is not. A row that
---           kept its key and has an entry waiting already gets no other; one whose entry a
---           worker has claimed gets a new one, whatever becomes of the claimed one.
+--           to another non-NULL vector; or the target is NULL and the source is not.
+-- A row that has an entry waiting already gets no other; one whose entry a worker has claimed
+-- gets a new one, whatever becomes of the claimed one. The triggers of vectorizer N:
+--   nvembed_vectorizer_N_insert  AFTER INSERT FOR EACH STATEMENT with a transition table, on the
+--           table and on each partition (statement triggers fire only for statements naming
+--           their table): one INSERT ... SELECT per statement, so a COPY of many rows costs one
+--           queue write, not one call per row;
+--   nvembed_vectorizer_N_update  AFTER UPDATE FOR EACH ROW, its WHEN clause the rule above (a
+--           row that needs nothing costs no call): only a row trigger pairs each row with its
+--           own old version (a statement that changes keys cannot be paired by key: a row moved
+--           onto a key another row held would be compared with that other row). Fires ALWAYS,
+--           so also in logical replication's apply worker. On the table only; PostgreSQL
+--           clones it to every partition;
+--   nvembed_vectorizer_N_rekey   AFTER UPDATE FOR EACH ROW WHEN the key changed: a row that needs
+--           nothing by the rule above is queued under its new key if its old key has an entry
+--           (its pending work would look for it at the old key). ALWAYS, cloned like _update;
+--   nvembed_vectorizer_N_moved   AFTER UPDATE FOR EACH STATEMENT, on a partitioned table and
+--           its partitioned partitions: a row moved to another partition fires no row UPDATE
+--           trigger (it is deleted and inserted), and its key changed with it (a primary key
+--           includes the partition key). Every new row whose key no old row had is queued, and
+--           every one whose text differs from the old row's with its key (rows that swapped
+--           partitions; on a partitioned table an UPDATE that sets both the text and the vector
+--           is so embedded again);
+--   nvembed_vectorizer_N_replica_insert  AFTER INSERT FOR EACH ROW, fired only in replica mode
+--           (session_replication_role = replica: the apply worker of a subscription), where
+--           statement triggers never fire. On the table only, cloned to the partitions.
+
+-- Whether table `rel` has a column named `column_name`.
+CREATE FUNCTION nvembed_vectorizer_has_column(rel oid, column_name name) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+               WHERE a.attrelid OPERATOR(pg_catalog.=) rel AND a.attname OPERATOR(pg_catalog.=) column_name
+                 AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped);
+
+-- Whether the triggers of vectorizer `v`, firing on relation `rel`, are to queue its rows: `rel`
+-- is the vectorized table or one of its partitions (not one detached since, nor another table a
+-- trigger was made for by hand: the triggers are SECURITY DEFINER), and every column the
+-- vectorizer names is still there (a rename that was not followed must never make the table
+-- unwritable; the status view reports it).
+CREATE FUNCTION nvembed_vectorizer_applies(v @extschema@.nvembed_vectorizer, rel oid) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT (v.tbl = rel OR v.tbl IN (SELECT a.relid FROM pg_partition_ancestors(rel) AS a(relid)))
+       AND NOT EXISTS (SELECT 1 FROM unnest(v.key_columns || ARRAY[v.source_column, v.target_column]) AS c(name)
+                       WHERE NOT @extschema@.nvembed_vectorizer_has_column(rel, c.name))
+$$;
+
+-- The statement triggers: INSERT queues the inserted rows that need a vector; UPDATE (on a
+-- partitioned table) the rows moved between partitions (see _moved above).
 CREATE FUNCTION nvembed_vectorizer_enqueue() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -231,51 +277,138 @@ DECLARE
     v @extschema@.nvembed_vectorizer;
 BEGIN
     SELECT * INTO v FROM @extschema@.nvembed_vectorizer WHERE id = TG_ARGV[0]::integer;
-    IF NOT FOUND THEN
-        RETURN NULL; -- dropped by a concurrent nvembed_drop_vectorizer
-    END IF;
-    -- Not a table of the vectorizer (any more): a partition detached since, or a trigger made by
-    -- hand for another table (SECURITY DEFINER: it must not enqueue keys for another table).
-    IF v.tbl <> TG_RELID AND NOT v.tbl IN (SELECT r FROM pg_partition_ancestors(TG_RELID) AS a(r)) THEN
+    -- Not found: dropped by a concurrent nvembed_drop_vectorizer.
+    IF NOT FOUND OR NOT @extschema@.nvembed_vectorizer_applies(v, TG_RELID) THEN
         RETURN NULL;
     END IF;
     IF TG_OP = 'INSERT' THEN
         EXECUTE @extschema@.nvembed_vectorizer_queue_rows(v.key_columns, v.source_column, v.target_column, 'nvembed_new_rows')
             USING v.id;
     ELSE
-        -- o.nvembed_key IS NULL: no old row has the new row's key (the statement changed it).
         EXECUTE format(
             'INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
-             SELECT $1, n.nvembed_key
+             SELECT DISTINCT $1, n.nvembed_key
              FROM (SELECT %1$s AS nvembed_key, n.* FROM nvembed_new_rows n) n
-             LEFT JOIN (SELECT %2$s AS nvembed_key, o.* FROM nvembed_old_rows o) o ON o.nvembed_key = n.nvembed_key
-             WHERE ((n.%3$I IS NULL AND n.%4$I IS NOT NULL)
-                    OR ((o.nvembed_key IS NULL OR NOT (ROW(n.%4$I)::record *= ROW(o.%4$I)::record))
-                        AND NOT (o.nvembed_key IS NOT NULL AND NOT (ROW(n.%3$I)::record *= ROW(o.%3$I)::record)
-                                 AND n.%3$I IS NOT NULL)))
-               AND (o.nvembed_key IS NULL
-                    OR NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
-                                   WHERE q.vectorizer_id = $1 AND q.row_key = n.nvembed_key AND q.claimed_by IS NULL))',
+             WHERE NOT EXISTS (SELECT 1 FROM (SELECT %2$s AS nvembed_key, o.* FROM nvembed_old_rows o) o
+                               WHERE o.nvembed_key = n.nvembed_key AND ROW(o.%3$I)::record *= ROW(n.%3$I)::record)
+               AND NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
+                               WHERE q.vectorizer_id = $1 AND q.row_key = n.nvembed_key AND q.claimed_by IS NULL)',
             @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'n'), @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'o'),
-            v.target_column, v.source_column)
+            v.source_column)
             USING v.id;
     END IF;
     RETURN NULL;
 END;
 $$;
 
--- The triggers of vectorizer `id` on `rel`.
+-- The row triggers: queue row NEW (their WHEN clause has decided that it needs a vector).
+CREATE FUNCTION nvembed_vectorizer_enqueue_row() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+-- The key settings of nvembed_vectorizer_enqueue.
+SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET bytea_output = 'hex'
+AS $$
+DECLARE
+    v @extschema@.nvembed_vectorizer;
+    old_key text;
+    new_key text;
+BEGIN
+    SELECT * INTO v FROM @extschema@.nvembed_vectorizer WHERE id = TG_ARGV[0]::integer;
+    IF NOT FOUND OR NOT @extschema@.nvembed_vectorizer_applies(v, TG_RELID) THEN
+        RETURN NULL;
+    END IF;
+    -- A row whose key changed and needs nothing by the rule above may still have work pending
+    -- under its old key (a text changed just before, not embedded yet): that entry would find
+    -- another row or none at its key, so the row is queued under its new one.
+    IF TG_NARGS > 1 AND TG_ARGV[1] = 'rekey' THEN
+        EXECUTE 'SELECT ' || @extschema@.nvembed_vectorizer_key_text(v.key_columns, '($1)') INTO old_key USING OLD;
+        IF NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q WHERE q.vectorizer_id = v.id AND q.row_key = old_key) THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    EXECUTE 'SELECT ' || @extschema@.nvembed_vectorizer_key_text(v.key_columns, '($1)') INTO new_key USING NEW;
+    INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
+    SELECT v.id, new_key
+    WHERE NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
+                      WHERE q.vectorizer_id = v.id AND q.row_key = new_key AND q.claimed_by IS NULL);
+    RETURN NULL;
+END;
+$$;
+
+-- The triggers of vectorizer `id` on `rel`: the vectorized table itself, or one of its
+-- partitions (which get the statement triggers only; the row triggers are cloned to them).
 CREATE FUNCTION nvembed_vectorizer_create_triggers(id integer, rel regclass) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v @extschema@.nvembed_vectorizer;
+    -- The update rule above, on OLD and NEW (byte-for-byte image comparison: no equality
+    -- operator of the column types needed, and "changed" means any change).
+    needs_vector text;
 BEGIN
+    SELECT * INTO STRICT v FROM @extschema@.nvembed_vectorizer x WHERE x.id = $1;
+    -- Made already: creating the table's triggers (their ALTER TABLE ... ENABLE) runs the event
+    -- trigger below, which gives the partitions theirs.
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = rel AND t.tgname = format('nvembed_vectorizer_%s_insert', id)) THEN
+        RETURN;
+    END IF;
     EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS nvembed_new_rows
                     FOR EACH STATEMENT EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue(%s)',
                    format('nvembed_vectorizer_%s_insert', id), rel, id);
-    EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS nvembed_old_rows NEW TABLE AS nvembed_new_rows
-                    FOR EACH STATEMENT EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue(%s)',
-                   format('nvembed_vectorizer_%s_update', id), rel, id);
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = rel) = 'p' THEN
+        EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS nvembed_old_rows NEW TABLE AS nvembed_new_rows
+                        FOR EACH STATEMENT EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue(%s)',
+                       format('nvembed_vectorizer_%s_moved', id), rel, id);
+    END IF;
+    IF rel = v.tbl THEN
+        needs_vector := format(
+            '(NEW.%1$I IS NULL AND NEW.%2$I IS NOT NULL)
+             OR (NOT (ROW(NEW.%2$I)::record OPERATOR(pg_catalog.*=) ROW(OLD.%2$I)::record)
+                 AND (NEW.%1$I IS NULL OR ROW(NEW.%1$I)::record OPERATOR(pg_catalog.*=) ROW(OLD.%1$I)::record))',
+            v.target_column, v.source_column);
+        EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s FOR EACH ROW WHEN (%s)
+                        EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue_row(%s)',
+                       format('nvembed_vectorizer_%s_update', id), rel, needs_vector, id);
+        EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s FOR EACH ROW WHEN (NOT (ROW(%s)::record OPERATOR(pg_catalog.*=) ROW(%s)::record))
+                        EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue_row(%s, ''rekey'')',
+                       format('nvembed_vectorizer_%s_rekey', id), rel,
+                       (SELECT string_agg(format('NEW.%I', k), ', ') FROM unnest(v.key_columns) AS k),
+                       (SELECT string_agg(format('OLD.%I', k), ', ') FROM unnest(v.key_columns) AS k), id);
+        EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s FOR EACH ROW WHEN (NEW.%I IS NULL AND NEW.%I IS NOT NULL)
+                        EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue_row(%s)',
+                       format('nvembed_vectorizer_%s_replica_insert', id), rel, v.target_column, v.source_column, id);
+        PERFORM @extschema@.nvembed_vectorizer_set_firing(id);
+    END IF;
+END;
+$$;
+
+-- When the row triggers of vectorizer `id` fire: the update and rekey triggers ALWAYS, the
+-- replica insert trigger only in replica mode, on the table and on every partition. (SECURITY
+-- DEFINER: only the table's owner may change when a trigger fires, and a role with TRIGGER
+-- privilege may create a vectorizer. It changes nothing but the firing of a vectorizer's row
+-- triggers.)
+CREATE FUNCTION nvembed_vectorizer_set_firing(id integer) RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN
+        SELECT g.tgrelid::regclass AS rel, g.tgname, CASE WHEN g.tgname LIKE '%\_replica\_insert' THEN 'REPLICA' ELSE 'ALWAYS' END AS firing
+        FROM @extschema@.nvembed_vectorizer v
+        JOIN pg_trigger g ON g.tgrelid IN (SELECT p.relid FROM pg_partition_tree(v.tbl) p UNION SELECT v.tbl)
+        WHERE v.id = $1
+          AND g.tgname IN (format('nvembed_vectorizer_%s_update', v.id), format('nvembed_vectorizer_%s_rekey', v.id),
+                           format('nvembed_vectorizer_%s_replica_insert', v.id))
+          AND g.tgfoid = '@extschema@.nvembed_vectorizer_enqueue_row()'::regprocedure
+    LOOP
+        EXECUTE format('ALTER TABLE %s ENABLE %s TRIGGER %I', t.rel, t.firing, t.tgname);
+    END LOOP;
 END;
 $$;
 
@@ -309,6 +442,15 @@ BEGIN
     IF relkind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = 'wrong_object_type',
             HINT = 'A vectorizer fills a column of a table or of a partitioned table.';
+    END IF;
+    IF (SELECT c.relispartition FROM pg_class c WHERE c.oid = tbl) THEN
+        RAISE EXCEPTION '% is a partition of %', tbl, pg_partition_root(tbl) USING ERRCODE = 'wrong_object_type',
+            HINT = format('Create the vectorizer on the partitioned table %s: it covers every partition, and the rows written through it.',
+                          pg_partition_root(tbl));
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = tbl AND NOT c.relispartition) THEN
+        RAISE EXCEPTION '% has inheritance children', tbl USING ERRCODE = 'wrong_object_type',
+            HINT = 'A vectorizer fills the rows of one table: create one on each table of the hierarchy, or partition the table (a vectorizer on a partitioned table covers every partition).';
     END IF;
     SELECT string_agg(quote_ident(c), ', ') INTO missing
     FROM unnest(ARRAY[source_column, target_column]) AS c
@@ -380,6 +522,26 @@ BEGIN ATOMIC
     DELETE FROM @extschema@.nvembed_vectorizer v WHERE v.id = ANY (ids);
 END;
 
+-- Drops the triggers of vectorizer `id` on `tbl` and its partitions.
+CREATE FUNCTION nvembed_vectorizer_drop_triggers(id integer, tbl regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    part regclass;
+BEGIN
+    -- The row triggers on the table first: their clones on the partitions go with them (and
+    -- cannot be dropped by themselves).
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_update', id), tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_rekey', id), tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_replica_insert', id), tbl);
+    FOR part IN SELECT tbl UNION SELECT relid FROM pg_partition_tree(tbl) LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_insert', id), part);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_moved', id), part);
+    END LOOP;
+END;
+$$;
+
 -- Removes the vectorizer of `target_column` of `tbl`: its triggers, queue and failures. The
 -- vectors already written stay.
 CREATE FUNCTION nvembed_drop_vectorizer(tbl regclass, target_column text) RETURNS void
@@ -388,7 +550,6 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_id integer;
-    part regclass;
 BEGIN
     SELECT v.id INTO v_id FROM @extschema@.nvembed_vectorizer v WHERE v.tbl = $1 AND v.target_column = $2;
     IF NOT FOUND THEN
@@ -400,10 +561,7 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Only a role that may update the column may drop its vectorizer.';
     END IF;
-    FOR part IN SELECT tbl UNION SELECT relid FROM pg_partition_tree(tbl) LOOP
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_insert', v_id), part);
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_update', v_id), part);
-    END LOOP;
+    PERFORM @extschema@.nvembed_vectorizer_drop_triggers(v_id, tbl);
     PERFORM @extschema@.nvembed_vectorizer_forget(ARRAY[v_id]);
 END;
 $$;
@@ -431,12 +589,20 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     gone integer[];
+    column_gone record;
 BEGIN
     SELECT array_agg(v.id) INTO gone
     FROM @extschema@.nvembed_vectorizer v
     JOIN pg_event_trigger_dropped_objects() d ON d.classid = 'pg_class'::regclass AND d.objid = v.tbl
     WHERE d.objsubid = 0 OR d.address_names[3] IN (v.source_column, v.target_column);
     IF gone IS NOT NULL THEN
+        -- A dropped column leaves the table with the vectorizer's other triggers.
+        FOR column_gone IN
+            SELECT v.id, v.tbl FROM @extschema@.nvembed_vectorizer v
+            WHERE v.id = ANY (gone) AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = v.tbl)
+        LOOP
+            PERFORM @extschema@.nvembed_vectorizer_drop_triggers(column_gone.id, column_gone.tbl);
+        END LOOP;
         PERFORM @extschema@.nvembed_vectorizer_forget(gone);
     END IF;
 END;
@@ -444,18 +610,60 @@ $$;
 
 CREATE EVENT TRIGGER nvembed_vectorizer_on_drop ON sql_drop EXECUTE FUNCTION nvembed_vectorizer_on_drop();
 
--- A partition created in, or attached to, a vectorized table gets the vectorizer's triggers, for
--- statements that name it directly (those naming an ancestor fire the ancestor's). CREATE TABLE
--- ... PARTITION OF names the partition; ALTER TABLE ... ATTACH PARTITION names the parent.
-CREATE FUNCTION nvembed_vectorizer_on_partition() RETURNS event_trigger
+-- After CREATE TABLE and ALTER TABLE:
+--   * a partition created in, or attached to, a vectorized table gets the vectorizer's statement
+--     triggers, for statements that name it directly (those naming an ancestor fire the
+--     ancestor's; the row triggers are cloned by PostgreSQL). CREATE TABLE ... PARTITION OF
+--     names the partition; ALTER TABLE ... ATTACH PARTITION names the parent;
+--   * a vectorized table may not become a partition or get inheritance children (the
+--     vectorizer would miss rows written to them; nvembed_create_vectorizer refuses the same);
+--   * a renamed source, target or key column is followed: a RENAME COLUMN renames one column,
+--     so the one name of a vectorizer of the table that no longer exists is the renamed one.
+CREATE FUNCTION nvembed_vectorizer_on_alter() RETURNS event_trigger
 LANGUAGE plpgsql
--- The triggers are the vectorizer's, whoever adds the partition.
+-- The triggers are the vectorizer's, whoever adds the partition or renames the column.
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     missing record;
+    offending record;
+    renamed record;
 BEGIN
+    SELECT v.tbl, c.relispartition INTO offending
+    FROM pg_event_trigger_ddl_commands() d
+    JOIN @extschema@.nvembed_vectorizer v
+      ON v.tbl = d.objid
+         OR v.tbl IN (SELECT i.inhparent FROM pg_inherits i WHERE i.inhrelid = d.objid)
+         OR v.tbl IN (SELECT i.inhrelid FROM pg_inherits i WHERE i.inhparent = d.objid)
+    JOIN pg_class c ON c.oid = v.tbl
+    WHERE d.classid = 'pg_class'::regclass
+      AND (c.relispartition
+           OR EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class k ON k.oid = i.inhrelid
+                      WHERE i.inhparent = v.tbl AND NOT k.relispartition))
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION '% has a vectorizer: it cannot %', offending.tbl,
+            CASE WHEN offending.relispartition THEN 'become a partition' ELSE 'have inheritance children' END
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Drop the vectorizer first: SELECT nvembed_drop_vectorizer(%L, ...).', offending.tbl);
+    END IF;
+    FOR renamed IN
+        SELECT d.objid AS rel, a.attname AS new_name
+        FROM pg_event_trigger_ddl_commands() d
+        JOIN pg_attribute a ON a.attrelid = d.objid AND a.attnum = d.objsubid
+        WHERE d.classid = 'pg_class'::regclass AND d.objsubid > 0 AND d.object_type = 'table column'
+    LOOP
+        UPDATE @extschema@.nvembed_vectorizer v
+        SET source_column = CASE WHEN @extschema@.nvembed_vectorizer_has_column(v.tbl, v.source_column)
+                                 THEN v.source_column ELSE renamed.new_name END,
+            target_column = CASE WHEN @extschema@.nvembed_vectorizer_has_column(v.tbl, v.target_column)
+                                 THEN v.target_column ELSE renamed.new_name END,
+            key_columns = ARRAY(SELECT CASE WHEN @extschema@.nvembed_vectorizer_has_column(v.tbl, k.name)
+                                            THEN k.name ELSE renamed.new_name END
+                                FROM unnest(v.key_columns) WITH ORDINALITY AS k(name, n) ORDER BY k.n)
+        WHERE v.tbl = renamed.rel;
+    END LOOP;
     FOR missing IN
         SELECT DISTINCT v.id, p.relid::regclass AS part
         FROM pg_event_trigger_ddl_commands() c
@@ -472,12 +680,13 @@ BEGIN
                       WHERE t.tgrelid = v.tbl AND t.tgname = format('nvembed_vectorizer_%s_insert', v.id))
     LOOP
         PERFORM @extschema@.nvembed_vectorizer_create_triggers(missing.id, missing.part);
+        PERFORM @extschema@.nvembed_vectorizer_set_firing(missing.id);
     END LOOP;
 END;
 $$;
 
-CREATE EVENT TRIGGER nvembed_vectorizer_on_partition ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
-    EXECUTE FUNCTION nvembed_vectorizer_on_partition();
+CREATE EVENT TRIGGER nvembed_vectorizer_on_alter ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION nvembed_vectorizer_on_alter();
 
 -- The pids of the vectorizer workers of this database that are running.
 CREATE FUNCTION nvembed_vectorizer_workers() RETURNS SETOF integer
@@ -486,6 +695,39 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT a.pid FROM pg_stat_activity a
     WHERE a.backend_type = 'nvembed vectorizer' AND a.datname = current_database()
+$$;
+
+-- Whether row-level security filters what the calling role reads of table `tbl` (false for a
+-- table that is gone).
+CREATE FUNCTION nvembed_vectorizer_rls_active(tbl oid) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+RETURN CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) tbl)
+            THEN pg_catalog.row_security_active(tbl) ELSE false END;
+
+-- Whether the calling role sees the row with key `row_key` of vectorizer `vectorizer_id`'s table:
+-- the views show the queued and failed rows of a table with row-level security only as far as
+-- its policies show the rows themselves (their keys and errors may be another tenant's). Runs as
+-- the caller, the table's policies applied; false for a key that cannot be matched any more.
+CREATE FUNCTION nvembed_vectorizer_row_visible(vectorizer_id integer, row_key text) RETURNS boolean
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+-- The key settings of nvembed_vectorizer_enqueue.
+SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET bytea_output = 'hex'
+AS $$
+DECLARE
+    v @extschema@.nvembed_vectorizer;
+    visible boolean;
+BEGIN
+    SELECT * INTO v FROM @extschema@.nvembed_vectorizer WHERE id = $1;
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s t WHERE %s)', v.tbl,
+                   @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 't', '$1'))
+        INTO visible USING row_key::text[];
+    RETURN visible;
+EXCEPTION WHEN OTHERS THEN
+    RETURN false;
+END;
 $$;
 
 CREATE VIEW nvembed_vectorizer_status AS
@@ -502,22 +744,33 @@ SELECT v.id, v.tbl, v.source_column, v.target_column, v.kind, v.owner,
            / 60 AS rows_per_second,
        pg_catalog.now() - q.oldest_pending AS oldest_pending_age
 FROM @extschema@.nvembed_vectorizer v
+-- Under row-level security only the entries of rows the role sees count.
+CROSS JOIN LATERAL (SELECT @extschema@.nvembed_vectorizer_rls_active(v.tbl) AS active) rls
 LEFT JOIN LATERAL (
     -- Rows, not entries (a row may have several).
     SELECT count(DISTINCT row_key) FILTER (WHERE NOT claimed) AS pending,
            count(DISTINCT row_key) FILTER (WHERE claimed) AS in_progress,
            min(queued_at) FILTER (WHERE NOT claimed) AS oldest_pending
     FROM (SELECT q.row_key, q.queued_at, coalesce(q.claimed_by IN (SELECT pid FROM workers), false) AS claimed
-          FROM @extschema@.nvembed_vectorizer_queue q WHERE q.vectorizer_id = v.id) AS entries
+          FROM @extschema@.nvembed_vectorizer_queue q
+          WHERE q.vectorizer_id = v.id AND (NOT rls.active OR @extschema@.nvembed_vectorizer_row_visible(v.id, q.row_key))) AS entries
 ) q ON true
-LEFT JOIN LATERAL (SELECT count(*) AS failed FROM @extschema@.nvembed_vectorizer_failure f WHERE f.vectorizer_id = v.id) f ON true
+LEFT JOIN LATERAL (SELECT count(*) AS failed FROM @extschema@.nvembed_vectorizer_failure f
+                   WHERE f.vectorizer_id = v.id AND (NOT rls.active OR @extschema@.nvembed_vectorizer_row_visible(v.id, f.row_key))) f ON true
 LEFT JOIN LATERAL (
     SELECT errors.message AS last_error, errors.at AS last_error_at
     FROM (SELECT v.last_error, v.last_error_at
+          -- A column renamed while the rename could not be followed, or dropped from a partition.
+          UNION ALL SELECT pg_catalog.format('column %s of %s does not exist any more: the vectorizer queues no rows; drop it and create it again',
+                                             pg_catalog.quote_ident(c.name), v.tbl), pg_catalog.now()
+                    FROM pg_catalog.unnest(v.key_columns || ARRAY[v.source_column, v.target_column]) AS c(name)
+                    WHERE NOT @extschema@.nvembed_vectorizer_has_column(v.tbl, c.name)
           UNION ALL SELECT q.last_error, q.last_attempt_at FROM @extschema@.nvembed_vectorizer_queue q
                     WHERE q.vectorizer_id = v.id AND q.last_error IS NOT NULL
+                      AND (NOT rls.active OR @extschema@.nvembed_vectorizer_row_visible(v.id, q.row_key))
           UNION ALL SELECT f.last_error, f.last_attempt_at FROM @extschema@.nvembed_vectorizer_failure f
-                    WHERE f.vectorizer_id = v.id) AS errors(message, at)
+                    WHERE f.vectorizer_id = v.id
+                      AND (NOT rls.active OR @extschema@.nvembed_vectorizer_row_visible(v.id, f.row_key))) AS errors(message, at)
     WHERE errors.message IS NOT NULL
     ORDER BY errors.at DESC LIMIT 1
 ) e ON true
@@ -530,7 +783,9 @@ SELECT v.tbl, v.target_column, f.row_key::text[] AS row_key, f.attempts, f.last_
 FROM @extschema@.nvembed_vectorizer_failure f
 JOIN @extschema@.nvembed_vectorizer v ON v.id = f.vectorizer_id
 WHERE CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) v.tbl)
-           THEN pg_catalog.has_table_privilege(v.tbl, 'SELECT') END;
+           THEN pg_catalog.has_table_privilege(v.tbl, 'SELECT') END
+  -- Under row-level security, only the failures of rows the role sees.
+  AND (NOT @extschema@.nvembed_vectorizer_rls_active(v.tbl) OR @extschema@.nvembed_vectorizer_row_visible(v.id, f.row_key));
 
 GRANT SELECT ON nvembed_vectorizer_status, nvembed_vectorizer_failures TO PUBLIC;
 
@@ -614,8 +869,10 @@ $$;
 
 -- Run as the vectorizer's owner: the texts (UTF-8, whatever the database encoding) of the rows
 -- with keys `row_keys`, NULL for a row that is gone (or hidden from the owner) or has no text;
--- or why they cannot be read.
-CREATE FUNCTION nvembed_vectorizer_read(vectorizer_id integer, row_keys text, OUT texts bytea[], OUT error text)
+-- errors[i] says why row i could not be read (NULL when it could). One row that cannot be read
+-- (an invalid byte in an SQL_ASCII database, a source column whose conversion to text fails)
+-- fails alone: when the batch's read fails, its rows are read one by one.
+CREATE FUNCTION nvembed_vectorizer_read(vectorizer_id integer, row_keys text, OUT texts bytea[], OUT errors text[])
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 -- The key settings of nvembed_vectorizer_enqueue.
@@ -624,16 +881,36 @@ SET bytea_output = 'hex'
 AS $$
 DECLARE
     v @extschema@.nvembed_vectorizer;
+    keys text[] := row_keys::text[];
+    read text;
+    one_text bytea[];
 BEGIN
     SELECT * INTO STRICT v FROM @extschema@.nvembed_vectorizer WHERE id = $1;
-    EXECUTE format('SELECT array_agg(convert_to(t.%I::text, ''UTF8'') ORDER BY k.n)
-                    FROM @extschema@.nvembed_vectorizer_key_rows($1) AS k(key, n)
-                    LEFT JOIN %s t ON %s',
-                   v.source_column, v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 't', 'k.key'))
-        INTO texts USING row_keys::text[];
-EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
-    texts := NULL;
-    error := format('reading %s as %s: %s', v.tbl, current_user, SQLERRM);
+    errors := array_fill(NULL::text, ARRAY[array_length(keys, 1)]);
+    BEGIN
+        read := format('SELECT array_agg(convert_to(t.%I::text, ''UTF8'') ORDER BY k.n)
+                        FROM @extschema@.nvembed_vectorizer_key_rows($1) AS k(key, n)
+                        LEFT JOIN %s t ON %s',
+                       v.source_column, v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 't', 'k.key'));
+        EXECUTE read INTO texts USING keys;
+        RETURN;
+    EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
+        IF read IS NULL THEN
+            -- The statement itself could not be made (the key changed): no row can be read.
+            errors := array_fill(format('reading %s as %s: %s', v.tbl, current_user, SQLERRM), ARRAY[array_length(keys, 1)]);
+            texts := array_fill(NULL::bytea, ARRAY[array_length(keys, 1)]);
+            RETURN;
+        END IF;
+    END;
+    texts := array_fill(NULL::bytea, ARRAY[array_length(keys, 1)]);
+    FOR n IN 1 .. array_length(keys, 1) LOOP
+        BEGIN
+            EXECUTE read INTO one_text USING keys[n:n][:];
+            texts[n] := one_text[1];
+        EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
+            errors[n] := format('reading %s as %s: %s', v.tbl, current_user, SQLERRM);
+        END;
+    END LOOP;
 END;
 $$;
 

@@ -372,38 +372,58 @@ pub fn try_embed_batch(instruction: &str, max_length: usize, texts: &[String]) -
     Ok(vectors)
 }
 
-/// One-entry cache per backend for single-text calls: `ORDER BY embedding <#> nvembed_query('...')`
-/// may evaluate the call once per row, and each would otherwise be a model call. Keyed by the
-/// model too, so a reload that changes it is never answered from the cache.
-struct LastCall {
-    key: (String, String, String, usize),
-    vector: Vec<f32>,
+/// Single-text calls this backend answered lately, most recent first. A statement may evaluate
+/// a call once per row (`ORDER BY embedding <#> nvembed_query('...')`, two query texts in one
+/// WHERE, a re-rank of `nvembed_passage(body) <#> nvembed_query('...')`), and each would
+/// otherwise be a model call: every distinct text of a statement is embedded once as long as
+/// it has at most CACHE_ENTRIES of them. Keyed by everything that decides the vector (the
+/// server's model, dtype and device as this backend last read them from the configuration),
+/// so a reload that changes one is never answered from the cache.
+const CACHE_ENTRIES: usize = 256;
+/// Longer texts are not kept: the cache stays within a few MiB (CACHE_ENTRIES × (this + one
+/// 4,096-float vector)), and a long text is rarely asked for twice.
+const CACHE_TEXT_BYTES: usize = 16 * 1024;
+
+#[derive(PartialEq, Eq, Hash)]
+struct CallKey {
+    model: String,
+    dtype: String,
+    device: String,
+    instruction: String,
+    text: String,
+    max_length: usize,
 }
 
 thread_local! {
-    static LAST_CALL: RefCell<Option<LastCall>> = const { RefCell::new(None) };
+    static RECENT_CALLS: RefCell<lru::LruCache<CallKey, Vec<f32>>> =
+        RefCell::new(lru::LruCache::new(std::num::NonZeroUsize::new(CACHE_ENTRIES).expect("non-zero")));
 }
 
 /// One text as interactive work.
 pub fn embed_one(instruction: &str, text: String) -> Vec<f32> {
     let max_length = gucs::max_length();
-    let key = (gucs::model(), instruction.to_string(), text, max_length);
-    if let Some(vector) = LAST_CALL.with(|c| c.borrow().as_ref().filter(|l| l.key == key).map(|l| l.vector.clone())) {
+    let settings = gucs::server_settings();
+    let key = CallKey {
+        model: settings.model,
+        dtype: settings.dtype,
+        device: settings.device,
+        instruction: instruction.to_string(),
+        text,
+        max_length,
+    };
+    if let Some(vector) = RECENT_CALLS.with(|c| c.borrow_mut().get(&key).cloned()) {
         return vector;
     }
-    let texts = [key.2.clone()];
+    let texts = [key.text.clone()];
     let mut stream =
         VectorStream::start(WorkClass::Interactive, instruction, max_length, &texts).unwrap_or_else(|e| e.raise());
     let vector = stream.next().unwrap_or_else(|| stream.wrong_count(0).raise());
     if stream.next().is_some() {
         stream.wrong_count(2).raise();
     }
-    LAST_CALL.with(|c| {
-        *c.borrow_mut() = Some(LastCall {
-            key,
-            vector: vector.clone(),
-        })
-    });
+    if key.text.len() <= CACHE_TEXT_BYTES {
+        RECENT_CALLS.with(|c| c.borrow_mut().put(key, vector.clone()));
+    }
     vector
 }
 

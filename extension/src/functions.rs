@@ -49,10 +49,33 @@ fn nvembed_embed_many_utf8(texts: Array<'_, &[u8]>, instruction: &[u8]) -> SetOf
     }))
 }
 
-/// The model card's instruction for a custom retrieval task.
-#[pg_extern(immutable, strict, parallel_safe)]
-fn nvembed_task_instruction(task: &str) -> String {
-    format!("{TASK_INSTRUCTION_PREFIX}{task}{TASK_INSTRUCTION_SUFFIX}")
+/// The model card's instruction for a custom retrieval task. Bytes in, bytes out: the task is
+/// text in the database encoding (Rust's `&str` would refuse anything but UTF-8), and the prefix
+/// and suffix are ASCII, which every server encoding spells the same.
+#[pg_extern(
+    immutable,
+    strict,
+    parallel_safe,
+    sql = r#"CREATE FUNCTION "nvembed_task_instruction"("task" TEXT) RETURNS TEXT
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'nvembed_task_instruction_wrapper';"#
+)]
+fn nvembed_task_instruction(task: &[u8]) -> Vec<u8> {
+    [
+        TASK_INSTRUCTION_PREFIX.as_bytes(),
+        task,
+        TASK_INSTRUCTION_SUFFIX.as_bytes(),
+    ]
+    .concat()
+}
+
+/// Whether the calling procedure may COMMIT: it was CALLed outside a transaction block and not
+/// from a function (its SPI connection is non-atomic). nvembed_backfill asks before any work.
+#[pg_extern(volatile, parallel_unsafe)]
+fn nvembed_transaction_control_allowed() -> bool {
+    // SAFETY: reads the state of the caller's SPI connection, if any.
+    unsafe { pg_sys::SPI_inside_nonatomic_context() }
 }
 
 /// The loaded model's vector dimension; NULL while no model is loaded (for validating a column

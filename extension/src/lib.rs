@@ -46,6 +46,8 @@ pub extern "C-unwind" fn _PG_init() {
 mod sql_tests;
 #[cfg(any(test, feature = "pg_test"))]
 mod vectorizer_tests;
+#[cfg(any(test, feature = "pg_test"))]
+mod write_path_tests;
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]

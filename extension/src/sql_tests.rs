@@ -1122,8 +1122,25 @@ pub(crate) mod tests {
             "SELECT v FROM dblink('l1', format('SELECT nvembed_passage(%L)::text', $1::text)) AS t(v text)",
             &[text.into()],
         );
+        // A task with non-ASCII text: the instruction is built in the database encoding too.
+        let (query, task) = ("café", "Find the Öl");
+        let got_task = Spi::get_one_with_args::<String>(
+            "SELECT v FROM dblink('l1', format('SELECT nvembed_query(%L, %L)::text', $1::text, $2::text)) AS t(v text)",
+            &[query.into(), task.into()],
+        );
         Spi::run("SELECT dblink_disconnect('l1')").unwrap();
         Spi::run_with_args("SELECT dblink_exec($1, 'DROP DATABASE nvembed_latin1')", &[conn.into()]).unwrap();
+        let got_task: Vec<f32> = got_task
+            .unwrap()
+            .unwrap()
+            .trim_matches(|c| c == '{' || c == '}')
+            .split(',')
+            .map(|x| x.parse().unwrap())
+            .collect();
+        let want_task = Spi::get_one_with_args::<Vec<f32>>("SELECT nvembed_query($1, $2)", &[query.into(), task.into()])
+            .unwrap()
+            .unwrap();
+        assert!(max_abs_diff(&got_task, &want_task) <= 1e-6);
         let got = got.map(|v| v.unwrap());
         match got {
             Ok(v) => {
@@ -1188,7 +1205,7 @@ pub(crate) mod tests {
     }
 
     /// A status column as text.
-    fn status_value(column: &str) -> String {
+    pub(crate) fn status_value(column: &str) -> String {
         Spi::get_one::<String>(&format!("SELECT {column}::text FROM nvembed_status()"))
             .unwrap()
             .unwrap()

@@ -30,6 +30,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A worker that ran this long before exiting is restarted after FIRST_BACKOFF again.
 const STABLE_RUN: Duration = Duration::from_secs(10);
+/// How often the supervisor looks again for a listed database that does not exist.
+const MISSING_DATABASE_POLL: Duration = Duration::from_secs(5);
 
 /// The supervisor's handles on the vectorizer workers, by database.
 #[derive(Default)]
@@ -44,6 +46,8 @@ struct Supervised {
     next_start: Instant,
     /// Whether the current exit streak was logged (one line per streak, not per restart).
     exit_logged: bool,
+    /// Whether it was logged that the database does not exist (once, until it does).
+    missing_logged: bool,
 }
 
 impl Supervised {
@@ -73,6 +77,7 @@ impl Workers {
                 backoff: FIRST_BACKOFF,
                 next_start: Instant::now(),
                 exit_logged: false,
+                missing_logged: false,
             });
         }
     }
@@ -100,6 +105,19 @@ impl Workers {
                 }
             }
             if supervised.worker.is_none() && Instant::now() >= supervised.next_start {
+                // A worker for a database that does not exist (misspelt, dropped, renamed)
+                // would fail to connect at every restart.
+                if !database_exists(database) {
+                    if !supervised.missing_logged {
+                        warning!(
+                            "nvembed: database \"{database}\" listed in nvembed.vectorizer_databases does not exist; its vectorizer worker starts once it does"
+                        );
+                        supervised.missing_logged = true;
+                    }
+                    supervised.next_start = Instant::now() + MISSING_DATABASE_POLL;
+                    continue;
+                }
+                supervised.missing_logged = false;
                 let started = BackgroundWorkerBuilder::new(&format!("nvembed vectorizer {database}"))
                     .set_type("nvembed vectorizer")
                     .set_library("nvembed")
@@ -129,6 +147,16 @@ impl Workers {
     }
 }
 
+/// Whether database `name` exists (the supervisor is connected to no database; pg_database is
+/// shared by all).
+fn database_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a catalog lookup inside the transaction BackgroundWorker::transaction opens.
+    BackgroundWorker::transaction(|| unsafe { pg_sys::get_database_oid(name.as_ptr(), true) } != pg_sys::InvalidOid)
+}
+
 /// A claimed batch: handed back to the SQL functions unchanged, with the vectors.
 struct Batch {
     vectorizer_id: i32,
@@ -139,6 +167,8 @@ struct Batch {
     row_keys: String,
     /// UTF-8, as read: handed back for the check that each row still has its text.
     texts: Vec<Option<Vec<u8>>>,
+    /// Why a row could not be read (its text is then None): that row's attempt fails alone.
+    read_errors: Vec<Option<String>>,
 }
 
 /// What became of one text at the model.
@@ -152,15 +182,43 @@ fn shutting_down() -> bool {
     unsafe { std::ptr::addr_of!(pg_sys::ShutdownRequestPending).read_volatile() != 0 }
 }
 
-/// The schema of the nvembed extension in this database, if it is installed.
-fn extension_schema() -> Option<String> {
+/// What the worker finds in its database before each claim.
+enum Surroundings {
+    /// Another session is dropping or renaming the database, or copying it as a template.
+    StepAside,
+    /// The nvembed extension is not installed.
+    NoExtension,
+    /// The schema of the nvembed extension.
+    Extension(String),
+}
+
+/// DROP DATABASE, ALTER DATABASE ... RENAME and CREATE DATABASE ... TEMPLATE lock the database
+/// (AccessExclusiveLock, or ShareLock for a template) and then wait 5 s for every other session
+/// in it to leave; PostgreSQL's own workers are told to. A vectorizer worker leaves when it sees
+/// such a lock (it looks between batches and while idle); the supervisor starts it again, and
+/// its connection waits for the command to end.
+fn look_around() -> Surroundings {
     BackgroundWorker::transaction(|| {
+        let wanted = Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
+                            WHERE l.locktype OPERATOR(pg_catalog.=) 'object'
+                              AND l.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_database'::pg_catalog.regclass
+                              AND l.objid OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d
+                                                                  WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
+                              AND l.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()
+                              AND l.mode OPERATOR(pg_catalog.=) ANY (ARRAY['ShareLock', 'AccessExclusiveLock']))",
+        )
+        .expect("pg_locks");
+        if wanted == Some(true) {
+            return Surroundings::StepAside;
+        }
         Spi::get_one::<String>(
             "SELECT n.nspname::pg_catalog.text FROM pg_catalog.pg_extension e
              JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
              WHERE e.extname OPERATOR(pg_catalog.=) 'nvembed'",
         )
         .unwrap_or(None)
+        .map_or(Surroundings::NoExtension, Surroundings::Extension)
     })
 }
 
@@ -191,9 +249,9 @@ fn as_role<R>(role: pg_sys::Oid, work: impl FnOnce() -> R) -> R {
     result
 }
 
-/// Claims a batch and reads its texts as the owner (one transaction). A batch whose texts cannot
-/// be read (the owner may not read the table any more, or the owner role is gone) is a failed
-/// attempt for each of its rows.
+/// Claims a batch and reads its texts as the owner (one transaction). A row whose text cannot be
+/// read is a failed attempt of that row (at the write); a batch whose owner role is gone, a
+/// failed attempt for each of its rows.
 fn claim(schema: &str) -> Option<Batch> {
     BackgroundWorker::transaction(|| loop {
         let claimed = Spi::connect(|client| {
@@ -228,20 +286,19 @@ fn claim(schema: &str) -> Option<Batch> {
                 Spi::connect(|client| {
                     let rows = client
                         .select(
-                            &format!("SELECT texts, error FROM {schema}.nvembed_vectorizer_read($1, $2)"),
+                            &format!("SELECT texts, errors FROM {schema}.nvembed_vectorizer_read($1, $2)"),
                             None,
                             &[vectorizer_id.into(), row_keys.as_str().into()],
                         )
                         .expect("nvembed_vectorizer_read");
                     let row = rows.first();
-                    match row.get::<String>(2).expect("error") {
-                        Some(error) => Err(error),
-                        None => Ok(row
-                            .get::<pgrx::Array<&[u8]>>(1)
-                            .expect("texts")
-                            .map(|texts| texts.iter().map(|text| text.map(<[u8]>::to_vec)).collect())
-                            .unwrap_or_default()),
-                    }
+                    let texts: Vec<Option<Vec<u8>>> = row
+                        .get::<pgrx::Array<&[u8]>>(1)
+                        .expect("texts")
+                        .map(|texts| texts.iter().map(|text| text.map(<[u8]>::to_vec)).collect())
+                        .unwrap_or_default();
+                    let errors: Vec<Option<String>> = row.get(2).expect("errors").unwrap_or_default();
+                    Ok((texts, errors))
                 })
             })
         } else {
@@ -250,7 +307,7 @@ fn claim(schema: &str) -> Option<Batch> {
             ))
         };
         match read {
-            Ok(texts) => {
+            Ok((texts, read_errors)) => {
                 return Some(Batch {
                     vectorizer_id,
                     owner,
@@ -258,6 +315,7 @@ fn claim(schema: &str) -> Option<Batch> {
                     max_length: max_length as usize,
                     row_keys,
                     texts,
+                    read_errors,
                 })
             }
             Err(error) => {
@@ -312,7 +370,11 @@ fn complete(schema: &str, batch: &Batch, results: Vec<Embedded>) {
     let mut vectors = Vec::new();
     let mut dimension = None;
     let mut results = results.into_iter();
-    for text in &batch.texts {
+    for (text, read_error) in batch.texts.iter().zip(&batch.read_errors) {
+        if read_error.is_some() {
+            errors.push(read_error.clone());
+            continue;
+        }
         match text.as_ref().map(|_| results.next().expect("one result per text")) {
             None => errors.push(None),
             Some(Embedded::Vector(vector)) if dimension.is_none_or(|d| d == vector.len()) => {
@@ -405,16 +467,25 @@ pub extern "C-unwind" fn nvembed_vectorizer_main(_arg: pg_sys::Datum) {
             // SAFETY: re-reading postgresql.conf is what a worker does on SIGHUP.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        let Some(schema) = extension_schema() else {
-            if !missing_logged {
+        let schema = match look_around() {
+            Surroundings::StepAside => {
                 log!(
-                    "nvembed: database \"{database}\" is listed in nvembed.vectorizer_databases but has no nvembed extension; the vectorizer worker waits for CREATE EXTENSION nvembed"
+                    "nvembed: the vectorizer worker of database \"{database}\" leaves it: another session is dropping or renaming it, or copying it as a template"
                 );
-                missing_logged = true;
+                break;
             }
-            released = false;
-            wait = NO_EXTENSION_POLL;
-            continue;
+            Surroundings::Extension(schema) => schema,
+            Surroundings::NoExtension => {
+                if !missing_logged {
+                    log!(
+                        "nvembed: database \"{database}\" is listed in nvembed.vectorizer_databases but has no nvembed extension; the vectorizer worker waits for CREATE EXTENSION nvembed"
+                    );
+                    missing_logged = true;
+                }
+                released = false;
+                wait = NO_EXTENSION_POLL;
+                continue;
+            }
         };
         missing_logged = false;
         let schema = quote_identifier(&schema);

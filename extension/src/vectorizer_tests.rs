@@ -215,8 +215,9 @@ mod tests {
         );
         wait_drained("vz", "'vz_dated'", 30.0);
         assert_eq!(state("vz", "vz_dated", "body", "embedding", "nvembed_passage(body)"), "2,2,0");
-        // A vectorizer goes with its column, or with its table.
-        remote_exec("vz", r#"ALTER TABLE "VZ Arr" DROP COLUMN "Vec"; DROP TABLE vz_docs, vz_half"#);
+        // A vectorizer goes with its column (its update trigger's WHEN names the column: CASCADE),
+        // or with its table.
+        remote_exec("vz", r#"ALTER TABLE "VZ Arr" DROP COLUMN "Vec" CASCADE; DROP TABLE vz_docs, vz_half"#);
         assert_eq!(
             remote_text(
                 "vz",
@@ -224,6 +225,10 @@ mod tests {
                           || ',' || (SELECT count(*) FROM nvembed_vectorizer_status WHERE tbl = '"VZ Arr"'::regclass)"#
             ),
             "0,0"
+        );
+        assert_eq!(
+            remote_text("vz", r#"SELECT count(*)::text FROM pg_trigger WHERE tgrelid = '"VZ Arr"'::regclass"#),
+            "0"
         );
         remote_exec("vz", r#"DROP TABLE "VZ Arr", vz_dated"#);
         Spi::run("SELECT dblink_disconnect('vz')").unwrap();
@@ -570,5 +575,228 @@ mod tests {
         assert_eq!(remote_text("vzc", "SELECT count(*) || ',' || count(DISTINCT id) FROM vzc_writes"), "200,200");
         remote_exec("vzc", "DROP TABLE vzc, vzc_writes; DROP FUNCTION vzc_log()");
         Spi::run("SELECT dblink_disconnect('vzc'), dblink_disconnect('vzc_a'), dblink_disconnect('vzc_b')").unwrap();
+    }
+
+    /// "rows, rows holding their own text's passage vector (≤ 1e-6), pending + in_progress" of
+    /// vectorized `table`, read in session `name` once its queue is drained.
+    fn drained_state(name: &str, table: &str, source: &str, target: &str) -> String {
+        wait_drained(name, &format!("'{table}'"), 60.0);
+        format!(
+            "{},{}",
+            remote_text(
+                name,
+                &format!(
+                    "SELECT count(*) || ',' || count(*) FILTER (WHERE (SELECT max(abs(x - y)) FROM unnest({target}::real[], nvembed_passage({source})) u(x, y)) <= 1e-6)
+                     FROM {table}"
+                )
+            ),
+            status(name, table, "pending + in_progress")
+        )
+    }
+
+    #[pg_test]
+    fn every_write_path_leaves_each_row_with_the_vector_of_its_text() {
+        use_fixture();
+        let dim = dimension();
+        remote_session("vw");
+        remote_exec(
+            "vw",
+            &format!(
+                r#"{VECTOR_EXTENSION};
+                   CREATE TABLE vw_keys (id int PRIMARY KEY DEFERRABLE, body text, embedding vector({dim}));
+                   CREATE TABLE vw_docs (id int PRIMARY KEY, body text, e real[]);
+                   -- A generated source: the vectorizer's AFTER triggers see the stored value.
+                   CREATE TABLE vw_generated (id int PRIMARY KEY, title text, content text,
+                                              body text GENERATED ALWAYS AS (title || ': ' || content) STORED, e real[]);
+                   CREATE TABLE vw_parts (id int, part int, body text, e real[], PRIMARY KEY (part, id) DEFERRABLE) PARTITION BY LIST (part);
+                   CREATE TABLE vw_parts_1 PARTITION OF vw_parts FOR VALUES IN (1);
+                   CREATE TABLE vw_parts_2 PARTITION OF vw_parts FOR VALUES IN (2);
+                   CREATE TABLE vw_parent (id int, body text, e real[]);
+                   CREATE TABLE vw_child (PRIMARY KEY (id)) INHERITS (vw_parent);
+                   SELECT nvembed_create_vectorizer('vw_keys', 'body', 'embedding');
+                   SELECT nvembed_create_vectorizer('vw_docs', 'body', 'e');
+                   SELECT nvembed_create_vectorizer('vw_generated', 'body', 'e');
+                   SELECT nvembed_create_vectorizer('vw_parts', 'body', 'e');
+                   SELECT nvembed_create_vectorizer('vw_child', 'body', 'e');
+                   INSERT INTO vw_keys VALUES (1, 'alpha'), (2, 'beta'), (3, 'gamma'), (4, 'delta');
+                   INSERT INTO vw_docs VALUES (1, 'first'), (2, 'second'), (3, 'third');
+                   INSERT INTO vw_generated VALUES (1, 'a title', 'some content'), (2, 'other title', 'more content');
+                   INSERT INTO vw_parts VALUES (1, 1, 'one'), (2, 1, 'two'), (1, 2, 'uno'), (2, 2, 'dos');
+                   INSERT INTO vw_child VALUES (1, 'child one'), (2, 'child two');
+                   DO $$ BEGIN END $$"#
+            ),
+        );
+        for (table, target) in [
+            ("vw_keys", "embedding"),
+            ("vw_docs", "e"),
+            ("vw_parts", "e"),
+            ("vw_child", "e"),
+        ] {
+            let rows = remote_text("vw", &format!("SELECT count(*)::text FROM {table}"));
+            assert_eq!(
+                drained_state("vw", table, "body", target),
+                format!("{rows},{rows},0"),
+                "{table} after the inserts"
+            );
+        }
+        remote_exec(
+            "vw",
+            r#"-- Keys and texts changed by one statement: rows move onto keys other rows held.
+               UPDATE vw_keys SET id = id + 1, body = upper(body);
+               -- Two rows swap keys, one of them with a new text.
+               UPDATE vw_keys SET id = 7 - id, body = CASE id WHEN 2 THEN 'swapped' ELSE body END WHERE id IN (2, 5);
+               -- A key change alone: the row's text changed just before, and is not embedded yet.
+               UPDATE vw_keys SET id = 10 WHERE id = 3;
+               INSERT INTO vw_docs VALUES (1, 'first, upserted'), (9, 'new, upserted')
+                   ON CONFLICT (id) DO UPDATE SET body = excluded.body;
+               MERGE INTO vw_docs d USING (VALUES (2, 'second, merged'), (3, NULL), (10, 'new, merged')) AS s(id, body) ON d.id = s.id
+                   WHEN MATCHED AND s.body IS NULL THEN DELETE
+                   WHEN MATCHED THEN UPDATE SET body = s.body
+                   WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.body);
+               -- Rows moved between partitions, and two that swap partitions (and keys).
+               UPDATE vw_parts SET part = 2, id = 3, body = 'two, moved' WHERE part = 1 AND id = 2;
+               UPDATE vw_parts SET part = 3 - part, body = body || ', swapped' WHERE id = 1;
+               UPDATE vw_generated SET content = 'changed content' WHERE id = 1;
+               UPDATE vw_generated SET id = 3 WHERE id = 2;
+               -- An inheritance child's rows, written through its parent.
+               UPDATE vw_parent SET body = 'child one, through the parent' WHERE id = 1"#,
+        );
+        assert_eq!(drained_state("vw", "vw_keys", "body", "embedding"), "4,4,0");
+        assert_eq!(
+            remote_text(
+                "vw",
+                "SELECT string_agg(id || ':' || body, ' ' ORDER BY id) FROM vw_keys"
+            ),
+            "2:DELTA 4:GAMMA 5:swapped 10:BETA"
+        );
+        assert_eq!(drained_state("vw", "vw_docs", "body", "e"), "4,4,0");
+        assert_eq!(drained_state("vw", "vw_parts", "body", "e"), "4,4,0");
+        assert_eq!(
+            remote_text(
+                "vw",
+                "SELECT string_agg(part || '/' || id || ':' || body, ' ' ORDER BY part, id) FROM vw_parts"
+            ),
+            "1/1:uno, swapped 2/1:one, swapped 2/2:dos 2/3:two, moved"
+        );
+        assert_eq!(drained_state("vw", "vw_child", "body", "e"), "2,2,0");
+        assert_eq!(drained_state("vw", "vw_generated", "body", "e"), "2,2,0");
+        remote_exec("vw", "DROP TABLE vw_keys, vw_docs, vw_generated, vw_parts, vw_parent CASCADE");
+        Spi::run("SELECT dblink_disconnect('vw')").unwrap();
+    }
+
+    #[pg_test]
+    fn tables_a_vectorizer_would_miss_rows_of_are_refused() {
+        use_fixture();
+        Spi::run(
+            "CREATE TABLE vrp (id int, part int, body text, e real[], PRIMARY KEY (part, id)) PARTITION BY LIST (part);
+             CREATE TABLE vrp_1 PARTITION OF vrp FOR VALUES IN (1);
+             CREATE TABLE vrp_parent (id int PRIMARY KEY, body text, e real[]);
+             CREATE TABLE vrp_child () INHERITS (vrp_parent);
+             CREATE TABLE vrp_alone (id int PRIMARY KEY, body text, e real[]);
+             CREATE TABLE vrp_other (id int PRIMARY KEY, body text, e real[]);
+             CREATE TABLE vrp_loose (id int, part int, body text, e real[], PRIMARY KEY (part, id));",
+        )
+        .unwrap();
+        assert_error(
+            "PERFORM nvembed_create_vectorizer('vrp_1', 'body', 'e')",
+            "42809",
+            "vrp_1 is a partition of public.vrp",
+        );
+        assert_error(
+            "PERFORM nvembed_create_vectorizer('vrp_parent', 'body', 'e')",
+            "42809",
+            "vrp_parent has inheritance children",
+        );
+        // Nor may a vectorized table become either later.
+        Spi::run("SELECT nvembed_create_vectorizer('vrp_alone', 'body', 'e'), nvembed_create_vectorizer('vrp_loose', 'body', 'e')")
+            .unwrap();
+        assert_error(
+            "CREATE TABLE vrp_alone_child () INHERITS (vrp_alone)",
+            "55000",
+            "vrp_alone has a vectorizer: it cannot have inheritance children",
+        );
+        assert_error(
+            "ALTER TABLE vrp_other INHERIT vrp_alone",
+            "55000",
+            "cannot have inheritance children",
+        );
+        assert_error(
+            "ALTER TABLE vrp ATTACH PARTITION vrp_loose FOR VALUES IN (2)",
+            "55000",
+            "vrp_loose has a vectorizer: it cannot become a partition",
+        );
+    }
+
+    #[pg_test]
+    fn renamed_columns_are_followed_and_the_table_stays_writable() {
+        use_fixture();
+        remote_session("vrn");
+        remote_exec(
+            "vrn",
+            "CREATE TABLE vrn (id int PRIMARY KEY, body text, e real[]);
+             SELECT nvembed_create_vectorizer('vrn', 'body', 'e');
+             INSERT INTO vrn VALUES (1, 'before the renames');
+             ALTER TABLE vrn RENAME COLUMN body TO content;
+             ALTER TABLE vrn RENAME COLUMN e TO embedding;
+             ALTER TABLE vrn RENAME COLUMN id TO doc_id;
+             INSERT INTO vrn VALUES (2, 'after the renames');
+             UPDATE vrn SET content = 'changed after the renames' WHERE doc_id = 1",
+        );
+        assert_eq!(drained_state("vrn", "vrn", "content", "embedding"), "2,2,0");
+        assert_eq!(
+            status("vrn", "vrn", "source_column, target_column, last_error IS NULL"),
+            "content,embedding,t"
+        );
+        remote_exec("vrn", "DROP TABLE vrn");
+        Spi::run("SELECT dblink_disconnect('vrn')").unwrap();
+    }
+
+    #[pg_test]
+    fn the_views_show_only_rows_that_row_level_security_shows() {
+        use_fixture();
+        remote_session("vrl");
+        remote_exec(
+            "vrl",
+            "CREATE TABLE vrl (email text PRIMARY KEY, tenant name NOT NULL, body text, e real[]);
+             ALTER TABLE vrl ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY own_rows ON vrl USING (tenant = current_user);
+             CREATE ROLE vrl_a; CREATE ROLE vrl_b;
+             GRANT SELECT, INSERT, UPDATE ON vrl TO vrl_a, vrl_b;
+             SELECT nvembed_create_vectorizer('vrl', 'body', 'e');
+             -- Failures and queue entries written as the worker would.
+             INSERT INTO nvembed_vectorizer_failure
+             SELECT v.id, k, 3, 'failed for ' || k, now() FROM nvembed_vectorizer v,
+                    unnest(ARRAY['{a@example.com}', '{b@example.com}']) AS k WHERE v.tbl = 'vrl'::regclass;
+             -- (Not due: the worker must leave it there.)
+             INSERT INTO nvembed_vectorizer_queue (vectorizer_id, row_key, last_error, last_attempt_at, next_attempt_at)
+             SELECT v.id, '{b2@example.com}', 'queued for b2', now() + interval '1 s', 'infinity'
+             FROM nvembed_vectorizer v WHERE v.tbl = 'vrl'::regclass;
+             INSERT INTO vrl VALUES ('a@example.com', 'vrl_a', NULL), ('b@example.com', 'vrl_b', NULL), ('b2@example.com', 'vrl_b', NULL)",
+        );
+        let seen = |role: &str| {
+            remote_text(
+                "vrl",
+                &format!(
+                    "SET ROLE {role};
+                     SELECT (SELECT coalesce(string_agg(row_key[1] || '=' || last_error, ' ' ORDER BY row_key), '-')
+                             FROM nvembed_vectorizer_failures WHERE tbl = 'vrl'::regclass)
+                            || ' / ' || (SELECT concat_ws(',', failed, pending + in_progress, coalesce(last_error, '-'))
+                                         FROM nvembed_vectorizer_status WHERE tbl = 'vrl'::regclass)"
+                ),
+            )
+        };
+        assert_eq!(
+            seen("vrl_a"),
+            "a@example.com=failed for {a@example.com} / 1,0,failed for {a@example.com}"
+        );
+        assert_eq!(
+            seen("vrl_b"),
+            "b@example.com=failed for {b@example.com} / 1,1,queued for b2"
+        );
+        remote_exec(
+            "vrl",
+            "RESET ROLE; SELECT nvembed_drop_vectorizer('vrl', 'e'); DROP TABLE vrl; DROP ROLE vrl_a, vrl_b",
+        );
+        Spi::run("SELECT dblink_disconnect('vrl')").unwrap();
     }
 }

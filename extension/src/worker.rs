@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
 
 use nvembed_protocol::{SERVER_EXECUTABLE, SOCKET_NAME};
@@ -39,7 +39,10 @@ pub fn register() {
         .set_type("nvembed")
         .set_library("nvembed")
         .set_function("nvembed_worker_main")
-        .enable_shmem_access(None)
+        // Connected to no database: it reads the shared catalog pg_database, to start the
+        // vectorizer workers only of databases that exist.
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::ConsistentState)
         .set_restart_time(Some(Duration::from_secs(1)))
         .load();
 }
@@ -189,6 +192,7 @@ impl Supervised {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn nvembed_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
     let mut settings = crate::gucs::server_settings();
     let mut server = Supervised {
         child: None,
