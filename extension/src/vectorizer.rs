@@ -147,14 +147,33 @@ impl Workers {
     }
 }
 
-/// Whether database `name` exists (the supervisor is connected to no database; pg_database is
-/// shared by all).
+/// Whether database `name` exists. The supervisor is connected to no database: it can read the
+/// shared catalog pg_database, but only by a heap scan (no catalog index is open without a
+/// database, so `get_database_oid` fails), as the autovacuum launcher lists databases.
 fn database_exists(name: &str) -> bool {
-    let Ok(name) = std::ffi::CString::new(name) else {
-        return false;
-    };
-    // SAFETY: a catalog lookup inside the transaction BackgroundWorker::transaction opens.
-    BackgroundWorker::transaction(|| unsafe { pg_sys::get_database_oid(name.as_ptr(), true) } != pg_sys::InvalidOid)
+    BackgroundWorker::transaction(|| {
+        // SAFETY: a catalog scan inside the transaction BackgroundWorker::transaction opens; the
+        // relation and scan are closed before it ends, and each tuple is read while current.
+        unsafe {
+            let relation = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            let scan = pg_sys::table_beginscan_catalog(relation, 0, std::ptr::null_mut());
+            let mut found = false;
+            loop {
+                let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+                if tuple.is_null() {
+                    break;
+                }
+                let database = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
+                if std::ffi::CStr::from_ptr((*database).datname.data.as_ptr()).to_bytes() == name.as_bytes() {
+                    found = true;
+                    break;
+                }
+            }
+            pg_sys::table_endscan(scan);
+            pg_sys::table_close(relation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            found
+        }
+    })
 }
 
 /// A claimed batch: handed back to the SQL functions unchanged, with the vectors.
