@@ -364,15 +364,17 @@ BEGIN
                        format('nvembed_vectorizer_%s_moved', id), rel, id);
     END IF;
     IF rel = v.tbl THEN
+        -- (The operator's function by name: ROW(a) *= ROW(b) parses as a comparison of the
+        -- values themselves, and pg_dump prints ROW(a)::record as (a).)
         needs_vector := format(
             '(NEW.%1$I IS NULL AND NEW.%2$I IS NOT NULL)
-             OR (NOT (ROW(NEW.%2$I)::record OPERATOR(pg_catalog.*=) ROW(OLD.%2$I)::record)
-                 AND (NEW.%1$I IS NULL OR ROW(NEW.%1$I)::record OPERATOR(pg_catalog.*=) ROW(OLD.%1$I)::record))',
+             OR (NOT pg_catalog.record_image_eq(ROW(NEW.%2$I), ROW(OLD.%2$I))
+                 AND (NEW.%1$I IS NULL OR pg_catalog.record_image_eq(ROW(NEW.%1$I), ROW(OLD.%1$I))))',
             v.target_column, v.source_column);
         EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s FOR EACH ROW WHEN (%s)
                         EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue_row(%s)',
                        format('nvembed_vectorizer_%s_update', id), rel, needs_vector, id);
-        EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s FOR EACH ROW WHEN (NOT (ROW(%s)::record OPERATOR(pg_catalog.*=) ROW(%s)::record))
+        EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s FOR EACH ROW WHEN (NOT pg_catalog.record_image_eq(ROW(%s), ROW(%s)))
                         EXECUTE FUNCTION @extschema@.nvembed_vectorizer_enqueue_row(%s, ''rekey'')',
                        format('nvembed_vectorizer_%s_rekey', id), rel,
                        (SELECT string_agg(format('NEW.%I', k), ', ') FROM unnest(v.key_columns) AS k),
@@ -522,22 +524,22 @@ BEGIN ATOMIC
     DELETE FROM @extschema@.nvembed_vectorizer v WHERE v.id = ANY (ids);
 END;
 
--- Drops the triggers of vectorizer `id` on `tbl` and its partitions.
+-- Drops the triggers of vectorizer `id` on `tbl` and its partitions (the clones of its row
+-- triggers go with them).
 CREATE FUNCTION nvembed_vectorizer_drop_triggers(id integer, tbl regclass) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    part regclass;
+    t record;
 BEGIN
-    -- The row triggers on the table first: their clones on the partitions go with them (and
-    -- cannot be dropped by themselves).
-    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_update', id), tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_rekey', id), tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_replica_insert', id), tbl);
-    FOR part IN SELECT tbl UNION SELECT relid FROM pg_partition_tree(tbl) LOOP
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_insert', id), part);
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('nvembed_vectorizer_%s_moved', id), part);
+    FOR t IN
+        SELECT g.tgrelid::regclass AS rel, g.tgname FROM pg_trigger g
+        WHERE g.tgrelid IN (SELECT tbl UNION SELECT p.relid FROM pg_partition_tree(tbl) p) AND g.tgparentid = 0
+          AND g.tgname IN (SELECT format('nvembed_vectorizer_%s_%s', id, kind)
+                           FROM unnest(ARRAY['insert', 'moved', 'update', 'rekey', 'replica_insert']) AS kind)
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
     END LOOP;
 END;
 $$;
