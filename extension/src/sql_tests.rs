@@ -101,6 +101,14 @@ pub(crate) mod tests {
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
     }
 
+    /// A `real[]` in its text form.
+    fn parse_vector(text: &str) -> Vec<f32> {
+        text.trim_matches(|c| c == '{' || c == '}')
+            .split(',')
+            .map(|x| x.parse().unwrap())
+            .collect()
+    }
+
     fn embed_sql(call: &str, text: &str) -> Vec<f32> {
         Spi::get_one_with_args::<Vec<f32>>(&format!("SELECT {call}"), &[text.into()])
             .unwrap()
@@ -572,14 +580,7 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(got.len(), texts.len());
         for (row, want) in got.iter().zip(&want) {
-            let row: Vec<f32> = row
-                .as_ref()
-                .unwrap()
-                .trim_matches(|c| c == '{' || c == '}')
-                .split(',')
-                .map(|x| x.parse().unwrap())
-                .collect();
-            assert!(max_abs_diff(&row, want) <= 1e-6);
+            assert!(max_abs_diff(&parse_vector(row.as_ref().unwrap()), want) <= 1e-6);
         }
         let nulls = Spi::get_one::<Vec<bool>>(
             "SELECT array_agg(e IS NULL ORDER BY n) FROM nvembed_queries(ARRAY['a', NULL, '', NULL]) WITH ORDINALITY AS t(e, n)",
@@ -1130,27 +1131,14 @@ pub(crate) mod tests {
         );
         Spi::run("SELECT dblink_disconnect('l1')").unwrap();
         Spi::run_with_args("SELECT dblink_exec($1, 'DROP DATABASE nvembed_latin1')", &[conn.into()]).unwrap();
-        let got_task: Vec<f32> = got_task
-            .unwrap()
-            .unwrap()
-            .trim_matches(|c| c == '{' || c == '}')
-            .split(',')
-            .map(|x| x.parse().unwrap())
-            .collect();
+        let got_task = parse_vector(&got_task.unwrap().unwrap());
         let want_task = Spi::get_one_with_args::<Vec<f32>>("SELECT nvembed_query($1, $2)", &[query.into(), task.into()])
             .unwrap()
             .unwrap();
         assert!(max_abs_diff(&got_task, &want_task) <= 1e-6);
         let got = got.map(|v| v.unwrap());
         match got {
-            Ok(v) => {
-                let v: Vec<f32> = v
-                    .trim_matches(|c| c == '{' || c == '}')
-                    .split(',')
-                    .map(|x| x.parse().unwrap())
-                    .collect();
-                assert!(max_abs_diff(&v, &embed_sql("nvembed_passage($1)", text)) <= 1e-6);
-            }
+            Ok(v) => assert!(max_abs_diff(&parse_vector(&v), &embed_sql("nvembed_passage($1)", text)) <= 1e-6),
             Err(e) => panic!("{e}"),
         }
     }

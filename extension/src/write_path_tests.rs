@@ -156,18 +156,24 @@ mod tests {
         Spi::run("SELECT dblink_disconnect('cq')").unwrap();
     }
 
+    /// Polls `ready` until it holds; fails the test after 30 s, saying what was awaited.
+    fn wait_until(what: &str, ready: impl Fn() -> bool) {
+        let started = std::time::Instant::now();
+        while !ready() {
+            assert!(seconds(started) < 30.0, "{what} did not happen within 30 s");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// Waits until the model server's status reports a dtype for which `ready` holds (the
     /// configured name until the model is loaded, then the one it was loaded in).
     fn wait_for_dtype(ready: impl Fn(&str) -> bool) {
-        let started = std::time::Instant::now();
-        loop {
-            let dtype = Spi::get_one::<String>("SELECT dtype FROM nvembed_status()").unwrap();
-            if dtype.as_deref().is_some_and(&ready) {
-                return;
-            }
-            assert!(seconds(started) < 30.0, "the model server did not come up as expected (dtype {dtype:?})");
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        wait_until("the model server's restart with another dtype", || {
+            Spi::get_one::<String>("SELECT dtype FROM nvembed_status()")
+                .unwrap()
+                .as_deref()
+                .is_some_and(&ready)
+        });
     }
 
     #[pg_test]
@@ -193,21 +199,16 @@ mod tests {
 
     /// Waits until a vectorizer worker is connected to `database`.
     fn wait_for_worker(database: &str) {
-        let started = std::time::Instant::now();
-        loop {
+        wait_until(&format!("a vectorizer worker's connection to {database}"), || {
             // (pg_stat_activity is read once per transaction unless its snapshot is cleared.)
             Spi::run("SELECT pg_stat_clear_snapshot()").unwrap();
-            let workers = Spi::get_one_with_args::<i64>(
+            Spi::get_one_with_args::<i64>(
                 "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'nvembed vectorizer' AND datname = $1",
                 &[database.into()],
             )
-            .unwrap();
-            if workers == Some(1) {
-                return;
-            }
-            assert!(seconds(started) < 30.0, "no vectorizer worker connected to {database}");
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+            .unwrap()
+                == Some(1)
+        });
     }
 
     #[pg_test]
