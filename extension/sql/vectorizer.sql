@@ -131,7 +131,9 @@ RETURN EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer v
 ALTER TABLE nvembed_vectorizer ENABLE ROW LEVEL SECURITY;
 ALTER TABLE nvembed_vectorizer_queue ENABLE ROW LEVEL SECURITY;
 ALTER TABLE nvembed_vectorizer_failure ENABLE ROW LEVEL SECURITY;
-CREATE POLICY read ON nvembed_vectorizer FOR SELECT USING (true);
+-- A role sees the vectorizers of tables it may read (their names, columns and owners are no
+-- business of roles that may not).
+CREATE POLICY read ON nvembed_vectorizer FOR SELECT USING (pg_catalog.has_any_column_privilege(tbl, 'SELECT'));
 CREATE POLICY create_own ON nvembed_vectorizer FOR INSERT
     WITH CHECK (owner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER)
                 AND pg_catalog.has_table_privilege(tbl, 'TRIGGER')

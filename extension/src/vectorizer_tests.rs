@@ -760,7 +760,7 @@ mod tests {
             "CREATE TABLE vrl (email text PRIMARY KEY, tenant name NOT NULL, body text, e real[]);
              ALTER TABLE vrl ENABLE ROW LEVEL SECURITY;
              CREATE POLICY own_rows ON vrl USING (tenant = current_user);
-             CREATE ROLE vrl_a; CREATE ROLE vrl_b;
+             CREATE ROLE vrl_a; CREATE ROLE vrl_b; CREATE ROLE vrl_none;
              GRANT SELECT, INSERT, UPDATE ON vrl TO vrl_a, vrl_b;
              SELECT nvembed_create_vectorizer('vrl', 'body', 'e');
              -- Failures and queue entries written as the worker would.
@@ -793,9 +793,17 @@ mod tests {
             seen("vrl_b"),
             "b@example.com=failed for {b@example.com} / 1,1,queued for b2"
         );
+        // A role that may not read the table does not see its vectorizer at all.
+        assert_eq!(
+            remote_text(
+                "vrl",
+                "SET ROLE vrl_none; SELECT count(*)::text FROM nvembed_vectorizer WHERE tbl = 'vrl'::regclass"
+            ),
+            "0"
+        );
         remote_exec(
             "vrl",
-            "RESET ROLE; SELECT nvembed_drop_vectorizer('vrl', 'e'); DROP TABLE vrl; DROP ROLE vrl_a, vrl_b",
+            "RESET ROLE; SELECT nvembed_drop_vectorizer('vrl', 'e'); DROP TABLE vrl; DROP ROLE vrl_a, vrl_b, vrl_none",
         );
         Spi::run("SELECT dblink_disconnect('vrl')").unwrap();
     }
