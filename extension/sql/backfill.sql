@@ -15,10 +15,11 @@
 -- several columns of any type). A position may come to hold another row (after a DELETE and a
 -- VACUUM), so it is trusted only together with the text re-checked at the write.
 
--- The vectors of `texts` (two-dimensional: one row per text, in order) from `embed_call`, in as
--- few calls as nvembed.max_request_tokens allows: a call the model server refuses as too large
--- (refused before any compute; long documents reach the limit at a few dozen texts) is split in
--- halves until the parts fit. A single text that does not fit fails as it would alone.
+-- The vectors of `texts` (a two-dimensional array, one row per text, in order) from
+-- `embed_call`, in as few calls as nvembed.max_request_tokens allows: a call the model server
+-- refuses as too large (refused before any compute; long documents reach the limit at a few
+-- dozen texts) is split in halves until the parts fit. A single text that does not fit fails as
+-- it would alone.
 CREATE FUNCTION nvembed_backfill_embed(embed_call text, texts text[]) RETURNS real[]
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp

@@ -66,10 +66,11 @@ AS 'MODULE_PATHNAME', 'nvembed_task_instruction_wrapper';
 --           the source is unchanged: a NULL target is filled, any other target is kept.
 -- A NULL source gives a NULL embedding. A generated source column is refused (it is computed
 -- after BEFORE triggers; a vectorizer embeds it). This must be the last BEFORE trigger to fire
--- (they fire in name order): a warning names any that fires after it. Only the two named columns
--- are read, and only the target is written: the row is never converted as a whole (a 4096-float
--- vector is ~50 KB of text). The target may be vector(N), halfvec(N) or real[]: the value is assigned through the
--- column type's own input, exactly as an INSERT of the array would be.
+-- (they fire in name order): a warning (once per transaction and table) names any that fires
+-- after it. Only the two named columns are read, and only the target is written: the row is
+-- never converted as a whole (a 4096-float vector is ~50 KB of text). The target may be
+-- vector(N), halfvec(N) or real[]: the value is assigned through the column type's own input,
+-- exactly as an INSERT of the array would be.
 CREATE OR REPLACE FUNCTION nvembed_embed_trigger() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -124,7 +125,11 @@ BEGIN
                       WHERE t.tgrelid = TG_RELID AND t.tgname > TG_NAME COLLATE "C" AND t.tgenabled <> 'D' AND NOT t.tgisinternal
                         AND t.tgtype & (1 | 2) = (1 | 2) -- ROW, BEFORE
                         AND t.tgtype & CASE TG_OP WHEN 'INSERT' THEN 4 ELSE 16 END <> 0);
-    IF later_trigger IS NOT NULL THEN
+    -- Once per transaction and table (a bulk write would repeat it for every row).
+    IF later_trigger IS NOT NULL
+       AND NOT coalesce(TG_RELID::text = ANY (string_to_array(current_setting('nvembed_trigger.order_warned', true), ',')), false) THEN
+        PERFORM set_config('nvembed_trigger.order_warned',
+                           concat_ws(',', nullif(current_setting('nvembed_trigger.order_warned', true), ''), TG_RELID::text), true);
         RAISE WARNING 'trigger "%" on %.% fires after nvembed''s trigger "%": a change it makes to "%" is not embedded',
                 later_trigger, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_NAME, source_column
             USING HINT = format('BEFORE triggers fire in name order: rename nvembed''s so that it fires last, e.g. ALTER TRIGGER %I ON %I.%I RENAME TO %I;',
@@ -213,10 +218,11 @@ CREATE EVENT TRIGGER nvembed_embed_trigger_on_create ON ddl_command_end WHEN TAG
 -- several columns of any type). A position may come to hold another row (after a DELETE and a
 -- VACUUM), so it is trusted only together with the text re-checked at the write.
 
--- The vectors of `texts` (two-dimensional: one row per text, in order) from `embed_call`, in as
--- few calls as nvembed.max_request_tokens allows: a call the model server refuses as too large
--- (refused before any compute; long documents reach the limit at a few dozen texts) is split in
--- halves until the parts fit. A single text that does not fit fails as it would alone.
+-- The vectors of `texts` (a two-dimensional array, one row per text, in order) from
+-- `embed_call`, in as few calls as nvembed.max_request_tokens allows: a call the model server
+-- refuses as too large (refused before any compute; long documents reach the limit at a few
+-- dozen texts) is split in halves until the parts fit. A single text that does not fit fails as
+-- it would alone.
 CREATE FUNCTION nvembed_backfill_embed(embed_call text, texts text[]) RETURNS real[]
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -844,6 +850,10 @@ BEGIN
           AND g.tgname IN (format('nvembed_vectorizer_%s_update', v.id), format('nvembed_vectorizer_%s_rekey', v.id),
                            format('nvembed_vectorizer_%s_replica_insert', v.id))
           AND g.tgfoid = '@extschema@.nvembed_vectorizer_enqueue_row()'::regprocedure
+          -- Only triggers still as CREATE TRIGGER made them: any role may call this, and it
+          -- must neither lock a table whose triggers are set already nor re-enable a trigger
+          -- the table's owner disabled.
+          AND g.tgenabled = 'O'
     LOOP
         EXECUTE format('ALTER TABLE %s ENABLE %s TRIGGER %I', t.rel, t.firing, t.tgname);
     END LOOP;
@@ -1056,7 +1066,8 @@ CREATE EVENT TRIGGER nvembed_vectorizer_on_drop ON sql_drop EXECUTE FUNCTION nve
 --   * a vectorized table may not become a partition or get inheritance children (the
 --     vectorizer would miss rows written to them; nvembed_create_vectorizer refuses the same);
 --   * a renamed source, target or key column is followed: a RENAME COLUMN renames one column,
---     so the one name of a vectorizer of the table that no longer exists is the renamed one.
+--     so the one name of a vectorizer of the table that no longer exists is the renamed one;
+--   * the vectorizer's row triggers fire as nvembed_vectorizer_set_firing says.
 CREATE FUNCTION nvembed_vectorizer_on_alter() RETURNS event_trigger
 LANGUAGE plpgsql
 -- The triggers are the vectorizer's, whoever adds the partition or renames the column.
@@ -1086,21 +1097,24 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = format('Drop the vectorizer first: SELECT nvembed_drop_vectorizer(%L, ...).', offending.tbl);
     END IF;
+    -- Only where exactly one name is missing: more (a column dropped before, or renames this
+    -- trigger did not see) are not guessed at; the status view reports them.
     FOR renamed IN
-        SELECT d.objid AS rel, a.attname AS new_name
+        SELECT v.id, m.old_name, a.attname AS new_name
         FROM pg_event_trigger_ddl_commands() d
         JOIN pg_attribute a ON a.attrelid = d.objid AND a.attnum = d.objsubid
-        WHERE d.classid = 'pg_class'::regclass AND d.objsubid > 0 AND d.object_type = 'table column'
+        JOIN @extschema@.nvembed_vectorizer v ON v.tbl = d.objid
+        CROSS JOIN LATERAL (SELECT min(c.name) AS old_name, count(DISTINCT c.name) AS missing
+                            FROM unnest(v.key_columns || ARRAY[v.source_column, v.target_column]) AS c(name)
+                            WHERE NOT @extschema@.nvembed_vectorizer_has_column(v.tbl, c.name)) m
+        WHERE d.classid = 'pg_class'::regclass AND d.objsubid > 0 AND d.object_type = 'table column' AND m.missing = 1
     LOOP
         UPDATE @extschema@.nvembed_vectorizer v
-        SET source_column = CASE WHEN @extschema@.nvembed_vectorizer_has_column(v.tbl, v.source_column)
-                                 THEN v.source_column ELSE renamed.new_name END,
-            target_column = CASE WHEN @extschema@.nvembed_vectorizer_has_column(v.tbl, v.target_column)
-                                 THEN v.target_column ELSE renamed.new_name END,
-            key_columns = ARRAY(SELECT CASE WHEN @extschema@.nvembed_vectorizer_has_column(v.tbl, k.name)
-                                            THEN k.name ELSE renamed.new_name END
+        SET source_column = CASE WHEN v.source_column = renamed.old_name THEN renamed.new_name ELSE v.source_column END,
+            target_column = CASE WHEN v.target_column = renamed.old_name THEN renamed.new_name ELSE v.target_column END,
+            key_columns = ARRAY(SELECT CASE WHEN k.name = renamed.old_name THEN renamed.new_name ELSE k.name END
                                 FROM unnest(v.key_columns) WITH ORDINALITY AS k(name, n) ORDER BY k.n)
-        WHERE v.tbl = renamed.rel;
+        WHERE v.id = renamed.id;
     END LOOP;
     FOR missing IN
         SELECT DISTINCT v.id, p.relid::regclass AS part
@@ -1118,6 +1132,16 @@ BEGIN
                       WHERE t.tgrelid = v.tbl AND t.tgname = format('nvembed_vectorizer_%s_insert', v.id))
     LOOP
         PERFORM @extschema@.nvembed_vectorizer_create_triggers(missing.id, missing.part);
+    END LOOP;
+    -- A new partition's clones, and `ALTER TABLE ... ENABLE TRIGGER ALL` after a bulk load (it
+    -- makes every trigger fire in origin mode only): the row triggers fire as they must again.
+    FOR missing IN
+        SELECT DISTINCT v.id
+        FROM pg_event_trigger_ddl_commands() d
+        JOIN @extschema@.nvembed_vectorizer v
+          ON v.tbl = d.objid OR v.tbl IN (SELECT a.relid FROM pg_partition_ancestors(d.objid) AS a(relid))
+        WHERE d.classid = 'pg_class'::regclass
+    LOOP
         PERFORM @extschema@.nvembed_vectorizer_set_firing(missing.id);
     END LOOP;
 END;

@@ -9,10 +9,11 @@
 --           the source is unchanged: a NULL target is filled, any other target is kept.
 -- A NULL source gives a NULL embedding. A generated source column is refused (it is computed
 -- after BEFORE triggers; a vectorizer embeds it). This must be the last BEFORE trigger to fire
--- (they fire in name order): a warning names any that fires after it. Only the two named columns
--- are read, and only the target is written: the row is never converted as a whole (a 4096-float
--- vector is ~50 KB of text). The target may be vector(N), halfvec(N) or real[]: the value is assigned through the
--- column type's own input, exactly as an INSERT of the array would be.
+-- (they fire in name order): a warning (once per transaction and table) names any that fires
+-- after it. Only the two named columns are read, and only the target is written: the row is
+-- never converted as a whole (a 4096-float vector is ~50 KB of text). The target may be
+-- vector(N), halfvec(N) or real[]: the value is assigned through the column type's own input,
+-- exactly as an INSERT of the array would be.
 CREATE FUNCTION nvembed_embed_trigger() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -67,7 +68,11 @@ BEGIN
                       WHERE t.tgrelid = TG_RELID AND t.tgname > TG_NAME COLLATE "C" AND t.tgenabled <> 'D' AND NOT t.tgisinternal
                         AND t.tgtype & (1 | 2) = (1 | 2) -- ROW, BEFORE
                         AND t.tgtype & CASE TG_OP WHEN 'INSERT' THEN 4 ELSE 16 END <> 0);
-    IF later_trigger IS NOT NULL THEN
+    -- Once per transaction and table (a bulk write would repeat it for every row).
+    IF later_trigger IS NOT NULL
+       AND NOT coalesce(TG_RELID::text = ANY (string_to_array(current_setting('nvembed_trigger.order_warned', true), ',')), false) THEN
+        PERFORM set_config('nvembed_trigger.order_warned',
+                           concat_ws(',', nullif(current_setting('nvembed_trigger.order_warned', true), ''), TG_RELID::text), true);
         RAISE WARNING 'trigger "%" on %.% fires after nvembed''s trigger "%": a change it makes to "%" is not embedded',
                 later_trigger, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_NAME, source_column
             USING HINT = format('BEFORE triggers fire in name order: rename nvembed''s so that it fires last, e.g. ALTER TRIGGER %I ON %I.%I RENAME TO %I;',

@@ -410,6 +410,10 @@ BEGIN
           AND g.tgname IN (format('nvembed_vectorizer_%s_update', v.id), format('nvembed_vectorizer_%s_rekey', v.id),
                            format('nvembed_vectorizer_%s_replica_insert', v.id))
           AND g.tgfoid = '@extschema@.nvembed_vectorizer_enqueue_row()'::regprocedure
+          -- Only triggers still as CREATE TRIGGER made them: any role may call this, and it
+          -- must neither lock a table whose triggers are set already nor re-enable a trigger
+          -- the table's owner disabled.
+          AND g.tgenabled = 'O'
     LOOP
         EXECUTE format('ALTER TABLE %s ENABLE %s TRIGGER %I', t.rel, t.firing, t.tgname);
     END LOOP;
@@ -622,7 +626,8 @@ CREATE EVENT TRIGGER nvembed_vectorizer_on_drop ON sql_drop EXECUTE FUNCTION nve
 --   * a vectorized table may not become a partition or get inheritance children (the
 --     vectorizer would miss rows written to them; nvembed_create_vectorizer refuses the same);
 --   * a renamed source, target or key column is followed: a RENAME COLUMN renames one column,
---     so the one name of a vectorizer of the table that no longer exists is the renamed one.
+--     so the one name of a vectorizer of the table that no longer exists is the renamed one;
+--   * the vectorizer's row triggers fire as nvembed_vectorizer_set_firing says.
 CREATE FUNCTION nvembed_vectorizer_on_alter() RETURNS event_trigger
 LANGUAGE plpgsql
 -- The triggers are the vectorizer's, whoever adds the partition or renames the column.
@@ -652,21 +657,24 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = format('Drop the vectorizer first: SELECT nvembed_drop_vectorizer(%L, ...).', offending.tbl);
     END IF;
+    -- Only where exactly one name is missing: more (a column dropped before, or renames this
+    -- trigger did not see) are not guessed at; the status view reports them.
     FOR renamed IN
-        SELECT d.objid AS rel, a.attname AS new_name
+        SELECT v.id, m.old_name, a.attname AS new_name
         FROM pg_event_trigger_ddl_commands() d
         JOIN pg_attribute a ON a.attrelid = d.objid AND a.attnum = d.objsubid
-        WHERE d.classid = 'pg_class'::regclass AND d.objsubid > 0 AND d.object_type = 'table column'
+        JOIN @extschema@.nvembed_vectorizer v ON v.tbl = d.objid
+        CROSS JOIN LATERAL (SELECT min(c.name) AS old_name, count(DISTINCT c.name) AS missing
+                            FROM unnest(v.key_columns || ARRAY[v.source_column, v.target_column]) AS c(name)
+                            WHERE NOT @extschema@.nvembed_vectorizer_has_column(v.tbl, c.name)) m
+        WHERE d.classid = 'pg_class'::regclass AND d.objsubid > 0 AND d.object_type = 'table column' AND m.missing = 1
     LOOP
         UPDATE @extschema@.nvembed_vectorizer v
-        SET source_column = CASE WHEN @extschema@.nvembed_vectorizer_has_column(v.tbl, v.source_column)
-                                 THEN v.source_column ELSE renamed.new_name END,
-            target_column = CASE WHEN @extschema@.nvembed_vectorizer_has_column(v.tbl, v.target_column)
-                                 THEN v.target_column ELSE renamed.new_name END,
-            key_columns = ARRAY(SELECT CASE WHEN @extschema@.nvembed_vectorizer_has_column(v.tbl, k.name)
-                                            THEN k.name ELSE renamed.new_name END
+        SET source_column = CASE WHEN v.source_column = renamed.old_name THEN renamed.new_name ELSE v.source_column END,
+            target_column = CASE WHEN v.target_column = renamed.old_name THEN renamed.new_name ELSE v.target_column END,
+            key_columns = ARRAY(SELECT CASE WHEN k.name = renamed.old_name THEN renamed.new_name ELSE k.name END
                                 FROM unnest(v.key_columns) WITH ORDINALITY AS k(name, n) ORDER BY k.n)
-        WHERE v.tbl = renamed.rel;
+        WHERE v.id = renamed.id;
     END LOOP;
     FOR missing IN
         SELECT DISTINCT v.id, p.relid::regclass AS part
@@ -684,6 +692,16 @@ BEGIN
                       WHERE t.tgrelid = v.tbl AND t.tgname = format('nvembed_vectorizer_%s_insert', v.id))
     LOOP
         PERFORM @extschema@.nvembed_vectorizer_create_triggers(missing.id, missing.part);
+    END LOOP;
+    -- A new partition's clones, and `ALTER TABLE ... ENABLE TRIGGER ALL` after a bulk load (it
+    -- makes every trigger fire in origin mode only): the row triggers fire as they must again.
+    FOR missing IN
+        SELECT DISTINCT v.id
+        FROM pg_event_trigger_ddl_commands() d
+        JOIN @extschema@.nvembed_vectorizer v
+          ON v.tbl = d.objid OR v.tbl IN (SELECT a.relid FROM pg_partition_ancestors(d.objid) AS a(relid))
+        WHERE d.classid = 'pg_class'::regclass
+    LOOP
         PERFORM @extschema@.nvembed_vectorizer_set_firing(missing.id);
     END LOOP;
 END;

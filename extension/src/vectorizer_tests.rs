@@ -793,6 +793,31 @@ mod tests {
             seen("vrl_b"),
             "b@example.com=failed for {b@example.com} / 1,1,queued for b2"
         );
+        // Any role may call nvembed_vectorizer_set_firing: with the triggers set it changes and
+        // locks nothing, and never re-enables what the owner disabled; the owner's ENABLE
+        // TRIGGER ALL (origin mode only) is put right at once.
+        let id = remote_text("vrl", "RESET ROLE; SELECT id::text FROM nvembed_vectorizer WHERE tbl = 'vrl'::regclass");
+        let firing = "SELECT string_agg(tgname || '=' || tgenabled::text, ' ' ORDER BY tgname) FROM pg_trigger
+                      WHERE tgrelid = 'vrl'::regclass AND tgname LIKE 'nvembed\\_%'";
+        remote_exec("vrl", "ALTER TABLE vrl DISABLE TRIGGER ALL");
+        remote_exec("vrl", "SET ROLE vrl_none; BEGIN");
+        remote_text("vrl", &format!("SELECT nvembed_vectorizer_set_firing({id})::text"));
+        let pid = remote_text("vrl", "SELECT pg_backend_pid()::text");
+        assert_eq!(
+            Spi::get_one::<i64>(&format!("SELECT count(*) FROM pg_locks WHERE relation = 'vrl'::regclass AND pid = {pid}"))
+                .unwrap(),
+            Some(0)
+        );
+        remote_exec("vrl", "ROLLBACK; RESET ROLE");
+        let disabled = remote_text("vrl", firing);
+        assert!(!disabled.contains("=A") && !disabled.contains("=R") && !disabled.contains("=O"), "{disabled}");
+        remote_exec("vrl", "ALTER TABLE vrl ENABLE TRIGGER ALL");
+        assert_eq!(
+            remote_text("vrl", firing),
+            format!(
+                "nvembed_vectorizer_{id}_insert=O nvembed_vectorizer_{id}_rekey=A nvembed_vectorizer_{id}_replica_insert=R nvembed_vectorizer_{id}_update=A"
+            )
+        );
         // A role that may not read the table does not see its vectorizer at all.
         assert_eq!(
             remote_text(
