@@ -85,6 +85,8 @@ for major in "${build_pg[@]}"; do
   echo "building PostgreSQL ${VERSION[$major]} (Debian ${SUITE[$major]} source) into $prefix"
   # From scratch: nothing of an older recipe's build (or of what was installed into it) survives.
   $SUDO rm -rf "$prefix"
+  # The server runs as the postgres OS user: PG_PREFIX must let it in (`mktemp -d` makes 0700).
+  $SUDO install -d "$PREFIX_ROOT" && $SUDO chmod a+rx "$PREFIX_ROOT"
   fetch "postgresql-$major" "${VERSION[$major]}" "$work/pg$major"
   (
     cd "$work/pg$major"
