@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nvembed_protocol::{
-    decode_frame, text_chunks, ClientMessage, EmbedHeader, ErrorKind, ServerMessage, Status, WorkClass, BUILD_ID,
-    MAX_FRAME_BYTES, SOCKET_NAME,
+    decode_frame, text_chunks, ClientMessage, EmbedHeader, ErrorKind, Identity, ServerMessage, Status, WorkClass,
+    BUILD_ID, MAX_TEXT_BYTES, SOCKET_NAME,
 };
 use pgrx::pg_sys::panic::ErrorReport;
-use pgrx::{PgLogLevel, PgSqlErrorCode};
+use pgrx::{pg_sys, PgLogLevel, PgSqlErrorCode};
 
 use crate::gucs;
 
@@ -151,9 +151,18 @@ impl Connection {
             start: 0,
         };
         connection.send(&ClientMessage::Hello { build: BUILD_ID.into() })?;
+        connection.send(&ClientMessage::Identify(Identity {
+            role: session_role(),
+            role_connections: gucs::max_calls_per_role(),
+        }))?;
         match connection.receive()? {
-            ServerMessage::Hello { build } if build == BUILD_ID => Ok(connection),
-            ServerMessage::Hello { build } => Err(different_builds(&build)),
+            ServerMessage::Hello { build } if build == BUILD_ID => {}
+            ServerMessage::Hello { build } => return Err(different_builds(&build)),
+            other => return Err(protocol_violation(&other)),
+        }
+        match connection.receive()? {
+            ServerMessage::Ready => Ok(connection),
+            ServerMessage::Error { kind, message } => Err(call_failed(kind, message)),
             other => Err(protocol_violation(&other)),
         }
     }
@@ -167,6 +176,14 @@ impl Connection {
                 Ok(0) => return Err(lost(IoErrorKind::WriteZero.into())),
                 Ok(n) => sent += n,
                 Err(e) if still_waiting(&e) => check_interrupts()?,
+                Err(e) if matches!(e.kind(), IoErrorKind::BrokenPipe | IoErrorKind::ConnectionReset) => {
+                    // The server may have refused the call before reading all of it, and closed
+                    // the connection: its reason waits in the socket.
+                    return Err(match self.receive() {
+                        Ok(ServerMessage::Error { kind, message }) => call_failed(kind, message),
+                        _ => lost(e),
+                    });
+                }
                 Err(e) => return Err(lost(e)),
             }
         }
@@ -214,6 +231,7 @@ fn protocol_violation(message: &ServerMessage) -> CallError {
     let what = match message {
         ServerMessage::Hello { .. } => "a handshake",
         ServerMessage::Status(_) => "a status",
+        ServerMessage::Ready => "an admission",
         ServerMessage::Vectors { .. } => "vectors",
         ServerMessage::Done => "the end of a call",
         ServerMessage::Error { .. } => "an error",
@@ -257,6 +275,22 @@ fn call_failed(kind: ErrorKind, message: String) -> CallError {
             format!("nvembed model server error: {message}"),
             "See the server log.",
         ),
+        ErrorKind::Busy => CallError::new(
+            PgSqlErrorCode::ERRCODE_TOO_MANY_CONNECTIONS,
+            format!("nvembed: {message}"),
+            "Close cursors over nvembed_passages / nvembed_queries that are no longer read, or retry later. A superuser \
+             can give a role more with ALTER ROLE ... SET nvembed.max_calls_per_role.",
+        ),
+    }
+}
+
+/// The session's login role, which the server's per-role connection limit counts.
+fn session_role() -> String {
+    // SAFETY: the session user exists for as long as the session; GetUserNameFromId returns a
+    // palloc'd copy of its name.
+    unsafe {
+        let name = pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false);
+        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
     }
 }
 
@@ -271,14 +305,14 @@ fn check_limits(max_length: usize, texts: &[String]) -> CallResult<()> {
             "Lower nvembed.max_length, or raise nvembed.max_length_limit in postgresql.conf.",
         ));
     }
-    if let Some(text) = texts.iter().find(|t| t.len() > MAX_FRAME_BYTES / 2) {
+    if let Some(text) = texts.iter().find(|t| t.len() > MAX_TEXT_BYTES) {
         return Err(CallError::blaming(
             Blame::Text,
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             format!(
                 "nvembed: a text of {} bytes is longer than the {} bytes one text may have",
                 text.len(),
-                MAX_FRAME_BYTES / 2
+                MAX_TEXT_BYTES
             ),
             "Split the text; at most nvembed.max_length tokens of it are embedded anyway.",
         ));

@@ -26,6 +26,7 @@ pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BATCH_TOKENS as i32);
 pub static MAX_LENGTH_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(MAX_LENGTH as i32);
 pub static MAX_REQUEST_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_REQUEST_TOKENS as i32);
+pub static MAX_CALLS_PER_ROLE: GucSetting<i32> = GucSetting::<i32>::new(-1);
 pub static MAX_LENGTH_SETTING: GucSetting<i32> = GucSetting::<i32>::new(MAX_LENGTH as i32);
 pub static VECTORIZER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static VECTORIZER_BATCH_ROWS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_VECTORIZER_BATCH_ROWS);
@@ -155,6 +156,16 @@ pub fn register() {
         GucFlags::empty(),
     );
     GucRegistry::define_int_guc(
+        c"nvembed.max_calls_per_role",
+        c"Model server connections (open calls) one login role may hold at once; -1: a quarter of the server's limit.",
+        c"Each call, and each open cursor over a batch function, holds one. Set per role with ALTER ROLE ... SET.",
+        &MAX_CALLS_PER_ROLE,
+        -1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
         c"nvembed.max_length",
         c"Truncation limit in tokens (including <s>) for each text.",
         c"At most nvembed.max_length_limit.",
@@ -242,6 +253,11 @@ pub fn max_length() -> usize {
 
 pub fn max_length_limit() -> usize {
     MAX_LENGTH_LIMIT.get() as usize
+}
+
+/// This session's limit on open calls for its login role; None: the server's default.
+pub fn max_calls_per_role() -> Option<usize> {
+    usize::try_from(MAX_CALLS_PER_ROLE.get()).ok()
 }
 
 pub fn max_request_tokens() -> usize {

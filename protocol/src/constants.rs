@@ -48,3 +48,7 @@ pub const DEFAULT_DTYPE: &str = match DEFAULT_DTYPE_C.to_str() {
 };
 /// Names of the compute devices (`nvembed.device`).
 pub const DEVICE_NAMES: [&str; 2] = ["cpu", "cuda"];
+
+/// A role without its own `nvembed.max_calls_per_role` may hold this fraction of the model
+/// server's connections (1 / this), so no one role can take them all.
+pub const DEFAULT_ROLE_SHARE: usize = 4;

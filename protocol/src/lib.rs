@@ -7,5 +7,5 @@ mod frame;
 mod messages;
 
 pub use constants::*;
-pub use frame::{decode_frame, read_frame, write_frame, Frame, MAX_FRAME_BYTES};
+pub use frame::{decode_frame, frame_length, read_frame, read_frame_body, write_frame, Frame, MAX_FRAME_BYTES};
 pub use messages::*;

@@ -1,6 +1,9 @@
-//! The messages. A connection starts with `Hello` both ways (the build check); then the client
-//! sends either `Status` or `Embed` followed by `Texts` chunks holding exactly `count` texts,
-//! and the server answers `Vectors` chunks in input order and `Done`, or `Error` at any point.
+//! The messages. A connection starts with `Hello` both ways (the build check). A client then
+//! asks for `Status`, or says who it is (`Identify`) and is admitted (`Ready`) or refused
+//! (`Error`, kind `Busy`) by the server's connection limits; an admitted client sends `Embed`
+//! followed by `Texts` chunks holding exactly `count` texts, and the server answers `Vectors`
+//! chunks in input order and `Done`, or `Error` at any point (also while texts still arrive:
+//! an oversized call is refused as soon as its size is known).
 
 use serde::{Deserialize, Serialize};
 
@@ -8,10 +11,18 @@ use crate::frame::{write_frame, Frame};
 
 /// Identifies a build of the wire format: a backend and a model server must carry the same one.
 /// Raise the protocol number whenever a message changes shape.
-pub const BUILD_ID: &str = concat!("nvembed ", env!("CARGO_PKG_VERSION"), ", protocol 2");
+pub const BUILD_ID: &str = concat!("nvembed ", env!("CARGO_PKG_VERSION"), ", protocol 3");
 
 /// Texts per `Texts` frame are cut at about this many bytes.
 pub const TEXT_CHUNK_BYTES: usize = 1 << 20;
+/// Longest text a call may carry, in UTF-8 bytes: its JSON (at most 6 bytes per byte, for
+/// escaped control characters) still fits one frame. At most `nvembed.max_length` tokens of
+/// it are embedded (32,768 tokens are ~130 KB of English), so only the tokenizer reads more.
+pub const MAX_TEXT_BYTES: usize = crate::MAX_FRAME_BYTES / 8;
+/// Longest `Hello`, `Identify`, `Status` or `Embed` frame a server reads: none needs more
+/// (the instruction inside `Embed` is short), and a peer cannot make the server buffer more
+/// than this before it has been admitted.
+pub const MAX_CONTROL_FRAME_BYTES: usize = 64 << 10;
 /// Vectors per `Vectors` frame are cut at about this many bytes: neither side ever holds more
 /// than a few such chunks of one call's results.
 pub const VECTOR_CHUNK_BYTES: usize = 4 << 20;
@@ -43,6 +54,17 @@ pub struct EmbedHeader {
     pub count: usize,
 }
 
+/// Who is calling, for the server's per-role connection limit. Sent by the extension, whose
+/// socket only the cluster's OS user can reach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The session's login role.
+    pub role: String,
+    /// Connections this role may hold at once (`nvembed.max_calls_per_role` as set for it);
+    /// None: `DEFAULT_ROLE_SHARE` of the server's limit.
+    pub role_connections: Option<usize>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorKind {
     /// The model could not be loaded (missing or corrupt files, bad config).
@@ -55,6 +77,8 @@ pub enum ErrorKind {
     NonFinite,
     /// Anything else inside the server.
     Internal,
+    /// A connection limit (the server's, or the role's) is reached: retry later.
+    Busy,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -79,12 +103,20 @@ pub struct Status {
     pub restarts: u64,
     /// OS process id of the model server.
     pub pid: u32,
+    /// Admitted client connections now.
+    pub connections: u64,
+    /// Connections refused for a connection limit since the server started.
+    pub refused_connections: u64,
+    /// Model time spent on each class of work since the server started.
+    pub interactive_seconds: f64,
+    pub bulk_seconds: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientMessage {
     Hello { build: String },
     Status,
+    Identify(Identity),
     Embed(EmbedHeader),
     Texts(Vec<String>),
 }
@@ -95,6 +127,8 @@ pub enum ServerMessage {
         build: String,
     },
     Status(Status),
+    /// The client is admitted: it may send calls.
+    Ready,
     /// Consecutive vectors of the call, in input order, each `dimension` floats.
     Vectors {
         dimension: usize,
@@ -116,6 +150,8 @@ mod tag {
     pub const VECTORS: u8 = 5;
     pub const DONE: u8 = 6;
     pub const ERROR: u8 = 7;
+    pub const IDENTIFY: u8 = 8;
+    pub const READY: u8 = 9;
 }
 
 fn invalid(what: impl std::fmt::Display) -> std::io::Error {
@@ -137,10 +173,25 @@ struct ErrorPayload {
 }
 
 impl ClientMessage {
+    /// The tag of `Texts` frames: the only ones a server lets grow to `MAX_FRAME_BYTES`.
+    pub const TEXTS_TAG: u8 = tag::TEXTS;
+
+    /// What the message is, for logs (never its content).
+    pub fn name(&self) -> &'static str {
+        match self {
+            ClientMessage::Hello { .. } => "a handshake",
+            ClientMessage::Status => "a status request",
+            ClientMessage::Identify(_) => "an identification",
+            ClientMessage::Embed(_) => "a call",
+            ClientMessage::Texts(_) => "texts",
+        }
+    }
+
     pub fn write(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
         match self {
             ClientMessage::Hello { build } => write_frame(out, tag::HELLO, build.as_bytes()),
             ClientMessage::Status => write_frame(out, tag::STATUS, &[]),
+            ClientMessage::Identify(identity) => write_frame(out, tag::IDENTIFY, &json(identity)?),
             ClientMessage::Embed(header) => write_frame(out, tag::EMBED, &json(header)?),
             ClientMessage::Texts(texts) => write_frame(out, tag::TEXTS, &json(texts)?),
         }
@@ -152,6 +203,7 @@ impl ClientMessage {
                 build: String::from_utf8(frame.payload).map_err(invalid)?,
             }),
             tag::STATUS => Ok(ClientMessage::Status),
+            tag::IDENTIFY => Ok(ClientMessage::Identify(from_json(&frame.payload)?)),
             tag::EMBED => Ok(ClientMessage::Embed(from_json(&frame.payload)?)),
             tag::TEXTS => Ok(ClientMessage::Texts(from_json(&frame.payload)?)),
             other => Err(invalid(format!("unexpected message tag {other} from a client"))),
@@ -164,6 +216,7 @@ impl ServerMessage {
         match self {
             ServerMessage::Hello { build } => write_frame(out, tag::HELLO, build.as_bytes()),
             ServerMessage::Status(status) => write_frame(out, tag::STATUS, &json(status)?),
+            ServerMessage::Ready => write_frame(out, tag::READY, &[]),
             ServerMessage::Vectors { dimension, values } => {
                 let mut payload = Vec::with_capacity(4 + values.len() * 4);
                 payload.extend_from_slice(&(*dimension as u32).to_le_bytes());
@@ -190,6 +243,7 @@ impl ServerMessage {
                 build: String::from_utf8(frame.payload).map_err(invalid)?,
             }),
             tag::STATUS => Ok(ServerMessage::Status(from_json(&frame.payload)?)),
+            tag::READY => Ok(ServerMessage::Ready),
             tag::VECTORS => {
                 let payload = frame.payload;
                 if payload.len() < 4 || (payload.len() - 4) % 4 != 0 {
@@ -270,6 +324,10 @@ mod tests {
         for message in [
             ClientMessage::Hello { build: BUILD_ID.into() },
             ClientMessage::Status,
+            ClientMessage::Identify(Identity {
+                role: "app".into(),
+                role_connections: Some(3),
+            }),
             ClientMessage::Embed(header),
             ClientMessage::Texts(vec!["a".into(), "é\u{0}".into()]),
         ] {
@@ -285,6 +343,7 @@ mod tests {
             }),
             ServerMessage::Vectors { dimension: 3, values },
             ServerMessage::Done,
+            ServerMessage::Ready,
             ServerMessage::Error {
                 kind: ErrorKind::TooLarge,
                 message: "m".into(),

@@ -1,11 +1,12 @@
-//! One client connection: the build handshake, then status or embedding calls. An embedding
-//! call's texts are admitted (tokenized and measured) here, in the connection's thread, then
-//! handed to the scheduler; its vectors are written back in input order, in bounded chunks, as
-//! the scheduler delivers them. A client that hangs up (a cancelled or timed-out query, a
-//! reset connection) cancels its call within `HANGUP_POLL`.
+//! One client connection: the build handshake, admission to the connection limits, then status
+//! or embedding calls. An embedding call's texts are admitted (tokenized and measured, chunk by
+//! chunk as they arrive) here, in the connection's thread, then handed to the scheduler; its
+//! vectors are written back in input order, in bounded chunks, as the scheduler delivers them.
+//! A client that hangs up (a cancelled or timed-out query, a reset connection) cancels its call
+//! within `HANGUP_POLL`, whether it is still sending texts or waiting for vectors.
 
 use std::collections::BTreeMap;
-use std::io::ErrorKind as IoErrorKind;
+use std::io::{ErrorKind as IoErrorKind, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -15,12 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nvembed_protocol::{
-    read_frame, vectors_per_chunk, ClientMessage, EmbedHeader, ErrorKind, ServerMessage, Status, BUILD_ID,
+    frame_length, read_frame_body, vectors_per_chunk, ClientMessage, EmbedHeader, ErrorKind, ServerMessage, Status,
+    BUILD_ID, MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES,
 };
 
 use nvembed_engine::dtype_name;
 
-use crate::admission::admit;
+use crate::admission::{check_count, Admission};
+use crate::limits::{Gate, Limits, Opened, Reserved, TextBudget, Throttled, ADMISSION_BYTES};
 use crate::model::ModelSlot;
 use crate::scheduler::{Event, Scheduler};
 use crate::stats::Stats;
@@ -34,9 +37,24 @@ pub struct Server {
     pub stats: Arc<Stats>,
     /// How many times the supervisor has restarted the server (reported in status).
     pub restarts: u64,
+    pub limits: Limits,
+    gate: Arc<Gate>,
+    texts: TextBudget,
 }
 
 impl Server {
+    pub fn new(model: ModelSlot, scheduler: Arc<Scheduler>, stats: Arc<Stats>, restarts: u64, limits: Limits) -> Self {
+        Self {
+            model,
+            scheduler,
+            stats,
+            restarts,
+            limits,
+            gate: Arc::default(),
+            texts: TextBudget::new(ADMISSION_BYTES),
+        }
+    }
+
     fn status(&self) -> Status {
         let loaded = self.model.loaded();
         let settings = self.model.settings();
@@ -55,6 +73,10 @@ impl Server {
             cancelled_rows: Stats::get(&self.stats.cancelled_rows),
             restarts: self.restarts,
             pid: std::process::id(),
+            connections: self.gate.admitted() as u64,
+            refused_connections: Stats::get(&self.stats.refused_connections),
+            interactive_seconds: Stats::seconds(&self.stats.interactive_micros),
+            bulk_seconds: Stats::seconds(&self.stats.bulk_micros),
         }
     }
 }
@@ -74,21 +96,67 @@ fn hung_up(stream: &UnixStream) -> bool {
     }
 }
 
-fn read_message(stream: &mut UnixStream) -> Option<ClientMessage> {
-    let frame = read_frame(stream).ok()?;
-    match ClientMessage::decode(frame) {
-        Ok(message) => Some(message),
+/// Bytes written to the socket that the client has not read yet.
+fn unread_bytes(stream: &UnixStream) -> usize {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) stores the send queue's length into a valid int.
+    let ok = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } == 0;
+    if ok {
+        usize::try_from(queued).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+static DROPPED: Throttled = Throttled::new();
+
+/// Reads one message. A call's texts may use a whole frame, whose bytes are first taken from
+/// the server's text budget (held until the returned reservation is dropped); every other
+/// message must fit `MAX_CONTROL_FRAME_BYTES`. None when the client left, was silent past the
+/// socket's read timeout, or broke the protocol (logged).
+fn read_message<'s>(
+    stream: &mut UnixStream,
+    server: &'s Server,
+    texts_expected: bool,
+) -> Option<(ClientMessage, Option<Reserved<'s>>)> {
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).ok()?;
+    let (len, tag) = match frame_length([header[0], header[1], header[2], header[3]]) {
+        Ok(len) => (len, header[4]),
         Err(e) => {
-            eprintln!("nvembed-model-server: dropping a connection: {e}");
+            DROPPED.log(|| format!("dropping a connection: {e}"));
+            return None;
+        }
+    };
+    let is_texts = tag == ClientMessage::TEXTS_TAG;
+    let limit = if is_texts && texts_expected { MAX_FRAME_BYTES } else { MAX_CONTROL_FRAME_BYTES };
+    if len > limit {
+        DROPPED.log(|| format!("dropping a connection that sent a frame of {len} bytes where at most {limit} fit"));
+        return None;
+    }
+    let reserved = if is_texts {
+        // Read and decoded, a frame is held twice until its texts are tokenized.
+        Some(server.texts.reserve(2 * len, || hung_up(stream))?)
+    } else {
+        None
+    };
+    let frame = read_frame_body(&mut [tag].as_slice().chain(&mut *stream), len).ok()?;
+    match ClientMessage::decode(frame) {
+        Ok(message) => Some((message, reserved)),
+        Err(e) => {
+            DROPPED.log(|| format!("dropping a connection: {e}"));
             None
         }
     }
 }
 
-/// Serves one client until it hangs up or breaks the protocol.
-pub fn serve_client(mut stream: UnixStream, server: &Server) {
-    match read_message(&mut stream) {
-        Some(ClientMessage::Hello { build }) => {
+/// Serves one client until it hangs up, goes silent or breaks the protocol.
+pub fn serve_client(mut stream: UnixStream, server: &Server, mut opened: Opened) {
+    if stream.set_read_timeout(Some(server.limits.handshake_timeout)).is_err() {
+        return;
+    }
+    match read_message(&mut stream, server, false) {
+        Some((ClientMessage::Hello { build }, _)) => {
             if (ServerMessage::Hello { build: BUILD_ID.into() })
                 .write(&mut stream)
                 .is_err()
@@ -101,17 +169,29 @@ pub fn serve_client(mut stream: UnixStream, server: &Server) {
             }
         }
         Some(_) => {
-            eprintln!("nvembed-model-server: dropping a connection that did not start with a handshake");
+            DROPPED.log(|| "dropping a connection that did not start with a handshake".into());
             return;
         }
         None => return,
     }
     loop {
-        let served = match read_message(&mut stream) {
-            Some(ClientMessage::Status) => ServerMessage::Status(server.status()).write(&mut stream).is_ok(),
-            Some(ClientMessage::Embed(header)) => embed(&mut stream, server, header),
-            Some(other) => {
-                eprintln!("nvembed-model-server: dropping a connection that sent {other:?} out of turn");
+        let served = match read_message(&mut stream, server, false) {
+            Some((ClientMessage::Status, _)) => ServerMessage::Status(server.status()).write(&mut stream).is_ok(),
+            Some((ClientMessage::Identify(identity), _)) => match opened.admit(&identity.role, identity.role_connections, &server.limits) {
+                Ok(()) => {
+                    stream.set_read_timeout(Some(server.limits.idle_timeout)).is_ok()
+                        && ServerMessage::Ready.write(&mut stream).is_ok()
+                }
+                Err((kind, message)) => {
+                    Stats::add(&server.stats.refused_connections, 1);
+                    REFUSED.log(|| format!("refusing a connection: {message}"));
+                    let _ = ServerMessage::Error { kind, message }.write(&mut stream);
+                    false
+                }
+            },
+            Some((ClientMessage::Embed(header), _)) if opened.is_admitted() => embed(&mut stream, server, header),
+            Some((other, _)) => {
+                DROPPED.log(|| format!("dropping a connection that sent {} out of turn", other.name()));
                 false
             }
             None => false,
@@ -122,14 +202,17 @@ pub fn serve_client(mut stream: UnixStream, server: &Server) {
     }
 }
 
-/// Answers one embedding call; false when the connection cannot go on.
+static REFUSED: Throttled = Throttled::new();
+
+/// Answers one embedding call; false when the connection cannot go on. A call refused before
+/// all its texts arrived ends the connection: what the client still sends is never read.
 fn embed(stream: &mut UnixStream, server: &Server, header: EmbedHeader) -> bool {
-    let mut texts = Vec::with_capacity(header.count.min(1 << 20));
-    while texts.len() < header.count {
-        match read_message(stream) {
-            Some(ClientMessage::Texts(chunk)) if texts.len() + chunk.len() <= header.count => texts.extend(chunk),
-            _ => return false,
-        }
+    let refuse = |stream: &mut UnixStream, kind: ErrorKind, message: String| {
+        let _ = ServerMessage::Error { kind, message }.write(stream);
+        false
+    };
+    if let Err((kind, message)) = check_count(&header) {
+        return refuse(stream, kind, message);
     }
     let error = |stream: &mut UnixStream, kind: ErrorKind, message: String| {
         // The caller's HINT for these says "see the server log" (load errors are logged where
@@ -142,13 +225,24 @@ fn embed(stream: &mut UnixStream, server: &Server, header: EmbedHeader) -> bool 
     let model = match server.model.get(|| hung_up(stream)) {
         Ok(Some(model)) => model,
         Ok(None) => return false,
-        Err(message) => return error(stream, ErrorKind::Load, message),
+        Err(message) => return refuse(stream, ErrorKind::Load, message),
     };
-    let inputs = match admit(&model, &header, &texts) {
-        Ok(inputs) => inputs,
-        Err((kind, message)) => return error(stream, kind, message),
-    };
-    drop(texts);
+    let mut admission = Admission::new(&model, &header);
+    while admission.received() < header.count {
+        match read_message(stream, server, true) {
+            Some((ClientMessage::Texts(chunk), _reserved)) if admission.received() + chunk.len() <= header.count => {
+                if let Err((kind, message)) = admission.add(&chunk) {
+                    return refuse(stream, kind, message);
+                }
+            }
+            Some((other, _)) => {
+                DROPPED.log(|| format!("dropping a connection that sent {} amid a call's texts", other.name()));
+                return false;
+            }
+            None => return false,
+        }
+    }
+    let inputs = admission.finish();
     let count = inputs.len();
     let dimension = model.embedding_dim();
     let chunk_rows = vectors_per_chunk(dimension);
@@ -164,7 +258,11 @@ fn embed(stream: &mut UnixStream, server: &Server, header: EmbedHeader) -> bool 
         let event = match handle.events.recv_timeout(HANGUP_POLL) {
             Ok(event) => event,
             Err(RecvTimeoutError::Timeout) if hung_up(stream) => break false,
-            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Timeout) => {
+                // The client reads on: the scheduler may compute further ahead.
+                handle.set_read(written.saturating_sub(unread_bytes(stream).div_ceil(dimension * 4)));
+                continue;
+            }
             Err(RecvTimeoutError::Disconnected) => {
                 break error(stream, ErrorKind::Internal, "the scheduler stopped".into())
             }
@@ -203,7 +301,7 @@ fn embed(stream: &mut UnixStream, server: &Server, header: EmbedHeader) -> bool 
                 sent_ok = false;
                 break;
             }
-            handle.set_written(written);
+            handle.set_read(written.saturating_sub(unread_bytes(stream).div_ceil(dimension * 4)));
         }
         if !sent_ok {
             break false;
@@ -215,6 +313,13 @@ fn embed(stream: &mut UnixStream, server: &Server, header: EmbedHeader) -> bool 
     Stats::sub(&server.stats.waiting, 1);
     outcome
 }
+
+/// After a failed accept (out of descriptors, memory or threads), the listener waits this long
+/// before it tries again, serving the clients it has meanwhile.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+static ACCEPT_FAILED: Throttled = Throttled::new();
+static FULL: Throttled = Throttled::new();
 
 /// Listens on `socket` (replacing a stale socket file, private to this OS user) and serves
 /// every client in its own thread, the model in the scheduler's; runs until the process ends.
@@ -230,10 +335,29 @@ pub fn serve(socket: &Path, server: Arc<Server>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("scheduler".into())
         .spawn(move || scheduler.run())?;
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let server = server.clone();
-        std::thread::spawn(move || serve_client(stream, &server));
+    loop {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == IoErrorKind::Interrupted => continue,
+            Err(e) => {
+                // EMFILE and friends leave the connection queued: retrying at once would spin.
+                ACCEPT_FAILED.log(|| format!("cannot accept a connection ({e}); pausing new connections"));
+                std::thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
+        };
+        let Some(opened) = server.gate.open(server.limits.hard_cap()) else {
+            Stats::add(&server.stats.refused_connections, 1);
+            FULL.log(|| format!("closing a connection unread: {} connections are open", server.limits.hard_cap()));
+            continue;
+        };
+        let client = server.clone();
+        let spawned = std::thread::Builder::new()
+            .name("connection".into())
+            .spawn(move || serve_client(stream, &client, opened));
+        if let Err(e) = spawned {
+            ACCEPT_FAILED.log(|| format!("cannot start a thread for a connection ({e}); pausing new connections"));
+            std::thread::sleep(ACCEPT_BACKOFF);
+        }
     }
-    Ok(())
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::Parser;
 use nvembed_protocol::{DEFAULT_BATCH_TOKENS, SOCKET_NAME};
 use nvembed_server::connection::{serve, Server};
+use nvembed_server::limits::{connections_the_descriptors_allow, Limits, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
 use nvembed_server::model::{ModelSettings, ModelSlot};
 use nvembed_server::scheduler::Scheduler;
 use nvembed_server::stats::Stats;
@@ -41,6 +42,10 @@ struct Args {
     /// Times the supervisor has restarted this server (reported in its status).
     #[arg(long, default_value_t = 0)]
     restarts: u64,
+    /// Client connections served at once (default: what the descriptor limit allows, raised to
+    /// its hard limit, at most 4096). Status checks are not counted.
+    #[arg(long)]
+    max_connections: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -52,17 +57,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let allowed = connections_the_descriptors_allow();
+    let max_connections = args.max_connections.unwrap_or(allowed).clamp(1, allowed);
     let stats = Arc::new(Stats::default());
-    let server = Arc::new(Server {
-        model: ModelSlot::new(ModelSettings {
+    let server = Arc::new(Server::new(
+        ModelSlot::new(ModelSettings {
             model: args.model,
             dtype: args.dtype,
             device: args.device,
         }),
-        scheduler: Scheduler::new(args.batch_tokens, stats.clone()),
+        Scheduler::new(args.batch_tokens, stats.clone()),
         stats,
-        restarts: args.restarts,
-    });
+        args.restarts,
+        Limits {
+            max_connections,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+        },
+    ));
     if args.preload {
         let server = server.clone();
         // A failed preload is logged; the first call then tries again and reports the error.

@@ -11,9 +11,14 @@
 //! are pooled. A call whose client left is dropped from its pass at the next layer boundary:
 //! its rows stop costing anything, the other rows of the pass go on unchanged.
 //!
-//! Memory stays bounded for any call size: a call's rows are taken in windows of
-//! `RESULT_WINDOW_ROWS`, and a window opens only when the client has received all but one
-//! window of what came before.
+//! Bulk work is never starved by a steady stream of interactive calls: while both wait, bulk
+//! keeps `BULK_SHARE` of the model's time, one bulk layer at a time between interactive layers,
+//! so an arriving interactive call still waits for at most one bulk layer.
+//!
+//! Nothing is computed far ahead of its reader: a call's rows are taken into passes only while
+//! the rows taken but not yet read by its client are fewer than `READ_AHEAD_PASSES` of the
+//! call's largest pass (what streaming needs: one pass computing while the client reads the
+//! other). A cursor that stops fetching, or a LIMIT, leaves the rest of the call uncomputed.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -30,8 +35,12 @@ use crate::stats::Stats;
 pub const LAYER_SECONDS: f64 = 0.05;
 /// Fewest padded tokens in a bulk pass: below this, matrix products lose efficiency.
 pub const MIN_PASS_TOKENS: usize = 256;
-/// Rows of one call that may be taken before the client has received the rows before them.
-pub const RESULT_WINDOW_ROWS: usize = 1024;
+/// Rows of one call sorted by length together, so that passes hold rows of similar length.
+pub const SORT_WINDOW_ROWS: usize = 1024;
+/// Passes of a call's rows that may be computed ahead of what its client has read.
+pub const READ_AHEAD_PASSES: usize = 2;
+/// Least share of the model's time that bulk work keeps while interactive calls also wait.
+pub const BULK_SHARE: f64 = 0.25;
 /// How often an idle scheduler with blocked calls looks again.
 const IDLE_POLL: Duration = Duration::from_millis(20);
 
@@ -49,8 +58,8 @@ struct Job {
     inputs: Vec<EncodedInput>,
     embedder: Arc<Embedder>,
     cancelled: AtomicBool,
-    /// Vectors the connection has written to its client, in input order.
-    written: AtomicUsize,
+    /// Vectors the client has read, in input order (as far as the connection can tell).
+    read: AtomicUsize,
     events: Mutex<Sender<Event>>,
 }
 
@@ -73,9 +82,9 @@ impl JobHandle {
         self.job.cancelled.store(true, Ordering::SeqCst);
     }
 
-    /// The first `n` vectors have been written to the client.
-    pub fn set_written(&self, n: usize) {
-        self.job.written.store(n, Ordering::SeqCst);
+    /// The client has read the first `n` vectors.
+    pub fn set_read(&self, n: usize) {
+        self.job.read.store(n, Ordering::SeqCst);
     }
 }
 
@@ -92,10 +101,14 @@ struct Entry {
     job: Arc<Job>,
     /// Interactive calls longer than a bulk pass run as bulk: they would hold the model as long.
     class: WorkClass,
-    /// Rows of the open window not yet taken, shortest first.
+    /// Rows of the open sort window not yet taken, shortest first.
     pending: VecDeque<usize>,
-    /// Rows [0, opened) have been taken into windows.
+    /// Rows [0, opened) have been put into sort windows.
     opened: usize,
+    /// Rows taken into passes.
+    taken: usize,
+    /// Most rows of this call that one pass has taken.
+    largest_pass: usize,
     done: usize,
 }
 
@@ -108,19 +121,28 @@ impl Entry {
         self.job.inputs[row].ids.len()
     }
 
-    /// Rows ready to be taken now, opening the next window when the client has kept up.
-    fn ready(&mut self) -> bool {
+    /// Whether a row may be taken into a pass now that already holds `in_pass` of this call's
+    /// rows: one is left, and the client has read enough of what was taken before this pass.
+    fn ready(&mut self, in_pass: usize) -> bool {
         if self.pending.is_empty() && self.opened < self.rows() {
-            let written = self.job.written.load(Ordering::SeqCst);
-            if written + RESULT_WINDOW_ROWS >= self.opened {
-                let end = (self.opened + RESULT_WINDOW_ROWS).min(self.rows());
-                let mut window: Vec<usize> = (self.opened..end).collect();
-                window.sort_by_key(|&row| self.len_of(row));
-                self.pending.extend(window);
-                self.opened = end;
-            }
+            let end = (self.opened + SORT_WINDOW_ROWS).min(self.rows());
+            let mut window: Vec<usize> = (self.opened..end).collect();
+            window.sort_by_key(|&row| self.len_of(row));
+            self.pending.extend(window);
+            self.opened = end;
         }
-        !self.pending.is_empty()
+        if self.pending.is_empty() {
+            return false;
+        }
+        // A first pass takes what fits; later ones stay within the read-ahead.
+        let read = self.job.read.load(Ordering::SeqCst);
+        let before_this_pass = self.taken - in_pass;
+        in_pass == self.taken || before_this_pass < read + READ_AHEAD_PASSES.saturating_sub(1) * self.largest_pass
+    }
+
+    fn take(&mut self) -> usize {
+        self.taken += 1;
+        self.pending.pop_front().expect("ready")
     }
 }
 
@@ -154,6 +176,30 @@ impl LayerCost {
     }
 }
 
+/// Model time bulk work is owed, in seconds: interactive work adds to it while bulk waits, so
+/// that bulk's layers come to `BULK_SHARE` of the time; each bulk layer pays its time back.
+#[derive(Default)]
+struct BulkCredit(f64);
+
+impl BulkCredit {
+    fn interactive(&mut self, seconds: f64) {
+        self.0 += seconds * BULK_SHARE / (1.0 - BULK_SHARE);
+    }
+
+    fn bulk(&mut self, seconds: f64) {
+        self.0 -= seconds;
+    }
+
+    fn due(&self) -> bool {
+        self.0 > 0.0
+    }
+
+    /// No bulk work waits: nothing is owed (time is not banked for later).
+    fn clear(&mut self) {
+        self.0 = 0.0;
+    }
+}
+
 #[derive(Default)]
 struct Calls {
     entries: HashMap<u64, Entry>,
@@ -168,15 +214,23 @@ fn take_rows(entries: &mut HashMap<u64, Entry>, order: &VecDeque<u64>, budget: u
     let mut longest = 0;
     for &id in order {
         let entry = entries.get_mut(&id).expect("queued calls have entries");
-        while entry.ready() {
+        let mut in_pass = 0;
+        let mut full = false;
+        while entry.ready(in_pass) {
             let row = *entry.pending.front().expect("ready");
             let len = longest.max(entry.len_of(row));
             if !rows.is_empty() && (rows.len() + 1) * len > budget {
-                return rows;
+                full = true;
+                break;
             }
-            entry.pending.pop_front();
+            entry.take();
+            in_pass += 1;
             longest = len;
             rows.push((id, row));
+        }
+        entry.largest_pass = entry.largest_pass.max(in_pass);
+        if full {
+            break;
         }
     }
     rows
@@ -202,7 +256,7 @@ impl Scheduler {
             inputs,
             embedder,
             cancelled: AtomicBool::new(false),
-            written: AtomicUsize::new(0),
+            read: AtomicUsize::new(0),
             events: Mutex::new(sender),
         });
         self.inbox.lock().unwrap_or_else(|p| p.into_inner()).push(job.clone());
@@ -215,6 +269,7 @@ impl Scheduler {
         let mut calls = Calls::default();
         let mut cost = LayerCost(None);
         let mut bulk: Option<Running> = None;
+        let mut share = BulkCredit::default();
         loop {
             let idle = bulk.is_none() && calls.entries.is_empty();
             self.admit(&mut calls, &cost, idle);
@@ -222,17 +277,22 @@ impl Scheduler {
             if let Some(pass) = self.take_interactive_pass(&mut calls) {
                 let mut pass = Some(pass);
                 while pass.is_some() {
-                    self.advance(&mut pass, &mut calls, &mut cost);
+                    let seconds = self.advance(&mut pass, &mut calls, &mut cost);
+                    Stats::add_seconds(&self.stats.interactive_micros, seconds);
+                    share.interactive(seconds);
                     self.drop_cancelled(&mut calls);
+                    if share.due() {
+                        match self.bulk_step(&mut bulk, &mut calls, &mut cost) {
+                            Some(seconds) => share.bulk(seconds),
+                            None => share.clear(),
+                        }
+                    }
                 }
                 continue;
             }
-            if bulk.is_none() {
-                bulk = self.take_bulk_pass(&mut calls, &cost);
-            }
-            if bulk.is_some() {
-                self.advance(&mut bulk, &mut calls, &mut cost);
-            } else if !calls.entries.is_empty() {
+            // No interactive call waits: bulk owes nothing for the time it now takes.
+            share.clear();
+            if self.bulk_step(&mut bulk, &mut calls, &mut cost).is_none() && !calls.entries.is_empty() {
                 // Every queued call waits for its client to read results.
                 let inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
                 if inbox.is_empty() {
@@ -240,6 +300,18 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// Runs one layer of bulk work, starting a pass if none is in flight, and returns the time
+    /// it took; None when no bulk row can run now.
+    fn bulk_step(&self, bulk: &mut Option<Running>, calls: &mut Calls, cost: &mut LayerCost) -> Option<f64> {
+        if bulk.is_none() {
+            *bulk = self.take_bulk_pass(calls, cost);
+        }
+        bulk.as_ref()?;
+        let seconds = self.advance(bulk, calls, cost);
+        Stats::add_seconds(&self.stats.bulk_micros, seconds);
+        Some(seconds)
     }
 
     /// Moves submitted calls into the queues; waits for one when `block`.
@@ -264,6 +336,8 @@ impl Scheduler {
                 class,
                 pending: VecDeque::new(),
                 opened: 0,
+                taken: 0,
+                largest_pass: 0,
                 done: 0,
             };
             calls.entries.insert(job.id, entry);
@@ -333,8 +407,14 @@ impl Scheduler {
     }
 
     /// Drops the rows of calls that are gone, then runs one layer; pools and answers when the
-    /// last layer has run.
-    fn advance(&self, slot: &mut Option<Running>, calls: &mut Calls, cost: &mut LayerCost) {
+    /// last layer has run. Returns the model time it took.
+    fn advance(&self, slot: &mut Option<Running>, calls: &mut Calls, cost: &mut LayerCost) -> f64 {
+        let started = Instant::now();
+        self.advance_pass(slot, calls, cost);
+        started.elapsed().as_secs_f64()
+    }
+
+    fn advance_pass(&self, slot: &mut Option<Running>, calls: &mut Calls, cost: &mut LayerCost) {
         let Some(running) = slot.as_mut() else { return };
         let keep: Vec<usize> = (0..running.rows.len())
             .filter(|&i| calls.entries.contains_key(&running.rows[i].0))

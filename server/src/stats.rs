@@ -9,6 +9,10 @@ pub struct Stats {
     pub waiting: AtomicU64,
     pub active_rows: AtomicU64,
     pub cancelled_rows: AtomicU64,
+    pub refused_connections: AtomicU64,
+    /// Model time by class of work, in microseconds.
+    pub interactive_micros: AtomicU64,
+    pub bulk_micros: AtomicU64,
 }
 
 impl Stats {
@@ -22,5 +26,13 @@ impl Stats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::SeqCst)
+    }
+
+    pub fn add_seconds(counter: &AtomicU64, seconds: f64) {
+        Self::add(counter, (seconds * 1e6) as u64);
+    }
+
+    pub fn seconds(counter: &AtomicU64) -> f64 {
+        Self::get(counter) as f64 / 1e6
     }
 }

@@ -1,6 +1,7 @@
 //! The scheduler on the tiny fixture: per-call answers equal to the engine's, interactive calls
-//! overtaking bulk work, cancellation dropping rows mid-pass, and bounded results for a client
-//! that does not read.
+//! overtaking bulk work, bulk work keeping its share under a steady interactive load,
+//! cancellation dropping rows mid-pass, and nothing computed far ahead of a client that does
+//! not read.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nvembed_engine::{DType, Device, EmbedOptions, Embedder, ModelSource, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION};
 use nvembed_protocol::WorkClass;
-use nvembed_server::scheduler::{Event, JobHandle, Scheduler, RESULT_WINDOW_ROWS};
+use nvembed_server::scheduler::{Event, JobHandle, Scheduler, BULK_SHARE, READ_AHEAD_PASSES};
 use nvembed_server::stats::Stats;
 
 fn model() -> Arc<Embedder> {
@@ -18,8 +19,12 @@ fn model() -> Arc<Embedder> {
 }
 
 fn start() -> (Arc<Scheduler>, Arc<Stats>) {
+    start_with(16_384)
+}
+
+fn start_with(batch_tokens: usize) -> (Arc<Scheduler>, Arc<Stats>) {
     let stats = Arc::new(Stats::default());
-    let scheduler = Scheduler::new(16_384, stats.clone());
+    let scheduler = Scheduler::new(batch_tokens, stats.clone());
     let runner = scheduler.clone();
     std::thread::spawn(move || runner.run());
     (scheduler, stats)
@@ -64,6 +69,8 @@ fn an_interactive_call_overtakes_bulk_work_and_every_vector_equals_the_engines()
     assert!(bulk_done_by_then.len() < texts.len(), "the query waited for the whole bulk call");
     let mut all = bulk_done_by_then;
     while all.len() < texts.len() {
+        // A reader that keeps up (the scheduler computes only a little ahead of its reads).
+        bulk.set_read(all.len());
         all.push(vector(bulk.events.recv_timeout(Duration::from_secs(60)).unwrap()));
     }
     all.sort_by_key(|(index, _)| *index);
@@ -97,22 +104,78 @@ fn a_cancelled_call_leaves_its_pass_at_the_next_layer() {
 }
 
 #[test]
-fn a_client_that_does_not_read_holds_at_most_two_windows_of_results() {
+fn nothing_is_computed_more_than_two_passes_ahead_of_what_the_client_read() {
     let model = model();
-    let (scheduler, _) = start();
-    let rows = 2 * RESULT_WINDOW_ROWS + 300;
+    let batch_tokens = 512;
+    let (scheduler, _) = start_with(batch_tokens);
+    let rows = 3000;
     let texts: Vec<String> = (0..rows).map(|i| format!("short text {i}")).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let shortest = model.encode(PASSAGE_INSTRUCTION, &refs, 32_768).unwrap().iter().map(|i| i.ids.len()).min().unwrap();
+    let most_per_pass = batch_tokens / shortest;
     let job = submit(&scheduler, &model, WorkClass::Bulk, PASSAGE_INSTRUCTION, &texts);
     let mut received = 0;
     while let Ok(event) = job.events.recv_timeout(Duration::from_secs(2)) {
         vector(event);
         received += 1;
     }
-    assert_eq!(received, 2 * RESULT_WINDOW_ROWS, "results were computed ahead of the client");
-    // Once the client has taken the first window, the rest follows.
-    job.set_written(RESULT_WINDOW_ROWS);
-    while received < rows {
-        vector(job.events.recv_timeout(Duration::from_secs(10)).unwrap());
-        received += 1;
+    assert!(received > 0);
+    assert!(
+        received <= READ_AHEAD_PASSES * most_per_pass,
+        "{received} rows computed for a client that read none (passes hold at most {most_per_pass})"
+    );
+    // Once the client reads, the rest follows, still never far ahead of it.
+    let mut read = 0;
+    while read < rows {
+        job.set_read(read);
+        match job.events.recv_timeout(Duration::from_secs(2)) {
+            Ok(event) => {
+                vector(event);
+                received += 1;
+                read += 1;
+            }
+            Err(_) if read < received => read = received,
+            Err(e) => panic!("stalled at {read} of {rows} rows read: {e}"),
+        }
+        assert!(received <= read + READ_AHEAD_PASSES * most_per_pass + 1, "{received} computed, {read} read");
     }
+}
+
+#[test]
+fn bulk_work_keeps_its_share_while_interactive_calls_never_stop() {
+    let model = model();
+    let (scheduler, stats) = start_with(2048);
+    // Enough interactive calls that some always wait for the next pass.
+    let question = vec![long_texts(1)[0].clone()];
+    let mut interactive: Vec<JobHandle> = (0..12)
+        .map(|_| submit(&scheduler, &model, WorkClass::Interactive, QUERY_INSTRUCTION, &question))
+        .collect();
+    let texts = long_texts(6);
+    let started = Instant::now();
+    let (interactive_before, bulk_before) = (Stats::get(&stats.interactive_micros), Stats::get(&stats.bulk_micros));
+    let bulk = submit(&scheduler, &model, WorkClass::Bulk, PASSAGE_INSTRUCTION, &texts);
+    let mut bulk_rows = 0;
+    let mut answered = 0;
+    while bulk_rows < texts.len() {
+        assert!(started.elapsed() < Duration::from_secs(120), "bulk work starved: {bulk_rows} of {} rows", texts.len());
+        bulk_rows += bulk.events.try_iter().map(vector).count();
+        bulk.set_read(bulk_rows);
+        // Replace every answered interactive call at once: the queue never runs dry.
+        for handle in interactive.iter_mut() {
+            if let Ok(event) = handle.events.try_recv() {
+                vector(event);
+                answered += 1;
+                *handle = submit(&scheduler, &model, WorkClass::Interactive, QUERY_INSTRUCTION, &question);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let interactive_seconds = (Stats::get(&stats.interactive_micros) - interactive_before) as f64 / 1e6;
+    let bulk_seconds = (Stats::get(&stats.bulk_micros) - bulk_before) as f64 / 1e6;
+    let share = bulk_seconds / (bulk_seconds + interactive_seconds);
+    assert!(answered > 12, "the interactive load did not go on ({answered} answered)");
+    assert!(
+        share >= 0.8 * BULK_SHARE,
+        "bulk got {share:.2} of the model's time ({bulk_seconds:.2} s vs {interactive_seconds:.2} s interactive)"
+    );
 }
