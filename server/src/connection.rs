@@ -119,15 +119,18 @@ fn read_message<'s>(
     server: &'s Server,
     texts_expected: bool,
 ) -> Option<(ClientMessage, Option<Reserved<'s>>)> {
-    let mut header = [0u8; 5];
+    let mut header = [0u8; 4];
     stream.read_exact(&mut header).ok()?;
-    let (len, tag) = match frame_length([header[0], header[1], header[2], header[3]]) {
-        Ok(len) => (len, header[4]),
+    let len = match frame_length(header) {
+        Ok(len) => len,
         Err(e) => {
             DROPPED.log(|| format!("dropping a connection: {e}"));
             return None;
         }
     };
+    let mut tag = [0u8; 1];
+    stream.read_exact(&mut tag).ok()?;
+    let tag = tag[0];
     let is_texts = tag == ClientMessage::TEXTS_TAG;
     let limit = if is_texts && texts_expected { MAX_FRAME_BYTES } else { MAX_CONTROL_FRAME_BYTES };
     if len > limit {
