@@ -3,7 +3,8 @@
 -- nvembed_model_dimension(), nvembed_transaction_control_allowed(), nvembed_backfill_embed() and
 -- nvembed_backfill_batch(); it changes nvembed_status()'s columns,
 -- nvembed_task_instruction() (now C, sharing the Rust constants), the trigger's rules and the
--- backfill. Functions 0.1.0 already had keep their OIDs (CREATE OR REPLACE), so users' views and
+-- backfill, and makes the set-returning functions non-STRICT (so PostgreSQL inlines them in FROM
+-- and a LIMIT or a cursor stops their compute). Functions 0.1.0 already had keep their OIDs (CREATE OR REPLACE), so users' views and
 -- functions that call them survive; only nvembed_status(), whose result type changed, is dropped
 -- and created again. scripts/lifecycle-tests.sh checks that an updated installation has exactly
 -- the objects, definitions and privileges of a fresh 0.2.0 one.
@@ -54,6 +55,13 @@ CREATE OR REPLACE FUNCTION "nvembed_task_instruction"(
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'nvembed_task_instruction_wrapper';
+
+-- Inlined in FROM only when not STRICT; the STRICT C function they call still gives no rows
+-- for NULL (see functions.sql).
+ALTER FUNCTION @extschema@.nvembed_embed_many(text[], text) CALLED ON NULL INPUT;
+ALTER FUNCTION @extschema@.nvembed_passages(text[]) CALLED ON NULL INPUT;
+ALTER FUNCTION @extschema@.nvembed_queries(text[]) CALLED ON NULL INPUT;
+ALTER FUNCTION @extschema@.nvembed_queries(text[], text) CALLED ON NULL INPUT;
 
 -- nvembed_embed_trigger(source_column, target_column [, 'passage' | 'query'])
 --

@@ -43,6 +43,8 @@ pub extern "C-unwind" fn _PG_init() {
 }
 
 #[cfg(any(test, feature = "pg_test"))]
+mod serving_tests;
+#[cfg(any(test, feature = "pg_test"))]
 mod sql_tests;
 #[cfg(any(test, feature = "pg_test"))]
 mod vectorizer_tests;

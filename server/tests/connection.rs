@@ -352,3 +352,29 @@ fn status_answers(socket: &Path) -> bool {
     stream.write_all(&request).is_ok()
         && matches!(receive(&mut stream), Ok(ServerMessage::Hello { .. })) && matches!(receive(&mut stream), Ok(ServerMessage::Status(_)))
 }
+
+#[test]
+fn a_client_that_stops_reading_gets_at_most_two_passes_computed_ahead() {
+    let (socket, _dir) = start(limits(16));
+    let mut stream = admitted(&socket, "app", None);
+    let texts: Vec<String> = (0..20_000).map(|i| format!("passage number {i}")).collect();
+    ClientMessage::Embed(header(texts.len(), 512, 1 << 18)).write(&mut stream).unwrap();
+    for chunk in text_chunks(&texts) {
+        ClientMessage::Texts(chunk.to_vec()).write(&mut stream).unwrap();
+    }
+    let first = match receive(&mut stream).unwrap() {
+        ServerMessage::Vectors { dimension, values } => values.len() / dimension,
+        other => panic!("{other:?}"),
+    };
+    let mut tokens = status(&socket).tokens;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = status(&socket).tokens;
+        if now == tokens {
+            break;
+        }
+        tokens = now;
+    }
+    eprintln!("first frame {first} rows, {tokens} tokens computed");
+    assert!(tokens <= 2 * 16_384, "{tokens} tokens computed for a client that read {first} rows");
+}
