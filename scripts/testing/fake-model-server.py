@@ -11,7 +11,7 @@ import struct
 import sys
 import threading
 
-HELLO, STATUS, EMBED, TEXTS, VECTORS, DONE = 1, 2, 3, 4, 5, 6
+HELLO, STATUS, EMBED, TEXTS, VECTORS, DONE, IDENTIFY, READY = 1, 2, 3, 4, 5, 6, 8, 9
 
 
 def option(name):
@@ -44,7 +44,9 @@ def serve(conn, mode):
         write_frame(conn, HELLO, b"nvembed 0.0.1, protocol 1" if mode == "other-build" else build)
         while True:
             tag, payload = read_frame(conn)
-            if tag == STATUS:
+            if tag == IDENTIFY:
+                write_frame(conn, READY)
+            elif tag == STATUS:
                 status = dict(loaded=False, model=mode, dtype="f32", device="cpu", dimension=None, load_seconds=None,
                               requests=0, tokens=0, waiting=0, active_rows=0, cancelled_rows=0, restarts=0,
                               pid=os.getpid())

@@ -15,10 +15,10 @@
 //! keeps `BULK_SHARE` of the model's time, one bulk layer at a time between interactive layers,
 //! so an arriving interactive call still waits for at most one bulk layer.
 //!
-//! Nothing is computed far ahead of its reader: a call's rows are taken into passes only while
-//! the rows taken but not yet read by its client are fewer than `READ_AHEAD_PASSES` of the
-//! call's largest pass (what streaming needs: one pass computing while the client reads the
-//! other). A cursor that stops fetching, or a LIMIT, leaves the rest of the call uncomputed.
+//! Nothing is computed far ahead of its reader: a call's rows are taken into passes only up to
+//! `READ_AHEAD_PASSES` passes' worth of tokens beyond what its client has read (what streaming
+//! needs: one pass computing while the client reads the other). A cursor that stops fetching,
+//! or a LIMIT, leaves the rest of the call uncomputed.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -35,9 +35,8 @@ use crate::stats::Stats;
 pub const LAYER_SECONDS: f64 = 0.05;
 /// Fewest padded tokens in a bulk pass: below this, matrix products lose efficiency.
 pub const MIN_PASS_TOKENS: usize = 256;
-/// Rows of one call sorted by length together, so that passes hold rows of similar length.
-pub const SORT_WINDOW_ROWS: usize = 1024;
-/// Passes of a call's rows that may be computed ahead of what its client has read.
+/// Passes of a call's rows that may be computed ahead of what its client has read (its rows
+/// are sorted by length within that reach, so that passes hold rows of similar length).
 pub const READ_AHEAD_PASSES: usize = 2;
 /// Least share of the model's time that bulk work keeps while interactive calls also wait.
 pub const BULK_SHARE: f64 = 0.25;
@@ -105,10 +104,8 @@ struct Entry {
     pending: VecDeque<usize>,
     /// Rows [0, opened) have been put into sort windows.
     opened: usize,
-    /// Rows taken into passes.
-    taken: usize,
-    /// Most rows of this call that one pass has taken.
-    largest_pass: usize,
+    /// The call's tokens per row, on average (at least 1).
+    mean_tokens: usize,
     done: usize,
 }
 
@@ -121,29 +118,26 @@ impl Entry {
         self.job.inputs[row].ids.len()
     }
 
-    /// Whether a row may be taken into a pass now that already holds `in_pass` of this call's
-    /// rows: one is left, and the client has read enough of what was taken before this pass.
-    fn ready(&mut self, in_pass: usize) -> bool {
+    /// Whether a row can be taken now. Rows are put into sort windows (taken shortest first)
+    /// only up to `READ_AHEAD_PASSES` passes of `pass_tokens` beyond what the client has read,
+    /// counted in the call's mean tokens per row. The next row the client needs is always
+    /// within that reach, so a long first row never waits behind rows computed after it.
+    fn ready(&mut self, pass_tokens: usize) -> bool {
         if self.pending.is_empty() && self.opened < self.rows() {
-            let end = (self.opened + SORT_WINDOW_ROWS).min(self.rows());
-            let mut window: Vec<usize> = (self.opened..end).collect();
-            window.sort_by_key(|&row| self.len_of(row));
-            self.pending.extend(window);
-            self.opened = end;
+            let read = self.job.read.load(Ordering::SeqCst);
+            let ahead = (READ_AHEAD_PASSES * pass_tokens / self.mean_tokens).max(1);
+            let end = read.saturating_add(ahead).min(self.rows());
+            if end > self.opened {
+                let mut window: Vec<usize> = (self.opened..end).collect();
+                window.sort_by_key(|&row| self.len_of(row));
+                self.pending.extend(window);
+                self.opened = end;
+            }
         }
-        if self.pending.is_empty() {
-            return false;
-        }
-        // A first pass takes what fits; later ones stay within the read-ahead.
-        let read = self.job.read.load(Ordering::SeqCst);
-        let before_this_pass = self.taken - in_pass;
-        in_pass == self.taken || before_this_pass < read + READ_AHEAD_PASSES.saturating_sub(1) * self.largest_pass
+        !self.pending.is_empty()
     }
 
-    fn take(&mut self) -> usize {
-        self.taken += 1;
-        self.pending.pop_front().expect("ready")
-    }
+
 }
 
 /// A pass in flight and whose rows it holds.
@@ -214,23 +208,15 @@ fn take_rows(entries: &mut HashMap<u64, Entry>, order: &VecDeque<u64>, budget: u
     let mut longest = 0;
     for &id in order {
         let entry = entries.get_mut(&id).expect("queued calls have entries");
-        let mut in_pass = 0;
-        let mut full = false;
-        while entry.ready(in_pass) {
+        while entry.ready(budget) {
             let row = *entry.pending.front().expect("ready");
             let len = longest.max(entry.len_of(row));
             if !rows.is_empty() && (rows.len() + 1) * len > budget {
-                full = true;
-                break;
+                return rows;
             }
-            entry.take();
-            in_pass += 1;
+            entry.pending.pop_front();
             longest = len;
             rows.push((id, row));
-        }
-        entry.largest_pass = entry.largest_pass.max(in_pass);
-        if full {
-            break;
         }
     }
     rows
@@ -336,8 +322,7 @@ impl Scheduler {
                 class,
                 pending: VecDeque::new(),
                 opened: 0,
-                taken: 0,
-                largest_pass: 0,
+                mean_tokens: (job.inputs.iter().map(|i| i.ids.len()).sum::<usize>() / job.inputs.len().max(1)).max(1),
                 done: 0,
             };
             calls.entries.insert(job.id, entry);

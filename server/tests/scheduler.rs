@@ -179,3 +179,23 @@ fn bulk_work_keeps_its_share_while_interactive_calls_never_stop() {
         "bulk got {share:.2} of the model's time ({bulk_seconds:.2} s vs {interactive_seconds:.2} s interactive)"
     );
 }
+
+#[test]
+fn a_long_first_row_is_computed_although_the_client_reads_in_input_order() {
+    let model = model();
+    let (scheduler, _) = start_with(512);
+    // The client can read row 1 only after row 0, the longest, which sorts last.
+    let mut texts = long_texts(1);
+    texts.extend((0..200).map(|i| format!("short text {i}")));
+    let job = submit(&scheduler, &model, WorkClass::Bulk, PASSAGE_INSTRUCTION, &texts);
+    let mut finished = vec![false; texts.len()];
+    let mut read = 0;
+    while read < texts.len() {
+        let (index, _) = vector(job.events.recv_timeout(Duration::from_secs(20)).expect("the call stalled"));
+        finished[index] = true;
+        while read < texts.len() && finished[read] {
+            read += 1;
+        }
+        job.set_read(read);
+    }
+}
