@@ -284,14 +284,32 @@ fn call_failed(kind: ErrorKind, message: String) -> CallError {
     }
 }
 
-/// The session's login role, which the server's per-role connection limit counts.
-fn session_role() -> String {
-    // SAFETY: the session user exists for as long as the session; GetUserNameFromId returns a
-    // palloc'd copy of its name.
-    unsafe {
-        let name = pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false);
-        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+thread_local! {
+    static SESSION_ROLE: RefCell<Option<(pg_sys::Oid, String)>> = const { RefCell::new(None) };
+}
+
+/// The session's login role, which the server's per-role connection limit counts. Read from the
+/// catalog inside a transaction and remembered (a superuser's SET SESSION AUTHORIZATION changes
+/// it): a vectorizer worker calls the model between transactions, where the catalog cannot be
+/// read, so it looks its role up once at start.
+pub fn session_role() -> String {
+    // SAFETY: the session user is set once the backend or worker has connected.
+    let oid = unsafe { pg_sys::GetSessionUserId() };
+    if let Some(name) = SESSION_ROLE.with(|r| r.borrow().as_ref().filter(|(o, _)| *o == oid).map(|(_, n)| n.clone())) {
+        return name;
     }
+    // SAFETY: a syscache lookup, only inside a transaction.
+    if !unsafe { pg_sys::IsTransactionState() } {
+        return format!("role with OID {}", u32::from(oid));
+    }
+    // SAFETY: GetUserNameFromId returns a palloc'd copy of the existing role's name.
+    let name = unsafe {
+        std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(oid, false))
+            .to_string_lossy()
+            .into_owned()
+    };
+    SESSION_ROLE.with(|r| *r.borrow_mut() = Some((oid, name.clone())));
+    name
 }
 
 /// Checks what the backend can check before sending anything.

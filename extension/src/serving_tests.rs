@@ -35,8 +35,9 @@ mod tests {
         let all = Spi::get_one::<i64>(&format!("SELECT count(*) FROM nvembed_passages({TEXTS})")).unwrap();
         assert_eq!(all, Some(20_000));
         let every_row = settled_tokens() - before;
-        // The server computes at most two passes ahead of what a client read (README,
-        // "Batch functions"), a pass being at most nvembed.max_batch_tokens padded tokens.
+        // The server computes at most one pass beyond what a backend read, which is at most the
+        // pass before (README, "Serving"): two passes of at most nvembed.max_batch_tokens
+        // padded tokens.
         let pass: i64 = Spi::get_one::<String>("SELECT current_setting('nvembed.max_batch_tokens')")
             .unwrap()
             .unwrap()

@@ -472,6 +472,10 @@ pub extern "C-unwind" fn nvembed_vectorizer_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = BackgroundWorker::get_extra().to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // Its calls are made between transactions, where the role's name cannot be looked up.
+    BackgroundWorker::transaction(|| {
+        client::session_role();
+    });
     log!("nvembed: vectorizer worker started in database \"{database}\"");
     let mut missing_logged = false;
     let mut released = false;

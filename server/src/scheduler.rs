@@ -16,9 +16,9 @@
 //! so an arriving interactive call still waits for at most one bulk layer.
 //!
 //! Nothing is computed far ahead of its reader: a call's rows are taken into passes only up to
-//! `READ_AHEAD_PASSES` passes' worth of tokens beyond what its client has read (what streaming
-//! needs: one pass computing while the client reads the other). A cursor that stops fetching,
-//! or a LIMIT, leaves the rest of the call uncomputed.
+//! `READ_AHEAD_PASSES` pass's worth of tokens beyond what its client has read (what streaming
+//! needs: one pass computing while the client consumes the one it read). A cursor that stops
+//! fetching, or a LIMIT, leaves the rest of the call uncomputed.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -35,9 +35,10 @@ use crate::stats::Stats;
 pub const LAYER_SECONDS: f64 = 0.05;
 /// Fewest padded tokens in a bulk pass: below this, matrix products lose efficiency.
 pub const MIN_PASS_TOKENS: usize = 256;
-/// Passes of a call's rows that may be computed ahead of what its client has read (its rows
-/// are sorted by length within that reach, so that passes hold rows of similar length).
-pub const READ_AHEAD_PASSES: usize = 2;
+/// Passes of a call's rows that may be computed beyond what its client has read: one computes
+/// while the client consumes what it read (its rows are sorted by length within that reach, so
+/// that passes hold rows of similar length).
+pub const READ_AHEAD_PASSES: usize = 1;
 /// Least share of the model's time that bulk work keeps while interactive calls also wait.
 pub const BULK_SHARE: f64 = 0.25;
 /// How often an idle scheduler with blocked calls looks again.

@@ -104,7 +104,7 @@ fn a_cancelled_call_leaves_its_pass_at_the_next_layer() {
 }
 
 #[test]
-fn nothing_is_computed_more_than_two_passes_ahead_of_what_the_client_read() {
+fn nothing_is_computed_more_than_a_pass_ahead_of_what_the_client_read() {
     let model = model();
     let batch_tokens = 512;
     let (scheduler, _) = start_with(batch_tokens);
