@@ -38,7 +38,7 @@ pub struct Server {
     /// How many times the supervisor has restarted the server (reported in status).
     pub restarts: u64,
     pub limits: Limits,
-    gate: Arc<Gate>,
+    pub(crate) gate: Arc<Gate>,
     texts: TextBudget,
 }
 
@@ -55,7 +55,7 @@ impl Server {
         }
     }
 
-    fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         let loaded = self.model.loaded();
         let settings = self.model.settings();
         Status {
@@ -325,7 +325,8 @@ static ACCEPT_FAILED: Throttled = Throttled::new();
 static FULL: Throttled = Throttled::new();
 
 /// Listens on `socket` (replacing a stale socket file, private to this OS user) and serves
-/// every client in its own thread, the model in the scheduler's; runs until the process ends.
+/// every client in its own thread; runs until the process ends. The scheduler runs in its own
+/// thread (`Scheduler::run`), started by the caller.
 pub fn serve(socket: &Path, server: Arc<Server>) -> std::io::Result<()> {
     match std::fs::remove_file(socket) {
         Ok(()) => {}
@@ -334,10 +335,6 @@ pub fn serve(socket: &Path, server: Arc<Server>) -> std::io::Result<()> {
     }
     let listener = UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-    let scheduler = server.scheduler.clone();
-    std::thread::Builder::new()
-        .name("scheduler".into())
-        .spawn(move || scheduler.run())?;
     loop {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,

@@ -9,7 +9,10 @@
 pub mod admission;
 pub mod connection;
 pub mod crash;
+pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod model;
 pub mod scheduler;
 pub mod stats;
+pub mod tokens;

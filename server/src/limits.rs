@@ -228,6 +228,12 @@ pub struct Throttled {
 
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
+impl Default for Throttled {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Throttled {
     pub const fn new() -> Self {
         Self {

@@ -75,6 +75,17 @@ impl ModelSlot {
         }
     }
 
+    /// For health checks: Ok(whether the model is loaded), or the error of the last load when
+    /// it failed and no load has succeeded since.
+    pub fn health(&self) -> Result<bool, String> {
+        let guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match &guard.0 {
+            State::Ready(_) => Ok(true),
+            State::Empty if guard.1.count > 0 => Err(guard.1.last.clone()),
+            State::Empty | State::Loading => Ok(false),
+        }
+    }
+
     /// The model, loading it in this thread if nobody has. Ok(None) when `gave_up` said so while
     /// another thread was loading; Err with the load error otherwise.
     pub fn get(&self, gave_up: impl Fn() -> bool) -> Result<Option<Arc<Embedder>>, String> {

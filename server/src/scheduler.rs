@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use nvembed_engine::{ensure_finite, EmbedPass, Embedder, EncodedInput};
 use nvembed_protocol::{ErrorKind, WorkClass};
 
+use crate::metrics::Class;
 use crate::stats::Stats;
 
 /// Target time of one layer of a bulk pass: how long an arriving interactive call may wait.
@@ -146,6 +147,8 @@ struct Running {
     pass: EmbedPass,
     embedder: Arc<Embedder>,
     rows: Vec<(u64, usize)>,
+    class: WorkClass,
+    started: Instant,
 }
 
 /// Measured seconds per padded token of a decoder layer, to size bulk passes by time. Latent
@@ -359,7 +362,7 @@ impl Scheduler {
     /// Every waiting interactive row that fits in one pass of `batch_tokens`, oldest first.
     fn take_interactive_pass(&self, calls: &mut Calls) -> Option<Running> {
         let rows = take_rows(&mut calls.entries, &calls.interactive, self.batch_tokens);
-        self.start(calls, rows)
+        self.start(calls, rows, WorkClass::Interactive)
     }
 
     /// A bulk pass sized by time, filled round-robin: each pass starts with the next call.
@@ -370,10 +373,10 @@ impl Scheduler {
             calls.bulk.retain(|&id| id != first);
             calls.bulk.push_back(first);
         }
-        self.start(calls, rows)
+        self.start(calls, rows, WorkClass::Bulk)
     }
 
-    fn start(&self, calls: &mut Calls, rows: Vec<(u64, usize)>) -> Option<Running> {
+    fn start(&self, calls: &mut Calls, rows: Vec<(u64, usize)>, class: WorkClass) -> Option<Running> {
         let (first_id, _) = *rows.first()?;
         let embedder = calls.entries[&first_id].job.embedder.clone();
         let members: Vec<&EncodedInput> = rows
@@ -383,7 +386,13 @@ impl Scheduler {
         match embedder.begin_pass(&members) {
             Ok(pass) => {
                 Stats::add(&self.stats.active_rows, rows.len() as u64);
-                Some(Running { pass, embedder, rows })
+                Some(Running {
+                    pass,
+                    embedder,
+                    rows,
+                    class,
+                    started: Instant::now(),
+                })
             }
             Err(e) => {
                 self.fail_rows(calls, &rows, ErrorKind::Internal, &e.to_string());
@@ -447,6 +456,11 @@ impl Scheduler {
         result: Result<Vec<Vec<f32>>, String>,
     ) {
         Stats::sub(&self.stats.active_rows, rows.len() as u64);
+        if let Some(running) = slot.as_ref() {
+            let class = Class::from(running.class);
+            let seconds = running.started.elapsed().as_secs_f64();
+            self.stats.by_class.pass_seconds.get_or_create(&class).observe(seconds);
+        }
         match result {
             Ok(vectors) => {
                 for (&(id, row), vector) in rows.iter().zip(vectors) {
@@ -468,10 +482,15 @@ impl Scheduler {
             self.fail_rows(calls, &[(id, row)], ErrorKind::NonFinite, &message);
             return;
         }
-        Stats::add(&self.stats.tokens, entry.len_of(row) as u64);
+        let tokens = entry.len_of(row) as u64;
+        let class = Class::from(entry.job.class);
+        Stats::add(&self.stats.tokens, tokens);
+        self.stats.by_class.tokens.get_or_create(&class).inc_by(tokens);
+        self.stats.by_class.rows.get_or_create(&class).inc();
         entry.job.send(Event::Vector { index: row, vector });
         entry.done += 1;
         if entry.done == entry.rows() {
+            self.stats.by_class.calls.get_or_create(&class).inc();
             self.forget(calls, id);
         }
     }

@@ -2,6 +2,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::metrics::ByClass;
+
 #[derive(Default)]
 pub struct Stats {
     pub requests: AtomicU64,
@@ -13,6 +15,8 @@ pub struct Stats {
     /// Model time by class of work, in microseconds.
     pub interactive_micros: AtomicU64,
     pub bulk_micros: AtomicU64,
+    /// Calls, rows, tokens and pass durations by class, for `/metrics`.
+    pub by_class: ByClass,
 }
 
 impl Stats {

@@ -42,6 +42,8 @@ fn start(limits: Limits) -> (PathBuf, tempfile::TempDir) {
         0,
         limits,
     ));
+    let scheduler = server.scheduler.clone();
+    std::thread::spawn(move || scheduler.run());
     let path = socket.clone();
     std::thread::spawn(move || serve(&path, server));
     let started = Instant::now();

@@ -1,0 +1,423 @@
+//! The HTTP listener, for every program that is not PostgreSQL: OpenAI's `POST /v1/embeddings`
+//! (plus `input_type` and `instruction`), `GET /health` for load balancers and `GET /metrics`
+//! for Prometheus. Over TLS unless plaintext was asked for explicitly; every request but
+//! `/health` carries a bearer token from the tokens file. A request is a call like the native
+//! protocol's: one input is interactive work, several are bulk, admitted by the same connection
+//! limits (per client name) and token limit, and dropped from the model when its client leaves.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use nvembed_engine::QUERY_INSTRUCTION;
+use nvembed_protocol::{EmbedHeader, ErrorKind, WorkClass};
+
+use crate::admission::{check_count, Admission, Refusal};
+use crate::connection::Server;
+use crate::limits::Throttled;
+use crate::metrics::{render, ModelFacts};
+use crate::scheduler::Event;
+use crate::stats::Stats;
+use crate::tokens::Tokens;
+
+/// Largest request body: a full array of inputs of a few KiB each fits.
+pub const MAX_BODY_BYTES: usize = 16 << 20;
+/// Most inputs in one request (OpenAI's own limit).
+pub const MAX_INPUTS: usize = 2048;
+/// Time a client has to send its whole request body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a request waiting for vectors checks whether its client left.
+const CANCEL_POLL: Duration = Duration::from_millis(50);
+
+/// What the HTTP listener serves, and to whom.
+pub struct HttpSettings {
+    /// The name clients pass as `model` (and get back).
+    pub served_model_name: String,
+    pub max_length: usize,
+    pub max_request_tokens: usize,
+    /// None: no token is asked for (only with `--no-tokens`).
+    pub tokens: Option<Arc<Tokens>>,
+}
+
+struct App {
+    server: Arc<Server>,
+    settings: HttpSettings,
+}
+
+static REFUSED: Throttled = Throttled::new();
+
+/// An error in OpenAI's shape.
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+    let body = json!({"error": {"message": message.into(), "type": kind, "param": null, "code": code}});
+    (status, Json(body)).into_response()
+}
+
+fn refusal(refused: Refusal) -> Response {
+    let (kind, message) = refused;
+    match kind {
+        ErrorKind::InvalidInput => error(StatusCode::BAD_REQUEST, "invalid_input", message),
+        ErrorKind::TooLarge => error(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", message),
+        ErrorKind::Busy => error(StatusCode::SERVICE_UNAVAILABLE, "server_busy", message),
+        ErrorKind::Load => error(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", message),
+        ErrorKind::NonFinite | ErrorKind::Internal => error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message),
+    }
+}
+
+impl App {
+    /// The client's name from its bearer token; a 401 when the token is missing or unknown.
+    #[allow(clippy::result_large_err)] // axum's Response, returned as is
+    fn authenticate(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<String, Response> {
+        let Some(tokens) = &self.settings.tokens else {
+            return Ok(peer.ip().to_string());
+        };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        match presented.and_then(|token| tokens.check(token)) {
+            Some(name) => Ok(name),
+            None => {
+                Stats::add(&self.server.stats.refused_connections, 1);
+                REFUSED.log(|| format!("refusing a request from {peer}: missing or unknown bearer token"));
+                Err(error(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_api_key",
+                    "missing or unknown bearer token (Authorization: Bearer ...)",
+                ))
+            }
+        }
+    }
+}
+
+/// `input`: one text or several (token arrays are not accepted).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Input {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct EmbeddingRequest {
+    input: Input,
+    model: String,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<Value>,
+    /// nvembed's extension: `passage` (the default: no instruction) or `query`.
+    #[serde(default)]
+    input_type: Option<String>,
+    /// nvembed's extension: any instruction prefix, overriding `input_type`'s.
+    #[serde(default)]
+    instruction: Option<String>,
+}
+
+/// A validated request.
+struct Call {
+    texts: Vec<String>,
+    instruction: String,
+    base64: bool,
+}
+
+#[allow(clippy::result_large_err)] // axum's Response, returned as is
+fn validate(request: EmbeddingRequest, settings: &HttpSettings) -> Result<Call, Response> {
+    if request.model != settings.served_model_name {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("this server serves {:?}, not {:?}", settings.served_model_name, request.model),
+        ));
+    }
+    if request.dimensions.is_some() {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "dimensions_not_supported",
+            "`dimensions` is not supported: NV-Embed-v2 was not trained to be truncated (Matryoshka)",
+        ));
+    }
+    let base64 = match request.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_encoding_format",
+                format!("encoding_format {other:?} is not one of \"float\", \"base64\""),
+            ))
+        }
+    };
+    let texts = match request.input {
+        Input::One(text) => vec![text],
+        Input::Many(texts) => texts,
+    };
+    if texts.is_empty() {
+        return Err(error(StatusCode::BAD_REQUEST, "empty_input", "`input` holds no text"));
+    }
+    if texts.len() > MAX_INPUTS {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "too_many_inputs",
+            format!("`input` holds {} texts; at most {MAX_INPUTS} per request", texts.len()),
+        ));
+    }
+    let instruction = match (request.instruction, request.input_type.as_deref()) {
+        (Some(instruction), _) => instruction,
+        (None, None | Some("passage")) => String::new(),
+        (None, Some("query")) => QUERY_INSTRUCTION.to_string(),
+        (None, Some(other)) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_input_type",
+                format!("input_type {other:?} is not one of \"query\", \"passage\""),
+            ))
+        }
+    };
+    Ok(Call {
+        texts,
+        instruction,
+        base64,
+    })
+}
+
+/// Sets the flag when dropped: the request's future was dropped, its client is gone.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Vectors of the call and its tokens, or why not; None when the client left.
+type Computed = Option<Result<(Vec<Vec<f32>>, usize), Refusal>>;
+
+/// Tokenizes, queues and waits for a call, in a blocking thread.
+fn compute(server: &Server, header: &EmbedHeader, texts: &[String], gone: &AtomicBool) -> Computed {
+    let model = match server.model.get(|| gone.load(Ordering::SeqCst)) {
+        Ok(Some(model)) => model,
+        Ok(None) => return None,
+        Err(message) => return Some(Err((ErrorKind::Load, message))),
+    };
+    let mut admission = Admission::new(&model, header);
+    if let Err(refused) = admission.add(texts) {
+        return Some(Err(refused));
+    }
+    let inputs = admission.finish();
+    let tokens = inputs.iter().map(|input| input.ids.len()).sum();
+    let count = inputs.len();
+    Stats::add(&server.stats.waiting, 1);
+    let handle = server.scheduler.submit(header.class, inputs, model);
+    // The vectors are gathered here as they come: the client has read them all.
+    handle.set_read(count);
+    let mut vectors: Vec<Option<Vec<f32>>> = vec![None; count];
+    let mut received = 0;
+    let outcome = loop {
+        if received == count {
+            Stats::add(&server.stats.requests, 1);
+            break Some(Ok((vectors.into_iter().map(|v| v.expect("every row arrived")).collect(), tokens)));
+        }
+        match handle.events.recv_timeout(CANCEL_POLL) {
+            Ok(Event::Vector { index, vector }) => {
+                vectors[index] = Some(vector);
+                received += 1;
+            }
+            Ok(Event::Failed { kind, message }) => break Some(Err((kind, message))),
+            Err(RecvTimeoutError::Timeout) if gone.load(Ordering::SeqCst) => {
+                handle.cancel();
+                break None;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break Some(Err((ErrorKind::Internal, "the scheduler stopped".into()))),
+        }
+    };
+    Stats::sub(&server.stats.waiting, 1);
+    outcome
+}
+
+async fn embeddings(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let client = match app.authenticate(&headers, peer) {
+        Ok(client) => client,
+        Err(response) => return response,
+    };
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!("the request body is larger than {MAX_BODY_BYTES} bytes, or broken"),
+            )
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the request body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+            )
+        }
+    };
+    let request: EmbeddingRequest = match serde_json::from_slice(&bytes) {
+        Ok(request) => request,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", format!("malformed request: {e}")),
+    };
+    drop(bytes);
+    let call = match validate(request, &app.settings) {
+        Ok(call) => call,
+        Err(response) => return response,
+    };
+    let header = EmbedHeader {
+        class: if call.texts.len() == 1 { WorkClass::Interactive } else { WorkClass::Bulk },
+        instruction: call.instruction,
+        max_length: app.settings.max_length,
+        max_request_tokens: app.settings.max_request_tokens,
+        count: call.texts.len(),
+    };
+    if let Err(refused) = check_count(&header) {
+        return refusal(refused);
+    }
+    // A request holds a connection slot of its client's share while it runs.
+    let server = app.server.clone();
+    let Some(mut slot) = server.gate.open(server.limits.hard_cap()) else {
+        Stats::add(&server.stats.refused_connections, 1);
+        return refusal((ErrorKind::Busy, "the model server is at its connection limit".into()));
+    };
+    if let Err(refused) = slot.admit(&client, None, &server.limits) {
+        Stats::add(&server.stats.refused_connections, 1);
+        return refusal(refused);
+    }
+    let gone = Arc::new(AtomicBool::new(false));
+    let _cancel_if_dropped = CancelOnDrop(gone.clone());
+    let texts = call.texts;
+    let computed = tokio::task::spawn_blocking(move || {
+        let computed = compute(&server, &header, &texts, &gone);
+        drop(slot);
+        computed
+    })
+    .await;
+    let (vectors, tokens) = match computed {
+        Ok(Some(Ok(done))) => done,
+        Ok(Some(Err(refused))) => return refusal(refused),
+        Ok(None) | Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "the call was dropped"),
+    };
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, vector)| {
+            let embedding = if call.base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Value::from(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                Value::from(vector)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    Json(json!({
+        "object": "list",
+        "data": data,
+        "model": app.settings.served_model_name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response()
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    match app.server.model.health() {
+        Ok(loaded) => Json(json!({"status": "ok", "loaded": loaded})).into_response(),
+        Err(message) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "error": message}))).into_response()
+        }
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    if let Err(response) = app.authenticate(&headers, peer) {
+        return response;
+    }
+    let status = app.server.status();
+    let text = render(
+        &app.server.stats,
+        &ModelFacts {
+            load_seconds: status.load_seconds,
+            restarts: status.restarts,
+        },
+    );
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+}
+
+/// How the listener speaks: TLS with a certificate chain and key (PEM), or plaintext.
+pub enum Transport {
+    Tls { cert: PathBuf, key: PathBuf },
+    Plaintext,
+}
+
+/// Serves HTTP on `listener` until the process ends; SIGHUP re-reads the tokens file.
+pub fn serve_http(
+    listener: std::net::TcpListener,
+    transport: Transport,
+    server: Arc<Server>,
+    settings: HttpSettings,
+) -> std::io::Result<()> {
+    let tokens = settings.tokens.clone();
+    let app = Arc::new(App { server, settings });
+    let router = Router::new()
+        .route("/v1/embeddings", post(embeddings))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(app)
+        .into_make_service_with_connect_info::<SocketAddr>();
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("http")
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        if let Some(tokens) = tokens {
+            let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    match tokens.reload() {
+                        Ok(count) => eprintln!("nvembed-model-server: SIGHUP: {count} tokens read"),
+                        Err(e) => eprintln!("nvembed-model-server: SIGHUP: keeping the tokens in use: {e}"),
+                    }
+                }
+            });
+        }
+        match transport {
+            Transport::Tls { cert, key } => {
+                // ring: one provider for the whole process (installing twice is harmless).
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
+                    .await
+                    .map_err(|e| {
+                        std::io::Error::new(
+                            e.kind(),
+                            format!("TLS certificate {} / key {}: {e}", cert.display(), key.display()),
+                        )
+                    })?;
+                axum_server::from_tcp_rustls(listener, config).serve(router).await
+            }
+            Transport::Plaintext => axum_server::from_tcp(listener).serve(router).await,
+        }
+    })
+}

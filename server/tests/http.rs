@@ -1,0 +1,282 @@
+//! The HTTP listener over TLS with bearer tokens, on the tiny fixture: OpenAI's embeddings
+//! response with the engine's own vectors (float and base64, queries and passages), errors in
+//! OpenAI's shape with the right status, the health and metrics endpoints, tokens re-read on
+//! SIGHUP, and a client that never finishes its request holding up nobody.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use nvembed_engine::{DType, Device, EmbedOptions, Embedder, ModelSource, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION};
+use nvembed_server::connection::Server;
+use nvembed_server::http::{serve_http, HttpSettings, Transport};
+use nvembed_server::limits::{Limits, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
+use nvembed_server::model::{ModelSettings, ModelSlot};
+use nvembed_server::scheduler::Scheduler;
+use nvembed_server::stats::Stats;
+use nvembed_server::tokens::Tokens;
+
+const TOKEN: &str = "3f9a1c77e2b04d5e8a61";
+const NAME: &str = "tiny";
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/fixtures/nvembed-tiny-a")
+}
+
+struct Running {
+    url: String,
+    agent: ureq::Agent,
+    tokens_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A TLS server with one token, in this process, and a client that trusts its certificate.
+fn start(max_request_tokens: usize) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    let tokens_file = dir.path().join("tokens");
+    std::fs::write(&tokens_file, format!("test-client {TOKEN}\n")).unwrap();
+    let stats = Arc::new(Stats::default());
+    let server = Arc::new(Server::new(
+        ModelSlot::new(ModelSettings {
+            model: fixture().to_string_lossy().into_owned(),
+            dtype: "f32".into(),
+            device: "cpu".into(),
+        }),
+        Scheduler::new(16_384, stats.clone()),
+        stats,
+        0,
+        Limits {
+            max_connections: 64,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+        },
+    ));
+    let scheduler = server.scheduler.clone();
+    std::thread::spawn(move || scheduler.run());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let settings = HttpSettings {
+        served_model_name: NAME.into(),
+        max_length: 512,
+        max_request_tokens,
+        tokens: Some(Arc::new(Tokens::load(&tokens_file).unwrap())),
+    };
+    std::thread::spawn(move || serve_http(listener, Transport::Tls { cert, key }, server, settings));
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let agent = ureq::AgentBuilder::new().tls_config(Arc::new(client)).build();
+    let running = Running {
+        url: format!("https://localhost:{port}"),
+        agent,
+        tokens_file,
+        _dir: dir,
+    };
+    let started = Instant::now();
+    while running.agent.get(&format!("{}/health", running.url)).call().is_err() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the HTTP listener did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running
+}
+
+/// Status and JSON body of a POST to /v1/embeddings.
+fn post(running: &Running, token: Option<&str>, body: &str) -> (u16, Value) {
+    let mut request = running
+        .agent
+        .post(&format!("{}/v1/embeddings", running.url))
+        .set("Content-Type", "application/json");
+    if let Some(token) = token {
+        request = request.set("Authorization", &format!("Bearer {token}"));
+    }
+    match request.send_string(body) {
+        Ok(response) => (response.status(), response.into_json().unwrap()),
+        Err(ureq::Error::Status(status, response)) => (status, response.into_json().unwrap()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn engine() -> Embedder {
+    let files = ModelSource::Dir(fixture()).resolve().unwrap();
+    Embedder::load(&files, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn floats(value: &Value) -> Vec<f32> {
+    value.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn error_of(status: u16, body: &Value) -> (u16, String, String) {
+    let error = &body["error"];
+    (
+        status,
+        error["code"].as_str().unwrap_or_default().to_string(),
+        error["message"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[test]
+fn embeddings_over_tls_are_the_engines_in_openais_shape() {
+    let running = start(1 << 18);
+    let engine = engine();
+    let texts = ["The lighthouse beam sweeps across the water.", "Boats at sea", ""];
+    let (status, body) = post(&running, Some(TOKEN), &json!({"input": texts, "model": NAME}).to_string());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["model"], NAME);
+    let options = EmbedOptions {
+        max_length: 512,
+        ..EmbedOptions::default()
+    };
+    let want = engine.embed(PASSAGE_INSTRUCTION, &texts, &options).unwrap();
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3);
+    for (i, item) in data.iter().enumerate() {
+        assert_eq!(item["object"], "embedding");
+        assert_eq!(item["index"], i);
+        assert!(max_abs_diff(&floats(&item["embedding"]), &want[i]) <= 1e-6, "row {i}");
+    }
+    let refs: Vec<&str> = texts.to_vec();
+    let tokens: usize = engine.encode(PASSAGE_INSTRUCTION, &refs, 512).unwrap().iter().map(|i| i.ids.len()).sum();
+    assert_eq!(body["usage"], json!({"prompt_tokens": tokens, "total_tokens": tokens}));
+
+    // One string, as a query, in base64 (little-endian f32, as OpenAI's clients decode it).
+    let question = "where is the lighthouse?";
+    let request = json!({"input": question, "model": NAME, "input_type": "query", "encoding_format": "base64"});
+    let (status, body) = post(&running, Some(TOKEN), &request.to_string());
+    assert_eq!(status, 200, "{body}");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(body["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let got: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let want = engine.embed(QUERY_INSTRUCTION, &[question], &options).unwrap();
+    assert!(max_abs_diff(&got, &want[0]) <= 1e-6);
+    // An instruction of the caller's own.
+    let task = "Instruct: Given a claim, find evidence\nQuery: ";
+    let (status, body) = post(&running, Some(TOKEN), &json!({"input": [question], "model": NAME, "instruction": task}).to_string());
+    assert_eq!(status, 200, "{body}");
+    let want = engine.embed(task, &[question], &options).unwrap();
+    assert!(max_abs_diff(&floats(&body["data"][0]["embedding"]), &want[0]) <= 1e-6);
+}
+
+#[test]
+fn bad_requests_get_openai_errors_with_the_right_status_before_any_compute() {
+    let running = start(600);
+    let ok = json!({"input": ["a"], "model": NAME}).to_string();
+    let cases: Vec<(Option<&str>, String, u16, &str, &str)> = vec![
+        (None, ok.clone(), 401, "invalid_api_key", "missing or unknown bearer token"),
+        (Some("3f9a1c77e2b04d5e8a62"), ok.clone(), 401, "invalid_api_key", "missing or unknown bearer token"),
+        (Some(TOKEN), "{\"input\": [\"a\"".into(), 400, "invalid_json", "malformed request"),
+        (Some(TOKEN), json!({"input": [[1, 2, 3]], "model": NAME}).to_string(), 400, "invalid_json", "malformed request"),
+        (Some(TOKEN), json!({"input": ["a"], "model": "text-embedding-3-small"}).to_string(), 404, "model_not_found", "this server serves \"tiny\""),
+        (Some(TOKEN), json!({"input": ["a"], "model": NAME, "dimensions": 256}).to_string(), 400, "dimensions_not_supported", "not trained to be truncated"),
+        (Some(TOKEN), json!({"input": ["a"], "model": NAME, "encoding_format": "hex"}).to_string(), 400, "invalid_encoding_format", "\"hex\""),
+        (Some(TOKEN), json!({"input": ["a"], "model": NAME, "input_type": "document"}).to_string(), 400, "invalid_input_type", "\"document\""),
+        (Some(TOKEN), json!({"input": [], "model": NAME}).to_string(), 400, "empty_input", "holds no text"),
+        (Some(TOKEN), json!({"input": vec!["a"; 2049], "model": NAME}).to_string(), 400, "too_many_inputs", "at most 2048"),
+        (Some(TOKEN), json!({"input": vec!["boats at sea"; 200], "model": NAME}).to_string(), 413, "request_too_large", "more than nvembed.max_request_tokens (600)"),
+        (Some(TOKEN), json!({"input": ["x".repeat(17 << 20)], "model": NAME}).to_string(), 413, "request_too_large", "larger than 16777216 bytes"),
+    ];
+    for (token, body, status, code, message) in cases {
+        let (got_status, got) = post(&running, token, &body);
+        let (got_status, got_code, got_message) = error_of(got_status, &got);
+        assert_eq!((got_status, got_code.as_str()), (status, code), "{got_message}");
+        assert!(got_message.contains(message), "{got_message}");
+        assert_eq!(
+            got["error"]["type"],
+            if status >= 500 { "server_error" } else { "invalid_request_error" }
+        );
+    }
+    let metrics = running
+        .agent
+        .get(&format!("{}/metrics", running.url))
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    // Nothing above reached the model.
+    assert!(!metrics.contains("nvembed_rows_total{"), "{metrics}");
+    assert!(metrics.contains("nvembed_refused_connections_total 2"), "{metrics}");
+}
+
+#[test]
+fn health_and_metrics_are_served_and_tokens_are_reread_on_sighup() {
+    let running = start(1 << 18);
+    let health: Value = running.agent.get(&format!("{}/health", running.url)).call().unwrap().into_json().unwrap();
+    assert_eq!(health, json!({"status": "ok", "loaded": false}));
+    let (status, _) = post(&running, Some(TOKEN), &json!({"input": ["a", "b"], "model": NAME}).to_string());
+    assert_eq!(status, 200);
+    let (status, _) = post(&running, Some(TOKEN), &json!({"input": "c", "model": NAME}).to_string());
+    assert_eq!(status, 200);
+    let health: Value = running.agent.get(&format!("{}/health", running.url)).call().unwrap().into_json().unwrap();
+    assert_eq!(health, json!({"status": "ok", "loaded": true}));
+    match running.agent.get(&format!("{}/metrics", running.url)).call() {
+        Err(ureq::Error::Status(401, _)) => {}
+        other => panic!("metrics without a token: {other:?}"),
+    }
+    let metrics = running
+        .agent
+        .get(&format!("{}/metrics", running.url))
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    for line in [
+        "nvembed_rows_total{class=\"bulk\"} 2",
+        "nvembed_rows_total{class=\"interactive\"} 1",
+        "nvembed_calls_total{class=\"bulk\"} 1",
+        "nvembed_pass_seconds_count{class=\"interactive\"} 1",
+        "nvembed_queued_calls 0",
+        "# TYPE nvembed_pass_seconds histogram",
+        "nvembed_restarts 0",
+    ] {
+        assert!(metrics.contains(line), "{line:?} missing in\n{metrics}");
+    }
+    assert!(metrics.lines().any(|l| l.starts_with("nvembed_model_load_seconds ") && !l.ends_with(" 0.0")), "{metrics}");
+
+    // A new token file, read on SIGHUP: the old token is refused, the new one accepted.
+    let fresh = "9c0d5e1f2a3b4c5d6e7f";
+    std::fs::write(&running.tokens_file, format!("rotated {fresh}\n")).unwrap();
+    // SAFETY: signalling this process, whose HTTP listener handles SIGHUP.
+    unsafe { libc::raise(libc::SIGHUP) };
+    let started = Instant::now();
+    while post(&running, Some(TOKEN), &json!({"input": "d", "model": NAME}).to_string()).0 != 401 {
+        assert!(started.elapsed() < Duration::from_secs(5), "the old token still works");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(post(&running, Some(fresh), &json!({"input": "d", "model": NAME}).to_string()).0, 200);
+}
+
+#[test]
+fn a_client_that_never_finishes_its_request_holds_up_nobody() {
+    let running = start(1 << 18);
+    // Plain TCP that starts a TLS handshake's worth of garbage and stops, and one that stops
+    // in the middle of nothing at all.
+    let port = running.url.rsplit(':').next().unwrap().to_string();
+    let mut stalled: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap())
+        .collect();
+    for stream in stalled.iter_mut().step_by(2) {
+        stream.write_all(&[0x16, 0x03, 0x01]).unwrap();
+    }
+    let started = Instant::now();
+    let (status, body) = post(&running, Some(TOKEN), &json!({"input": ["a", "b"], "model": NAME}).to_string());
+    assert_eq!(status, 200, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
