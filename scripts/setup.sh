@@ -11,7 +11,8 @@ SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 export DEBIAN_FRONTEND=noninteractive
 
 need_pkgs=()
-for p in postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev libdnnl-dev sudo pkg-config build-essential dpkg-dev; do
+for p in postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev libdnnl-dev sudo pkg-config build-essential dpkg-dev \
+         python3-venv openssl curl; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

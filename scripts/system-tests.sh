@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # System tests that need a whole server: a restart with requests in flight, a load test of
 # 16 sessions × 200 mixed calls, backfill progress, a model server of another build or one that
-# misbehaves, a missing or wedged model server, a 100,000-text call, and a vectorizer's queue
-# drained through a killed model server and an immediate restart. Run by `make test` after the
+# misbehaves, a missing or wedged model server, a 100,000-text call, a vectorizer's queue
+# drained through a killed model server and an immediate restart, logical replication, and
+# OpenAI's Python client against a standalone model server over TLS. Run by `make test` after the
 # SQL tests; bounded in time, loopback only, and they stop their cluster themselves. Each check
 # prints PASS or fails.
 set -euo pipefail
@@ -305,3 +306,63 @@ fatal=$(grep -c 'FATAL:  database "sub" does not exist' "$WORK/server.log" || tr
 [ "$missing" = 1 ] && [ "$fatal" = 0 ] || fail "a listed database that does not exist yet: logged $missing times, $fatal FATALs (want 1, 0)"
 "${PSQL[@]}" -d sub -c "DROP SUBSCRIPTION sub" >/dev/null
 echo "PASS logical replication: a subscriber's vectorizer embeds replicated inserts, updates, key changes and partition moves (29 rows correct); its database, listed before it existed, was logged once"
+
+# 10. A standalone model server (HTTP over TLS, a token) used by OpenAI's Python client from
+#     PyPI: the same vectors as nvembed_passage / nvembed_query (≤ 1e-6), float and base64;
+#     a wrong token and `dimensions` refused in OpenAI's shape; /health and /metrics by curl.
+OPENAI_VERSION=3.57.0
+venv="${NVEMBED_TEST_VENV:-/tmp/nvembed-test/venv}"
+if ! "$venv/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "openai==$OPENAI_VERSION"
+fi
+tls="$WORK/tls"; mkdir -p "$tls"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=nvembed-test-ca \
+  -keyout "$tls/ca.key" -out "$tls/ca.crt" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+  -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > "$tls/ext"
+openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" -CAcreateserial -days 1 \
+  -extfile "$tls/ext" -out "$tls/server.crt" 2>/dev/null
+token=$(openssl rand -hex 24)
+printf 'system-test %s\n' "$token" > "$tls/tokens"
+port=$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+target/release/nvembed-model-server --model "$TINY" --dtype f32 --served-model-name nv-embed-tiny \
+  --http-listen "127.0.0.1:$port" --tls-cert "$tls/server.crt" --tls-key "$tls/server.key" \
+  --tokens-file "$tls/tokens" 2> "$WORK/http-server.log" &
+http_server=$!
+trap 'kill $http_server 2>/dev/null || true; restore_server' EXIT
+for _ in $(seq 100); do
+  curl -sf --cacert "$tls/ca.crt" "https://localhost:$port/health" >/dev/null && break
+  sleep 0.1
+done
+health=$(curl -sS --cacert "$tls/ca.crt" "https://localhost:$port/health")
+[ "$health" = '{"loaded":false,"status":"ok"}' ] || fail "/health answered $health"
+texts='["The lighthouse beam sweeps across the water.", "Boats at sea", "où est le phare ?", ""]'
+got=$("$venv/bin/python" scripts/testing/openai-client.py "https://localhost:$port/v1" "$token" "$tls/ca.crt" nv-embed-tiny <<<"$texts")
+want=$("${PSQL[@]}" -At -c "SELECT json_build_object(
+    'passage', (SELECT json_agg(nvembed_passage(t) ORDER BY n) FROM json_array_elements_text('$texts') WITH ORDINALITY AS u(t, n)),
+    'query', nvembed_query('The lighthouse beam sweeps across the water.'))")
+python3 - "$got" "$want" <<'PY' || fail "OpenAI's client: $got"
+import json, sys
+got, want = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+def diff(a, b):
+    assert len(a) == len(b), (len(a), len(b))
+    return max(abs(x - y) for x, y in zip(a, b))
+worst = max(diff(g, w) for key in ("passage_float", "passage_default") for g, w in zip(got[key], want["passage"]))
+worst = max(worst, diff(got["query"], want["query"]))
+assert worst <= 1e-6, worst
+assert got["wrong_token"] == [401, "invalid_api_key"], got["wrong_token"]
+assert got["dimensions"] == [400, "dimensions_not_supported"], got["dimensions"]
+assert got["prompt_tokens"] > 4, got["prompt_tokens"]
+PY
+metrics=$(curl -sS --cacert "$tls/ca.crt" -H "Authorization: Bearer $token" "https://localhost:$port/metrics")
+grep -q '^nvembed_rows_total{class="bulk"} 8$' <<<"$metrics" || fail "/metrics: $metrics"
+grep -q '^nvembed_rows_total{class="interactive"} 1$' <<<"$metrics" || fail "/metrics: $metrics"
+unauthorized=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$tls/ca.crt" "https://localhost:$port/metrics")
+[ "$unauthorized" = 401 ] || fail "/metrics without a token answered $unauthorized"
+grep -q "refusing a request from 127.0.0.1:[0-9]*: missing or unknown bearer token" "$WORK/http-server.log" \
+  || fail "the refused token was not logged with its peer: $(cat "$WORK/http-server.log")"
+! grep -q "not-a-token-of-this-server\|$token" "$WORK/http-server.log" || fail "a token appears in the log"
+kill $http_server
+echo "PASS OpenAI's Python client $OPENAI_VERSION over TLS: float and base64 vectors equal nvembed_passage / nvembed_query (≤ 1e-6); wrong token 401, dimensions 400; /health, /metrics; no token in the log"
