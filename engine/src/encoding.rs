@@ -44,9 +44,15 @@ pub struct PaddedBatch {
     pub pool_mask: Vec<Vec<u32>>,
 }
 
+/// Tokens past `max_length` that a text cut before tokenizing still yields: BPE merges are
+/// local, so the first `max_length` tokens of the cut text are those of the whole text.
+pub const CUT_MARGIN_TOKENS: usize = 256;
+
 pub struct InputEncoder {
     tokenizer: Tokenizer,
     pad_id: u32,
+    /// Most bytes of text one token can stand for (its piece, with `▁` standing for one space).
+    longest_piece_bytes: usize,
 }
 
 impl InputEncoder {
@@ -65,10 +71,34 @@ impl InputEncoder {
             path: path.to_path_buf(),
             reason: format!("the vocabulary has no {} token", Self::EOS_TOKEN),
         })?;
+        let longest_piece_bytes = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(|piece| piece.replace('\u{2581}', " ").len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Ok(Self {
             tokenizer,
             pad_id,
+            longest_piece_bytes,
         })
+    }
+
+    /// The part of `text` that can reach the first `max_length` tokens: a text past
+    /// `(max_length + CUT_MARGIN_TOKENS)` of the longest pieces is cut there (at a character
+    /// boundary) before tokenizing, so the tokenizer's time and memory follow `max_length`, not
+    /// the text's size (a tokenizer holds tens of bytes per byte of text).
+    fn reachable<'t>(&self, text: &'t str, max_length: usize) -> &'t str {
+        let keep = max_length.saturating_add(CUT_MARGIN_TOKENS).saturating_mul(self.longest_piece_bytes);
+        if text.len() <= keep {
+            return text;
+        }
+        let mut end = keep;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        &text[..end]
     }
 
     /// Token count of `instruction` alone, without special tokens.
@@ -92,7 +122,7 @@ impl InputEncoder {
         texts
             .iter()
             .map(|text| {
-                let full = format!("{instruction}{text}{}", Self::EOS_TOKEN);
+                let full = format!("{instruction}{}{}", self.reachable(text, max_length), Self::EOS_TOKEN);
                 let encoding = self
                     .tokenizer
                     .encode(full.as_str(), true)
@@ -128,5 +158,36 @@ impl InputEncoder {
             batch.pool_mask.push(pool);
         }
         batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoder() -> InputEncoder {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nvembed-tiny-a/tokenizer.json");
+        InputEncoder::from_file(&dir).unwrap()
+    }
+
+    #[test]
+    fn a_long_text_cut_before_tokenizing_gives_the_tokens_of_the_whole_text() {
+        let encoder = encoder();
+        assert_eq!(encoder.longest_piece_bytes, 25);
+        // Mixed scripts, digits, runs of spaces and punctuation: pieces of every length.
+        let pattern = "Le phare balaie l'eau — 灯台の光が海を照らす. Становништво 1234567   spaces!!! ";
+        let long = pattern.repeat(4000);
+        for max_length in [1, 16, 100, 1000, 5000] {
+            let cut = encoder.reachable(&long, max_length);
+            assert!(cut.len() < long.len(), "max_length {max_length} did not cut");
+            for instruction in ["", QUERY_INSTRUCTION] {
+                let whole = encoder.tokenizer.encode(format!("{instruction}{long}</s>").as_str(), true).unwrap();
+                let got = &encoder.encode(instruction, &[&long], max_length).unwrap()[0];
+                assert_eq!(got.ids.len(), max_length);
+                assert_eq!(got.ids, whole.get_ids()[..max_length], "max_length {max_length}");
+            }
+        }
+        // Short texts are never cut.
+        assert_eq!(encoder.reachable("short", 1), "short");
     }
 }

@@ -132,6 +132,16 @@ impl Connection {
                     check_interrupts()?;
                     std::thread::sleep(POLL_INTERVAL);
                 }
+                // This backend, not the server, is out of descriptors (each open cursor over a
+                // batch function holds one).
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    return Err(CallError::new(
+                        PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES,
+                        format!("nvembed: this session cannot open another model server connection: {e}"),
+                        "Close cursors over nvembed_passages / nvembed_queries that are no longer read: each holds one \
+                         connection (and one open file of this session).",
+                    ))
+                }
                 // Not 57P03 ("the database system is starting up"): poolers and drivers take that
                 // to mean the whole database, and reconnect or wait.
                 Err(e) => {
@@ -286,6 +296,14 @@ fn call_failed(kind: ErrorKind, message: String) -> CallError {
 
 thread_local! {
     static SESSION_ROLE: RefCell<Option<(pg_sys::Oid, String)>> = const { RefCell::new(None) };
+}
+
+/// Makes this process's calls count as `client` for the server's per-role connection limit
+/// (a vectorizer worker is not the login role it connects as).
+pub fn call_as(client: String) {
+    // SAFETY: the session user is set once the worker has connected.
+    let oid = unsafe { pg_sys::GetSessionUserId() };
+    SESSION_ROLE.with(|r| *r.borrow_mut() = Some((oid, client)));
 }
 
 /// The session's login role, which the server's per-role connection limit counts. Read from the

@@ -472,10 +472,9 @@ pub extern "C-unwind" fn nvembed_vectorizer_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = BackgroundWorker::get_extra().to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    // Its calls are made between transactions, where the role's name cannot be looked up.
-    BackgroundWorker::transaction(|| {
-        client::session_role();
-    });
+    // Its calls count apart from the applications that log in as the role it connects as: it
+    // holds one connection at a time, and a role at its limit must not stall it.
+    client::call_as(format!("nvembed vectorizer worker of database \"{database}\""));
     log!("nvembed: vectorizer worker started in database \"{database}\"");
     let mut missing_logged = false;
     let mut released = false;

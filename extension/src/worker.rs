@@ -102,9 +102,17 @@ fn stop(child: &mut Option<Child>) {
     }
 }
 
-/// Whether the server answers a status request within LIVENESS_TIMEOUT.
+/// Whether the server is alive: it answers a status request within LIVENESS_TIMEOUT, or it
+/// accepts the connection and closes it at once (a server at its connection limit closes new
+/// connections unread: it is busy, not wedged, and killing it would fail every call it serves).
 fn answers() -> bool {
-    crate::client::query_status(LIVENESS_TIMEOUT).is_ok()
+    match crate::client::query_status(LIVENESS_TIMEOUT) {
+        Ok(_) => true,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+    }
 }
 
 /// The supervisor's view of the model server.

@@ -13,7 +13,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nvembed_protocol::{
     frame_length, read_frame_body, vectors_per_chunk, ClientMessage, EmbedHeader, ErrorKind, ServerMessage, Status,
@@ -23,7 +23,7 @@ use nvembed_protocol::{
 use nvembed_engine::dtype_name;
 
 use crate::admission::{check_count, Admission};
-use crate::limits::{Gate, Limits, Opened, Reserved, TextBudget, Throttled, ADMISSION_BYTES};
+use crate::limits::{tokenizers_at_once, Budget, Gate, Limits, Opened, Reserved, Throttled, ADMISSION_BYTES};
 use crate::model::ModelSlot;
 use crate::scheduler::{Event, Scheduler};
 use crate::stats::Stats;
@@ -39,7 +39,9 @@ pub struct Server {
     pub restarts: u64,
     pub limits: Limits,
     pub(crate) gate: Arc<Gate>,
-    texts: TextBudget,
+    texts: Budget,
+    /// Slots for bulk calls' tokenizing.
+    pub(crate) tokenizers: Budget,
 }
 
 impl Server {
@@ -51,7 +53,8 @@ impl Server {
             restarts,
             limits,
             gate: Arc::default(),
-            texts: TextBudget::new(ADMISSION_BYTES),
+            texts: Budget::new(ADMISSION_BYTES),
+            tokenizers: Budget::new(tokenizers_at_once()),
         }
     }
 
@@ -110,17 +113,37 @@ fn unread_bytes(stream: &UnixStream) -> usize {
 
 static DROPPED: Throttled = Throttled::new();
 
-/// Reads one message. A call's texts may use a whole frame, whose bytes are first taken from
-/// the server's text budget (held until the returned reservation is dropped); every other
-/// message must fit `MAX_CONTROL_FRAME_BYTES`. None when the client left, was silent past the
-/// socket's read timeout, or broke the protocol (logged).
+/// Reads from a socket, each read bounded by what is left until `deadline`: a peer that drips
+/// a byte at a time still has only until then.
+struct Timed<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(IoErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        (&mut &*self.stream).read(buf)
+    }
+}
+
+/// Reads one message, whole by `deadline`. A call's texts may use a whole frame, whose bytes
+/// are first taken from the server's text budget (held until the returned reservation is
+/// dropped); every other message must fit `MAX_CONTROL_FRAME_BYTES`. None when the client
+/// left, was too slow, or broke the protocol (logged).
 fn read_message<'s>(
     stream: &mut UnixStream,
     server: &'s Server,
     texts_expected: bool,
+    deadline: Instant,
 ) -> Option<(ClientMessage, Option<Reserved<'s>>)> {
+    let mut input = Timed { stream, deadline };
     let mut header = [0u8; 4];
-    stream.read_exact(&mut header).ok()?;
+    input.read_exact(&mut header).ok()?;
     let len = match frame_length(header) {
         Ok(len) => len,
         Err(e) => {
@@ -129,7 +152,7 @@ fn read_message<'s>(
         }
     };
     let mut tag = [0u8; 1];
-    stream.read_exact(&mut tag).ok()?;
+    input.read_exact(&mut tag).ok()?;
     let tag = tag[0];
     let is_texts = tag == ClientMessage::TEXTS_TAG;
     let limit = if is_texts && texts_expected { MAX_FRAME_BYTES } else { MAX_CONTROL_FRAME_BYTES };
@@ -143,7 +166,8 @@ fn read_message<'s>(
     } else {
         None
     };
-    let frame = read_frame_body(&mut [tag].as_slice().chain(&mut *stream), len).ok()?;
+    let mut input = Timed { stream, deadline };
+    let frame = read_frame_body(&mut [tag].as_slice().chain(&mut input), len).ok()?;
     match ClientMessage::decode(frame) {
         Ok(message) => Some((message, reserved)),
         Err(e) => {
@@ -155,10 +179,9 @@ fn read_message<'s>(
 
 /// Serves one client until it hangs up, goes silent or breaks the protocol.
 pub fn serve_client(mut stream: UnixStream, server: &Server, mut opened: Opened) {
-    if stream.set_read_timeout(Some(server.limits.handshake_timeout)).is_err() {
-        return;
-    }
-    match read_message(&mut stream, server, false) {
+    // Until it is admitted (or has its status), a connection has the handshake timeout in all.
+    let handshake_deadline = Instant::now() + server.limits.handshake_timeout;
+    match read_message(&mut stream, server, false, handshake_deadline) {
         Some((ClientMessage::Hello { build }, _)) => {
             if (ServerMessage::Hello { build: BUILD_ID.into() })
                 .write(&mut stream)
@@ -178,13 +201,15 @@ pub fn serve_client(mut stream: UnixStream, server: &Server, mut opened: Opened)
         None => return,
     }
     loop {
-        let served = match read_message(&mut stream, server, false) {
+        let deadline = if opened.is_admitted() {
+            Instant::now() + server.limits.idle_timeout
+        } else {
+            handshake_deadline
+        };
+        let served = match read_message(&mut stream, server, false, deadline) {
             Some((ClientMessage::Status, _)) => ServerMessage::Status(server.status()).write(&mut stream).is_ok(),
             Some((ClientMessage::Identify(identity), _)) => match opened.admit(&identity.role, identity.role_connections, &server.limits) {
-                Ok(()) => {
-                    stream.set_read_timeout(Some(server.limits.idle_timeout)).is_ok()
-                        && ServerMessage::Ready.write(&mut stream).is_ok()
-                }
+                Ok(()) => ServerMessage::Ready.write(&mut stream).is_ok(),
                 Err((kind, message)) => {
                     Stats::add(&server.stats.refused_connections, 1);
                     REFUSED.log(|| format!("refusing a connection: {message}"));
@@ -192,7 +217,9 @@ pub fn serve_client(mut stream: UnixStream, server: &Server, mut opened: Opened)
                     false
                 }
             },
-            Some((ClientMessage::Embed(header), _)) if opened.is_admitted() => embed(&mut stream, server, header),
+            Some((ClientMessage::Embed(header), _)) if opened.is_admitted() => {
+                embed(&mut stream, server, opened.client(), header)
+            }
             Some((other, _)) => {
                 DROPPED.log(|| format!("dropping a connection that sent {} out of turn", other.name()));
                 false
@@ -209,7 +236,7 @@ static REFUSED: Throttled = Throttled::new();
 
 /// Answers one embedding call; false when the connection cannot go on. A call refused before
 /// all its texts arrived ends the connection: what the client still sends is never read.
-fn embed(stream: &mut UnixStream, server: &Server, header: EmbedHeader) -> bool {
+fn embed(stream: &mut UnixStream, server: &Server, client: &str, header: EmbedHeader) -> bool {
     let refuse = |stream: &mut UnixStream, kind: ErrorKind, message: String| {
         let _ = ServerMessage::Error { kind, message }.write(stream);
         false
@@ -232,8 +259,17 @@ fn embed(stream: &mut UnixStream, server: &Server, header: EmbedHeader) -> bool 
     };
     let mut admission = Admission::new(&model, &header);
     while admission.received() < header.count {
-        match read_message(stream, server, true) {
+        match read_message(stream, server, true, Instant::now() + server.limits.idle_timeout) {
             Some((ClientMessage::Texts(chunk), _reserved)) if admission.received() + chunk.len() <= header.count => {
+                // Bulk calls take turns at tokenizing; a one-text call never waits for them.
+                let _slot = if header.count > 1 {
+                    match server.tokenizers.reserve(1, || hung_up(stream)) {
+                        Some(slot) => Some(slot),
+                        None => return false,
+                    }
+                } else {
+                    None
+                };
                 if let Err((kind, message)) = admission.add(&chunk) {
                     return refuse(stream, kind, message);
                 }
@@ -250,7 +286,7 @@ fn embed(stream: &mut UnixStream, server: &Server, header: EmbedHeader) -> bool 
     let dimension = model.embedding_dim();
     let chunk_rows = vectors_per_chunk(dimension);
     Stats::add(&server.stats.waiting, 1);
-    let handle = server.scheduler.submit(header.class, inputs, model);
+    let handle = server.scheduler.submit(client, header.class, inputs, model);
     let mut finished: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
     let mut written = 0;
     let outcome = loop {

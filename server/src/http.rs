@@ -206,21 +206,28 @@ impl Drop for CancelOnDrop {
 type Computed = Option<Result<(Vec<Vec<f32>>, usize), Refusal>>;
 
 /// Tokenizes, queues and waits for a call, in a blocking thread.
-fn compute(server: &Server, header: &EmbedHeader, texts: &[String], gone: &AtomicBool) -> Computed {
+fn compute(server: &Server, client: &str, header: &EmbedHeader, texts: &[String], gone: &AtomicBool) -> Computed {
     let model = match server.model.get(|| gone.load(Ordering::SeqCst)) {
         Ok(Some(model)) => model,
         Ok(None) => return None,
         Err(message) => return Some(Err((ErrorKind::Load, message))),
     };
     let mut admission = Admission::new(&model, header);
+    // Bulk calls take turns at tokenizing; a one-text call never waits for them.
+    let slot = if texts.len() > 1 {
+        Some(server.tokenizers.reserve(1, || gone.load(Ordering::SeqCst))?)
+    } else {
+        None
+    };
     if let Err(refused) = admission.add(texts) {
         return Some(Err(refused));
     }
+    drop(slot);
     let inputs = admission.finish();
     let tokens = inputs.iter().map(|input| input.ids.len()).sum();
     let count = inputs.len();
     Stats::add(&server.stats.waiting, 1);
-    let handle = server.scheduler.submit(header.class, inputs, model);
+    let handle = server.scheduler.submit(client, header.class, inputs, model);
     // The vectors are gathered here as they come: the client has read them all.
     handle.set_read(count);
     let mut vectors: Vec<Option<Vec<f32>>> = vec![None; count];
@@ -308,7 +315,7 @@ async fn embeddings(
     let _cancel_if_dropped = CancelOnDrop(gone.clone());
     let texts = call.texts;
     let computed = tokio::task::spawn_blocking(move || {
-        let computed = compute(&server, &header, &texts, &gone);
+        let computed = compute(&server, &client, &header, &texts, &gone);
         drop(slot);
         computed
     })

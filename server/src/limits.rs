@@ -22,6 +22,12 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// twice: as read, and as decoded strings). A frame waits for room; four of the largest fit.
 pub const ADMISSION_BYTES: usize = 8 * MAX_FRAME_BYTES;
 
+/// Bulk calls tokenizing at once: a tokenizer holds tens of bytes per byte of text, and
+/// tokenizing competes with the model for the cores. One-text calls never wait for a slot.
+pub fn tokenizers_at_once() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
 /// Time a new connection has to complete its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time an admitted connection may stay silent between calls or within one call's texts.
@@ -154,6 +160,11 @@ impl Opened {
     pub fn is_admitted(&self) -> bool {
         self.admitted_as.is_some()
     }
+
+    /// The role it was admitted as ("" before).
+    pub fn client(&self) -> &str {
+        self.admitted_as.as_deref().unwrap_or("")
+    }
 }
 
 impl Drop for Opened {
@@ -172,22 +183,23 @@ impl Drop for Opened {
     }
 }
 
-/// The text bytes connections may hold before tokenizing them.
-pub struct TextBudget {
+/// A counted resource that connections wait for: text bytes held before tokenizing, or
+/// tokenizer slots.
+pub struct Budget {
     available: Mutex<usize>,
     freed: Condvar,
 }
 
 /// Bytes taken from the budget; returned when dropped.
 pub struct Reserved<'a> {
-    budget: &'a TextBudget,
+    budget: &'a Budget,
     bytes: usize,
 }
 
 /// How often a connection waiting for room checks whether its client left.
 const BUDGET_POLL: Duration = Duration::from_millis(50);
 
-impl TextBudget {
+impl Budget {
     pub fn new(bytes: usize) -> Self {
         Self {
             available: Mutex::new(bytes),

@@ -55,6 +55,8 @@ pub enum Event {
 /// One call, as submitted.
 struct Job {
     id: u64,
+    /// Who called: bulk passes are led by each client in turn.
+    client: Box<str>,
     class: WorkClass,
     inputs: Vec<EncodedInput>,
     embedder: Arc<Embedder>,
@@ -203,6 +205,10 @@ struct Calls {
     entries: HashMap<u64, Entry>,
     interactive: VecDeque<u64>,
     bulk: VecDeque<u64>,
+    /// Bulk passes started, and the number of the pass each client with queued bulk calls
+    /// last led.
+    bulk_passes: u64,
+    led: HashMap<Box<str>, u64>,
 }
 
 /// Takes ready rows of the calls in `order`, in that order, while rows × longest row stays
@@ -237,11 +243,13 @@ impl Scheduler {
         })
     }
 
-    /// Queues a call; its vectors and errors arrive on the handle's `events`.
-    pub fn submit(&self, class: WorkClass, inputs: Vec<EncodedInput>, embedder: Arc<Embedder>) -> JobHandle {
+    /// Queues a call of `client` (a role, or a token's name); its vectors and errors arrive on
+    /// the handle's `events`.
+    pub fn submit(&self, client: &str, class: WorkClass, inputs: Vec<EncodedInput>, embedder: Arc<Embedder>) -> JobHandle {
         let (sender, events) = mpsc::channel();
         let job = Arc::new(Job {
             id: self.next_id.fetch_add(1, Ordering::SeqCst) as u64,
+            client: client.into(),
             class,
             inputs,
             embedder,
@@ -366,12 +374,23 @@ impl Scheduler {
     }
 
     /// A bulk pass sized by time, filled round-robin: each pass starts with the next call.
+    /// Each pass is led by the client that led least recently (so a client's many calls get
+    /// no more than another client's one), and among its calls by the one that waited longest.
     fn take_bulk_pass(&self, calls: &mut Calls, cost: &LayerCost) -> Option<Running> {
-        let rows = take_rows(&mut calls.entries, &calls.bulk, cost.pass_tokens(self.batch_tokens));
+        let mut order: Vec<u64> = calls.bulk.iter().copied().collect();
+        // A stable sort: calls of one client keep their queue order.
+        order.sort_by_key(|id| calls.led.get(&calls.entries[id].job.client).copied().unwrap_or(0));
+        let rows = take_rows(&mut calls.entries, &order.into(), cost.pass_tokens(self.batch_tokens));
         if let Some(&(first, _)) = rows.first() {
-            // Round-robin: the call that led this pass goes to the back of the queue.
+            calls.bulk_passes += 1;
+            let client = calls.entries[&first].job.client.clone();
+            calls.led.insert(client, calls.bulk_passes);
+            // Round-robin within the client: the call that led goes to the back of the queue.
             calls.bulk.retain(|&id| id != first);
             calls.bulk.push_back(first);
+            let entries = &calls.entries;
+            let queued: Vec<&str> = calls.bulk.iter().map(|id| &*entries[id].job.client).collect();
+            calls.led.retain(|client, _| queued.contains(&&**client));
         }
         self.start(calls, rows, WorkClass::Bulk)
     }

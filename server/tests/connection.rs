@@ -251,6 +251,22 @@ fn frames_past_their_limit_and_silent_handshakes_are_dropped_without_buffering()
     let opened = Instant::now();
     assert!(closed_within(&mut silent, Duration::from_secs(3)));
     assert!(opened.elapsed() >= Duration::from_millis(900));
+    // One that drips its hello a byte at a time has the same second in all.
+    let mut dripping = connect(&socket);
+    let mut hello = Vec::new();
+    ClientMessage::Hello { build: BUILD_ID.into() }.write(&mut hello).unwrap();
+    let opened = Instant::now();
+    for byte in &hello {
+        if dripping.write_all(&[*byte]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        if opened.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    assert!(closed_within(&mut dripping, Duration::from_millis(100)));
+    assert!(opened.elapsed() < Duration::from_secs(3), "a dripping handshake was kept {:?}", opened.elapsed());
     // Meanwhile the server serves.
     assert_eq!(status(&socket).connections, 0);
 }
