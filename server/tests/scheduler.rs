@@ -31,9 +31,20 @@ fn start_with(batch_tokens: usize) -> (Arc<Scheduler>, Arc<Stats>) {
 }
 
 fn submit(scheduler: &Scheduler, model: &Arc<Embedder>, class: WorkClass, instruction: &str, texts: &[String]) -> JobHandle {
+    submit_as("app", scheduler, model, class, instruction, texts)
+}
+
+fn submit_as(
+    client: &str,
+    scheduler: &Scheduler,
+    model: &Arc<Embedder>,
+    class: WorkClass,
+    instruction: &str,
+    texts: &[String],
+) -> JobHandle {
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let inputs = model.encode(instruction, &refs, 32_768).unwrap();
-    scheduler.submit(class, inputs, model.clone())
+    scheduler.submit(client, class, inputs, model.clone())
 }
 
 fn vector(event: Event) -> (usize, Vec<f32>) {
@@ -198,4 +209,31 @@ fn a_long_first_row_is_computed_although_the_client_reads_in_input_order() {
         }
         job.set_read(read);
     }
+}
+
+#[test]
+fn a_client_with_many_bulk_calls_gets_no_more_of_the_model_than_one_with_a_single_call() {
+    let model = model();
+    let (scheduler, _) = start_with(512);
+    let texts = long_texts(1).into_iter().cycle().take(6).collect::<Vec<_>>();
+    // "loader" queues eight calls first, then "search-app" one of the same size.
+    let many: Vec<JobHandle> = (0..8)
+        .map(|_| submit_as("loader", &scheduler, &model, WorkClass::Bulk, PASSAGE_INSTRUCTION, &texts))
+        .collect();
+    let one = submit_as("search-app", &scheduler, &model, WorkClass::Bulk, PASSAGE_INSTRUCTION, &texts);
+    let mut one_done = 0;
+    let mut many_done = 0;
+    while one_done < texts.len() {
+        one_done += one.events.try_iter().map(vector).count();
+        one.set_read(one_done);
+        for handle in &many {
+            many_done += handle.events.try_iter().map(vector).count();
+            // Read as fast as computed: only the scheduler's order holds these calls back.
+            handle.set_read(texts.len());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Passes are led by each client in turn: about as many of "loader"'s rows as of the other's
+    // (by calls, "loader" would have had eight times as many).
+    assert!(many_done <= 2 * texts.len(), "{many_done} rows of the eight calls for {one_done} of the one call");
 }
