@@ -184,6 +184,11 @@ fn bulk_work_keeps_its_share_while_interactive_calls_never_stop() {
     let interactive_seconds = (Stats::get(&stats.interactive_micros) - interactive_before) as f64 / 1e6;
     let bulk_seconds = (Stats::get(&stats.bulk_micros) - bulk_before) as f64 / 1e6;
     let share = bulk_seconds / (bulk_seconds + interactive_seconds);
+    eprintln!(
+        "bulk share under a steady interactive load: {share:.3} ({bulk_seconds:.2} s bulk, {interactive_seconds:.2} s \
+         interactive, {answered} interactive calls answered, bulk done in {:.2} s)",
+        started.elapsed().as_secs_f64()
+    );
     assert!(answered > 12, "the interactive load did not go on ({answered} answered)");
     assert!(
         share >= 0.8 * BULK_SHARE,
