@@ -340,7 +340,7 @@ health=$(curl -sS --cacert "$tls/ca.crt" "https://localhost:$port/health")
 [ "$health" = '{"loaded":false,"status":"ok"}' ] || fail "/health answered $health"
 texts='["The lighthouse beam sweeps across the water.", "Boats at sea", "où est le phare ?", ""]'
 got=$("$venv/bin/python" scripts/testing/openai-client.py "https://localhost:$port/v1" "$token" "$tls/ca.crt" nv-embed-tiny <<<"$texts")
-want=$("${PSQL[@]}" -At -c "SELECT json_build_object(
+want=$("${PSQL[@]}" -d sub -At -c "SELECT json_build_object(
     'passage', (SELECT json_agg(nvembed_passage(t) ORDER BY n) FROM json_array_elements_text('$texts') WITH ORDINALITY AS u(t, n)),
     'query', nvembed_query('The lighthouse beam sweeps across the water.'))")
 python3 - "$got" "$want" <<'PY' || fail "OpenAI's client: $got"

@@ -180,6 +180,34 @@ impl Embedder {
         Ok(inputs)
     }
 
+    /// An encoder of one call's texts, one at a time (a server counts them as they arrive):
+    /// checks `max_length` and measures the instruction once. When the instruction alone leaves
+    /// nothing to pool, it fails here, before any text is tokenized.
+    pub fn text_encoder<'e>(&'e self, instruction: &'e str, max_length: usize) -> Result<TextEncoder<'e>> {
+        let limit = self.config.text_config.max_position_embeddings;
+        if max_length > limit {
+            return Err(Error::InvalidArgument(format!(
+                "max_length {max_length} exceeds the model's position limit ({limit} tokens)"
+            )));
+        }
+        if max_length == 0 {
+            return Err(Error::InvalidArgument("max_length must be at least 1".into()));
+        }
+        let prefix = self.encoder.instruction_len(instruction)?;
+        if self.config.is_mask_instruction && prefix >= max_length {
+            return Err(Error::NothingToPool {
+                index: 0,
+                tokens: max_length,
+            });
+        }
+        Ok(TextEncoder {
+            embedder: self,
+            instruction,
+            prefix,
+            max_length,
+        })
+    }
+
     /// Embeds already-encoded inputs — possibly from several callers with different
     /// instructions — in length-sorted batches of at most `batch_tokens` padded tokens.
     pub fn embed_encoded(&self, inputs: &[EncodedInput], batch_tokens: usize) -> Result<(Vec<Vec<f32>>, EmbedStats)> {
@@ -382,4 +410,29 @@ pub fn plan_batches(inputs: &[EncodedInput], batch_tokens: usize) -> Vec<Vec<usi
         batches.push(current);
     }
     batches
+}
+
+/// One call's texts, tokenized one at a time with one instruction (see `Embedder::text_encoder`).
+pub struct TextEncoder<'e> {
+    embedder: &'e Embedder,
+    instruction: &'e str,
+    prefix: usize,
+    max_length: usize,
+}
+
+impl TextEncoder<'_> {
+    /// Tokenizes the call's text number `index`, failing if it would have nothing to pool.
+    pub fn encode(&self, index: usize, text: &str) -> Result<EncodedInput> {
+        let input = self
+            .embedder
+            .encoder
+            .encode_one(self.instruction, self.prefix, text, self.max_length)?;
+        if self.embedder.config.is_mask_instruction && input.pooled_tokens() == 0 {
+            return Err(Error::NothingToPool {
+                index,
+                tokens: input.ids.len(),
+            });
+        }
+        Ok(input)
+    }
 }

@@ -121,20 +121,23 @@ impl InputEncoder {
         let prefix = self.instruction_len(instruction)?;
         texts
             .iter()
-            .map(|text| {
-                let full = format!("{instruction}{}{}", self.reachable(text, max_length), Self::EOS_TOKEN);
-                let encoding = self
-                    .tokenizer
-                    .encode(full.as_str(), true)
-                    .map_err(|e| Error::Encode(e.to_string()))?;
-                let mut ids = encoding.get_ids().to_vec();
-                ids.truncate(max_length);
-                Ok(EncodedInput {
-                    masked_prefix: prefix.min(ids.len()),
-                    ids,
-                })
-            })
+            .map(|text| self.encode_one(instruction, prefix, text, max_length))
             .collect()
+    }
+
+    /// Tokenizes one text with `instruction`, whose token count (`instruction_len`) is `prefix`.
+    pub fn encode_one(&self, instruction: &str, prefix: usize, text: &str, max_length: usize) -> Result<EncodedInput> {
+        let full = format!("{instruction}{}{}", self.reachable(text, max_length), Self::EOS_TOKEN);
+        let encoding = self
+            .tokenizer
+            .encode(full.as_str(), true)
+            .map_err(|e| Error::Encode(e.to_string()))?;
+        let mut ids = encoding.get_ids().to_vec();
+        ids.truncate(max_length);
+        Ok(EncodedInput {
+            masked_prefix: prefix.min(ids.len()),
+            ids,
+        })
     }
 
     /// Right-pads `inputs` to their longest member.

@@ -23,6 +23,7 @@ pub use candle_core::{DType, Device};
 pub use config::Config;
 pub use embedder::{
     choose_dtype, dtype_name, ensure_finite, parse_dtype, set_compute_threads, EmbedOptions, EmbedPass, EmbedStats, Embedder,
+    TextEncoder,
     DEFAULT_BATCH_TOKENS, DEFAULT_DTYPE,
 };
 pub use encoding::{

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nvembed_protocol::{
     decode_frame, text_chunks, ClientMessage, EmbedHeader, ErrorKind, Identity, ServerMessage, Status, WorkClass,
-    BUILD_ID, MAX_TEXT_BYTES, SOCKET_NAME,
+    BUILD_ID, MAX_INSTRUCTION_BYTES, MAX_TEXT_BYTES, SOCKET_NAME,
 };
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{pg_sys, PgLogLevel, PgSqlErrorCode};
@@ -168,6 +168,8 @@ impl Connection {
         match connection.receive()? {
             ServerMessage::Hello { build } if build == BUILD_ID => {}
             ServerMessage::Hello { build } => return Err(different_builds(&build)),
+            // A server at its connection limit says so in place of the handshake.
+            ServerMessage::Error { kind, message } => return Err(call_failed(kind, message)),
             other => return Err(protocol_violation(&other)),
         }
         match connection.receive()? {
@@ -331,7 +333,7 @@ pub fn session_role() -> String {
 }
 
 /// Checks what the backend can check before sending anything.
-fn check_limits(max_length: usize, texts: &[String]) -> CallResult<()> {
+fn check_limits(instruction: &str, max_length: usize, texts: &[String]) -> CallResult<()> {
     let limit = gucs::max_length_limit();
     if max_length > limit {
         return Err(CallError::blaming(
@@ -339,6 +341,17 @@ fn check_limits(max_length: usize, texts: &[String]) -> CallResult<()> {
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             format!("nvembed.max_length ({max_length}) exceeds nvembed.max_length_limit ({limit})"),
             "Lower nvembed.max_length, or raise nvembed.max_length_limit in postgresql.conf.",
+        ));
+    }
+    if instruction.len() > MAX_INSTRUCTION_BYTES {
+        return Err(CallError::blaming(
+            Blame::Text,
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "nvembed: an instruction of {} bytes is longer than the {MAX_INSTRUCTION_BYTES} bytes an instruction may have",
+                instruction.len()
+            ),
+            "Shorten the instruction (nvembed.query_instruction or the task).",
         ));
     }
     if let Some(text) = texts.iter().find(|t| t.len() > MAX_TEXT_BYTES) {
@@ -366,7 +379,7 @@ pub struct VectorStream {
 
 impl VectorStream {
     fn start(class: WorkClass, instruction: &str, max_length: usize, texts: &[String]) -> CallResult<Self> {
-        check_limits(max_length, texts)?;
+        check_limits(instruction, max_length, texts)?;
         let mut connection = Connection::open()?;
         connection.send(&ClientMessage::Embed(EmbedHeader {
             class,

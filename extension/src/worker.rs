@@ -103,14 +103,19 @@ fn stop(child: &mut Option<Child>) {
 }
 
 /// Whether the server is alive: it answers a status request within LIVENESS_TIMEOUT, or it
-/// accepts the connection and closes it at once (a server at its connection limit closes new
-/// connections unread: it is busy, not wedged, and killing it would fail every call it serves).
+/// refuses the connection at once (a server at its connection limit refuses new connections
+/// unread: it is busy, not wedged, and killing it would fail every call it serves).
 fn answers() -> bool {
     match crate::client::query_status(LIVENESS_TIMEOUT) {
         Ok(_) => true,
-        Err(e) => matches!(
+        // Silence, or nobody listening, is a miss; any answer (a refusal, a closed connection)
+        // comes from a server that is alive.
+        Err(e) => !matches!(
             e.kind(),
-            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::WouldBlock
+                | std::io::ErrorKind::NotFound
+                | std::io::ErrorKind::ConnectionRefused
         ),
     }
 }

@@ -19,10 +19,13 @@ pub const TEXT_CHUNK_BYTES: usize = 1 << 20;
 /// escaped control characters) still fits one frame. At most `nvembed.max_length` tokens of
 /// it are embedded (32,768 tokens are ~130 KB of English), so only the tokenizer reads more.
 pub const MAX_TEXT_BYTES: usize = crate::MAX_FRAME_BYTES / 8;
-/// Longest `Hello`, `Identify`, `Status` or `Embed` frame a server reads: none needs more
-/// (the instruction inside `Embed` is short), and a peer cannot make the server buffer more
-/// than this before it has been admitted.
-pub const MAX_CONTROL_FRAME_BYTES: usize = 64 << 10;
+/// Longest instruction a call may carry, in UTF-8 bytes (the model card's are ~100 bytes):
+/// the instruction is tokenized with every text, so its length multiplies a call's cost.
+pub const MAX_INSTRUCTION_BYTES: usize = 32 << 10;
+/// Longest `Hello`, `Identify`, `Status` or `Embed` frame a server reads: an `Embed` with the
+/// longest instruction fits (at most 6 bytes of JSON per byte), and a peer cannot make the
+/// server buffer more than this before it has been admitted.
+pub const MAX_CONTROL_FRAME_BYTES: usize = 256 << 10;
 /// Vectors per `Vectors` frame are cut at about this many bytes: neither side ever holds more
 /// than a few such chunks of one call's results.
 pub const VECTOR_CHUNK_BYTES: usize = 4 << 20;

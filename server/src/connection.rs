@@ -22,7 +22,7 @@ use nvembed_protocol::{
 
 use nvembed_engine::dtype_name;
 
-use crate::admission::{check_count, Admission};
+use crate::admission::{check_count, Admission, Stop};
 use crate::limits::{tokenizers_at_once, Budget, Gate, Limits, Opened, Reserved, Throttled, ADMISSION_BYTES};
 use crate::model::ModelSlot;
 use crate::scheduler::{Event, Scheduler};
@@ -39,9 +39,9 @@ pub struct Server {
     pub restarts: u64,
     pub limits: Limits,
     pub(crate) gate: Arc<Gate>,
-    texts: Budget,
+    pub(crate) texts: Arc<Budget>,
     /// Slots for bulk calls' tokenizing.
-    pub(crate) tokenizers: Budget,
+    pub(crate) tokenizers: Arc<Budget>,
 }
 
 impl Server {
@@ -53,8 +53,8 @@ impl Server {
             restarts,
             limits,
             gate: Arc::default(),
-            texts: Budget::new(ADMISSION_BYTES),
-            tokenizers: Budget::new(tokenizers_at_once()),
+            texts: Arc::new(Budget::new(ADMISSION_BYTES)),
+            tokenizers: Arc::new(Budget::new(tokenizers_at_once())),
         }
     }
 
@@ -135,12 +135,12 @@ impl Read for Timed<'_> {
 /// are first taken from the server's text budget (held until the returned reservation is
 /// dropped); every other message must fit `MAX_CONTROL_FRAME_BYTES`. None when the client
 /// left, was too slow, or broke the protocol (logged).
-fn read_message<'s>(
+fn read_message(
     stream: &mut UnixStream,
-    server: &'s Server,
+    server: &Server,
     texts_expected: bool,
     deadline: Instant,
-) -> Option<(ClientMessage, Option<Reserved<'s>>)> {
+) -> Option<(ClientMessage, Option<Reserved>)> {
     let mut input = Timed { stream, deadline };
     let mut header = [0u8; 4];
     input.read_exact(&mut header).ok()?;
@@ -160,11 +160,13 @@ fn read_message<'s>(
         DROPPED.log(|| format!("dropping a connection that sent a frame of {len} bytes where at most {limit} fit"));
         return None;
     }
-    let reserved = if is_texts {
-        // Read and decoded, a frame is held twice until its texts are tokenized.
-        Some(server.texts.reserve(2 * len, || hung_up(stream))?)
+    let (reserved, deadline) = if is_texts && texts_expected {
+        // Read and decoded, a frame is held twice until its texts are tokenized. The time spent
+        // waiting for room is the server's, not the client's.
+        let reserved = server.texts.reserve(2 * len, || hung_up(stream))?;
+        (Some(reserved), Instant::now() + server.limits.idle_timeout)
     } else {
-        None
+        (None, deadline)
     };
     let mut input = Timed { stream, deadline };
     let frame = read_frame_body(&mut [tag].as_slice().chain(&mut input), len).ok()?;
@@ -244,6 +246,9 @@ fn embed(stream: &mut UnixStream, server: &Server, client: &str, header: EmbedHe
     if let Err((kind, message)) = check_count(&header) {
         return refuse(stream, kind, message);
     }
+    if header.count == 0 {
+        return ServerMessage::Done.write(stream).is_ok();
+    }
     let error = |stream: &mut UnixStream, kind: ErrorKind, message: String| {
         // The caller's HINT for these says "see the server log" (load errors are logged where
         // the load fails; oversized or unpoolable inputs are the caller's own).
@@ -257,7 +262,10 @@ fn embed(stream: &mut UnixStream, server: &Server, client: &str, header: EmbedHe
         Ok(None) => return false,
         Err(message) => return refuse(stream, ErrorKind::Load, message),
     };
-    let mut admission = Admission::new(&model, &header);
+    let mut admission = match Admission::new(&model, &header) {
+        Ok(admission) => admission,
+        Err((kind, message)) => return refuse(stream, kind, message),
+    };
     while admission.received() < header.count {
         match read_message(stream, server, true, Instant::now() + server.limits.idle_timeout) {
             Some((ClientMessage::Texts(chunk), _reserved)) if admission.received() + chunk.len() <= header.count => {
@@ -270,8 +278,10 @@ fn embed(stream: &mut UnixStream, server: &Server, client: &str, header: EmbedHe
                 } else {
                     None
                 };
-                if let Err((kind, message)) = admission.add(&chunk) {
-                    return refuse(stream, kind, message);
+                match admission.add(&chunk, || hung_up(stream)) {
+                    Ok(()) => {}
+                    Err(Stop::Refused((kind, message))) => return refuse(stream, kind, message),
+                    Err(Stop::Gone) => return false,
                 }
             }
             Some((other, _)) => {
@@ -384,7 +394,14 @@ pub fn serve(socket: &Path, server: Arc<Server>) -> std::io::Result<()> {
         };
         let Some(opened) = server.gate.open(server.limits.hard_cap()) else {
             Stats::add(&server.stats.refused_connections, 1);
-            FULL.log(|| format!("closing a connection unread: {} connections are open", server.limits.hard_cap()));
+            FULL.log(|| format!("refusing a connection unread: {} connections are open", server.limits.hard_cap()));
+            // Said without reading or waiting: the client reads it in place of the handshake.
+            let _ = stream.set_nonblocking(true);
+            let _ = (ServerMessage::Error {
+                kind: ErrorKind::Busy,
+                message: format!("the model server has {} connections open, its limit", server.limits.hard_cap()),
+            })
+            .write(&mut &stream);
             continue;
         };
         let client = server.clone();

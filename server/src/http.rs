@@ -19,13 +19,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use nvembed_engine::QUERY_INSTRUCTION;
 use nvembed_protocol::{EmbedHeader, ErrorKind, WorkClass};
 
-use crate::admission::{check_count, Admission, Refusal};
+use crate::admission::{check_count, Admission, Refusal, Stop};
 use crate::connection::Server;
 use crate::limits::Throttled;
 use crate::metrics::{render, ModelFacts};
@@ -212,15 +212,20 @@ fn compute(server: &Server, client: &str, header: &EmbedHeader, texts: &[String]
         Ok(None) => return None,
         Err(message) => return Some(Err((ErrorKind::Load, message))),
     };
-    let mut admission = Admission::new(&model, header);
+    let mut admission = match Admission::new(&model, header) {
+        Ok(admission) => admission,
+        Err(refused) => return Some(Err(refused)),
+    };
     // Bulk calls take turns at tokenizing; a one-text call never waits for them.
     let slot = if texts.len() > 1 {
         Some(server.tokenizers.reserve(1, || gone.load(Ordering::SeqCst))?)
     } else {
         None
     };
-    if let Err(refused) = admission.add(texts) {
-        return Some(Err(refused));
+    match admission.add(texts, || gone.load(Ordering::SeqCst)) {
+        Ok(()) => {}
+        Err(Stop::Refused(refused)) => return Some(Err(refused)),
+        Err(Stop::Gone) => return None,
     }
     drop(slot);
     let inputs = admission.finish();
@@ -237,16 +242,16 @@ fn compute(server: &Server, client: &str, header: &EmbedHeader, texts: &[String]
             Stats::add(&server.stats.requests, 1);
             break Some(Ok((vectors.into_iter().map(|v| v.expect("every row arrived")).collect(), tokens)));
         }
+        if gone.load(Ordering::SeqCst) {
+            handle.cancel();
+            break None;
+        }
         match handle.events.recv_timeout(CANCEL_POLL) {
             Ok(Event::Vector { index, vector }) => {
                 vectors[index] = Some(vector);
                 received += 1;
             }
             Ok(Event::Failed { kind, message }) => break Some(Err((kind, message))),
-            Err(RecvTimeoutError::Timeout) if gone.load(Ordering::SeqCst) => {
-                handle.cancel();
-                break None;
-            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break Some(Err((ErrorKind::Internal, "the scheduler stopped".into()))),
         }
@@ -262,8 +267,27 @@ async fn embeddings(
     body: Body,
 ) -> Response {
     let client = match app.authenticate(&headers, peer) {
-        Ok(client) => client,
+        Ok(name) => format!("http:{name}"),
         Err(response) => return response,
+    };
+    // A request holds a connection slot of its client's share, and room in the text budget
+    // for its body (read, then decoded), before its body is read.
+    let server = app.server.clone();
+    let Some(mut slot) = server.gate.open(server.limits.hard_cap()) else {
+        Stats::add(&server.stats.refused_connections, 1);
+        return refusal((ErrorKind::Busy, "the model server is at its connection limit".into()));
+    };
+    if let Err(refused) = slot.admit(&client, None, &server.limits) {
+        Stats::add(&server.stats.refused_connections, 1);
+        return refusal(refused);
+    }
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .unwrap_or(MAX_BODY_BYTES)
+        .min(MAX_BODY_BYTES);
+    let Some(room) = app.server.texts.try_reserve(2 * announced) else {
+        return refusal((ErrorKind::Busy, "the model server holds as many request bodies as it may".into()));
     };
     let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
         Ok(Ok(bytes)) => bytes,
@@ -301,50 +325,82 @@ async fn embeddings(
     if let Err(refused) = check_count(&header) {
         return refusal(refused);
     }
-    // A request holds a connection slot of its client's share while it runs.
-    let server = app.server.clone();
-    let Some(mut slot) = server.gate.open(server.limits.hard_cap()) else {
-        Stats::add(&server.stats.refused_connections, 1);
-        return refusal((ErrorKind::Busy, "the model server is at its connection limit".into()));
-    };
-    if let Err(refused) = slot.admit(&client, None, &server.limits) {
-        Stats::add(&server.stats.refused_connections, 1);
-        return refusal(refused);
-    }
     let gone = Arc::new(AtomicBool::new(false));
     let _cancel_if_dropped = CancelOnDrop(gone.clone());
     let texts = call.texts;
+    let model_name = app.settings.served_model_name.clone();
+    let base64 = call.base64;
+    // Tokenizing, the model's time and the response's JSON are a blocking thread's work.
     let computed = tokio::task::spawn_blocking(move || {
         let computed = compute(&server, &client, &header, &texts, &gone);
+        drop(texts);
+        drop(room);
         drop(slot);
-        computed
+        computed.map(|done| done.map(|(vectors, tokens)| response_json(vectors, tokens, &model_name, base64)))
     })
     .await;
-    let (vectors, tokens) = match computed {
-        Ok(Some(Ok(done))) => done,
-        Ok(Some(Err(refused))) => return refusal(refused),
-        Ok(None) | Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "the call was dropped"),
-    };
-    let data: Vec<Value> = vectors
+    match computed {
+        Ok(Some(Ok(json))) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Ok(Some(Err(refused))) => refusal(refused),
+        Ok(None) | Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "the call was dropped"),
+    }
+}
+
+/// One vector: floats, or little-endian f32 bytes in base64 (what OpenAI's clients decode).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Embedding {
+    Floats(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Serialize)]
+struct Item {
+    object: &'static str,
+    index: usize,
+    embedding: Embedding,
+}
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    total_tokens: usize,
+}
+
+#[derive(Serialize)]
+struct EmbeddingResponse<'a> {
+    object: &'static str,
+    data: Vec<Item>,
+    model: &'a str,
+    usage: Usage,
+}
+
+/// The response body, written straight from the vectors (no JSON tree in between).
+fn response_json(vectors: Vec<Vec<f32>>, tokens: usize, model: &str, base64: bool) -> String {
+    let data = vectors
         .into_iter()
         .enumerate()
-        .map(|(index, vector)| {
-            let embedding = if call.base64 {
+        .map(|(index, vector)| Item {
+            object: "embedding",
+            index,
+            embedding: if base64 {
                 let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
-                Value::from(base64::engine::general_purpose::STANDARD.encode(bytes))
+                Embedding::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
             } else {
-                Value::from(vector)
-            };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
+                Embedding::Floats(vector)
+            },
         })
         .collect();
-    Json(json!({
-        "object": "list",
-        "data": data,
-        "model": app.settings.served_model_name,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }))
-    .into_response()
+    let response = EmbeddingResponse {
+        object: "list",
+        data,
+        model,
+        usage: Usage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+    };
+    serde_json::to_string(&response).expect("vectors and strings always serialize")
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {
@@ -369,6 +425,17 @@ async fn metrics(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Soc
         },
     );
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+}
+
+/// A connection must send a request's headers within this time of opening, or of its previous
+/// request (hyper closes it otherwise).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn with_timeouts(builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>) {
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
 }
 
 /// How the listener speaks: TLS with a certificate chain and key (PEM), or plaintext.
@@ -422,9 +489,15 @@ pub fn serve_http(
                             format!("TLS certificate {} / key {}: {e}", cert.display(), key.display()),
                         )
                     })?;
-                axum_server::from_tcp_rustls(listener, config).serve(router).await
+                let mut server = axum_server::from_tcp_rustls(listener, config);
+                with_timeouts(server.http_builder());
+                server.serve(router).await
             }
-            Transport::Plaintext => axum_server::from_tcp(listener).serve(router).await,
+            Transport::Plaintext => {
+                let mut server = axum_server::from_tcp(listener);
+                with_timeouts(server.http_builder());
+                server.serve(router).await
+            }
         }
     })
 }

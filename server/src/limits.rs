@@ -191,8 +191,8 @@ pub struct Budget {
 }
 
 /// Bytes taken from the budget; returned when dropped.
-pub struct Reserved<'a> {
-    budget: &'a Budget,
+pub struct Reserved {
+    budget: Arc<Budget>,
     bytes: usize,
 }
 
@@ -207,8 +207,21 @@ impl Budget {
         }
     }
 
+    /// Takes `bytes` if they are free now.
+    pub fn try_reserve(self: &Arc<Self>, bytes: usize) -> Option<Reserved> {
+        let mut available = self.available.lock().unwrap_or_else(|p| p.into_inner());
+        if *available < bytes {
+            return None;
+        }
+        *available -= bytes;
+        Some(Reserved {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
     /// Takes `bytes`, waiting while others hold the room; None when `gave_up` says so first.
-    pub fn reserve(&self, bytes: usize, gave_up: impl Fn() -> bool) -> Option<Reserved<'_>> {
+    pub fn reserve(self: &Arc<Self>, bytes: usize, gave_up: impl Fn() -> bool) -> Option<Reserved> {
         let mut available = self.available.lock().unwrap_or_else(|p| p.into_inner());
         while *available < bytes {
             if gave_up() {
@@ -221,11 +234,14 @@ impl Budget {
                 .0;
         }
         *available -= bytes;
-        Some(Reserved { budget: self, bytes })
+        Some(Reserved {
+            budget: self.clone(),
+            bytes,
+        })
     }
 }
 
-impl Drop for Reserved<'_> {
+impl Drop for Reserved {
     fn drop(&mut self) {
         *self.budget.available.lock().unwrap_or_else(|p| p.into_inner()) += self.bytes;
         self.budget.freed.notify_all();

@@ -121,6 +121,10 @@ fn http_listener(args: &Args, address: &str) -> Result<(std::net::TcpListener, T
 
 fn main() -> ExitCode {
     nvembed_server::crash::abort_on_panic();
+    // SIGHUP re-reads the tokens file where there is one (the HTTP listener installs that
+    // handler); it never ends the server, whose calls would all be lost.
+    // SAFETY: setting a signal's disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     let args = Args::parse();
     if let Some(threads) = args.threads {
         if let Err(e) = nvembed_engine::set_compute_threads(threads) {
@@ -163,18 +167,21 @@ fn main() -> ExitCode {
         // A failed preload is logged; the first call then tries again and reports the error.
         std::thread::spawn(move || server.model.get(|| false));
     }
-    let unix = socket.map(|socket| {
+    if let Some(socket) = socket {
         let server = server.clone();
         std::thread::spawn(move || {
-            serve(&socket, server).map_err(|e| format!("cannot serve on {}: {e}", socket.display()))
-        })
-    });
+            // serve returns only when it cannot serve: the server asked for it is not running.
+            if let Err(e) = serve(&socket, server) {
+                eprintln!("nvembed-model-server: cannot serve on {}: {e}", socket.display());
+                std::process::exit(1);
+            }
+        });
+    }
     let outcome = match http {
         Some((listener, transport, settings)) => serve_http(listener, transport, server, settings).map_err(|e| e.to_string()),
-        None => unix
-            .expect("a Unix socket when there is no HTTP listener")
-            .join()
-            .unwrap_or_else(|_| Err("the listener panicked".into())),
+        None => loop {
+            std::thread::park();
+        },
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -185,6 +185,22 @@ fn an_oversized_call_is_refused_before_the_rest_of_its_texts_is_read() {
     );
     assert!(closed_within(&mut stream, Duration::from_secs(2)));
 
+    // An instruction past its limit, and one that leaves nothing to pool: refused before any
+    // text is read.
+    for (instruction, max_length, kind, message) in [
+        ("i".repeat(40 << 10), 512, ErrorKind::TooLarge, "an instruction of 40960 bytes is longer than the 32768 bytes"),
+        ("Instruct: a long task ".repeat(40), 16, ErrorKind::InvalidInput, "nothing left to pool in input 0"),
+    ] {
+        let mut stream = admitted(&socket, "app", None);
+        let mut call = header(3, max_length, 1 << 18);
+        call.instruction = instruction;
+        ClientMessage::Embed(call).write(&mut stream).unwrap();
+        let (got_kind, got) = refused(receive(&mut stream).unwrap());
+        assert_eq!(got_kind, kind);
+        assert!(got.contains(message), "{got}");
+        assert!(closed_within(&mut stream, Duration::from_secs(2)));
+    }
+
     // 50 texts truncated at 512 tokens, at most 600 tokens: the first text already decides.
     let mut stream = admitted(&socket, "app", None);
     let texts: Vec<String> = (0..50).map(|_| long_text(2000)).collect();

@@ -279,4 +279,19 @@ fn a_client_that_never_finishes_its_request_holds_up_nobody() {
     let (status, body) = post(&running, Some(TOKEN), &json!({"input": ["a", "b"], "model": NAME}).to_string());
     assert_eq!(status, 200, "{body}");
     assert!(started.elapsed() < Duration::from_secs(5));
+    // The stalled connections are closed: a TLS handshake and a request's headers have 10 s.
+    for stream in stalled.iter_mut() {
+        stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = [0u8; 64];
+        let closed = loop {
+            match std::io::Read::read(stream, &mut buf) {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+                Err(_) => break false,
+            }
+        };
+        assert!(closed, "a stalled connection was kept");
+    }
+    assert!(started.elapsed() < Duration::from_secs(15), "stalled connections kept {:?}", started.elapsed());
 }
