@@ -44,15 +44,18 @@ extension-test: server
 	done
 
 # On PG_CONFIG's major (15): whole-server tests, the installation's life (update from 0.1.0,
-# dump/restore, hot standby), and the .deb installed with apt-get.
+# dump/restore, hot standby), and the .debs (the extension's, the model server's) installed
+# with apt-get.
 system-test: server
 	bash scripts/system-tests.sh
 	bash scripts/lifecycle-tests.sh
 	bash scripts/package-test.sh "$$(bash scripts/package.sh "$(PG_PREFIX)" target/package 15)"
+	bash scripts/package-server-test.sh "$$(bash scripts/package-server.sh target/package)"
 
-# One .deb per major in PG_MAJORS, under target/package.
+# One .deb per major in PG_MAJORS, and one of the model server alone, under target/package.
 package: setup server
 	bash scripts/package.sh "$(PG_PREFIX)" target/package $(PG_MAJORS)
+	bash scripts/package-server.sh target/package
 
 test: setup engine-test extension-test system-test
 

@@ -1289,10 +1289,12 @@ pub(crate) mod tests {
             "raise nvembed.max_length_limit in postgresql.conf",
         );
         remote_exec("adm", "SET nvembed.max_length = 64");
-        // 30 texts of 5 tokens each ("<s>", 3 tokens, "</s>") = 150 tokens > 100.
+        // 30 texts of 5 tokens each ("<s>", 3 tokens, "</s>") = 150 tokens > 100: refused at
+        // the 14th text, when its 70 tokens and at least 2 for each of the 16 still to come
+        // pass the limit.
         refused(
             "SELECT count(*) FROM nvembed_passages(array_fill('boats at sea'::text, ARRAY[30]))",
-            "the call submits 150 tokens in 30 texts, more than nvembed.max_request_tokens (100)",
+            "the call submits at least 102 tokens in 30 texts, more than nvembed.max_request_tokens (100)",
             "raise nvembed.max_request_tokens in postgresql.conf",
         );
         // A text longer than nvembed.max_length counts only its kept tokens: 64 ≤ 100.
