@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 deb=$(realpath "$1")
 fail() { echo "FAIL: $*" >&2; exit 1; }
-SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+SUDO=""; AS_NVEMBED=(runuser -u nvembed --)
+[ "$(id -u)" = 0 ] || { SUDO=sudo; AS_NVEMBED=(sudo -u nvembed); }
 mapfile -t files < <(dpkg-deb -c "$deb" | awk '$1 !~ /^d/ { sub(/^\./, "", $6); print $6 }')
 for f in "${files[@]}"; do [ ! -e "$f" ] || fail "$f is there before the package is installed"; done
 work=$(mktemp -d); chmod 755 "$work"
@@ -30,10 +31,11 @@ fi
 /usr/bin/nvembed-model-server --help | grep -q -- '--http-listen 0.0.0.0:8443' || fail "--help shows no example"
 cp -r engine/tests/fixtures/nvembed-tiny-a "$work/model"; chmod -R a+rX "$work"
 port=$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-$SUDO -u nvembed /usr/bin/nvembed-model-server --model "$work/model" --dtype f32 --served-model-name tiny \
+"${AS_NVEMBED[@]}" /usr/bin/nvembed-model-server --model "$work/model" --dtype f32 --served-model-name tiny \
   --http-listen "127.0.0.1:$port" --allow-plaintext --no-tokens 2>"$work/log" &
 server=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
+curl -sf "http://127.0.0.1:$port/health" >/dev/null || fail "the installed server did not start: $(cat "$work/log")"
 dims=$(curl -sS "http://127.0.0.1:$port/v1/embeddings" -H 'Content-Type: application/json' \
   -d '{"input": "installed from a package", "model": "tiny"}' | python3 -c "import json, sys; print(len(json.load(sys.stdin)['data'][0]['embedding']))")
 [ "$dims" = 32 ] || fail "the installed server answered $dims dimensions: $(cat "$work/log")"
