@@ -8,42 +8,24 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nvembed_engine::PASSAGE_INSTRUCTION;
 use nvembed_protocol::{
     read_frame, text_chunks, ClientMessage, EmbedHeader, ErrorKind, Identity, ServerMessage, Status, WorkClass,
     BUILD_ID,
 };
-use nvembed_engine::PASSAGE_INSTRUCTION;
-use nvembed_server::connection::{serve, Server};
+use nvembed_server::connection::serve;
 use nvembed_server::limits::{Limits, IDLE_TIMEOUT};
-use nvembed_server::model::{ModelSettings, ModelSlot};
-use nvembed_server::scheduler::Scheduler;
-use nvembed_server::stats::Stats;
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/fixtures/nvembed-tiny-a")
-}
+mod common;
+use common::{fixture, tiny_server};
 
 /// A server in this process on a fresh socket; it runs until the test process ends.
 fn start(limits: Limits) -> (PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("s.sock");
-    let stats = Arc::new(Stats::default());
-    let server = Arc::new(Server::new(
-        ModelSlot::new(ModelSettings {
-            model: fixture().to_string_lossy().into_owned(),
-            dtype: "f32".into(),
-            device: "cpu".into(),
-        }),
-        Scheduler::new(16_384, stats.clone()),
-        stats,
-        0,
-        limits,
-    ));
-    let scheduler = server.scheduler.clone();
-    std::thread::spawn(move || scheduler.run());
+    let server = tiny_server(limits);
     let path = socket.clone();
     std::thread::spawn(move || serve(&path, server));
     let started = Instant::now();

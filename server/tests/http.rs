@@ -5,7 +5,7 @@
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,20 +13,15 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use nvembed_engine::{DType, Device, EmbedOptions, Embedder, ModelSource, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION};
-use nvembed_server::connection::Server;
 use nvembed_server::http::{serve_http, HttpSettings, Transport};
 use nvembed_server::limits::{Limits, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
-use nvembed_server::model::{ModelSettings, ModelSlot};
-use nvembed_server::scheduler::Scheduler;
-use nvembed_server::stats::Stats;
 use nvembed_server::tokens::Tokens;
+
+mod common;
+use common::{fixture, tiny_server};
 
 const TOKEN: &str = "3f9a1c77e2b04d5e8a61";
 const NAME: &str = "tiny";
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/fixtures/nvembed-tiny-a")
-}
 
 struct Running {
     url: String,
@@ -44,24 +39,11 @@ fn start(max_request_tokens: usize) -> Running {
     std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
     let tokens_file = dir.path().join("tokens");
     std::fs::write(&tokens_file, format!("test-client {TOKEN}\n")).unwrap();
-    let stats = Arc::new(Stats::default());
-    let server = Arc::new(Server::new(
-        ModelSlot::new(ModelSettings {
-            model: fixture().to_string_lossy().into_owned(),
-            dtype: "f32".into(),
-            device: "cpu".into(),
-        }),
-        Scheduler::new(16_384, stats.clone()),
-        stats,
-        0,
-        Limits {
-            max_connections: 64,
-            handshake_timeout: HANDSHAKE_TIMEOUT,
-            idle_timeout: IDLE_TIMEOUT,
-        },
-    ));
-    let scheduler = server.scheduler.clone();
-    std::thread::spawn(move || scheduler.run());
+    let server = tiny_server(Limits {
+        max_connections: 64,
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+        idle_timeout: IDLE_TIMEOUT,
+    });
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let settings = HttpSettings {
@@ -104,6 +86,18 @@ fn post(running: &Running, token: Option<&str>, body: &str) -> (u16, Value) {
         Err(ureq::Error::Status(status, response)) => (status, response.into_json().unwrap()),
         Err(e) => panic!("{e}"),
     }
+}
+
+/// The metrics text, read with the token.
+fn metrics(running: &Running) -> String {
+    running
+        .agent
+        .get(&format!("{}/metrics", running.url))
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap()
 }
 
 fn engine() -> Embedder {
@@ -201,14 +195,7 @@ fn bad_requests_get_openai_errors_with_the_right_status_before_any_compute() {
             if status >= 500 { "server_error" } else { "invalid_request_error" }
         );
     }
-    let metrics = running
-        .agent
-        .get(&format!("{}/metrics", running.url))
-        .set("Authorization", &format!("Bearer {TOKEN}"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let metrics = metrics(&running);
     // Nothing above reached the model.
     assert!(!metrics.contains("nvembed_rows_total{"), "{metrics}");
     assert!(metrics.contains("nvembed_refused_connections_total 2"), "{metrics}");
@@ -229,14 +216,7 @@ fn health_and_metrics_are_served_and_tokens_are_reread_on_sighup() {
         Err(ureq::Error::Status(401, _)) => {}
         other => panic!("metrics without a token: {other:?}"),
     }
-    let metrics = running
-        .agent
-        .get(&format!("{}/metrics", running.url))
-        .set("Authorization", &format!("Bearer {TOKEN}"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let metrics = metrics(&running);
     for line in [
         "nvembed_rows_total{class=\"bulk\"} 2",
         "nvembed_rows_total{class=\"interactive\"} 1",

@@ -1,0 +1,33 @@
+//! What the server's integration tests share: the tiny fixture and a server of it, in-process.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nvembed_server::connection::Server;
+use nvembed_server::limits::Limits;
+use nvembed_server::model::{ModelSettings, ModelSlot};
+use nvembed_server::scheduler::Scheduler;
+use nvembed_server::stats::Stats;
+
+pub fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/fixtures/nvembed-tiny-a")
+}
+
+/// A server of the fixture (f32, CPU) with its scheduler running, and no listener yet.
+pub fn tiny_server(limits: Limits) -> Arc<Server> {
+    let stats = Arc::new(Stats::default());
+    let server = Arc::new(Server::new(
+        ModelSlot::new(ModelSettings {
+            model: fixture().to_string_lossy().into_owned(),
+            dtype: "f32".into(),
+            device: "cpu".into(),
+        }),
+        Scheduler::new(16_384, stats.clone()),
+        stats,
+        0,
+        limits,
+    ));
+    let scheduler = server.scheduler.clone();
+    std::thread::spawn(move || scheduler.run());
+    server
+}
