@@ -81,7 +81,7 @@ pub fn render(stats: &Stats, model: &ModelFacts) -> String {
     );
     registry.register(
         "refused_connections",
-        "Connections and requests refused for a connection limit",
+        "Connections and requests refused: a connection limit, or a missing or unknown token",
         ConstCounter::new(Stats::get(&stats.refused_connections)),
     );
     registry.register(
