@@ -438,6 +438,76 @@ fn with_timeouts(builder: &mut hyper_util::server::conn::auto::Builder<hyper_uti
         .header_read_timeout(HEADER_TIMEOUT);
 }
 
+/// A TCP connection of the HTTP listener, counted until it closes.
+struct Counted<S> {
+    stream: S,
+    _open: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TCP connections while fewer than the server's connection limit are open; past it a
+/// new connection is closed at once (before TLS), so idle peers cannot take the descriptors
+/// that the model, the Unix socket and the served clients need.
+#[derive(Clone)]
+struct CappedAcceptor {
+    open: Arc<tokio::sync::Semaphore>,
+}
+
+static HTTP_FULL: Throttled = Throttled::new();
+
+impl<S> axum_server::accept::Accept<tokio::net::TcpStream, S> for CappedAcceptor {
+    type Stream = Counted<tokio::net::TcpStream>;
+    type Service = S;
+    type Future = std::future::Ready<std::io::Result<(Self::Stream, S)>>;
+
+    fn accept(&self, stream: tokio::net::TcpStream, service: S) -> Self::Future {
+        std::future::ready(match self.open.clone().try_acquire_owned() {
+            Ok(permit) => Ok((
+                Counted {
+                    stream,
+                    _open: permit,
+                },
+                service,
+            )),
+            Err(_) => {
+                let peer = stream.peer_addr().map_or_else(|_| "a peer".to_string(), |a| a.to_string());
+                HTTP_FULL.log(|| format!("closing an HTTP connection from {peer}: the listener's connections are all open"));
+                Err(std::io::Error::other("the HTTP listener is at its connection limit"))
+            }
+        })
+    }
+}
+
 /// How the listener speaks: TLS with a certificate chain and key (PEM), or plaintext.
 pub enum Transport {
     Tls { cert: PathBuf, key: PathBuf },
@@ -452,6 +522,9 @@ pub fn serve_http(
     settings: HttpSettings,
 ) -> std::io::Result<()> {
     let tokens = settings.tokens.clone();
+    let capped = CappedAcceptor {
+        open: Arc::new(tokio::sync::Semaphore::new(server.limits.max_connections)),
+    };
     let app = Arc::new(App { server, settings });
     let router = Router::new()
         .route("/v1/embeddings", post(embeddings))
@@ -489,12 +562,13 @@ pub fn serve_http(
                             format!("TLS certificate {} / key {}: {e}", cert.display(), key.display()),
                         )
                     })?;
-                let mut server = axum_server::from_tcp_rustls(listener, config);
+                let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config).acceptor(capped);
+                let mut server = axum_server::from_tcp(listener).acceptor(acceptor);
                 with_timeouts(server.http_builder());
                 server.serve(router).await
             }
             Transport::Plaintext => {
-                let mut server = axum_server::from_tcp(listener);
+                let mut server = axum_server::from_tcp(listener).acceptor(capped);
                 with_timeouts(server.http_builder());
                 server.serve(router).await
             }

@@ -32,6 +32,10 @@ struct Running {
 
 /// A TLS server with one token, in this process, and a client that trusts its certificate.
 fn start(max_request_tokens: usize) -> Running {
+    start_with(max_request_tokens, 64)
+}
+
+fn start_with(max_request_tokens: usize, max_connections: usize) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
@@ -40,7 +44,7 @@ fn start(max_request_tokens: usize) -> Running {
     let tokens_file = dir.path().join("tokens");
     std::fs::write(&tokens_file, format!("test-client {TOKEN}\n")).unwrap();
     let server = tiny_server(Limits {
-        max_connections: 64,
+        max_connections,
         handshake_timeout: HANDSHAKE_TIMEOUT,
         idle_timeout: IDLE_TIMEOUT,
     });
@@ -274,4 +278,34 @@ fn a_client_that_never_finishes_its_request_holds_up_nobody() {
         assert!(closed, "a stalled connection was kept");
     }
     assert!(started.elapsed() < Duration::from_secs(15), "stalled connections kept {:?}", started.elapsed());
+}
+
+/// Whether the server closed `stream` (EOF or reset) within a short wait.
+fn closed(stream: &mut std::net::TcpStream) -> bool {
+    stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut buf = [0u8; 16];
+    match std::io::Read::read(stream, &mut buf) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}
+
+#[test]
+fn the_listener_keeps_at_most_its_connection_limit_of_tcp_connections_open() {
+    let running = start_with(1 << 18, 4);
+    let port = running.url.rsplit(':').next().unwrap().to_string();
+    // Ten idle connections to a listener of four (the client's agent may hold one more).
+    let mut idle: Vec<std::net::TcpStream> = (0..10)
+        .map(|_| std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let kept = idle.iter_mut().map(closed).filter(|&gone| !gone).count();
+    assert!(kept <= 4, "{kept} of 10 idle connections kept open past the limit of 4");
+    assert!(kept >= 3, "only {kept} connections admitted");
+    // Once they leave, requests are served again.
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(100));
+    let (status, body) = post(&running, Some(TOKEN), &json!({"input": "a", "model": NAME}).to_string());
+    assert_eq!(status, 200, "{body}");
 }
