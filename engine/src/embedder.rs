@@ -169,12 +169,7 @@ impl Embedder {
     /// Tokenizes `texts` with `instruction`, failing if any would have nothing to pool or if
     /// `max_length` exceeds the model's position limit.
     pub fn encode(&self, instruction: &str, texts: &[&str], max_length: usize) -> Result<Vec<EncodedInput>> {
-        let limit = self.config.text_config.max_position_embeddings;
-        if max_length > limit {
-            return Err(Error::InvalidArgument(format!(
-                "max_length {max_length} exceeds the model's position limit ({limit} tokens)"
-            )));
-        }
+        self.check_max_length(max_length)?;
         let inputs = self.encoder.encode(instruction, texts, max_length)?;
         self.check_poolable(&inputs)?;
         Ok(inputs)
@@ -184,12 +179,7 @@ impl Embedder {
     /// checks `max_length` and measures the instruction once. When the instruction alone leaves
     /// nothing to pool, it fails here, before any text is tokenized.
     pub fn text_encoder<'e>(&'e self, instruction: &'e str, max_length: usize) -> Result<TextEncoder<'e>> {
-        let limit = self.config.text_config.max_position_embeddings;
-        if max_length > limit {
-            return Err(Error::InvalidArgument(format!(
-                "max_length {max_length} exceeds the model's position limit ({limit} tokens)"
-            )));
-        }
+        self.check_max_length(max_length)?;
         if max_length == 0 {
             return Err(Error::InvalidArgument("max_length must be at least 1".into()));
         }
@@ -242,17 +232,32 @@ impl Embedder {
         Ok(hidden.to_dtype(DType::F32)?.to_vec3::<f32>()?)
     }
 
+    fn check_max_length(&self, max_length: usize) -> Result<()> {
+        let limit = self.config.text_config.max_position_embeddings;
+        if max_length > limit {
+            return Err(Error::InvalidArgument(format!(
+                "max_length {max_length} exceeds the model's position limit ({limit} tokens)"
+            )));
+        }
+        Ok(())
+    }
+
     fn check_poolable(&self, inputs: &[EncodedInput]) -> Result<()> {
-        if !self.config.is_mask_instruction {
-            return Ok(());
-        }
-        match inputs.iter().position(|input| input.pooled_tokens() == 0) {
-            Some(index) => Err(Error::NothingToPool {
+        inputs
+            .iter()
+            .enumerate()
+            .try_for_each(|(index, input)| self.check_poolable_one(index, input))
+    }
+
+    /// Input `index` has a token to pool (when the model masks the instruction).
+    fn check_poolable_one(&self, index: usize, input: &EncodedInput) -> Result<()> {
+        if self.config.is_mask_instruction && input.pooled_tokens() == 0 {
+            return Err(Error::NothingToPool {
                 index,
-                tokens: inputs[index].ids.len(),
-            }),
-            None => Ok(()),
+                tokens: input.ids.len(),
+            });
         }
+        Ok(())
     }
 
     /// Starts a forward pass over `members` as one padded batch.
@@ -427,12 +432,7 @@ impl TextEncoder<'_> {
             .embedder
             .encoder
             .encode_one(self.instruction, self.prefix, text, self.max_length)?;
-        if self.embedder.config.is_mask_instruction && input.pooled_tokens() == 0 {
-            return Err(Error::NothingToPool {
-                index,
-                tokens: input.ids.len(),
-            });
-        }
+        self.embedder.check_poolable_one(index, &input)?;
         Ok(input)
     }
 }

@@ -99,16 +99,14 @@ fn hung_up(stream: &UnixStream) -> bool {
     }
 }
 
-/// Bytes written to the socket that the client has not read yet.
-fn unread_bytes(stream: &UnixStream) -> usize {
+/// Vectors of `dimension` floats the client has read of the `written` ones: those still in the
+/// socket's send queue (SIOCOUTQ) are not read yet.
+fn read_by_client(stream: &UnixStream, written: usize, dimension: usize) -> usize {
     let mut queued: libc::c_int = 0;
     // SAFETY: SIOCOUTQ (TIOCOUTQ) stores the send queue's length into a valid int.
     let ok = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } == 0;
-    if ok {
-        usize::try_from(queued).unwrap_or(0)
-    } else {
-        0
-    }
+    let unread = if ok { usize::try_from(queued).unwrap_or(0) } else { 0 };
+    written.saturating_sub(unread.div_ceil(dimension * 4))
 }
 
 static DROPPED: Throttled = Throttled::new();
@@ -309,7 +307,7 @@ fn embed(stream: &mut UnixStream, server: &Server, client: &str, header: EmbedHe
             Err(RecvTimeoutError::Timeout) if hung_up(stream) => break false,
             Err(RecvTimeoutError::Timeout) => {
                 // The client reads on: the scheduler may compute further ahead.
-                handle.set_read(written.saturating_sub(unread_bytes(stream).div_ceil(dimension * 4)));
+                handle.set_read(read_by_client(stream, written, dimension));
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => {
@@ -350,7 +348,7 @@ fn embed(stream: &mut UnixStream, server: &Server, client: &str, header: EmbedHe
                 sent_ok = false;
                 break;
             }
-            handle.set_read(written.saturating_sub(unread_bytes(stream).div_ceil(dimension * 4)));
+            handle.set_read(read_by_client(stream, written, dimension));
         }
         if !sent_ok {
             break false;
