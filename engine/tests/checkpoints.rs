@@ -289,3 +289,31 @@ fn bad_arguments_are_errors() {
         .unwrap();
     assert!((unit_norm(&empty[0]) - 1.0).abs() < 1e-5);
 }
+
+#[test]
+fn a_fingerprint_names_the_files_contents_not_their_place() {
+    let shape = small_shape();
+    let dir = write_with_tokenizer(&shape);
+    let files = ModelSource::Dir(dir.path().to_path_buf()).resolve().unwrap();
+    let fingerprint = files.fingerprint().unwrap();
+    assert!(fingerprint.starts_with("sha256:") && fingerprint.len() == 7 + 16, "{fingerprint}");
+    // The same files elsewhere: the same fingerprint.
+    let copy = tempfile::tempdir().unwrap();
+    for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(dir.path().join(name), copy.path().join(name)).unwrap();
+    }
+    let copied = ModelSource::Dir(copy.path().to_path_buf()).resolve().unwrap();
+    assert_eq!(copied.fingerprint().unwrap(), fingerprint);
+    // One weight changed (the first tensor's first byte after the header): another checkpoint.
+    let weights = copy.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header] ^= 1;
+    std::fs::write(&weights, &bytes).unwrap();
+    assert_ne!(copied.fingerprint().unwrap(), fingerprint);
+    // So does another config with the same weights.
+    std::fs::copy(dir.path().join("model.safetensors"), &weights).unwrap();
+    assert_eq!(copied.fingerprint().unwrap(), fingerprint);
+    std::fs::write(copy.path().join("config.json"), shape.config_json().to_string() + " ").unwrap();
+    assert_ne!(copied.fingerprint().unwrap(), fingerprint);
+}

@@ -1,6 +1,7 @@
 //! The messages. A connection starts with `Hello` both ways (the build check). A client then
-//! asks for `Status`, or says who it is (`Identify`) and is admitted (`Ready`) or refused
-//! (`Error`, kind `Busy`) by the server's connection limits; an admitted client sends `Embed`
+//! asks for `Status`, or says who it is (`Identify`, with a token on a network listener) and is
+//! admitted (`Ready`, naming the model served once it is loaded) or refused (`Error`, kind
+//! `Busy` for the server's connection limits, `Unauthorized` for a missing or wrong token); an admitted client sends `Embed`
 //! followed by `Texts` chunks holding exactly `count` texts, and the server answers `Vectors`
 //! chunks in input order and `Done`, or `Error` at any point (also while texts still arrive:
 //! an oversized call is refused as soon as its size is known).
@@ -11,7 +12,7 @@ use crate::frame::{write_frame, Frame};
 
 /// Identifies a build of the wire format: a backend and a model server must carry the same one.
 /// Raise the protocol number whenever a message changes shape.
-pub const BUILD_ID: &str = concat!("nvembed ", env!("CARGO_PKG_VERSION"), ", protocol 3");
+pub const BUILD_ID: &str = concat!("nvembed ", env!("CARGO_PKG_VERSION"), ", protocol 4");
 
 /// Texts per `Texts` frame are cut at about this many bytes.
 pub const TEXT_CHUNK_BYTES: usize = 1 << 20;
@@ -57,15 +58,43 @@ pub struct EmbedHeader {
     pub count: usize,
 }
 
-/// Who is calling, for the server's per-role connection limit. Sent by the extension, whose
-/// socket only the cluster's OS user can reach.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Who is calling, for the server's per-role connection limit. On the Unix socket, which only
+/// the cluster's OS user can reach, that is all; a network listener also wants a token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     /// The session's login role.
     pub role: String,
     /// Connections this role may hold at once (`nvembed.max_calls_per_role` as set for it);
     /// None: `DEFAULT_ROLE_SHARE` of the server's limit.
     pub role_connections: Option<usize>,
+    /// Bearer token for a network listener (`--tokens-file`); unused on the Unix socket.
+    pub token: Option<String>,
+}
+
+/// Never prints the token.
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("role", &self.role)
+            .field("role_connections", &self.role_connections)
+            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
+}
+
+/// What a server serves, once its model is loaded: clients that spread calls over several
+/// servers refuse one whose vectors would differ from the others'.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Served {
+    /// The model's name as the server announces it (`--served-model-name`, default `--model`).
+    pub model: String,
+    /// Fingerprint of the checkpoint's files (`sha256:…`): equal names with different weights
+    /// differ here.
+    pub revision: String,
+    /// The dtype the weights run in (what `auto` chose).
+    pub dtype: String,
+    pub device: String,
+    pub dimension: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,12 +111,16 @@ pub enum ErrorKind {
     Internal,
     /// A connection limit (the server's, or the role's) is reached: retry later.
     Busy,
+    /// A network listener's token is missing or not accepted.
+    Unauthorized,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub loaded: bool,
     pub model: String,
+    /// Fingerprint of the loaded checkpoint's files (see `Served`).
+    pub revision: Option<String>,
     pub dtype: String,
     pub device: String,
     pub dimension: Option<usize>,
@@ -130,8 +163,11 @@ pub enum ServerMessage {
         build: String,
     },
     Status(Status),
-    /// The client is admitted: it may send calls.
-    Ready,
+    /// The client is admitted: it may send calls. `served` is None while the model is not
+    /// loaded (a cluster's own server loads it on the first call).
+    Ready {
+        served: Option<Served>,
+    },
     /// Consecutive vectors of the call, in input order, each `dimension` floats.
     Vectors {
         dimension: usize,
@@ -219,7 +255,7 @@ impl ServerMessage {
         match self {
             ServerMessage::Hello { build } => write_frame(out, tag::HELLO, build.as_bytes()),
             ServerMessage::Status(status) => write_frame(out, tag::STATUS, &json(status)?),
-            ServerMessage::Ready => write_frame(out, tag::READY, &[]),
+            ServerMessage::Ready { served } => write_frame(out, tag::READY, &json(served)?),
             ServerMessage::Vectors { dimension, values } => {
                 let mut payload = Vec::with_capacity(4 + values.len() * 4);
                 payload.extend_from_slice(&(*dimension as u32).to_le_bytes());
@@ -246,7 +282,9 @@ impl ServerMessage {
                 build: String::from_utf8(frame.payload).map_err(invalid)?,
             }),
             tag::STATUS => Ok(ServerMessage::Status(from_json(&frame.payload)?)),
-            tag::READY => Ok(ServerMessage::Ready),
+            tag::READY => Ok(ServerMessage::Ready {
+                served: from_json(&frame.payload)?,
+            }),
             tag::VECTORS => {
                 let payload = frame.payload;
                 if payload.len() < 4 || (payload.len() - 4) % 4 != 0 {
@@ -330,6 +368,7 @@ mod tests {
             ClientMessage::Identify(Identity {
                 role: "app".into(),
                 role_connections: Some(3),
+                token: Some("secret-token".into()),
             }),
             ClientMessage::Embed(header),
             ClientMessage::Texts(vec!["a".into(), "é\u{0}".into()]),
@@ -346,7 +385,16 @@ mod tests {
             }),
             ServerMessage::Vectors { dimension: 3, values },
             ServerMessage::Done,
-            ServerMessage::Ready,
+            ServerMessage::Ready { served: None },
+            ServerMessage::Ready {
+                served: Some(Served {
+                    model: "nvidia/NV-Embed-v2".into(),
+                    revision: "sha256:0123".into(),
+                    dtype: "bf16".into(),
+                    device: "cuda".into(),
+                    dimension: 4096,
+                }),
+            },
             ServerMessage::Error {
                 kind: ErrorKind::TooLarge,
                 message: "m".into(),
@@ -354,6 +402,17 @@ mod tests {
         ] {
             assert_eq!(round_trip_server(message.clone()), message);
         }
+    }
+
+    #[test]
+    fn an_identity_never_prints_its_token() {
+        let identity = Identity {
+            role: "app".into(),
+            role_connections: None,
+            token: Some("secret-token".into()),
+        };
+        let printed = format!("{identity:?} {:?}", ClientMessage::Identify(identity.clone()));
+        assert!(!printed.contains("secret-token") && printed.contains("<hidden>"), "{printed}");
     }
 
     #[test]

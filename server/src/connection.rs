@@ -6,8 +6,8 @@
 //! within `HANGUP_POLL`, whether it is still sending texts or waiting for vectors.
 
 use std::collections::BTreeMap;
-use std::io::{ErrorKind as IoErrorKind, Read};
-use std::os::fd::AsRawFd;
+use std::io::{ErrorKind as IoErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use nvembed_protocol::{
     frame_length, read_frame_body, vectors_per_chunk, ClientMessage, EmbedHeader, ErrorKind, ServerMessage, Status,
-    BUILD_ID, MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES,
+    Identity, BUILD_ID, MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES,
 };
 
 use nvembed_engine::dtype_name;
@@ -27,6 +27,7 @@ use crate::limits::{tokenizers_at_once, Budget, Gate, Limits, Opened, Reserved, 
 use crate::model::ModelSlot;
 use crate::scheduler::{Event, Scheduler};
 use crate::stats::Stats;
+use crate::tokens::Tokens;
 
 /// How often a connection waiting for results checks whether its client hung up.
 const HANGUP_POLL: Duration = Duration::from_millis(50);
@@ -64,6 +65,7 @@ impl Server {
         Status {
             loaded: loaded.is_some(),
             model: settings.model.clone(),
+            revision: self.model.revision(),
             // What `auto` chose, once the model is loaded.
             dtype: loaded.as_ref().map_or_else(|| settings.dtype.clone(), |m| dtype_name(m.dtype()).to_string()),
             device: settings.device.clone(),
@@ -84,14 +86,30 @@ impl Server {
     }
 }
 
+/// A client's end of a connection: the Unix socket, or TLS over TCP (`native.rs`).
+pub trait Peer: Read + Write {
+    /// The socket underneath: for hang-up checks and the send queue's length, which look at
+    /// the socket itself (a TLS peer's close is its TCP close: clients send no close_notify).
+    fn socket(&self) -> RawFd;
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl Peer for UnixStream {
+    fn socket(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)
+    }
+}
+
 /// Whether the peer is gone: it closed its end (a cancelled backend drops its connection) or
 /// the connection was reset.
-fn hung_up(stream: &UnixStream) -> bool {
+fn hung_up(socket: RawFd) -> bool {
     let mut byte = 0u8;
     // SAFETY: peeking one byte into a valid buffer on an open socket.
-    let n = unsafe {
-        libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
-    };
+    let n = unsafe { libc::recv(socket, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
     match n {
         0 => true,
         n if n > 0 => false,
@@ -101,10 +119,10 @@ fn hung_up(stream: &UnixStream) -> bool {
 
 /// Vectors of `dimension` floats the client has read of the `written` ones: those still in the
 /// socket's send queue (SIOCOUTQ) are not read yet.
-fn read_by_client(stream: &UnixStream, written: usize, dimension: usize) -> usize {
+fn read_by_client(socket: RawFd, written: usize, dimension: usize) -> usize {
     let mut queued: libc::c_int = 0;
     // SAFETY: SIOCOUTQ (TIOCOUTQ) stores the send queue's length into a valid int.
-    let ok = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } == 0;
+    let ok = unsafe { libc::ioctl(socket, libc::TIOCOUTQ, &mut queued) } == 0;
     let unread = if ok { usize::try_from(queued).unwrap_or(0) } else { 0 };
     written.saturating_sub(unread.div_ceil(dimension * 4))
 }
@@ -113,19 +131,19 @@ static DROPPED: Throttled = Throttled::new();
 
 /// Reads from a socket, each read bounded by what is left until `deadline`: a peer that drips
 /// a byte at a time still has only until then.
-struct Timed<'a> {
-    stream: &'a UnixStream,
+struct Timed<'a, P: Peer> {
+    stream: &'a mut P,
     deadline: Instant,
 }
 
-impl Read for Timed<'_> {
+impl<P: Peer> Read for Timed<'_, P> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(IoErrorKind::TimedOut.into());
         }
         self.stream.set_read_timeout(Some(left))?;
-        (&mut &*self.stream).read(buf)
+        self.stream.read(buf)
     }
 }
 
@@ -133,12 +151,13 @@ impl Read for Timed<'_> {
 /// are first taken from the server's text budget (held until the returned reservation is
 /// dropped); every other message must fit `MAX_CONTROL_FRAME_BYTES`. None when the client
 /// left, was too slow, or broke the protocol (logged).
-fn read_message(
-    stream: &mut UnixStream,
+fn read_message<P: Peer>(
+    stream: &mut P,
     server: &Server,
     texts_expected: bool,
     deadline: Instant,
 ) -> Option<(ClientMessage, Option<Reserved>)> {
+    let socket = stream.socket();
     let mut input = Timed { stream, deadline };
     let mut header = [0u8; 4];
     input.read_exact(&mut header).ok()?;
@@ -161,12 +180,15 @@ fn read_message(
     let (reserved, deadline) = if is_texts && texts_expected {
         // Read and decoded, a frame is held twice until its texts are tokenized. The time spent
         // waiting for room is the server's, not the client's.
-        let reserved = server.texts.reserve(2 * len, || hung_up(stream))?;
+        let reserved = server.texts.reserve(2 * len, || hung_up(socket))?;
         (Some(reserved), Instant::now() + server.limits.idle_timeout)
     } else {
         (None, deadline)
     };
-    let mut input = Timed { stream, deadline };
+    let mut input = Timed {
+        stream: input.stream,
+        deadline,
+    };
     let frame = read_frame_body(&mut [tag].as_slice().chain(&mut input), len).ok()?;
     match ClientMessage::decode(frame) {
         Ok(message) => Some((message, reserved)),
@@ -177,8 +199,44 @@ fn read_message(
     }
 }
 
-/// Serves one client until it hangs up, goes silent or breaks the protocol.
-pub fn serve_client(mut stream: UnixStream, server: &Server, mut opened: Opened) {
+/// Who may use a listener, and what one call may ask of it.
+pub enum Access {
+    /// The cluster's own Unix socket, which only its OS user can reach: the backend's own
+    /// settings (`nvembed.max_request_tokens`) are the limits.
+    Local,
+    /// A network listener (`native.rs`).
+    Network {
+        /// None: no token needed (`--no-tokens`).
+        tokens: Option<Arc<Tokens>>,
+        /// Ceiling on a call's `max_request_tokens`, whatever the client asks.
+        max_request_tokens: usize,
+    },
+}
+
+/// The name a client's connections count under, or why it is refused. On a network listener
+/// the token's name comes first, so two clusters' roles of one name are counted apart.
+fn client_name(identity: &Identity, access: &Access, peer: &str) -> Result<String, (ErrorKind, String)> {
+    match access {
+        Access::Local => Ok(identity.role.clone()),
+        Access::Network { tokens: None, .. } => Ok(format!("{peer}/{}", identity.role)),
+        Access::Network { tokens: Some(tokens), .. } => {
+            match identity.token.as_deref().and_then(|t| tokens.check(t.as_bytes())) {
+                Some(name) => Ok(format!("{name}/{}", identity.role)),
+                None => Err((
+                    ErrorKind::Unauthorized,
+                    format!(
+                        "the model server does not accept {} token",
+                        if identity.token.is_some() { "this" } else { "a connection without a" }
+                    ),
+                )),
+            }
+        }
+    }
+}
+
+/// Serves one client until it hangs up, goes silent or breaks the protocol. `peer` names it
+/// in logs.
+pub fn serve_client<P: Peer>(mut stream: P, server: &Server, mut opened: Opened, access: &Access, peer: &str) {
     // Until it is admitted (or has its status), a connection has the handshake timeout in all.
     let handshake_deadline = Instant::now() + server.limits.handshake_timeout;
     match read_message(&mut stream, server, false, handshake_deadline) {
@@ -208,16 +266,21 @@ pub fn serve_client(mut stream: UnixStream, server: &Server, mut opened: Opened)
         };
         let served = match read_message(&mut stream, server, false, deadline) {
             Some((ClientMessage::Status, _)) => ServerMessage::Status(server.status()).write(&mut stream).is_ok(),
-            Some((ClientMessage::Identify(identity), _)) => match opened.admit(&identity.role, identity.role_connections, &server.limits) {
-                Ok(()) => ServerMessage::Ready.write(&mut stream).is_ok(),
+            Some((ClientMessage::Identify(identity), _)) => match client_name(&identity, access, peer)
+                .and_then(|client| opened.admit(&client, identity.role_connections, &server.limits))
+            {
+                Ok(()) => (ServerMessage::Ready { served: server.model.served() }).write(&mut stream).is_ok(),
                 Err((kind, message)) => {
                     Stats::add(&server.stats.refused_connections, 1);
-                    REFUSED.log(|| format!("refusing a connection: {message}"));
+                    REFUSED.log(|| format!("refusing a connection from {peer}: {message}"));
                     let _ = ServerMessage::Error { kind, message }.write(&mut stream);
                     false
                 }
             },
-            Some((ClientMessage::Embed(header), _)) if opened.is_admitted() => {
+            Some((ClientMessage::Embed(mut header), _)) if opened.is_admitted() => {
+                if let Access::Network { max_request_tokens, .. } = access {
+                    header.max_request_tokens = header.max_request_tokens.min(*max_request_tokens);
+                }
                 embed(&mut stream, server, opened.client(), header)
             }
             Some((other, _)) => {
@@ -236,8 +299,9 @@ static REFUSED: Throttled = Throttled::new();
 
 /// Answers one embedding call; false when the connection cannot go on. A call refused before
 /// all its texts arrived ends the connection: what the client still sends is never read.
-fn embed(stream: &mut UnixStream, server: &Server, client: &str, header: EmbedHeader) -> bool {
-    let refuse = |stream: &mut UnixStream, kind: ErrorKind, message: String| {
+fn embed<P: Peer>(stream: &mut P, server: &Server, client: &str, header: EmbedHeader) -> bool {
+    let socket = stream.socket();
+    let refuse = |stream: &mut P, kind: ErrorKind, message: String| {
         let _ = ServerMessage::Error { kind, message }.write(stream);
         false
     };
@@ -247,7 +311,7 @@ fn embed(stream: &mut UnixStream, server: &Server, client: &str, header: EmbedHe
     if header.count == 0 {
         return ServerMessage::Done.write(stream).is_ok();
     }
-    let error = |stream: &mut UnixStream, kind: ErrorKind, message: String| {
+    let error = |stream: &mut P, kind: ErrorKind, message: String| {
         // The caller's HINT for these says "see the server log" (load errors are logged where
         // the load fails; oversized or unpoolable inputs are the caller's own).
         if matches!(kind, ErrorKind::Internal | ErrorKind::NonFinite) {
@@ -255,7 +319,7 @@ fn embed(stream: &mut UnixStream, server: &Server, client: &str, header: EmbedHe
         }
         ServerMessage::Error { kind, message }.write(stream).is_ok()
     };
-    let model = match server.model.get(|| hung_up(stream)) {
+    let model = match server.model.get(|| hung_up(socket)) {
         Ok(Some(model)) => model,
         Ok(None) => return false,
         Err(message) => return refuse(stream, ErrorKind::Load, message),
@@ -269,14 +333,14 @@ fn embed(stream: &mut UnixStream, server: &Server, client: &str, header: EmbedHe
             Some((ClientMessage::Texts(chunk), _reserved)) if admission.received() + chunk.len() <= header.count => {
                 // Bulk calls take turns at tokenizing; a one-text call never waits for them.
                 let _slot = if header.count > 1 {
-                    match server.tokenizers.reserve(1, || hung_up(stream)) {
+                    match server.tokenizers.reserve(1, || hung_up(socket)) {
                         Some(slot) => Some(slot),
                         None => return false,
                     }
                 } else {
                     None
                 };
-                match admission.add(&chunk, || hung_up(stream)) {
+                match admission.add(&chunk, || hung_up(socket)) {
                     Ok(()) => {}
                     Err(Stop::Refused((kind, message))) => return refuse(stream, kind, message),
                     Err(Stop::Gone) => return false,
@@ -304,10 +368,10 @@ fn embed(stream: &mut UnixStream, server: &Server, client: &str, header: EmbedHe
         }
         let event = match handle.events.recv_timeout(HANGUP_POLL) {
             Ok(event) => event,
-            Err(RecvTimeoutError::Timeout) if hung_up(stream) => break false,
+            Err(RecvTimeoutError::Timeout) if hung_up(socket) => break false,
             Err(RecvTimeoutError::Timeout) => {
                 // The client reads on: the scheduler may compute further ahead.
-                handle.set_read(read_by_client(stream, written, dimension));
+                handle.set_read(read_by_client(socket, written, dimension));
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => {
@@ -348,7 +412,7 @@ fn embed(stream: &mut UnixStream, server: &Server, client: &str, header: EmbedHe
                 sent_ok = false;
                 break;
             }
-            handle.set_read(read_by_client(stream, written, dimension));
+            handle.set_read(read_by_client(socket, written, dimension));
         }
         if !sent_ok {
             break false;
@@ -405,7 +469,7 @@ pub fn serve(socket: &Path, server: Arc<Server>) -> std::io::Result<()> {
         let client = server.clone();
         let spawned = std::thread::Builder::new()
             .name("connection".into())
-            .spawn(move || serve_client(stream, &client, opened));
+            .spawn(move || serve_client(stream, &client, opened, &Access::Local, "the local socket"));
         if let Err(e) = spawned {
             ACCEPT_FAILED.log(|| format!("cannot start a thread for a connection ({e}); pausing new connections"));
             std::thread::sleep(ACCEPT_BACKOFF);

@@ -44,8 +44,6 @@ const CANCEL_POLL: Duration = Duration::from_millis(50);
 
 /// What the HTTP listener serves, and to whom.
 pub struct HttpSettings {
-    /// The name clients pass as `model` (and get back).
-    pub served_model_name: String,
     pub max_length: usize,
     pub max_request_tokens: usize,
     /// None: no token is asked for (only with `--no-tokens`).
@@ -72,6 +70,7 @@ fn refusal(refused: Refusal) -> Response {
         ErrorKind::InvalidInput => error(StatusCode::BAD_REQUEST, "invalid_input", message),
         ErrorKind::TooLarge => error(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", message),
         ErrorKind::Busy => error(StatusCode::SERVICE_UNAVAILABLE, "server_busy", message),
+        ErrorKind::Unauthorized => error(StatusCode::UNAUTHORIZED, "invalid_api_key", message),
         ErrorKind::Load => error(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", message),
         ErrorKind::NonFinite | ErrorKind::Internal => error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message),
     }
@@ -134,12 +133,12 @@ struct Call {
 }
 
 #[allow(clippy::result_large_err)] // axum's Response, returned as is
-fn validate(request: EmbeddingRequest, settings: &HttpSettings) -> Result<Call, Response> {
-    if request.model != settings.served_model_name {
+fn validate(request: EmbeddingRequest, served_model_name: &str) -> Result<Call, Response> {
+    if request.model != served_model_name {
         return Err(error(
             StatusCode::NOT_FOUND,
             "model_not_found",
-            format!("this server serves {:?}, not {:?}", settings.served_model_name, request.model),
+            format!("this server serves {served_model_name:?}, not {:?}", request.model),
         ));
     }
     if request.dimensions.is_some() {
@@ -311,7 +310,7 @@ async fn embeddings(
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", format!("malformed request: {e}")),
     };
     drop(bytes);
-    let call = match validate(request, &app.settings) {
+    let call = match validate(request, &app.server.model.settings().served_model_name) {
         Ok(call) => call,
         Err(response) => return response,
     };
@@ -328,7 +327,7 @@ async fn embeddings(
     let gone = Arc::new(AtomicBool::new(false));
     let _cancel_if_dropped = CancelOnDrop(gone.clone());
     let texts = call.texts;
-    let model_name = app.settings.served_model_name.clone();
+    let model_name = app.server.model.settings().served_model_name.clone();
     let base64 = call.base64;
     // Tokenizing, the model's time and the response's JSON are a blocking thread's work.
     let computed = tokio::task::spawn_blocking(move || {
@@ -514,14 +513,13 @@ pub enum Transport {
     Plaintext,
 }
 
-/// Serves HTTP on `listener` until the process ends; SIGHUP re-reads the tokens file.
+/// Serves HTTP on `listener` until the process ends.
 pub fn serve_http(
     listener: std::net::TcpListener,
     transport: Transport,
     server: Arc<Server>,
     settings: HttpSettings,
 ) -> std::io::Result<()> {
-    let tokens = settings.tokens.clone();
     let capped = CappedAcceptor {
         open: Arc::new(tokio::sync::Semaphore::new(server.limits.max_connections)),
     };
@@ -539,17 +537,6 @@ pub fn serve_http(
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        if let Some(tokens) = tokens {
-            let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-            tokio::spawn(async move {
-                while hangups.recv().await.is_some() {
-                    match tokens.reload() {
-                        Ok(count) => eprintln!("nvembed-model-server: SIGHUP: {count} tokens read"),
-                        Err(e) => eprintln!("nvembed-model-server: SIGHUP: keeping the tokens in use: {e}"),
-                    }
-                }
-            });
-        }
         match transport {
             Transport::Tls { cert, key } => {
                 // ring: one provider for the whole process (installing twice is harmless).

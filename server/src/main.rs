@@ -1,6 +1,8 @@
 //! `nvembed-model-server`: started by the extension's supervisor with the server-wide settings
 //! (`nvembed.model`, `.dtype`, `.device`, `.threads`, `.max_batch_tokens`, `.preload`) on a
-//! Unix socket, or run by itself on any host with an HTTP listener (`--http-listen`).
+//! Unix socket, or run by itself on any host with network listeners: the native protocol in
+//! TLS for PostgreSQL clusters (`--listen`, the extension's `nvembed.servers`) and HTTP for
+//! everything else (`--http-listen`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,9 +10,10 @@ use std::sync::Arc;
 
 use clap::Parser;
 use nvembed_protocol::{DEFAULT_BATCH_TOKENS, DEFAULT_MAX_REQUEST_TOKENS, MAX_LENGTH, SOCKET_NAME};
+use nvembed_server::connection::{serve, Access, Server};
 use nvembed_server::http::{serve_http, HttpSettings, Transport};
+use nvembed_server::native::serve_tls;
 use nvembed_server::tokens::Tokens;
-use nvembed_server::connection::{serve, Server};
 use nvembed_server::limits::{connections_the_descriptors_allow, Limits, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
 use nvembed_server::model::{ModelSettings, ModelSlot};
 use nvembed_server::scheduler::Scheduler;
@@ -20,33 +23,40 @@ use nvembed_server::stats::Stats;
 #[command(
     name = "nvembed-model-server",
     version,
-    about = "Serves NV-Embed-v2 embeddings to PostgreSQL (Unix socket) and over HTTP (OpenAI's /v1/embeddings)",
+    about = "Serves NV-Embed-v2 embeddings to PostgreSQL (a Unix socket, or TLS for remote clusters) and over HTTP (OpenAI's /v1/embeddings)",
     after_help = "Example, on a GPU host (the key and tokens files readable by this user only):\n  \
-        nvembed-model-server --model nvidia/NV-Embed-v2 --device cuda --http-listen 0.0.0.0:8443 \\\n    \
+        nvembed-model-server --model nvidia/NV-Embed-v2 --device cuda --listen 0.0.0.0:7443 --http-listen 0.0.0.0:8443 \\\n    \
         --tls-cert /etc/nvembed/server.crt --tls-key /etc/nvembed/server.key --tokens-file /etc/nvembed/tokens\n\
-        The tokens file holds lines `NAME TOKEN`; SIGHUP re-reads it."
+        The tokens file holds lines `NAME TOKEN`; SIGHUP re-reads it. Clusters name the server in nvembed.servers\n\
+        (host:7443), OpenAI clients use https://host:8443/v1."
 )]
 struct Args {
     /// Unix socket to create (a stale file there is replaced). Default: nvembed.sock in the
-    /// working directory, unless --http-listen is given.
+    /// working directory, unless --listen or --http-listen is given.
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Serve the native protocol in TLS on HOST:PORT, for PostgreSQL clusters whose
+    /// nvembed.servers name this server (needs --tls-cert and --tls-key). The model is loaded
+    /// before the listener opens, so a cluster sees the server once it can serve.
+    #[arg(long, value_name = "HOST:PORT", requires = "tls_cert")]
+    listen: Option<String>,
     /// Serve HTTP (POST /v1/embeddings, GET /health, GET /metrics) on HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     http_listen: Option<String>,
-    /// TLS certificate chain (PEM) of the HTTP listener.
+    /// TLS certificate chain (PEM, leaf first) of the network listeners.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM) of the HTTP listener.
+    /// TLS private key (PEM) of the network listeners.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Serve HTTP without TLS (tokens and texts travel in clear: only on a trusted network).
+    /// The native listener is always in TLS.
     #[arg(long, conflicts_with = "tls_cert")]
     allow_plaintext: bool,
-    /// Bearer tokens the HTTP listener accepts: lines `NAME TOKEN`; SIGHUP re-reads the file.
+    /// Bearer tokens the network listeners accept: lines `NAME TOKEN`; SIGHUP re-reads the file.
     #[arg(long)]
     tokens_file: Option<PathBuf>,
-    /// Accept HTTP requests without a token (only on a trusted network).
+    /// Accept network clients without a token (only on a trusted network).
     #[arg(long, conflicts_with = "tokens_file")]
     no_tokens: bool,
     /// The `model` name HTTP clients pass (default: --model).
@@ -55,7 +65,8 @@ struct Args {
     /// Truncation limit of HTTP requests, in tokens including <s>.
     #[arg(long, default_value_t = MAX_LENGTH)]
     max_length: usize,
-    /// The most tokens one HTTP request may submit (all its texts, after truncation).
+    /// The most tokens one network call may submit (all its texts, after truncation), whatever
+    /// a cluster's nvembed.max_request_tokens says.
     #[arg(long, default_value_t = DEFAULT_MAX_REQUEST_TOKENS)]
     max_request_tokens: usize,
     /// Model directory or Hugging Face hub id (`org/name` or `org/name@revision`).
@@ -88,8 +99,28 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// The tokens of the network listeners, when one is asked for.
+fn network_tokens(args: &Args) -> Result<Option<Arc<Tokens>>, String> {
+    match (&args.tokens_file, args.no_tokens) {
+        (Some(file), false) => Ok(Some(Arc::new(Tokens::load(file)?))),
+        (None, true) => {
+            eprintln!("nvembed-model-server: WARNING: network clients need no token (--no-tokens)");
+            Ok(None)
+        }
+        _ => Err("--listen and --http-listen need --tokens-file, or --no-tokens".into()),
+    }
+}
+
+fn bind(address: &str) -> Result<std::net::TcpListener, String> {
+    std::net::TcpListener::bind(address).map_err(|e| format!("cannot listen on {address}: {e}"))
+}
+
 /// The HTTP listener's socket, transport and settings, checked before anything starts.
-fn http_listener(args: &Args, address: &str) -> Result<(std::net::TcpListener, Transport, HttpSettings), String> {
+fn http_listener(
+    args: &Args,
+    address: &str,
+    tokens: Option<Arc<Tokens>>,
+) -> Result<(std::net::TcpListener, Transport, HttpSettings), String> {
     let transport = match (&args.tls_cert, &args.tls_key, args.allow_plaintext) {
         (Some(cert), Some(key), false) => Transport::Tls {
             cert: cert.clone(),
@@ -101,50 +132,69 @@ fn http_listener(args: &Args, address: &str) -> Result<(std::net::TcpListener, T
         }
         _ => return Err("--http-listen needs --tls-cert and --tls-key, or --allow-plaintext".into()),
     };
-    let tokens = match (&args.tokens_file, args.no_tokens) {
-        (Some(file), false) => Some(Arc::new(Tokens::load(file)?)),
-        (None, true) => {
-            eprintln!("nvembed-model-server: WARNING: HTTP requests on {address} need no token (--no-tokens)");
-            None
-        }
-        _ => return Err("--http-listen needs --tokens-file, or --no-tokens".into()),
-    };
-    let listener = std::net::TcpListener::bind(address).map_err(|e| format!("cannot listen on {address}: {e}"))?;
     let settings = HttpSettings {
-        served_model_name: args.served_model_name.clone().unwrap_or_else(|| args.model.clone()),
         max_length: args.max_length,
         max_request_tokens: args.max_request_tokens,
         tokens,
     };
-    Ok((listener, transport, settings))
+    Ok((bind(address)?, transport, settings))
+}
+
+/// The native listener's socket and TLS configuration.
+fn native_listener(
+    args: &Args,
+    address: &str,
+) -> Result<(std::net::TcpListener, Arc<rustls::ServerConfig>), String> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Err("--listen needs --tls-cert and --tls-key (the native protocol is always in TLS)".into());
+    };
+    let tls = nvembed_server::tls::server_config(cert, key, &[])?;
+    Ok((bind(address)?, tls))
 }
 
 fn main() -> ExitCode {
     nvembed_server::crash::abort_on_panic();
-    // SIGHUP re-reads the tokens file where there is one (the HTTP listener installs that
-    // handler); it never ends the server, whose calls would all be lost.
-    // SAFETY: setting a signal's disposition before any thread starts.
-    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     let args = Args::parse();
     if let Some(threads) = args.threads {
         if let Err(e) = nvembed_engine::set_compute_threads(threads) {
             return fail(e);
         }
     }
-    let http = match args.http_listen.as_deref().map(|address| http_listener(&args, address)) {
+    let networked = args.listen.is_some() || args.http_listen.is_some();
+    let tokens = match networked.then(|| network_tokens(&args)).transpose() {
+        Ok(tokens) => tokens.flatten(),
+        Err(e) => return fail(e),
+    };
+    // SIGHUP re-reads the tokens file where there is one; it never ends the server, whose
+    // calls would all be lost.
+    match &tokens {
+        Some(tokens) => {
+            if let Err(e) = nvembed_server::tokens::reload_on_sighup(tokens.clone()) {
+                return fail(format!("cannot handle SIGHUP: {e}"));
+            }
+        }
+        // SAFETY: setting a signal's disposition before any thread starts.
+        None => unsafe {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        },
+    }
+    let http = match args.http_listen.as_deref().map(|address| http_listener(&args, address, tokens.clone())) {
         Some(Ok(http)) => Some(http),
         Some(Err(e)) => return fail(e),
         None => None,
     };
-    let socket = args
-        .socket
-        .clone()
-        .or_else(|| http.is_none().then(|| PathBuf::from(SOCKET_NAME)));
+    let native = match args.listen.as_deref().map(|address| native_listener(&args, address)) {
+        Some(Ok(native)) => Some(native),
+        Some(Err(e)) => return fail(e),
+        None => None,
+    };
+    let socket = args.socket.clone().or_else(|| (!networked).then(|| PathBuf::from(SOCKET_NAME)));
     let allowed = connections_the_descriptors_allow();
     let max_connections = args.max_connections.unwrap_or(allowed).clamp(1, allowed);
     let stats = Arc::new(Stats::default());
     let server = Arc::new(Server::new(
         ModelSlot::new(ModelSettings {
+            served_model_name: args.served_model_name.clone().unwrap_or_else(|| args.model.clone()),
             model: args.model,
             dtype: args.dtype,
             device: args.device,
@@ -162,7 +212,13 @@ fn main() -> ExitCode {
     if let Err(e) = std::thread::Builder::new().name("scheduler".into()).spawn(move || scheduler.run()) {
         return fail(format!("cannot start the scheduler: {e}"));
     }
-    if args.preload {
+    if native.is_some() {
+        // Clusters spread calls over the servers they reach: one still loading is skipped
+        // rather than waited for, and one that cannot load is no server at all.
+        if let Err(e) = server.model.get(|| false) {
+            return fail(format!("cannot load the model: {e}"));
+        }
+    } else if args.preload {
         let server = server.clone();
         // A failed preload is logged; the first call then tries again and reports the error.
         std::thread::spawn(move || server.model.get(|| false));
@@ -176,6 +232,14 @@ fn main() -> ExitCode {
                 std::process::exit(1);
             }
         });
+    }
+    if let Some((listener, tls)) = native {
+        let server = server.clone();
+        let access = Access::Network {
+            tokens: tokens.clone(),
+            max_request_tokens: args.max_request_tokens,
+        };
+        std::thread::spawn(move || serve_tls(listener, tls, server, access));
     }
     let outcome = match http {
         Some((listener, transport, settings)) => serve_http(listener, transport, server, settings).map_err(|e| e.to_string()),

@@ -2,16 +2,19 @@
 //! `nvembed.dtype`, `nvembed.device`), loaded by the first call that needs it or at start. A
 //! failed load is reported to every call that waited for it; the next call tries again.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
-use nvembed_engine::{choose_dtype, Device, Embedder, Error, ModelSource};
+use nvembed_engine::{choose_dtype, dtype_name, Device, Embedder, Error, ModelSource};
+use nvembed_protocol::Served;
 
 /// What the server was started to serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelSettings {
     /// Directory or hub id (`org/name` or `org/name@revision`).
     pub model: String,
+    /// The name clients know the model by (HTTP's `model`, the handshake's `Served`).
+    pub served_model_name: String,
     pub dtype: String,
     pub device: String,
 }
@@ -26,6 +29,8 @@ pub struct ModelSlot {
     settings: ModelSettings,
     state: Mutex<(State, FailedLoads)>,
     changed: Condvar,
+    /// The loaded checkpoint's fingerprint (`ModelFiles::fingerprint`), set with the model.
+    revision: OnceLock<String>,
 }
 
 /// How many loads failed so far, and the last failure's message.
@@ -49,9 +54,10 @@ fn device(name: &str) -> nvembed_engine::Result<Device> {
     }
 }
 
-fn load(settings: &ModelSettings) -> nvembed_engine::Result<Embedder> {
+fn load(settings: &ModelSettings) -> nvembed_engine::Result<(Embedder, String)> {
     let files = ModelSource::parse(&settings.model)?.resolve()?;
-    Embedder::load(&files, choose_dtype(&settings.dtype, &files)?, &device(&settings.device)?)
+    let model = Embedder::load(&files, choose_dtype(&settings.dtype, &files)?, &device(&settings.device)?)?;
+    Ok((model, files.fingerprint()?))
 }
 
 impl ModelSlot {
@@ -60,7 +66,25 @@ impl ModelSlot {
             settings,
             state: Mutex::new((State::Empty, FailedLoads::default())),
             changed: Condvar::new(),
+            revision: OnceLock::new(),
         }
+    }
+
+    /// What this server serves, once the model is loaded.
+    pub fn served(&self) -> Option<Served> {
+        let model = self.loaded()?;
+        Some(Served {
+            model: self.settings.served_model_name.clone(),
+            revision: self.revision.get()?.clone(),
+            dtype: dtype_name(model.dtype()).to_string(),
+            device: self.settings.device.clone(),
+            dimension: model.embedding_dim(),
+        })
+    }
+
+    /// The loaded checkpoint's fingerprint.
+    pub fn revision(&self) -> Option<String> {
+        self.revision.get().cloned()
     }
 
     pub fn settings(&self) -> &ModelSettings {
@@ -101,12 +125,14 @@ impl ModelSlot {
                     let loaded = load(&self.settings);
                     let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
                     let result = match loaded {
-                        Ok(model) => {
+                        Ok((model, revision)) => {
+                            let _ = self.revision.set(revision);
                             // One line in the server log: which dtype `auto` chose and which
                             // kernels the CPU got (or that candle's matmul runs).
                             eprintln!(
-                                "nvembed-model-server: loaded {:?} in {:.1} s ({}, projections: {})",
+                                "nvembed-model-server: loaded {:?} ({}) in {:.1} s ({}, projections: {})",
                                 self.settings.model,
+                                self.revision.get().map_or("", String::as_str),
                                 model.load_seconds(),
                                 nvembed_engine::dtype_name(model.dtype()),
                                 model.matmul()

@@ -93,6 +93,20 @@ impl Tokens {
     }
 }
 
+/// Re-reads `tokens` on every SIGHUP, in a thread of its own.
+pub fn reload_on_sighup(tokens: std::sync::Arc<Tokens>) -> std::io::Result<()> {
+    let mut hangups = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+    std::thread::Builder::new().name("sighup".into()).spawn(move || {
+        for _ in hangups.forever() {
+            match tokens.reload() {
+                Ok(count) => eprintln!("nvembed-model-server: SIGHUP: {count} tokens read"),
+                Err(e) => eprintln!("nvembed-model-server: SIGHUP: keeping the tokens in use: {e}"),
+            }
+        }
+    })?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@ mod common;
 use common::{fixture, tiny_server};
 
 const TOKEN: &str = "3f9a1c77e2b04d5e8a61";
-const NAME: &str = "tiny";
+const NAME: &str = common::SERVED_NAME;
 
 struct Running {
     url: String,
@@ -51,11 +51,11 @@ fn start_with(max_request_tokens: usize, max_connections: usize) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let settings = HttpSettings {
-        served_model_name: NAME.into(),
         max_length: 512,
         max_request_tokens,
         tokens: Some(Arc::new(Tokens::load(&tokens_file).unwrap())),
     };
+    nvembed_server::tokens::reload_on_sighup(settings.tokens.clone().unwrap()).unwrap();
     std::thread::spawn(move || serve_http(listener, Transport::Tls { cert, key }, server, settings));
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut roots = rustls::RootCertStore::empty();
@@ -180,7 +180,7 @@ fn bad_requests_get_openai_errors_with_the_right_status_before_any_compute() {
         (Some("3f9a1c77e2b04d5e8a62"), ok.clone(), 401, "invalid_api_key", "missing or unknown bearer token"),
         (Some(TOKEN), "{\"input\": [\"a\"".into(), 400, "invalid_json", "malformed request"),
         (Some(TOKEN), json!({"input": [[1, 2, 3]], "model": NAME}).to_string(), 400, "invalid_json", "malformed request"),
-        (Some(TOKEN), json!({"input": ["a"], "model": "text-embedding-3-small"}).to_string(), 404, "model_not_found", "this server serves \"tiny\""),
+        (Some(TOKEN), json!({"input": ["a"], "model": "text-embedding-3-small"}).to_string(), 404, "model_not_found", "this server serves \"nvembed-tiny-a\""),
         (Some(TOKEN), json!({"input": ["a"], "model": NAME, "dimensions": 256}).to_string(), 400, "dimensions_not_supported", "not trained to be truncated"),
         (Some(TOKEN), json!({"input": ["a"], "model": NAME, "encoding_format": "hex"}).to_string(), 400, "invalid_encoding_format", "\"hex\""),
         (Some(TOKEN), json!({"input": ["a"], "model": NAME, "input_type": "document"}).to_string(), 400, "invalid_input_type", "\"document\""),
@@ -237,7 +237,7 @@ fn health_and_metrics_are_served_and_tokens_are_reread_on_sighup() {
     // A new token file, read on SIGHUP: the old token is refused, the new one accepted.
     let fresh = "9c0d5e1f2a3b4c5d6e7f";
     std::fs::write(&running.tokens_file, format!("rotated {fresh}\n")).unwrap();
-    // SAFETY: signalling this process, whose HTTP listener handles SIGHUP.
+    // SAFETY: signalling this process, whose tokens are re-read on SIGHUP.
     unsafe { libc::raise(libc::SIGHUP) };
     let started = Instant::now();
     while post(&running, Some(TOKEN), &json!({"input": "d", "model": NAME}).to_string()).0 != 401 {

@@ -9,6 +9,9 @@ use nvembed_server::model::{ModelSettings, ModelSlot};
 use nvembed_server::scheduler::Scheduler;
 use nvembed_server::stats::Stats;
 
+/// The model name the fixture's server announces.
+pub const SERVED_NAME: &str = "nvembed-tiny-a";
+
 pub fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/fixtures/nvembed-tiny-a")
 }
@@ -19,6 +22,7 @@ pub fn tiny_server(limits: Limits) -> Arc<Server> {
     let server = Arc::new(Server::new(
         ModelSlot::new(ModelSettings {
             model: fixture().to_string_lossy().into_owned(),
+            served_model_name: SERVED_NAME.into(),
             dtype: "f32".into(),
             device: "cpu".into(),
         }),
