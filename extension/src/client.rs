@@ -1,335 +1,82 @@
-//! Backend side of the IPC: one connection per call to the model server, waited on without ever
-//! blocking query cancel or statement_timeout. Leaving a call (an ERROR, a cancel, a LIMIT that
-//! stops reading rows) closes its connection, which is how the server learns to stop computing.
+//! The calls: one text as interactive work, many as bulk work, streamed back in input order.
+//! Each call goes to one server (`endpoints` chooses it); a call whose remote server dies
+//! before answering is sent again, for the texts not yet answered, to another server
+//! (embedding is idempotent, and the caller only ever sees each vector once). Leaving a call
+//! (an ERROR, a cancel, a LIMIT that stops reading rows) closes its connection, which is how the
+//! server learns to stop computing.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io::{ErrorKind as IoErrorKind, Read, Write};
+use std::io::{ErrorKind as IoErrorKind, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use nvembed_protocol::{
-    decode_frame, text_chunks, ClientMessage, EmbedHeader, ErrorKind, Identity, ServerMessage, Status, WorkClass,
-    BUILD_ID, MAX_INSTRUCTION_BYTES, MAX_TEXT_BYTES, SOCKET_NAME,
+    text_chunks, ClientMessage, EmbedHeader, ServerMessage, Status, WorkClass, BUILD_ID, MAX_INSTRUCTION_BYTES,
+    MAX_TEXT_BYTES, SOCKET_NAME,
 };
-use pgrx::pg_sys::panic::ErrorReport;
-use pgrx::{pg_sys, PgLogLevel, PgSqlErrorCode};
+use pgrx::PgSqlErrorCode;
 
+pub use crate::call_error::{Blame, CallError};
+use crate::call_error::{check_interrupts, CallResult};
+use crate::connection::{different_builds, protocol_violation, Connection, PRELOADED};
+use crate::endpoints::{self, Lease, Remote};
 use crate::gucs;
 
-/// Set in `_PG_init` when loaded through shared_preload_libraries (inherited by backends).
-pub static PRELOADED: AtomicBool = AtomicBool::new(false);
+/// Times one call is sent again after its remote server died under it.
+const MAX_RESENDS: usize = 1;
 
-/// How often a waiting backend wakes to check for cancel / statement_timeout.
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
-/// How long to wait for the model server's socket while the supervisor (re)starts it.
-const CONNECT_WAIT: Duration = Duration::from_secs(10);
-
-/// Raises an ERROR with a SQLSTATE and a hint.
-pub fn fail(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
-    ErrorReport::new(code, message, "nvembed")
-        .set_hint(hint)
-        .report(PgLogLevel::ERROR);
-    unreachable!("ERROR does not return")
-}
-
-/// Why a call failed: what the caller sees as an ERROR. The vectorizer workers handle it
-/// themselves instead, by whose fault it is.
-#[derive(Debug)]
-pub struct CallError {
-    pub code: PgSqlErrorCode,
-    pub message: String,
-    pub hint: &'static str,
-    pub blame: Blame,
-}
-
-/// Whose fault a failed call is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Blame {
-    /// The texts, or what was asked of them (instruction, length): retrying them as they are
-    /// cannot succeed.
-    Text,
-    /// The connection was lost during the call: the server exited, maybe because of a text.
-    Connection,
-    /// The model server or the configuration: no call can succeed until it is fixed.
-    Server,
-}
-
-impl CallError {
-    fn new(code: PgSqlErrorCode, message: String, hint: &'static str) -> Self {
-        Self::blaming(Blame::Server, code, message, hint)
-    }
-
-    fn blaming(blame: Blame, code: PgSqlErrorCode, message: String, hint: &'static str) -> Self {
-        Self {
-            code,
-            message,
-            hint,
-            blame,
-        }
-    }
-
-    pub fn raise(self) -> ! {
-        fail(self.code, self.message, self.hint)
-    }
-}
-
-type CallResult<T> = Result<T, CallError>;
-
-fn lost(e: std::io::Error) -> CallError {
-    CallError::blaming(
-        Blame::Connection,
-        PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-        format!("nvembed model server connection lost: {e}"),
-        "The model server exited (crash, out of memory or a settings change) and is being restarted: retry the call. \
-         See the server log.",
-    )
-}
-
-/// Checks for query cancel and statement_timeout (which raise), and for a background worker's
-/// shutdown request (a SIGTERM, which ends the call).
-fn check_interrupts() -> CallResult<()> {
-    pgrx::check_for_interrupts!();
-    // SAFETY: a flag set by the background worker's SIGTERM handler; never set in a backend.
-    if unsafe { std::ptr::addr_of!(pgrx::pg_sys::ShutdownRequestPending).read_volatile() } != 0 {
-        return Err(CallError::new(
-            PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN,
-            "nvembed: the call was stopped: shutting down".into(),
-            "",
-        ));
-    }
-    Ok(())
-}
-
-/// The socket operation timed out or was interrupted: check for cancel and go on waiting.
-fn still_waiting(e: &std::io::Error) -> bool {
-    matches!(e.kind(), IoErrorKind::WouldBlock | IoErrorKind::TimedOut | IoErrorKind::Interrupted)
-}
-
-/// A connection to the model server that passed the build handshake.
-struct Connection {
-    stream: UnixStream,
-    received: Vec<u8>,
-    start: usize,
-}
-
-impl Connection {
-    /// Connects, waiting up to CONNECT_WAIT while the supervisor (re)starts the server.
-    fn open() -> CallResult<Self> {
-        if !PRELOADED.load(Ordering::Relaxed) {
-            return Err(CallError::new(
-                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                "nvembed is not loaded through shared_preload_libraries".into(),
-                "Add shared_preload_libraries = 'nvembed' to postgresql.conf and restart PostgreSQL.",
-            ));
-        }
-        let started = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(SOCKET_NAME) {
-                Ok(stream) => break stream,
-                Err(_) if started.elapsed() < CONNECT_WAIT => {
-                    check_interrupts()?;
-                    std::thread::sleep(POLL_INTERVAL);
-                }
-                // This backend, not the server, is out of descriptors (each open cursor over a
-                // batch function holds one).
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                    return Err(CallError::new(
-                        PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES,
-                        format!("nvembed: this session cannot open another model server connection: {e}"),
-                        "Close cursors over nvembed_passages / nvembed_queries that are no longer read: each holds one \
-                         connection (and one open file of this session).",
-                    ))
-                }
-                // Not 57P03 ("the database system is starting up"): poolers and drivers take that
-                // to mean the whole database, and reconnect or wait.
-                Err(e) => {
-                    return Err(CallError::new(
-                        PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-                        format!("nvembed model server is not reachable: {e}"),
-                        "The nvembed background worker starts it; see the server log for why it is not running.",
-                    ))
-                }
-            }
-        };
-        stream.set_write_timeout(Some(POLL_INTERVAL)).map_err(lost)?;
-        stream.set_read_timeout(Some(POLL_INTERVAL)).map_err(lost)?;
-        let mut connection = Self {
-            stream,
-            received: Vec::new(),
-            start: 0,
-        };
-        connection.send(&ClientMessage::Hello { build: BUILD_ID.into() })?;
-        connection.send(&ClientMessage::Identify(Identity {
-            role: session_role(),
-            role_connections: gucs::max_calls_per_role(),
-        }))?;
-        match connection.receive()? {
-            ServerMessage::Hello { build } if build == BUILD_ID => {}
-            ServerMessage::Hello { build } => return Err(different_builds(&build)),
-            // A server at its connection limit says so in place of the handshake.
-            ServerMessage::Error { kind, message } => return Err(call_failed(kind, message)),
-            other => return Err(protocol_violation(&other)),
-        }
-        match connection.receive()? {
-            ServerMessage::Ready => Ok(connection),
-            ServerMessage::Error { kind, message } => Err(call_failed(kind, message)),
-            other => Err(protocol_violation(&other)),
-        }
-    }
-
-    fn send(&mut self, message: &ClientMessage) -> CallResult<()> {
-        let mut frame = Vec::new();
-        message.write(&mut frame).map_err(lost)?;
-        let mut sent = 0;
-        while sent < frame.len() {
-            match self.stream.write(&frame[sent..]) {
-                Ok(0) => return Err(lost(IoErrorKind::WriteZero.into())),
-                Ok(n) => sent += n,
-                Err(e) if still_waiting(&e) => check_interrupts()?,
-                Err(e) if matches!(e.kind(), IoErrorKind::BrokenPipe | IoErrorKind::ConnectionReset) => {
-                    // The server may have refused the call before reading all of it, and closed
-                    // the connection: its reason waits in the socket.
-                    return Err(match self.receive() {
-                        Ok(ServerMessage::Error { kind, message }) => call_failed(kind, message),
-                        _ => lost(e),
-                    });
-                }
-                Err(e) => return Err(lost(e)),
-            }
-        }
-        Ok(())
-    }
-
-    fn receive(&mut self) -> CallResult<ServerMessage> {
-        let mut chunk = vec![0u8; 256 << 10];
-        loop {
-            match decode_frame(&self.received[self.start..]) {
-                Ok(Some((frame, used))) => {
-                    self.start += used;
-                    if self.start == self.received.len() {
-                        self.received.clear();
-                        self.start = 0;
-                    }
-                    return ServerMessage::decode(frame).map_err(lost);
-                }
-                Ok(None) => {}
-                Err(e) => return Err(lost(e)),
-            }
-            if self.start > 0 {
-                self.received.drain(..self.start);
-                self.start = 0;
-            }
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return Err(lost(IoErrorKind::UnexpectedEof.into())),
-                Ok(n) => self.received.extend_from_slice(&chunk[..n]),
-                Err(e) if still_waiting(&e) => check_interrupts()?,
-                Err(e) => return Err(lost(e)),
-            }
-        }
-    }
-}
-
-fn different_builds(server_build: &str) -> CallError {
+fn refused(remote: &Remote, why: String) -> CallError {
     CallError::new(
-        PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-        format!("nvembed.so ({BUILD_ID}) and the model server ({server_build}) come from different builds"),
-        "Reinstall nvembed so that both come from one build (make install, or the package), then restart PostgreSQL.",
+        PgSqlErrorCode::ERRCODE_SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION,
+        format!("nvembed refuses model server {}: {why}", remote.address),
+        "Every server of nvembed.servers must serve nvembed.model in one revision and dtype (vectors of two models \
+         must never mix in a column): start that server with the same checkpoint and --dtype as the others, or \
+         remove it from nvembed.servers.",
     )
 }
 
-fn protocol_violation(message: &ServerMessage) -> CallError {
-    let what = match message {
-        ServerMessage::Hello { .. } => "a handshake",
-        ServerMessage::Status(_) => "a status",
-        ServerMessage::Ready => "an admission",
-        ServerMessage::Vectors { .. } => "vectors",
-        ServerMessage::Done => "the end of a call",
-        ServerMessage::Error { .. } => "an error",
-    };
-    CallError::new(
-        PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
-        format!("nvembed model server sent {what} out of turn"),
-        "See the server log.",
-    )
-}
-
-/// The server's error for a call, as the caller sees it.
-fn call_failed(kind: ErrorKind, message: String) -> CallError {
-    match kind {
-        ErrorKind::Load => CallError::new(
-            PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR,
-            format!("nvembed could not load model \"{}\": {message}", gucs::model()),
-            "Check nvembed.model (a checkpoint directory readable by the server's OS user, or a hub id) and nvembed.dtype \
-             in postgresql.conf, then reload.",
-        ),
-        ErrorKind::InvalidInput => CallError::blaming(
-            Blame::Text,
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("nvembed: {message}"),
-            "Shorten the instruction or raise nvembed.max_length.",
-        ),
-        ErrorKind::TooLarge => CallError::blaming(
-            Blame::Text,
-            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-            format!("nvembed: {message}"),
-            "Split the call into smaller batches, or raise nvembed.max_request_tokens in postgresql.conf.",
-        ),
-        ErrorKind::NonFinite => CallError::blaming(
-            Blame::Text,
-            PgSqlErrorCode::ERRCODE_FLOATING_POINT_EXCEPTION,
-            format!("nvembed: {message}"),
-            "A 16-bit dtype can overflow where f32 does not: try nvembed.dtype = 'f32'. See the server log.",
-        ),
-        ErrorKind::Internal => CallError::new(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            format!("nvembed model server error: {message}"),
-            "See the server log.",
-        ),
-        ErrorKind::Busy => CallError::new(
-            PgSqlErrorCode::ERRCODE_TOO_MANY_CONNECTIONS,
-            format!("nvembed: {message}"),
-            "Close cursors over nvembed_passages / nvembed_queries that are no longer read, or retry later. A superuser \
-             can give a role more with ALTER ROLE ... SET nvembed.max_calls_per_role.",
-        ),
+/// A connection to a server for a call of `bytes` text bytes, and its lease on that server's
+/// share of work: the local server, or the least busy remote one not in `tried` that can be
+/// reached, is admitted and serves the cluster's model. A server that cannot be used is
+/// recorded (down for a while, with its error) and the next one tried; when none is left,
+/// the last one's error.
+fn open(bytes: u64, tried: &mut Vec<String>) -> CallResult<(Connection, Option<Lease>)> {
+    let listed = endpoints::remotes();
+    if listed.is_empty() {
+        return Ok((Connection::open_local()?, None));
     }
-}
-
-thread_local! {
-    static SESSION_ROLE: RefCell<Option<(pg_sys::Oid, String)>> = const { RefCell::new(None) };
-}
-
-/// Makes this process's calls count as `client` for the server's per-role connection limit
-/// (a vectorizer worker is not the login role it connects as).
-pub fn call_as(client: String) {
-    // SAFETY: the session user is set once the worker has connected.
-    let oid = unsafe { pg_sys::GetSessionUserId() };
-    SESSION_ROLE.with(|r| *r.borrow_mut() = Some((oid, client)));
-}
-
-/// The session's login role, which the server's per-role connection limit counts. Read from the
-/// catalog inside a transaction and remembered (a superuser's SET SESSION AUTHORIZATION changes
-/// it): a vectorizer worker calls the model between transactions, where the catalog cannot be
-/// read, so it looks its role up once at start.
-pub fn session_role() -> String {
-    // SAFETY: the session user is set once the backend or worker has connected.
-    let oid = unsafe { pg_sys::GetSessionUserId() };
-    if let Some(name) = SESSION_ROLE.with(|r| r.borrow().as_ref().filter(|(o, _)| *o == oid).map(|(_, n)| n.clone())) {
-        return name;
+    let mut last_error = None;
+    while let Some((remote, lease)) = endpoints::choose(&listed, tried, bytes) {
+        tried.push(remote.address.clone());
+        let opened = Connection::open_remote(&remote).and_then(|(connection, served)| {
+            let served =
+                served.ok_or_else(|| refused(&remote, "it has not loaded its model yet".into()))?;
+            endpoints::check_served(&served).map_err(|why| refused(&remote, why))?;
+            Ok(connection)
+        });
+        match opened {
+            Ok(connection) => {
+                endpoints::succeeded(&remote.address);
+                return Ok((connection, Some(lease)));
+            }
+            Err(e) if e.code == PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN => return Err(e),
+            Err(e) => {
+                // A busy server is up: it is only skipped by this call.
+                let down = e.code != PgSqlErrorCode::ERRCODE_TOO_MANY_CONNECTIONS;
+                endpoints::failed(&remote.address, &e.message, down);
+                last_error = Some(e);
+            }
+        }
     }
-    // SAFETY: a syscache lookup, only inside a transaction.
-    if !unsafe { pg_sys::IsTransactionState() } {
-        return format!("role with OID {}", u32::from(oid));
-    }
-    // SAFETY: GetUserNameFromId returns a palloc'd copy of the existing role's name.
-    let name = unsafe {
-        std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(oid, false))
-            .to_string_lossy()
-            .into_owned()
-    };
-    SESSION_ROLE.with(|r| *r.borrow_mut() = Some((oid, name.clone())));
-    name
+    Err(last_error.unwrap_or_else(|| {
+        CallError::new(
+            PgSqlErrorCode::ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            "nvembed: no model server of nvembed.servers is left to try".into(),
+            "nvembed_status() shows every server's last error.",
+        )
+    }))
 }
 
 /// Checks what the backend can check before sending anything.
@@ -372,27 +119,70 @@ fn check_limits(instruction: &str, max_length: usize, texts: &[String]) -> CallR
 /// The vectors of one call, read from the server as the caller asks for them.
 pub struct VectorStream {
     connection: Connection,
+    /// The server's share of work this call holds (remote servers only).
+    lease: Option<Lease>,
+    class: WorkClass,
+    instruction: String,
+    max_length: usize,
+    /// The call's texts, kept to send again if a remote server dies (None: the local server,
+    /// which its supervisor restarts; the caller retries).
+    texts: Option<Vec<String>>,
+    /// Remote servers this call has tried.
+    tried: Vec<String>,
+    resends: usize,
     expected: usize,
     delivered: usize,
     ready: VecDeque<Vec<f32>>,
 }
 
+fn text_bytes(texts: &[String]) -> u64 {
+    texts.iter().map(|t| t.len() as u64).sum()
+}
+
+/// Sends one call on `connection`.
+fn send_call(connection: &mut Connection, class: WorkClass, instruction: &str, max_length: usize, texts: &[String]) -> CallResult<()> {
+    connection.send(&ClientMessage::Embed(EmbedHeader {
+        class,
+        instruction: instruction.to_string(),
+        max_length,
+        max_request_tokens: gucs::max_request_tokens(),
+        count: texts.len(),
+    }))?;
+    for chunk in text_chunks(texts) {
+        connection.send(&ClientMessage::Texts(chunk.to_vec()))?;
+    }
+    Ok(())
+}
+
+/// Whether a call that failed with `error` may go to another server.
+fn may_resend(error: &CallError, texts: &Option<Vec<String>>, resends: usize) -> bool {
+    error.blame == Blame::Connection && texts.is_some() && resends < MAX_RESENDS
+}
+
 impl VectorStream {
     fn start(class: WorkClass, instruction: &str, max_length: usize, texts: &[String]) -> CallResult<Self> {
         check_limits(instruction, max_length, texts)?;
-        let mut connection = Connection::open()?;
-        connection.send(&ClientMessage::Embed(EmbedHeader {
-            class,
-            instruction: instruction.to_string(),
-            max_length,
-            max_request_tokens: gucs::max_request_tokens(),
-            count: texts.len(),
-        }))?;
-        for chunk in text_chunks(texts) {
-            connection.send(&ClientMessage::Texts(chunk.to_vec()))?;
+        let mut tried = Vec::new();
+        let (mut connection, mut lease) = open(text_bytes(texts), &mut tried)?;
+        let kept = connection.server.is_some().then(|| texts.to_vec());
+        let mut resends = 0;
+        while let Err(e) = send_call(&mut connection, class, instruction, max_length, texts) {
+            if !may_resend(&e, &kept, resends) {
+                return Err(e);
+            }
+            endpoints::failed(connection.server.as_deref().unwrap_or_default(), &e.message, true);
+            resends += 1;
+            (connection, lease) = open(text_bytes(texts), &mut tried)?;
         }
         Ok(Self {
             connection,
+            lease,
+            class,
+            instruction: instruction.to_string(),
+            max_length,
+            texts: kept,
+            tried,
+            resends,
             expected: texts.len(),
             delivered: 0,
             ready: VecDeque::new(),
@@ -400,33 +190,68 @@ impl VectorStream {
     }
 
     fn wrong_count(&self, got: usize) -> CallError {
-        CallError::new(
+        self.connection.named(CallError::new(
             PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
             format!("nvembed model server returned {got} vectors for {} texts", self.expected),
             "See the server log.",
-        )
+        ))
     }
 
-    fn try_next(&mut self) -> CallResult<Option<Vec<f32>>> {
+    /// Sends the texts not yet answered to another server, after `error` lost this one.
+    fn resend(&mut self, error: CallError) -> CallResult<()> {
+        endpoints::failed(self.connection.server.as_deref().unwrap_or_default(), &error.message, true);
+        self.resends += 1;
+        let from = self.delivered + self.ready.len();
+        let rest = &self.texts.as_ref().expect("kept for a remote server")[from..];
+        self.lease = None;
+        let (mut connection, lease) = open(text_bytes(rest), &mut self.tried)?;
+        send_call(&mut connection, self.class, &self.instruction, self.max_length, rest)?;
+        self.connection = connection;
+        self.lease = lease;
+        Ok(())
+    }
+
+    /// The next vector; with `wait` false, gives up after one read (Ok(Err(()))).
+    fn step(&mut self, wait: bool) -> CallResult<Result<Option<Vec<f32>>, ()>> {
         loop {
             if let Some(vector) = self.ready.pop_front() {
                 self.delivered += 1;
-                return Ok(Some(vector));
+                return Ok(Ok(Some(vector)));
             }
-            match self.connection.receive()? {
+            let message = match self.connection.try_receive() {
+                Ok(Some(message)) => message,
+                Ok(None) if wait => {
+                    check_interrupts()?;
+                    continue;
+                }
+                Ok(None) => return Ok(Err(())),
+                Err(e) if may_resend(&e, &self.texts, self.resends) => {
+                    self.resend(e)?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match message {
                 ServerMessage::Vectors { dimension, values } => {
-                    let got = self.delivered + values.len() / dimension;
+                    let got = self.delivered + self.ready.len() + values.len() / dimension;
                     if got > self.expected {
                         return Err(self.wrong_count(got));
                     }
                     self.ready.extend(values.chunks_exact(dimension).map(<[f32]>::to_vec));
                 }
-                ServerMessage::Done if self.delivered == self.expected => return Ok(None),
+                ServerMessage::Done if self.delivered == self.expected => {
+                    self.lease = None;
+                    return Ok(Ok(None));
+                }
                 ServerMessage::Done => return Err(self.wrong_count(self.delivered)),
-                ServerMessage::Error { kind, message } => return Err(call_failed(kind, message)),
-                other => return Err(protocol_violation(&other)),
+                ServerMessage::Error { kind, message } => return Err(self.connection.failed(kind, message)),
+                other => return Err(self.connection.named(protocol_violation(&other))),
             }
         }
+    }
+
+    fn try_next(&mut self) -> CallResult<Option<Vec<f32>>> {
+        Ok(self.step(true)?.expect("a waiting step returns"))
     }
 }
 
@@ -442,6 +267,64 @@ impl Iterator for VectorStream {
 /// Many texts as bulk work, streamed back in input order.
 pub fn embed_many(instruction: &str, texts: &[String]) -> VectorStream {
     VectorStream::start(WorkClass::Bulk, instruction, gucs::max_length(), texts).unwrap_or_else(|e| e.raise())
+}
+
+/// One bulk call of a batch of calls.
+pub struct BatchCall<'a> {
+    pub instruction: &'a str,
+    pub max_length: usize,
+    pub texts: &'a [String],
+}
+
+/// Runs `calls` at once, each on its own server where there are enough (the least busy ones
+/// first), and returns each call's vectors or failure. A vectorizer worker keeps every server
+/// busy this way.
+pub fn try_embed_batches(calls: &[BatchCall]) -> Vec<CallResult<Vec<Vec<f32>>>> {
+    let mut running: Vec<Option<(VectorStream, Vec<Vec<f32>>)>> = Vec::with_capacity(calls.len());
+    let mut results: Vec<Option<CallResult<Vec<Vec<f32>>>>> = Vec::with_capacity(calls.len());
+    for call in calls {
+        if call.texts.is_empty() {
+            running.push(None);
+            results.push(Some(Ok(Vec::new())));
+            continue;
+        }
+        match VectorStream::start(WorkClass::Bulk, call.instruction, call.max_length, call.texts) {
+            Ok(stream) => {
+                running.push(Some((stream, Vec::with_capacity(call.texts.len()))));
+                results.push(None);
+            }
+            Err(e) => {
+                running.push(None);
+                results.push(Some(Err(e)));
+            }
+        }
+    }
+    while running.iter().any(Option::is_some) {
+        for (slot, result) in running.iter_mut().zip(results.iter_mut()) {
+            let Some((stream, vectors)) = slot.as_mut() else { continue };
+            // Everything that arrived, then the next call.
+            loop {
+                match stream.step(false) {
+                    Ok(Ok(Some(vector))) => vectors.push(vector),
+                    Ok(Ok(None)) => {
+                        *result = slot.take().map(|(_, vectors)| Ok(vectors));
+                        break;
+                    }
+                    Ok(Err(())) => break,
+                    Err(e) => {
+                        *slot = None;
+                        *result = Some(Err(e));
+                        break;
+                    }
+                }
+            }
+        }
+        // A shutdown ends the calls still running.
+        if let Err(e) = check_interrupts() {
+            return results.into_iter().map(|r| r.unwrap_or_else(|| Err(e.clone()))).collect();
+        }
+    }
+    results.into_iter().map(|r| r.expect("every call finished")).collect()
 }
 
 /// Many texts as bulk work, all vectors at once; failures are returned, not raised.
@@ -469,6 +352,8 @@ const CACHE_TEXT_BYTES: usize = 16 * 1024;
 
 #[derive(PartialEq, Eq, Hash)]
 struct CallKey {
+    /// `nvembed.servers`: remote servers serve the pinned model, which `model` names.
+    servers: String,
     model: String,
     dtype: String,
     device: String,
@@ -487,6 +372,7 @@ pub fn embed_one(instruction: &str, text: String) -> Vec<f32> {
     let max_length = gucs::max_length();
     let settings = gucs::server_settings();
     let key = CallKey {
+        servers: gucs::servers(),
         model: settings.model,
         dtype: settings.dtype,
         device: settings.device,
@@ -534,7 +420,7 @@ pub fn query_status(timeout: Duration) -> std::io::Result<(String, Status)> {
     }
 }
 
-/// The model server's status, or None when it is not running (or is being restarted).
+/// The local model server's status, or None when it is not running (or is being restarted).
 pub fn status() -> Option<Status> {
     if !PRELOADED.load(Ordering::Relaxed) {
         return None;
@@ -543,5 +429,16 @@ pub fn status() -> Option<Status> {
         Ok((build, status)) if build == BUILD_ID => Some(status),
         Ok((build, _)) => different_builds(&build).raise(),
         Err(_) => None,
+    }
+}
+
+/// A remote server's status (asked with this cluster's token, whatever model it serves).
+pub fn remote_status(remote: &Remote) -> CallResult<Status> {
+    let (mut connection, _) = Connection::open_remote(remote)?;
+    connection.send(&ClientMessage::Status)?;
+    match connection.receive()? {
+        ServerMessage::Status(status) => Ok(status),
+        ServerMessage::Error { kind, message } => Err(connection.failed(kind, message)),
+        other => Err(connection.named(protocol_violation(&other))),
     }
 }

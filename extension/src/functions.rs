@@ -7,14 +7,14 @@
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
-use nvembed_protocol::{TASK_INSTRUCTION_PREFIX, TASK_INSTRUCTION_SUFFIX};
+use nvembed_protocol::{Status, TASK_INSTRUCTION_PREFIX, TASK_INSTRUCTION_SUFFIX};
 
-use crate::client;
+use crate::{client, endpoints};
 
 fn utf8(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(text) => text.to_string(),
-        Err(e) => client::fail(
+        Err(e) => crate::call_error::fail(
             PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
             format!("nvembed: text is not valid UTF-8: {e}"),
             "Call nvembed_query / nvembed_passage: they convert text from the database encoding.",
@@ -79,14 +79,22 @@ fn nvembed_transaction_control_allowed() -> bool {
 }
 
 /// The loaded model's vector dimension; NULL while no model is loaded (for validating a column
-/// before the first embedding).
+/// before the first embedding). With remote servers, the first one's that answers.
 #[pg_extern(volatile)]
 fn nvembed_model_dimension() -> Option<i32> {
-    client::status().and_then(|s| s.dimension).map(|d| d as i32)
+    let remotes = endpoints::remotes();
+    if remotes.is_empty() {
+        return client::status().and_then(|s| s.dimension).map(|d| d as i32);
+    }
+    remotes
+        .iter()
+        .find_map(|r| client::remote_status(r).ok().and_then(|s| s.dimension))
+        .map(|d| d as i32)
 }
 
 /// One row of `nvembed_status()`: server_running, loaded, model, dtype, device, dimension,
-/// load_seconds, requests, tokens, waiting, active_rows, cancelled_rows, restarts, pid.
+/// load_seconds, requests, tokens, waiting, active_rows, cancelled_rows, restarts, pid, server,
+/// revision, last_error.
 type StatusRow = (
     bool,
     bool,
@@ -102,10 +110,14 @@ type StatusRow = (
     i64,
     i64,
     Option<i32>,
+    String,
+    Option<String>,
+    Option<String>,
 );
 
-fn status_row() -> StatusRow {
-    match client::status() {
+/// What `server` answered (None: it did not).
+fn status_row(server: String, status: Option<Status>, last_error: Option<String>) -> StatusRow {
+    match status {
         Some(s) => (
             true,
             s.loaded,
@@ -121,12 +133,35 @@ fn status_row() -> StatusRow {
             s.cancelled_rows as i64,
             s.restarts as i64,
             Some(s.pid as i32),
+            server,
+            s.revision,
+            last_error,
         ),
-        None => (false, false, None, None, None, None, None, 0, 0, 0, 0, 0, 0, None),
+        None => (false, false, None, None, None, None, None, 0, 0, 0, 0, 0, 0, None, server, None, last_error),
     }
 }
 
-/// What the model server is doing, for monitoring. Not granted to PUBLIC (it shows paths and
+/// The local server's row (`server` is 'local'), or one row per server of `nvembed.servers`,
+/// each asked now; `last_error` is why it could not be asked, or the last error any session
+/// of this cluster met with it.
+fn status_rows() -> Vec<StatusRow> {
+    let remotes = endpoints::remotes();
+    if remotes.is_empty() {
+        return vec![status_row("local".into(), client::status(), None)];
+    }
+    remotes
+        .iter()
+        .map(|remote| match client::remote_status(remote) {
+            Ok(status) => status_row(remote.address.clone(), Some(status), endpoints::last_error(&remote.address)),
+            Err(e) => {
+                endpoints::failed(&remote.address, &e.message, true);
+                status_row(remote.address.clone(), None, Some(e.message))
+            }
+        })
+        .collect()
+}
+
+/// What the model servers are doing, for monitoring. Not granted to PUBLIC (it shows paths and
 /// process ids): `sql/status.sql` grants it to pg_monitor.
 #[pg_extern(name = "nvembed_status")]
 #[allow(clippy::type_complexity)]
@@ -147,9 +182,12 @@ fn nvembed_server_status() -> TableIterator<
         name!(cancelled_rows, i64),
         name!(restarts, i64),
         name!(pid, Option<i32>),
+        name!(server, String),
+        name!(revision, Option<String>),
+        name!(last_error, Option<String>),
     ),
 > {
-    TableIterator::once(status_row())
+    TableIterator::new(status_rows())
 }
 
 /// nvembed 0.1.0's `nvembed_status()`, without active_rows and cancelled_rows: the C symbol
@@ -189,7 +227,10 @@ fn nvembed_status() -> TableIterator<
         _,
         restarts,
         pid,
-    ) = status_row();
+        _,
+        _,
+        _,
+    ) = status_rows().swap_remove(0);
     TableIterator::once((
         running,
         loaded,

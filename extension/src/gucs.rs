@@ -31,6 +31,9 @@ pub static MAX_LENGTH_SETTING: GucSetting<i32> = GucSetting::<i32>::new(MAX_LENG
 pub static VECTORIZER_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static VECTORIZER_BATCH_ROWS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_VECTORIZER_BATCH_ROWS);
 pub static VECTORIZER_MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_VECTORIZER_MAX_ATTEMPTS);
+pub static SERVERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static SERVER_TOKEN_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static SERVER_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static QUERY_INSTRUCTION: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(QUERY_INSTRUCTION_C));
 
@@ -72,6 +75,29 @@ unsafe extern "C-unwind" fn check_device(
     unsafe { check_name(newval, &DEVICE_NAMES) }
 }
 
+unsafe extern "C-unwind" fn check_servers(
+    newval: *mut *mut std::ffi::c_char,
+    _: *mut *mut std::ffi::c_void,
+    _: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: the GUC machinery passes a valid pointer to a NUL-terminated string or NULL.
+    let value = unsafe {
+        (*newval)
+            .as_ref()
+            .map(|p| CStr::from_ptr(p).to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    match crate::endpoints::parse_servers(&value) {
+        Ok(_) => true,
+        Err(e) => {
+            let detail = CString::new(e).unwrap_or_default();
+            // SAFETY: GUC_check_errdetail_string takes a palloc'd string, as GUC_check_errdetail does.
+            unsafe { pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr()) };
+            false
+        }
+    }
+}
+
 pub fn register() {
     const RESTARTS: &CStr = c"Set in postgresql.conf; a reload restarts the model server, which loads the model again.";
     GucRegistry::define_string_guc(
@@ -107,6 +133,36 @@ pub fn register() {
             None,
         );
     }
+    // SAFETY: the hook is valid for the life of the process.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"nvembed.servers",
+            c"Remote model servers (host:port, comma-separated) that embed for this cluster; empty: its own local server.",
+            c"Each server runs nvembed-model-server --listen in TLS. Calls are spread over them by outstanding work and fail over; with servers set no local model server starts.",
+            &SERVERS,
+            GucContext::Sighup,
+            GucFlags::empty(),
+            Some(check_servers),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_string_guc(
+        c"nvembed.server_token_file",
+        c"File holding the bearer token this cluster presents to nvembed.servers.",
+        c"Readable by the cluster's OS user only; read again on each new connection.",
+        &SERVER_TOKEN_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"nvembed.server_ca_file",
+        c"Certificates (PEM) trusted to sign nvembed.servers' certificates; empty: the system's trust store.",
+        c"Each server's certificate must be signed by one of them and name the host as written in nvembed.servers.",
+        &SERVER_CA_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
     GucRegistry::define_bool_guc(
         c"nvembed.preload",
         c"Load the model when the model server starts instead of on the first call.",
@@ -240,6 +296,21 @@ pub fn server_settings() -> ServerSettings {
         threads: THREADS.get(),
         batch_tokens: MAX_BATCH_TOKENS.get(),
     }
+}
+
+/// `nvembed.servers` as written (the check hook accepted it).
+pub fn servers() -> String {
+    string(&SERVERS)
+}
+
+/// Where this cluster's token for remote servers is; None when unset.
+pub fn server_token_file() -> Option<String> {
+    Some(string(&SERVER_TOKEN_FILE)).filter(|f| !f.is_empty())
+}
+
+/// The CA certificates remote servers are checked against; None: the system's trust store.
+pub fn server_ca_file() -> Option<String> {
+    Some(string(&SERVER_CA_FILE)).filter(|f| !f.is_empty())
 }
 
 /// The model this session's backend last read from the configuration (to key its cache).

@@ -2,13 +2,19 @@
 //!
 //! Postgres glue only: GUCs, the SQL surface, the supervisor and vectorizer workers and the IPC
 //! client. The model itself runs in the `nvembed-model-server` process (the `nvembed-engine`
-//! crate).
+//! crate), on this host or on the remote servers of `nvembed.servers`.
 
 use pgrx::prelude::*;
 
+use endpoints::SERVERS;
+
+mod call_error;
 mod client;
+mod connection;
+mod endpoints;
 mod functions;
 mod gucs;
+mod transport;
 mod vectorizer;
 mod worker;
 
@@ -37,7 +43,8 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::register();
     // SAFETY: reading a flag the postmaster sets while it loads preload libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        client::PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
+        connection::PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
+        pgrx::pg_shmem_init!(SERVERS);
         worker::register();
     }
 }

@@ -19,7 +19,8 @@ use pgrx::bgworkers::{
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 
-use crate::client::{self, Blame, CallError};
+use crate::client::{self, BatchCall, Blame, CallError};
+use crate::endpoints;
 
 /// How long an idle worker waits before looking at the queues again.
 const IDLE_POLL: Duration = Duration::from_millis(200);
@@ -352,35 +353,53 @@ fn claim(schema: &str) -> Option<Batch> {
     })
 }
 
-/// Embeds the batch's texts, one result per text that is not NULL. A failure that is the texts'
-/// own, or a lost connection (a text may crash the model server), is narrowed down text by text;
-/// one that is the model server's (unreachable, model not loadable) is returned.
-fn embed(batch: &Batch) -> Result<Vec<Embedded>, CallError> {
+/// The batch's texts that are not NULL.
+fn texts_of(batch: &Batch) -> Vec<String> {
     // convert_to(..., 'UTF8') made them, so this never replaces anything.
-    let texts: Vec<String> = batch
+    batch
         .texts
         .iter()
         .flatten()
         .map(|t| String::from_utf8_lossy(t).into_owned())
+        .collect()
+}
+
+/// Embeds the batches at once (each on its own server where there are several), one result
+/// per text that is not NULL. A failure that is the texts' own, or a lost connection (a text
+/// may crash the model server), is narrowed down text by text; one that is the model server's
+/// (unreachable, model not loadable) is returned.
+fn embed(batches: &[Batch]) -> Vec<Result<Vec<Embedded>, CallError>> {
+    let texts: Vec<Vec<String>> = batches.iter().map(texts_of).collect();
+    let calls: Vec<BatchCall> = batches
+        .iter()
+        .zip(&texts)
+        .map(|(batch, texts)| BatchCall {
+            instruction: &batch.instruction,
+            max_length: batch.max_length,
+            texts,
+        })
         .collect();
-    if texts.is_empty() {
-        return Ok(Vec::new());
-    }
-    match client::try_embed_batch(&batch.instruction, batch.max_length, &texts) {
-        Ok(vectors) => Ok(vectors.into_iter().map(Embedded::Vector).collect()),
-        Err(e) if e.blame == Blame::Server => Err(e),
-        Err(_) => {
-            let mut results = Vec::with_capacity(texts.len());
-            for text in texts {
-                match client::try_embed_batch(&batch.instruction, batch.max_length, std::slice::from_ref(&text)) {
-                    Ok(mut vectors) => results.push(Embedded::Vector(vectors.remove(0))),
-                    Err(e) if e.blame == Blame::Server => return Err(e),
-                    Err(e) => results.push(Embedded::Failed(e.message)),
+    let outcomes = client::try_embed_batches(&calls);
+    outcomes
+        .into_iter()
+        .zip(texts)
+        .zip(batches)
+        .map(|((outcome, texts), batch)| match outcome {
+            Ok(vectors) => Ok(vectors.into_iter().map(Embedded::Vector).collect()),
+            Err(e) if e.blame == Blame::Server => Err(e),
+            Err(_) => {
+                let mut results = Vec::with_capacity(texts.len());
+                for text in texts {
+                    match client::try_embed_batch(&batch.instruction, batch.max_length, std::slice::from_ref(&text)) {
+                        Ok(mut vectors) => results.push(Embedded::Vector(vectors.remove(0))),
+                        Err(e) if e.blame == Blame::Server => return Err(e),
+                        Err(e) => results.push(Embedded::Failed(e.message)),
+                    }
                 }
+                Ok(results)
             }
-            Ok(results)
-        }
-    }
+        })
+        .collect()
 }
 
 /// Writes what was embedded as the owner and settles the batch's entries (one transaction).
@@ -474,7 +493,7 @@ pub extern "C-unwind" fn nvembed_vectorizer_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     // Its calls count apart from the applications that log in as the role it connects as: it
     // holds one connection at a time, and a role at its limit must not stall it.
-    client::call_as(format!("nvembed vectorizer worker of database \"{database}\""));
+    crate::connection::call_as(format!("nvembed vectorizer worker of database \"{database}\""));
     log!("nvembed: vectorizer worker started in database \"{database}\"");
     let mut missing_logged = false;
     let mut released = false;
@@ -515,24 +534,43 @@ pub extern "C-unwind" fn nvembed_vectorizer_main(_arg: pg_sys::Datum) {
             release_own_claims(&schema);
             released = true;
         }
-        let Some(batch) = claim(&schema) else {
+        // One batch per server it can reach, embedded at once: N servers drain the queue
+        // about N times as fast as one.
+        let mut batches = Vec::new();
+        while batches.len() < endpoints::usable() {
+            match claim(&schema) {
+                Some(batch) => batches.push(batch),
+                None => break,
+            }
+        }
+        if batches.is_empty() {
             wait = IDLE_POLL;
             continue;
-        };
-        match embed(&batch) {
-            Ok(results) => {
-                complete(&schema, &batch, results);
+        }
+        let mut failure = None;
+        for (batch, outcome) in batches.iter().zip(embed(&batches)) {
+            match outcome {
+                Ok(results) => complete(&schema, batch, results),
+                // its claims are released by the next claim
+                Err(_) if shutting_down() => {}
+                Err(error) => {
+                    release(&schema, batch, &error);
+                    failure = Some(error);
+                }
+            }
+        }
+        if shutting_down() {
+            break;
+        }
+        match failure {
+            None => {
                 if failing.take().is_some() {
                     log!("nvembed: the vectorizer worker of database \"{database}\" embeds again");
                 }
                 backoff = FIRST_BACKOFF;
                 wait = Duration::ZERO;
             }
-            Err(error) => {
-                if shutting_down() {
-                    break; // its claims are released by the next claim
-                }
-                release(&schema, &batch, &error);
+            Some(error) => {
                 if failing.as_ref() != Some(&error.message) {
                     warning!(
                         "nvembed: the vectorizer worker of database \"{database}\" cannot embed: {}; retrying with backoff",

@@ -5,7 +5,8 @@
 //! restart every session). The supervisor starts it with the server-wide settings, restarts it
 //! when it exits (with exponential backoff, so a server that cannot start does not spin), when
 //! a reload changes its settings, and when it stops answering (a liveness check): a wedged
-//! server is killed and started again. Each change of state is logged once. It also keeps the
+//! server is killed and started again. Each change of state is logged once. With
+//! nvembed.servers set, the cluster uses remote servers and none runs here. It also keeps the
 //! vectorizer workers of nvembed.vectorizer_databases running (`vectorizer.rs`).
 
 use std::ffi::CStr;
@@ -219,18 +220,38 @@ pub extern "C-unwind" fn nvembed_worker_main(_arg: pg_sys::Datum) {
     };
     let mut vectorizers = crate::vectorizer::Workers::default();
     vectorizers.configure(&crate::gucs::vectorizer_databases());
+    // With nvembed.servers set, the cluster's calls go there: no model here.
+    let mut local = crate::endpoints::remotes().is_empty();
+    if !local {
+        log!("nvembed: no local model server: calls go to nvembed.servers ({})", crate::gucs::servers());
+    }
     while BackgroundWorker::wait_latch(Some(POLL_INTERVAL)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: re-reading postgresql.conf is what a worker does on SIGHUP.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             vectorizers.configure(&crate::gucs::vectorizer_databases());
+            let now_local = crate::endpoints::remotes().is_empty();
+            if now_local != local {
+                local = now_local;
+                if local {
+                    log!("nvembed: nvembed.servers is empty now: starting the local model server");
+                    server.backoff = FIRST_BACKOFF;
+                    server.next_start = Instant::now();
+                } else {
+                    log!("nvembed: calls go to nvembed.servers ({}) now: stopping the local model server", crate::gucs::servers());
+                    stop(&mut server.child);
+                    let _ = std::fs::remove_file(SOCKET_NAME);
+                }
+            }
             let changed = crate::gucs::server_settings();
             if changed != settings {
                 settings = changed;
-                log!("nvembed: model server settings changed; restarting it with model {}", settings.model);
-                stop(&mut server.child);
-                server.backoff = FIRST_BACKOFF;
-                server.next_start = Instant::now();
+                if local {
+                    log!("nvembed: model server settings changed; restarting it with model {}", settings.model);
+                    stop(&mut server.child);
+                    server.backoff = FIRST_BACKOFF;
+                    server.next_start = Instant::now();
+                }
             }
         }
         if let Some(c) = server.child.as_mut() {
@@ -240,7 +261,7 @@ pub extern "C-unwind" fn nvembed_worker_main(_arg: pg_sys::Datum) {
                 Err(e) => warning!("nvembed: cannot check the model server: {e}"),
             }
         }
-        if server.child.is_none() && Instant::now() >= server.next_start {
+        if local && server.child.is_none() && Instant::now() >= server.next_start {
             server.start(&settings);
         }
         vectorizers.tick();

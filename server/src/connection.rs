@@ -265,7 +265,10 @@ pub fn serve_client<P: Peer>(mut stream: P, server: &Server, mut opened: Opened,
             handshake_deadline
         };
         let served = match read_message(&mut stream, server, false, deadline) {
-            Some((ClientMessage::Status, _)) => ServerMessage::Status(server.status()).write(&mut stream).is_ok(),
+            // On the network, only an admitted client may read the status (paths, process ids).
+            Some((ClientMessage::Status, _)) if matches!(access, Access::Local) || opened.is_admitted() => {
+                ServerMessage::Status(server.status()).write(&mut stream).is_ok()
+            }
             Some((ClientMessage::Identify(identity), _)) => match client_name(&identity, access, peer)
                 .and_then(|client| opened.admit(&client, identity.role_connections, &server.limits))
             {

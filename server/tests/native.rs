@@ -188,6 +188,17 @@ fn a_wrong_or_missing_token_is_refused_before_any_call() {
         );
     }
     assert_eq!(Stats::get(&running.server.stats.requests), requests);
+    // Nor is the status told to a client that did not identify itself.
+    let mut remote = tls(&running);
+    send(&mut remote, ClientMessage::Hello { build: BUILD_ID.into() });
+    assert_eq!(receive(&mut remote), ServerMessage::Hello { build: BUILD_ID.into() });
+    send(&mut remote, ClientMessage::Status);
+    let mut byte = [0u8; 1];
+    assert!(matches!(remote.read(&mut byte), Ok(0) | Err(_)));
+    let mut remote = tls(&running);
+    assert!(matches!(identify(&mut remote, Some(TOKEN)), ServerMessage::Ready { .. }));
+    send(&mut remote, ClientMessage::Status);
+    assert!(matches!(receive(&mut remote), ServerMessage::Status(s) if s.loaded && s.revision.is_some()));
 }
 
 #[test]
