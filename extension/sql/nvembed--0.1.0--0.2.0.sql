@@ -1,7 +1,7 @@
 -- nvembed 0.1.0 -> 0.2.0, run by ALTER EXTENSION nvembed UPDATE.
 -- 0.2.0 adds the vectorizers (tables, views, event triggers, workers' functions),
 -- nvembed_model_dimension(), nvembed_transaction_control_allowed(), nvembed_backfill_embed() and
--- nvembed_backfill_batch(); it changes nvembed_status()'s columns,
+-- nvembed_backfill_batch(); it changes nvembed_status()'s columns (one row per model server),
 -- nvembed_task_instruction() (now C, sharing the Rust constants), the trigger's rules and the
 -- backfill, and makes the set-returning functions non-STRICT (so PostgreSQL inlines them in FROM
 -- and a LIMIT or a cursor stops their compute). Functions 0.1.0 already had keep their OIDs (CREATE OR REPLACE), so users' views and
@@ -32,11 +32,15 @@ CREATE FUNCTION "nvembed_status"() RETURNS TABLE (
 	"load_seconds" double precision,  /* Option < f64 > */
 	"requests" bigint,  /* i64 */
 	"tokens" bigint,  /* i64 */
+	"rows" bigint,  /* i64 */
 	"waiting" bigint,  /* i64 */
 	"active_rows" bigint,  /* i64 */
 	"cancelled_rows" bigint,  /* i64 */
 	"restarts" bigint,  /* i64 */
-	"pid" INT  /* Option < i32 > */
+	"pid" INT,  /* Option < i32 > */
+	"server" TEXT,  /* String */
+	"revision" TEXT,  /* Option < String > */
+	"last_error" TEXT  /* Option < String > */
 )
 STRICT
 LANGUAGE c /* Rust */

@@ -7,7 +7,8 @@
 //! - each one's last error, for `nvembed_status()`;
 //! - the model the first server answered with (pinned): a server that serves another model,
 //!   revision, dtype or dimension is refused, so vectors of two models never mix in a column.
-//!   A change of `nvembed.servers`, `nvembed.model` or `nvembed.dtype` (a reload) pins again.
+//!   The pin lasts until `nvembed.model` or `nvembed.dtype` changes, or PostgreSQL restarts:
+//!   adding a server to `nvembed.servers` never lets another model in.
 
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -315,7 +316,7 @@ pub fn check_served(served: &Served) -> Result<(), String> {
     if dtype != DEFAULT_DTYPE && served.dtype != dtype {
         return Err(format!("it serves {}, but nvembed.dtype is \"{dtype}\"", describe(served)));
     }
-    let settings = hash(&format!("{}\n{model}\n{dtype}", gucs::servers()));
+    let settings = hash(&format!("{model}\n{dtype}"));
     let wanted = describe(served);
     let mut servers = SERVERS.exclusive();
     if servers.pinned_under != settings || servers.pinned_len == 0 {

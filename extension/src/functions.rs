@@ -93,7 +93,7 @@ fn nvembed_model_dimension() -> Option<i32> {
 }
 
 /// One row of `nvembed_status()`: server_running, loaded, model, dtype, device, dimension,
-/// load_seconds, requests, tokens, waiting, active_rows, cancelled_rows, restarts, pid, server,
+/// load_seconds, requests, tokens, rows, waiting, active_rows, cancelled_rows, restarts, pid, server,
 /// revision, last_error.
 type StatusRow = (
     bool,
@@ -103,6 +103,7 @@ type StatusRow = (
     Option<String>,
     Option<i32>,
     Option<f64>,
+    i64,
     i64,
     i64,
     i64,
@@ -128,6 +129,7 @@ fn status_row(server: String, status: Option<Status>, last_error: Option<String>
             s.load_seconds,
             s.requests as i64,
             s.tokens as i64,
+            s.rows as i64,
             s.waiting as i64,
             s.active_rows as i64,
             s.cancelled_rows as i64,
@@ -137,7 +139,7 @@ fn status_row(server: String, status: Option<Status>, last_error: Option<String>
             s.revision,
             last_error,
         ),
-        None => (false, false, None, None, None, None, None, 0, 0, 0, 0, 0, 0, None, server, None, last_error),
+        None => (false, false, None, None, None, None, None, 0, 0, 0, 0, 0, 0, 0, None, server, None, last_error),
     }
 }
 
@@ -177,6 +179,7 @@ fn nvembed_server_status() -> TableIterator<
         name!(load_seconds, Option<f64>),
         name!(requests, i64),
         name!(tokens, i64),
+        name!(rows, i64),
         name!(waiting, i64),
         name!(active_rows, i64),
         name!(cancelled_rows, i64),
@@ -222,6 +225,7 @@ fn nvembed_status() -> TableIterator<
         load_seconds,
         requests,
         tokens,
+        _,
         waiting,
         _,
         _,

@@ -129,6 +129,8 @@ pub struct Status {
     pub requests: u64,
     /// Tokens embedded (rows that finished, unpadded).
     pub tokens: u64,
+    /// Texts embedded.
+    pub rows: u64,
     /// Calls queued or in a pass now.
     pub waiting: u64,
     /// Rows in forward passes now.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use nvembed_protocol::{
     frame_length, read_frame_body, vectors_per_chunk, ClientMessage, EmbedHeader, ErrorKind, ServerMessage, Status,
-    Identity, BUILD_ID, MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES,
+    Identity, WorkClass, BUILD_ID, MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES,
 };
 
 use nvembed_engine::dtype_name;
@@ -73,6 +73,10 @@ impl Server {
             load_seconds: loaded.as_ref().map(|m| m.load_seconds()),
             requests: Stats::get(&self.stats.requests),
             tokens: Stats::get(&self.stats.tokens),
+            rows: [WorkClass::Interactive, WorkClass::Bulk]
+                .into_iter()
+                .map(|class| self.stats.by_class.rows.get_or_create(&class.into()).get())
+                .sum(),
             waiting: Stats::get(&self.stats.waiting),
             active_rows: Stats::get(&self.stats.active_rows),
             cancelled_rows: Stats::get(&self.stats.cancelled_rows),
