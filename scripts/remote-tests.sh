@@ -37,7 +37,7 @@ for host in localhost otherhost; do
   openssl x509 -req -in "$TLS/$host.csr" -CA "$TLS/ca.crt" -CAkey "$TLS/ca.key" -CAcreateserial -days 1 \
     -extfile "$TLS/$host.ext" -out "$TLS/$host.crt" 2>/dev/null
 done
-openssl req -x509 "${ec[@]}" -days 1 -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+openssl req -x509 "${ec[@]}" -days 1 -subj /CN=localhost -addext subjectAltName=DNS:localhost -addext basicConstraints=critical,CA:FALSE \
   -keyout "$TLS/untrusted.key" -out "$TLS/untrusted.crt" 2>/dev/null
 token=$(openssl rand -hex 24)
 printf 'cluster-a %s\n' "$token" > "$TLS/tokens"
@@ -68,7 +68,7 @@ start_server() {
 
 PA=$(free_port); PB=$(free_port)
 start_server "$PA" "$TLS/a.log"; A=${SERVERS[-1]}
-start_server "$PB" "$TLS/b.log"
+start_server "$PB" "$TLS/b.log"; B=${SERVERS[-1]}
 install_nvembed
 cluster_start "$NAME" "nvembed.servers = 'localhost:$PA, localhost:$PB'" "nvembed.server_token_file = '$TLS/token'" \
   "nvembed.server_ca_file = '$TLS/ca.crt'" "nvembed.dtype = 'f32'" "nvembed.vectorizer_databases = 'postgres'" \
@@ -150,6 +150,38 @@ until [ "$(rows_of "$PA")" -gt 0 ] 2>/dev/null; do
   sleep 1
 done
 echo "PASS SIGKILL of one server at $killed_at of 800 rows: all rows correct (within $worst), each written once; restarted, it takes work again"
+
+# A streaming call whose server dies part-way: the texts not yet answered go to the other
+# server, and the caller gets every vector once, in order.
+A=${SERVERS[-1]}
+"${PSQL[@]}" -c "CREATE TABLE streamed_texts AS SELECT g AS n, 'streamed text ' || g || repeat(' filler', 120) AS body FROM generate_series(1, 1500) g" >/dev/null
+"${PSQL[@]}" -c "CREATE TABLE streamed AS SELECT n, e FROM nvembed_passages(ARRAY(SELECT body FROM streamed_texts ORDER BY n)) WITH ORDINALITY AS p(e, n)" \
+  > "$TLS/streamed.log" 2>&1 &
+call=$!
+busy=""
+for _ in $(seq 200); do
+  busy=$("${PSQL[@]}" -At -c "SELECT server FROM nvembed_status() WHERE waiting > 0 LIMIT 1" 2>/dev/null || true)
+  [ -n "$busy" ] && break
+  sleep 0.05
+done
+[ -n "$busy" ] || fail "no server was seen working on the streaming call"
+sleep 0.5
+if [ "$busy" = "localhost:$PA" ]; then victim=$A; else victim=$B; fi
+kill -9 "$victim"
+wait "$victim" 2>/dev/null || true
+wait "$call" || fail "the streaming call failed when its server was killed: $(cat "$TLS/streamed.log")"
+"${PSQL[@]}" -At -c "SELECT json_agg(body ORDER BY n) FROM streamed_texts" | python3 -c "import json, sys; [print(json.dumps(t)) for t in json.load(sys.stdin)]" \
+  | target/release/nvembed embed --model "$TINY" --dtype f32 --passage > "$TLS/streamed.jsonl"
+"${PSQL[@]}" -At -c "SELECT json_agg(json_build_array(n, e) ORDER BY n) FROM streamed" | python3 -c "
+import json, sys
+got = json.load(sys.stdin)
+want = [json.loads(l) for l in open('$TLS/streamed.jsonl')]
+assert [n for n, _ in got] == list(range(1, 1501)), 'rows missing or repeated'
+worst = max(max(abs(a - b) for a, b in zip(e, w)) for (_, e), w in zip(got, want))
+assert worst <= 1e-6, worst" || fail "the streamed vectors after the kill are wrong"
+resent=$("${PSQL[@]}" -At -c "SELECT rows FROM nvembed_status() WHERE server <> '$busy'")
+echo "PASS a streaming call of 1,500 texts whose server ($busy) was SIGKILLed part-way: every vector once and in order, the rest from the other server ($resent rows there)"
+if [ "$busy" = "localhost:$PA" ]; then start_server "$PA" "$TLS/a3.log"; A=${SERVERS[-1]}; else start_server "$PB" "$TLS/b3.log"; B=${SERVERS[-1]}; fi
 
 # 2. What a cluster must refuse, each alone in nvembed.servers.
 PC=$(free_port); PD=$(free_port); PE=$(free_port); PF=$(free_port); PG=$(free_port)

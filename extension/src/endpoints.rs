@@ -361,4 +361,71 @@ mod tests {
             assert!(error.contains(says), "{bad}: {error}");
         }
     }
+
+    /// Settings and reload-only values are refused where they must be, with PostgreSQL's own
+    /// SQLSTATEs; the token and CA files are hidden from roles without pg_read_all_settings.
+    #[pg_test]
+    fn server_settings_are_checked_and_guarded() {
+        use crate::sql_tests::tests::{assert_error, self_connection};
+        assert_error("SET nvembed.servers = 'a:1'", "55P02", "cannot be changed now");
+        // ALTER SYSTEM runs outside this test's transaction, in a session of its own.
+        Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
+        let alter = format!(
+            "PERFORM dblink_exec({}, 'ALTER SYSTEM SET nvembed.servers = ''gpu1''')",
+            pgrx::spi::quote_literal(&self_connection())
+        );
+        assert_error(&alter, "22023", "invalid value for parameter \"nvembed.servers\": \"gpu1\"");
+        Spi::run("CREATE ROLE nvembed_server_reader").unwrap();
+        Spi::run("SET ROLE nvembed_server_reader").unwrap();
+        assert_error("PERFORM current_setting('nvembed.server_token_file')", "42501", "nvembed.server_token_file");
+        assert_error("PERFORM current_setting('nvembed.server_ca_file')", "42501", "nvembed.server_ca_file");
+        assert_eq!(Spi::get_one::<String>("SHOW nvembed.servers").unwrap().as_deref(), Some(""));
+        Spi::run("RESET ROLE").unwrap();
+    }
+
+    fn remote(address: &str) -> Remote {
+        parse_servers(address).unwrap().remove(0)
+    }
+
+    /// Calls go to the server with the least work in flight; one that failed is skipped until
+    /// its backoff ends (unless every one is down); leases are given back when dropped.
+    #[pg_test]
+    fn calls_go_to_the_least_busy_server_that_is_up() {
+        let listed: Vec<Remote> = ["chooser-a:1", "chooser-b:1", "chooser-c:1"].map(remote).into();
+        let (first, lease_1) = choose(&listed, &[], 1000).unwrap();
+        let (second, lease_2) = choose(&listed, &[], 10).unwrap();
+        let (third, lease_3) = choose(&listed, &[], 10).unwrap();
+        let mut spread = [first.address.clone(), second.address.clone(), third.address.clone()];
+        spread.sort();
+        assert_eq!(spread, ["chooser-a:1", "chooser-b:1", "chooser-c:1"]);
+        // The next goes where the least bytes are in flight: not where 1000 are.
+        let (fourth, lease_4) = choose(&listed, &[], 10).unwrap();
+        assert_ne!(fourth.address, first.address);
+        // A call never tries a server twice.
+        let tried = [second.address.clone(), third.address.clone()];
+        assert_eq!(choose(&listed, &tried, 10).unwrap().0.address, first.address);
+        drop((lease_1, lease_2, lease_3, lease_4));
+        // A failed server is skipped while its backoff lasts...
+        failed("chooser-a:1", "connection refused", true);
+        for _ in 0..4 {
+            assert_ne!(choose(&listed, &[], 10).unwrap().0.address, "chooser-a:1");
+        }
+        assert_eq!(last_error("chooser-a:1").as_deref(), Some("connection refused"));
+        // ...unless it is the only one left to try.
+        let others = ["chooser-b:1".to_string(), "chooser-c:1".to_string()];
+        assert_eq!(choose(&listed, &others, 10).unwrap().0.address, "chooser-a:1");
+        // A busy server is up: it stays a candidate.
+        failed("chooser-b:1", "busy", false);
+        let only_b = ["chooser-a:1".to_string(), "chooser-c:1".to_string()];
+        assert_eq!(choose(&listed, &only_b, 10).unwrap().0.address, "chooser-b:1");
+        succeeded("chooser-a:1");
+        let all: Vec<String> = listed.iter().map(|r| r.address.clone()).collect();
+        assert!(choose(&listed, &all, 10).is_none());
+        // Every lease was given back: nothing is in flight.
+        let mut servers = SERVERS.exclusive();
+        for r in &listed {
+            let slot = servers.slot(&r.address, &listed);
+            assert_eq!((slot.calls, slot.bytes), (0, 0), "{}", r.address);
+        }
+    }
 }
