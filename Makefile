@@ -43,11 +43,13 @@ extension-test: server
 	  (cd extension && NVEMBED_TEST_FIXTURE="$(TEST_ROOT)/fixture" cargo pgrx test pg$$major $(RUNAS)); \
 	done
 
-# On PG_CONFIG's major (15): whole-server tests, the installation's life (update from 0.1.0,
+# On PG_CONFIG's major (15): whole-server tests, remote model servers in TLS, the
+# installation's life (update from 0.1.0,
 # dump/restore, hot standby), and the .debs (the extension's, the model server's) installed
 # with apt-get.
 system-test: server
 	bash scripts/system-tests.sh
+	bash scripts/remote-tests.sh
 	bash scripts/lifecycle-tests.sh
 	bash scripts/package-test.sh "$$(bash scripts/package.sh "$(PG_PREFIX)" target/package 15)"
 	bash scripts/package-server-test.sh "$$(bash scripts/package-server.sh target/package)"
@@ -64,6 +66,7 @@ demo: setup server
 
 bench: setup server
 	bash scripts/bench.sh
+	bash scripts/bench-remote.sh
 
 # The GPU build compiles (no GPU needed; downloads NVIDIA's CUDA wheels once). Not part of `test`.
 cuda-check:

@@ -72,7 +72,7 @@ start_server "$PB" "$TLS/b.log"; B=${SERVERS[-1]}
 install_nvembed
 cluster_start "$NAME" "nvembed.servers = 'localhost:$PA, localhost:$PB'" "nvembed.server_token_file = '$TLS/token'" \
   "nvembed.server_ca_file = '$TLS/ca.crt'" "nvembed.dtype = 'f32'" "nvembed.vectorizer_databases = 'postgres'" \
-  "nvembed.vectorizer_batch_rows = 16"
+  "nvembed.vectorizer_batch_rows = 16" "nvembed.max_request_tokens = 1000000"
 reload() { "${PSQL[@]}" -c "$1" -c "SELECT pg_reload_conf()" >/dev/null; sleep 0.3; }
 grep -q 'no local model server: calls go to nvembed.servers' "$WORK/server.log" || fail "the supervisor did not say it runs no local server"
 pgrep -f 'nvembed-model-server --socket' >/dev/null && fail "a local model server runs although nvembed.servers is set"
@@ -154,7 +154,7 @@ echo "PASS SIGKILL of one server at $killed_at of 800 rows: all rows correct (wi
 # A streaming call whose server dies part-way: the texts not yet answered go to the other
 # server, and the caller gets every vector once, in order.
 A=${SERVERS[-1]}
-"${PSQL[@]}" -c "CREATE TABLE streamed_texts AS SELECT g AS n, 'streamed text ' || g || repeat(' filler', 120) AS body FROM generate_series(1, 1500) g" >/dev/null
+"${PSQL[@]}" -c "CREATE TABLE streamed_texts AS SELECT g AS n, 'streamed text ' || g || repeat(' filler', 100) AS body FROM generate_series(1, 1500) g" >/dev/null
 "${PSQL[@]}" -c "CREATE TABLE streamed AS SELECT n, e FROM nvembed_passages(ARRAY(SELECT body FROM streamed_texts ORDER BY n)) WITH ORDINALITY AS p(e, n)" \
   > "$TLS/streamed.log" 2>&1 &
 call=$!
@@ -164,7 +164,7 @@ for _ in $(seq 200); do
   [ -n "$busy" ] && break
   sleep 0.05
 done
-[ -n "$busy" ] || fail "no server was seen working on the streaming call"
+[ -n "$busy" ] || fail "no server was seen working on the streaming call: $(cat "$TLS/streamed.log"; "${PSQL[@]}" -c "SELECT server, waiting, active_rows, rows, last_error FROM nvembed_status()" 2>&1)"
 sleep 0.5
 if [ "$busy" = "localhost:$PA" ]; then victim=$A; else victim=$B; fi
 kill -9 "$victim"
@@ -180,7 +180,7 @@ assert [n for n, _ in got] == list(range(1, 1501)), 'rows missing or repeated'
 worst = max(max(abs(a - b) for a, b in zip(e, w)) for (_, e), w in zip(got, want))
 assert worst <= 1e-6, worst" || fail "the streamed vectors after the kill are wrong"
 resent=$("${PSQL[@]}" -At -c "SELECT rows FROM nvembed_status() WHERE server <> '$busy'")
-echo "PASS a streaming call of 1,500 texts whose server ($busy) was SIGKILLed part-way: every vector once and in order, the rest from the other server ($resent rows there)"
+echo "PASS a streaming call of 1,500 texts whose server ($busy) was SIGKILLed part-way: every vector once and in order, the rest from the other server ($resent rows there in all)"
 if [ "$busy" = "localhost:$PA" ]; then start_server "$PA" "$TLS/a3.log"; A=${SERVERS[-1]}; else start_server "$PB" "$TLS/b3.log"; B=${SERVERS[-1]}; fi
 
 # 2. What a cluster must refuse, each alone in nvembed.servers.
