@@ -86,6 +86,7 @@ type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 fn tls(running: &Running) -> Tls {
     let tcp = TcpStream::connect(("127.0.0.1", running.port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    tcp.set_nodelay(true).unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     rustls::StreamOwned::new(rustls::ClientConnection::new(running.client.clone(), name).unwrap(), tcp)
 }
