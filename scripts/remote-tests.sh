@@ -48,7 +48,8 @@ chmod 600 "$TLS/token"
 
 free_port() { python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 # start_server PORT LOG [ARGS...]: a server of the fixture on PORT (certificate for localhost,
-# the cluster's token unless ARGS say otherwise), once it listens (it loads the model first).
+# the cluster's token unless ARGS say otherwise), once it listens (which it does only once its
+# model is loaded).
 start_server() {
   local port=$1 log=$2; shift 2
   local args=(--model "$TINY" --dtype f32 --threads 1 --listen "127.0.0.1:$port" --max-request-tokens 1000000)
@@ -73,7 +74,17 @@ install_nvembed
 cluster_start "$NAME" "nvembed.servers = 'localhost:$PA, localhost:$PB'" "nvembed.server_token_file = '$TLS/token'" \
   "nvembed.server_ca_file = '$TLS/ca.crt'" "nvembed.dtype = 'f32'" "nvembed.vectorizer_databases = 'postgres'" \
   "nvembed.vectorizer_batch_rows = 16" "nvembed.max_request_tokens = 1000000"
-reload() { "${PSQL[@]}" -c "$1" -c "SELECT pg_reload_conf()" >/dev/null; sleep 0.3; }
+# reload "ALTER SYSTEM SET nvembed.servers = '...'": waits until new sessions see the value.
+reload() {
+  "${PSQL[@]}" -c "$1" -c "SELECT pg_reload_conf()" >/dev/null
+  local want=${1#*= }; want=${want//\'/}
+  for _ in $(seq 100); do
+    [ "$("${PSQL[@]}" -At -c "SHOW nvembed.servers")" = "$want" ] && { sleep 0.2; return 0; }
+    sleep 0.05
+  done
+  fail "the reload of \"$1\" was not seen"
+}
+for _ in $(seq 100); do grep -q 'no local model server: calls go to nvembed.servers' "$WORK/server.log" && break; sleep 0.05; done
 grep -q 'no local model server: calls go to nvembed.servers' "$WORK/server.log" || fail "the supervisor did not say it runs no local server"
 pgrep -f 'nvembed-model-server --socket' >/dev/null && fail "a local model server runs although nvembed.servers is set"
 
@@ -202,7 +213,10 @@ PY
 "$SERVER" --model "$TLS/tiny-b" --served-model-name "$NAME" --dtype f32 --threads 1 --listen "127.0.0.1:$PG" \
   --tls-cert "$TLS/localhost.crt" --tls-key "$TLS/localhost.key" --tokens-file "$TLS/tokens" 2>"$TLS/g.log" &
 SERVERS+=($!)
-sleep 2
+for _ in $(seq 300); do
+  python3 -c "import socket; socket.create_connection(('127.0.0.1', $PG), 0.2)" 2>/dev/null && break
+  sleep 0.1
+done
 # expect_error SERVERS SQLSTATE TEXT
 expect_error() {
   reload "ALTER SYSTEM SET nvembed.servers = '$1'"

@@ -47,6 +47,10 @@ fn open(bytes: u64, tried: &mut Vec<String>) -> CallResult<(Connection, Option<L
     if listed.is_empty() {
         return Ok((Connection::open_local()?, None));
     }
+    // The shared memory of `endpoints` exists only when preloaded.
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return Err(crate::connection::not_preloaded());
+    }
     let mut last_error = None;
     while let Some((remote, lease)) = endpoints::choose(&listed, tried, bytes) {
         tried.push(remote.address.clone());
@@ -62,6 +66,9 @@ fn open(bytes: u64, tried: &mut Vec<String>) -> CallResult<(Connection, Option<L
                 return Ok((connection, Some(lease)));
             }
             Err(e) if e.code == PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN => return Err(e),
+            // This backend's own configuration (an unreadable token or CA file) is no server's
+            // fault: every server would fail alike.
+            Err(e) if e.code == PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR => return Err(e),
             Err(e) => {
                 // A busy server is up: it is only skipped by this call.
                 let down = e.code != PgSqlErrorCode::ERRCODE_TOO_MANY_CONNECTIONS;
@@ -225,6 +232,14 @@ impl VectorStream {
                     continue;
                 }
                 Ok(None) => return Ok(Err(())),
+                // Lost after the last vector, before `Done`: every vector is here.
+                Err(_) if self.delivered + self.ready.len() == self.expected && self.texts.is_some() => {
+                    if self.ready.is_empty() {
+                        self.lease = None;
+                        return Ok(Ok(None));
+                    }
+                    continue;
+                }
                 Err(e) if may_resend(&e, &self.texts, self.resends) => {
                     self.resend(e)?;
                     continue;

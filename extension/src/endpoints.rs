@@ -197,13 +197,18 @@ unsafe extern "C-unwind" fn release_at_exit(_code: i32, _arg: pg_sys::Datum) {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        HELD.with(|h| {
+        // At exit `release_at_exit` may have given it back already (it runs before the
+        // transaction's abort drops what a set-returning function held).
+        let held = HELD.with(|h| {
             let mut held = h.borrow_mut();
-            if let Some(i) = held.iter().position(|(a, b)| *a == self.address && *b == self.bytes) {
-                held.swap_remove(i);
-            }
+            held.iter()
+                .position(|(a, b)| *a == self.address && *b == self.bytes)
+                .map(|i| held.swap_remove(i))
+                .is_some()
         });
-        give_back(&self.address, self.bytes);
+        if held {
+            give_back(&self.address, self.bytes);
+        }
     }
 }
 

@@ -155,8 +155,9 @@ fn status_rows() -> Vec<StatusRow> {
         .iter()
         .map(|remote| match client::remote_status(remote) {
             Ok(status) => status_row(remote.address.clone(), Some(status), endpoints::last_error(&remote.address)),
+            // Recorded, but a status poll never takes a server out of rotation: only calls do.
             Err(e) => {
-                endpoints::failed(&remote.address, &e.message, true);
+                endpoints::failed(&remote.address, &e.message, false);
                 status_row(remote.address.clone(), None, Some(e.message))
             }
         })

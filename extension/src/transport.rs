@@ -23,6 +23,12 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How long connecting to a remote server (TCP and TLS) may take before it counts as down.
 pub const REMOTE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A connection to a remote server whose host stops answering is given up after
+/// KEEPALIVE_IDLE + KEEPALIVE_PROBES × KEEPALIVE_INTERVAL (25 s) of silence.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 3;
+
 pub enum Stream {
     Unix(UnixStream),
     Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
@@ -143,6 +149,16 @@ fn connect_tcp(remote: &Remote, addresses: &[SocketAddr], deadline: Instant) -> 
         let socket = socket2::Socket::new(socket2::Domain::for_address(*address), socket2::Type::STREAM, None)
             .map_err(|e| unreachable(remote, e))?;
         socket.set_nonblocking(true).map_err(|e| unreachable(remote, e))?;
+        // A server host that vanishes (power, a network that drops packets) sends no reset:
+        // keepalive probes end the connection, and the call goes to another server.
+        socket
+            .set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(KEEPALIVE_IDLE)
+                    .with_interval(KEEPALIVE_INTERVAL)
+                    .with_retries(KEEPALIVE_PROBES),
+            )
+            .map_err(|e| unreachable(remote, e))?;
         match socket.connect(&(*address).into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}

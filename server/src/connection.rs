@@ -75,7 +75,8 @@ impl Server {
             tokens: Stats::get(&self.stats.tokens),
             rows: [WorkClass::Interactive, WorkClass::Bulk]
                 .into_iter()
-                .map(|class| self.stats.by_class.rows.get_or_create(&class.into()).get())
+                // `get`, not `get_or_create`: a status request must not add series to /metrics.
+                .map(|class| self.stats.by_class.rows.get(&class.into()).map_or(0, |c| c.get()))
                 .sum(),
             waiting: Stats::get(&self.stats.waiting),
             active_rows: Stats::get(&self.stats.active_rows),

@@ -140,16 +140,12 @@ fn http_listener(
     Ok((bind(address)?, transport, settings))
 }
 
-/// The native listener's socket and TLS configuration.
-fn native_listener(
-    args: &Args,
-    address: &str,
-) -> Result<(std::net::TcpListener, Arc<rustls::ServerConfig>), String> {
+/// The native listener's TLS configuration (its socket is bound once the model is loaded).
+fn native_tls(args: &Args) -> Result<Arc<rustls::ServerConfig>, String> {
     let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
         return Err("--listen needs --tls-cert and --tls-key (the native protocol is always in TLS)".into());
     };
-    let tls = nvembed_server::tls::server_config(cert, key, &[])?;
-    Ok((bind(address)?, tls))
+    nvembed_server::tls::server_config(cert, key, &[])
 }
 
 fn main() -> ExitCode {
@@ -183,7 +179,7 @@ fn main() -> ExitCode {
         Some(Err(e)) => return fail(e),
         None => None,
     };
-    let native = match args.listen.as_deref().map(|address| native_listener(&args, address)) {
+    let native = match args.listen.as_deref().map(|address| native_tls(&args).map(|tls| (address, tls))) {
         Some(Ok(native)) => Some(native),
         Some(Err(e)) => return fail(e),
         None => None,
@@ -233,7 +229,12 @@ fn main() -> ExitCode {
             }
         });
     }
-    if let Some((listener, tls)) = native {
+    if let Some((address, tls)) = native {
+        // Bound only now, with the model loaded: a cluster that can connect can be served.
+        let listener = match bind(address) {
+            Ok(listener) => listener,
+            Err(e) => return fail(e),
+        };
         let server = server.clone();
         let access = Access::Network {
             tokens: tokens.clone(),
