@@ -45,7 +45,7 @@ def serve(conn, mode):
         while True:
             tag, payload = read_frame(conn)
             if tag == IDENTIFY:
-                write_frame(conn, READY)
+                write_frame(conn, READY, b"null")  # protocol 4: what it serves (not loaded)
             elif tag == STATUS:
                 status = dict(loaded=False, model=mode, dtype="f32", device="cpu", dimension=None, load_seconds=None,
                               requests=0, tokens=0, waiting=0, active_rows=0, cancelled_rows=0, restarts=0,
