@@ -25,23 +25,17 @@ trap cleanup EXIT
 [ -f "$MEDIUM/config.json" ] || cargo bench -q -p nvembed-engine --bench medium -- --generate >&2
 chmod 755 "$TLS"
 cp -r "$MEDIUM" "$TLS/medium"
-ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
-openssl req -x509 "${ec[@]}" -days 1 -subj /CN=nvembed-bench-ca -keyout "$TLS/ca.key" -out "$TLS/ca.crt" 2>/dev/null
-openssl req "${ec[@]}" -subj /CN=localhost -keyout "$TLS/server.key" -out "$TLS/server.csr" 2>/dev/null
-printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' > "$TLS/ext"
-openssl x509 -req -in "$TLS/server.csr" -CA "$TLS/ca.crt" -CAkey "$TLS/ca.key" -CAcreateserial -days 1 \
-  -extfile "$TLS/ext" -out "$TLS/server.crt" 2>/dev/null
+test_certificates "$TLS" localhost
 token=$(openssl rand -hex 24)
 printf 'bench %s\n' "$token" > "$TLS/tokens"
 printf '%s\n' "$token" > "$TLS/token"
 [ "$(id -u)" = 0 ] && chown postgres "$TLS/token"
 chmod 600 "$TLS/token"
-free_port() { python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 # serve MODEL NAME PORT [ARGS...]: a server in TLS on PORT, once it listens.
 serve() {
   local model=$1 name=$2 port=$3; shift 3
   "$SERVER" --model "$model" --served-model-name "$name" --dtype f32 --listen "127.0.0.1:$port" \
-    --tls-cert "$TLS/server.crt" --tls-key "$TLS/server.key" --tokens-file "$TLS/tokens" "$@" 2>>"$TLS/servers.log" &
+    --tls-cert "$TLS/localhost.crt" --tls-key "$TLS/localhost.key" --tokens-file "$TLS/tokens" "$@" 2>>"$TLS/servers.log" &
   PIDS+=($!)
   for _ in $(seq 600); do
     python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null && return 0

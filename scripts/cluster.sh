@@ -37,8 +37,39 @@ cluster_start() {
   PGBENCH=("${AS_PG[@]}" "$PG_BINDIR/pgbench" -h "$WORK" -p "$port" -U postgres)
 }
 
+# test_certificates DIR HOST...: a throwaway CA (DIR/ca.crt) and, for each HOST, a server
+# certificate it signs (DIR/HOST.crt, DIR/HOST.key); P-256, valid one day.
+test_certificates() {
+  local dir=$1; shift
+  local ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+  openssl req -x509 "${ec[@]}" -days 1 -subj /CN=nvembed-test-ca -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+  for host in "$@"; do
+    openssl req "${ec[@]}" -subj "/CN=$host" -keyout "$dir/$host.key" -out "$dir/$host.csr" 2>/dev/null
+    printf 'subjectAltName=DNS:%s\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' "$host" > "$dir/$host.ext"
+    openssl x509 -req -in "$dir/$host.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial -days 1 \
+      -extfile "$dir/$host.ext" -out "$dir/$host.crt" 2>/dev/null
+  done
+}
+
+# A TCP port on loopback that is free now.
+free_port() { python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
+
+# standby_start: a streaming hot standby of the running cluster, in $WORK/standby on port
+# PORT + 1 (cluster_stop stops it too). Sets STANDBY and SPSQL (psql on it, unaligned).
+standby_start() {
+  STANDBY="$WORK/standby"
+  "${AS_PG[@]}" "$PG_BINDIR/pg_basebackup" -h "$WORK" -p "$PORT" -U postgres -D "$STANDBY" -R -X stream -c fast \
+    2>"$WORK/basebackup.log" || { cat "$WORK/basebackup.log" >&2; echo "FAIL: pg_basebackup" >&2; exit 1; }
+  echo "port = $((PORT + 1))" | "${AS_PG[@]}" tee -a "$STANDBY/postgresql.conf" >/dev/null
+  "${AS_PG[@]}" "$PG_BINDIR/pg_ctl" -D "$STANDBY" -l "$WORK/standby.log" -w start >/dev/null
+  SPSQL=("${AS_PG[@]}" "$PG_BINDIR/psql" -h "$WORK" -p "$((PORT + 1))" -U postgres -X -q -v ON_ERROR_STOP=1 -At)
+}
+
 cluster_stop() {
   [ -n "${WORK:-}" ] || return 0
+  if [ -d "$WORK/standby" ]; then
+    "${AS_PG[@]}" "$PG_BINDIR/pg_ctl" -D "$WORK/standby" -m immediate stop >/dev/null 2>&1 || true
+  fi
   "${AS_PG[@]}" "$PG_BINDIR/pg_ctl" -D "$WORK/data" -m fast stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
   WORK=""

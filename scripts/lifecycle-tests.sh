@@ -13,9 +13,7 @@ OLD_SQL=extension/sql/nvembed--$OLD_VERSION.sql
 VERSION=$(awk -F'"' '$1 ~ /^version/ { print $2; exit }' extension/Cargo.toml)
 EXTDIR="$("$PG_CONFIG" --sharedir)/extension"
 fail() { echo "FAIL: $*" >&2; exit 1; }
-STANDBY=""
 cleanup() {
-  [ -z "$STANDBY" ] || "${AS_PG[@]}" "$PG_BINDIR/pg_ctl" -D "$STANDBY" -m immediate stop >/dev/null 2>&1 || true
   cluster_stop
   $SUDO rm -f "$EXTDIR/nvembed--$OLD_VERSION.sql"
 }
@@ -185,13 +183,8 @@ SQL
 echo "PASS pg_dump/pg_restore: vectors, triggers and 2 vectorizers (one partitioned) restored as they were, no model call; new rows, a new partition and a new vectorizer are embedded"
 
 # 3. A streaming hot standby answers nvembed_query with its own model server.
-STANDBY="$WORK/standby"
-# (It warns that it skips the model server's socket.)
-"${AS_PG[@]}" "$PG_BINDIR/pg_basebackup" -h "$WORK" -p "$PORT" -U postgres -D "$STANDBY" -R -X stream -c fast 2>"$WORK/basebackup.log" \
-  || { cat "$WORK/basebackup.log" >&2; fail "pg_basebackup"; }
-echo "port = $((PORT + 1))" | "${AS_PG[@]}" tee -a "$STANDBY/postgresql.conf" >/dev/null
-"${AS_PG[@]}" "$PG_BINDIR/pg_ctl" -D "$STANDBY" -l "$WORK/standby.log" -w start >/dev/null
-SPSQL=("${AS_PG[@]}" "$PG_BINDIR/psql" -h "$WORK" -p "$((PORT + 1))" -U postgres -X -q -v ON_ERROR_STOP=1 -At)
+# (pg_basebackup warns that it skips the model server's socket.)
+standby_start
 sql dumped -c "INSERT INTO docs VALUES (22, 'sent to the standby by streaming')" >/dev/null
 lsn=$(sql postgres -c "SELECT pg_current_wal_lsn()")
 for _ in $(seq 300); do
@@ -213,7 +206,6 @@ echo "PASS hot standby: $rows rows searched with its own model server (pids prim
 # 4. `make demo` where the hub cannot be reached: after the load error, one line names the offline
 # demo, and that command works.
 cleanup
-STANDBY=""
 out=$(HF_HUB_OFFLINE=1 HF_HOME="$(mktemp -d)" make -s demo 2>&1) && fail "make demo without the hub succeeded"
 hint="nvembed demo: the hub model nvidia/NV-Embed-v2 could not be fetched; for the offline demo run: NVEMBED_MODEL=$TINY make demo"
 grep -n -e 'could not load model' -e "^$hint\$" <<<"$out" | cut -d: -f1 | tr '\n' ' ' | grep -qE '^[0-9]+ [0-9]+ $' \

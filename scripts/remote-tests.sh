@@ -20,7 +20,6 @@ SERVERS=()
 TLS=$(mktemp -d /tmp/nvembed-remote.XXXXXX)
 cleanup() {
   for pid in "${SERVERS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  if [ -n "${STANDBY:-}" ]; then "${AS_PG[@]}" "$PG_BINDIR/pg_ctl" -D "$STANDBY" -m fast stop >/dev/null 2>&1 || true; fi
   cluster_stop
   rm -rf "$TLS"
 }
@@ -29,15 +28,8 @@ trap cleanup EXIT
 # Certificates: a CA, a server certificate for localhost signed by it, one for another host
 # signed by it, and a self-signed one for localhost that nobody trusts.
 chmod 755 "$TLS"
-ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
-openssl req -x509 "${ec[@]}" -days 1 -subj /CN=nvembed-test-ca -keyout "$TLS/ca.key" -out "$TLS/ca.crt" 2>/dev/null
-for host in localhost otherhost; do
-  openssl req "${ec[@]}" -subj "/CN=$host" -keyout "$TLS/$host.key" -out "$TLS/$host.csr" 2>/dev/null
-  printf 'subjectAltName=DNS:%s\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' "$host" > "$TLS/$host.ext"
-  openssl x509 -req -in "$TLS/$host.csr" -CA "$TLS/ca.crt" -CAkey "$TLS/ca.key" -CAcreateserial -days 1 \
-    -extfile "$TLS/$host.ext" -out "$TLS/$host.crt" 2>/dev/null
-done
-openssl req -x509 "${ec[@]}" -days 1 -subj /CN=localhost -addext subjectAltName=DNS:localhost -addext basicConstraints=critical,CA:FALSE \
+test_certificates "$TLS" localhost otherhost
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost -addext subjectAltName=DNS:localhost -addext basicConstraints=critical,CA:FALSE \
   -keyout "$TLS/untrusted.key" -out "$TLS/untrusted.crt" 2>/dev/null
 token=$(openssl rand -hex 24)
 printf 'cluster-a %s\n' "$token" > "$TLS/tokens"
@@ -46,7 +38,6 @@ printf '%s\n' "$token" > "$TLS/token"
 [ "$(id -u)" = 0 ] && chown postgres "$TLS/token"
 chmod 600 "$TLS/token"
 
-free_port() { python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 # start_server PORT LOG [ARGS...]: a server of the fixture on PORT (certificate for localhost,
 # the cluster's token unless ARGS say otherwise), once it listens (which it does only once its
 # model is loaded).
@@ -244,12 +235,7 @@ echo "PASS refused: wrong token 28000, untrusted certificate and wrong host name
 
 # 3. A hot standby searches through the same servers.
 reload "ALTER SYSTEM SET nvembed.servers = 'localhost:$PA, localhost:$PB'"
-STANDBY="$WORK/standby"
-"${AS_PG[@]}" "$PG_BINDIR/pg_basebackup" -h "$WORK" -p "$PORT" -U postgres -D "$STANDBY" -R -X stream -c fast 2>"$WORK/basebackup.log" \
-  || { cat "$WORK/basebackup.log" >&2; fail "pg_basebackup"; }
-echo "port = $((PORT + 1))" | "${AS_PG[@]}" tee -a "$STANDBY/postgresql.conf" >/dev/null
-"${AS_PG[@]}" "$PG_BINDIR/pg_ctl" -D "$STANDBY" -l "$WORK/standby.log" -w start >/dev/null
-SPSQL=("${AS_PG[@]}" "$PG_BINDIR/psql" -h "$WORK" -p "$((PORT + 1))" -U postgres -X -q -v ON_ERROR_STOP=1 -At)
+standby_start
 search="SELECT string_agg(id::text, ',' ORDER BY score DESC, id) FROM (
   SELECT id, (SELECT sum(a * b) FROM unnest(embedding, nvembed_query('remote text 77')) u(a, b)) AS score
   FROM docs WHERE embedding IS NOT NULL ORDER BY 2 DESC, id LIMIT 5) s"

@@ -317,18 +317,12 @@ if ! "$venv/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '
   "$venv/bin/pip" install -q "openai==$OPENAI_VERSION"
 fi
 tls="$WORK/tls"; mkdir -p "$tls"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=nvembed-test-ca \
-  -keyout "$tls/ca.key" -out "$tls/ca.crt" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
-  -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
-printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > "$tls/ext"
-openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" -CAcreateserial -days 1 \
-  -extfile "$tls/ext" -out "$tls/server.crt" 2>/dev/null
+test_certificates "$tls" localhost
 token=$(openssl rand -hex 24)
 printf 'system-test %s\n' "$token" > "$tls/tokens"
-port=$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+port=$(free_port)
 target/release/nvembed-model-server --model "$TINY" --dtype f32 --served-model-name nv-embed-tiny \
-  --http-listen "127.0.0.1:$port" --tls-cert "$tls/server.crt" --tls-key "$tls/server.key" \
+  --http-listen "127.0.0.1:$port" --tls-cert "$tls/localhost.crt" --tls-key "$tls/localhost.key" \
   --tokens-file "$tls/tokens" 2> "$WORK/http-server.log" &
 http_server=$!
 trap 'kill $http_server 2>/dev/null || true; restore_server' EXIT

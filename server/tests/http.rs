@@ -37,10 +37,7 @@ fn start(max_request_tokens: usize) -> Running {
 
 fn start_with(max_request_tokens: usize, max_connections: usize) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
-    std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    let (cert, key, roots) = common::localhost_certificate(dir.path());
     let tokens_file = dir.path().join("tokens");
     std::fs::write(&tokens_file, format!("test-client {TOKEN}\n")).unwrap();
     let server = tiny_server(Limits {
@@ -58,8 +55,6 @@ fn start_with(max_request_tokens: usize, max_connections: usize) -> Running {
     nvembed_server::tokens::reload_on_sighup(settings.tokens.clone().unwrap()).unwrap();
     std::thread::spawn(move || serve_http(listener, Transport::Tls { cert, key }, server, settings));
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(certified.cert.der().clone()).unwrap();
     let client = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     let agent = ureq::AgentBuilder::new().tls_config(Arc::new(client)).build();
     let running = Running {

@@ -20,7 +20,7 @@ use nvembed_server::stats::Stats;
 use nvembed_server::tokens::Tokens;
 
 mod common;
-use common::{tiny_server, SERVED_NAME};
+use common::{localhost_certificate, tiny_server, SERVED_NAME};
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 /// The server's ceiling on a network call's tokens.
@@ -36,10 +36,7 @@ struct Running {
 
 fn start() -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
-    std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    let (cert, key, roots) = localhost_certificate(dir.path());
     let tokens_file = dir.path().join("tokens");
     std::fs::write(&tokens_file, format!("cluster-a {TOKEN}\n")).unwrap();
     let server = tiny_server(Limits {
@@ -65,8 +62,6 @@ fn start() -> Running {
         assert!(started.elapsed() < Duration::from_secs(5), "the server did not listen");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(certified.cert.der().clone()).unwrap();
     let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()

@@ -16,6 +16,19 @@ pub fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/fixtures/nvembed-tiny-a")
 }
 
+/// A self-signed certificate for localhost and its key, written into `dir` as PEM files, and
+/// a root store that trusts it.
+#[allow(dead_code)] // the TLS tests use it, the others share this module
+pub fn localhost_certificate(dir: &Path) -> (PathBuf, PathBuf, rustls::RootCertStore) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    (cert, key, roots)
+}
+
 /// A server of the fixture (f32, CPU) with its scheduler running, and no listener yet.
 pub fn tiny_server(limits: Limits) -> Arc<Server> {
     let stats = Arc::new(Stats::default());
