@@ -1290,13 +1290,22 @@ DECLARE
     v @extschema@.nvembed_vectorizer;
     keys text[];
 BEGIN
-    -- Claims of workers that are gone (crash, restart, terminated) are free again.
+    -- Claims of workers that are gone (crash, restart, terminated) are free again. This
+    -- claimer's own are not: it still holds them (a worker claims a batch per server).
     UPDATE @extschema@.nvembed_vectorizer_queue q SET claimed_by = NULL
-    WHERE q.claimed_by IS NOT NULL AND q.claimed_by NOT IN (SELECT w FROM @extschema@.nvembed_vectorizer_workers() AS w);
+    WHERE q.claimed_by IS NOT NULL AND q.claimed_by <> pg_backend_pid()
+      AND q.claimed_by NOT IN (SELECT w FROM @extschema@.nvembed_vectorizer_workers() AS w);
     LOOP
+        -- A row whose entry is claimed (an UPDATE queued it again while its old text is being
+        -- embedded) waits until that claim settles: two batches in flight never hold one row,
+        -- so settling one never releases or deletes the other's entries, and no row is
+        -- written twice.
         SELECT * INTO v FROM @extschema@.nvembed_vectorizer
         WHERE id = (SELECT q.vectorizer_id FROM @extschema@.nvembed_vectorizer_queue q
                     WHERE q.claimed_by IS NULL AND q.next_attempt_at <= now()
+                      AND NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue held
+                                      WHERE held.vectorizer_id = q.vectorizer_id AND held.row_key = q.row_key
+                                        AND held.claimed_by IS NOT NULL)
                     LIMIT 1);
         IF NOT FOUND THEN
             -- Nothing due, or entries of a vectorizer that is gone: clean up.
@@ -1314,6 +1323,9 @@ BEGIN
     WITH due AS (
         SELECT q.ctid FROM @extschema@.nvembed_vectorizer_queue q
         WHERE q.vectorizer_id = v.id AND q.claimed_by IS NULL AND q.next_attempt_at <= now()
+          AND NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue held
+                          WHERE held.vectorizer_id = q.vectorizer_id AND held.row_key = q.row_key
+                            AND held.claimed_by IS NOT NULL)
         LIMIT max_rows
         FOR UPDATE SKIP LOCKED
     ), claimed AS (

@@ -566,6 +566,20 @@ mod tests {
         assert_eq!((overlap, total), (Some(0), Some(200)));
         remote_exec("vzc_a", "COMMIT");
         remote_exec("vzc_b", "COMMIT");
+        // A row of a's batch changes while a holds it: its new entry waits for a's claim to
+        // settle. a's next batch (a worker claims one per server) takes b's rows, now free
+        // (b is no worker), but never that row, which would leave one row in two of a's batches.
+        let changed = Spi::get_one_with_args::<String>("SELECT ($1::text[])[1][1]", &[a_keys.as_str().into()])
+            .unwrap()
+            .unwrap();
+        remote_exec("vzc", &format!("UPDATE vzc SET body = body || ' changed' WHERE id = {changed}"));
+        let again = remote_text("vzc_a", "SELECT coalesce(row_keys, '{}') FROM nvembed_vectorizer_claim(1000)");
+        let (count, holds_changed) = Spi::get_two_with_args::<i64, bool>(
+            "SELECT count(*), coalesce(bool_or(k = $2), false) FROM unnest($1::text[]) k",
+            &[again.as_str().into(), changed.as_str().into()],
+        )
+        .unwrap();
+        assert_eq!((count, holds_changed), (Some(80), Some(false)), "a's second claim: {again}");
         // Neither claimer is a vectorizer worker: once the worker runs, their claims are free
         // again, and every row is embedded exactly once.
         // (The test configuration is in postgresql.auto.conf, which ALTER SYSTEM rewrites.)

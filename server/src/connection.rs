@@ -218,25 +218,32 @@ pub enum Access {
     },
 }
 
-/// The name a client's connections count under, or why it is refused. On a network listener
-/// the token's name comes first, so two clusters' roles of one name are counted apart.
-fn client_name(identity: &Identity, access: &Access, peer: &str) -> Result<String, (ErrorKind, String)> {
-    match access {
-        Access::Local => Ok(identity.role.clone()),
-        Access::Network { tokens: None, .. } => Ok(format!("{peer}/{}", identity.role)),
+/// The name a client's connections count under, and on the network the group whose
+/// connections count together (the token's name, or the peer's address without a token), or
+/// why it is refused. On a network listener the group comes first in the name, so two
+/// clusters' roles of one name are counted apart.
+fn client_name(identity: &Identity, access: &Access, peer: &str) -> Result<(String, Option<String>), (ErrorKind, String)> {
+    let group = match access {
+        Access::Local => return Ok((identity.role.clone(), None)),
+        Access::Network { tokens: None, .. } => peer
+            .parse::<std::net::SocketAddr>()
+            .map_or_else(|_| peer.to_string(), |address| address.ip().to_string()),
         Access::Network { tokens: Some(tokens), .. } => {
             match identity.token.as_deref().and_then(|t| tokens.check(t.as_bytes())) {
-                Some(name) => Ok(format!("{name}/{}", identity.role)),
-                None => Err((
-                    ErrorKind::Unauthorized,
-                    format!(
-                        "the model server does not accept {} token",
-                        if identity.token.is_some() { "this" } else { "a connection without a" }
-                    ),
-                )),
+                Some(name) => name.to_string(),
+                None => {
+                    return Err((
+                        ErrorKind::Unauthorized,
+                        format!(
+                            "the model server does not accept {} token",
+                            if identity.token.is_some() { "this" } else { "a connection without a" }
+                        ),
+                    ))
+                }
             }
         }
-    }
+    };
+    Ok((format!("{group}/{}", identity.role), Some(group)))
 }
 
 /// Serves one client until it hangs up, goes silent or breaks the protocol. `peer` names it
@@ -275,7 +282,9 @@ pub fn serve_client<P: Peer>(mut stream: P, server: &Server, mut opened: Opened,
                 ServerMessage::Status(server.status()).write(&mut stream).is_ok()
             }
             Some((ClientMessage::Identify(identity), _)) => match client_name(&identity, access, peer)
-                .and_then(|client| opened.admit(&client, identity.role_connections, &server.limits))
+                .and_then(|(client, group)| {
+                    opened.admit(&client, identity.role_connections, group.as_deref(), &server.limits)
+                })
             {
                 Ok(()) => (ServerMessage::Ready { served: server.model.served() }).write(&mut stream).is_ok(),
                 Err((kind, message)) => {

@@ -265,10 +265,12 @@ async fn embeddings(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let client = match app.authenticate(&headers, peer) {
-        Ok(name) => format!("http:{name}"),
+    // Requests count under their own name and, with native connections, under their token's.
+    let group = match app.authenticate(&headers, peer) {
+        Ok(name) => name,
         Err(response) => return response,
     };
+    let client = format!("http:{group}");
     // A request holds a connection slot of its client's share, and room in the text budget
     // for its body (read, then decoded), before its body is read.
     let server = app.server.clone();
@@ -276,7 +278,7 @@ async fn embeddings(
         Stats::add(&server.stats.refused_connections, 1);
         return refusal((ErrorKind::Busy, "the model server is at its connection limit".into()));
     };
-    if let Err(refused) = slot.admit(&client, None, &server.limits) {
+    if let Err(refused) = slot.admit(&client, None, Some(&group), &server.limits) {
         Stats::add(&server.stats.refused_connections, 1);
         return refusal(refused);
     }

@@ -16,6 +16,10 @@ pub const RESERVED_DESCRIPTORS: usize = 128;
 /// Connections past the limit that are still accepted (to be told why they are refused, or to
 /// ask for status) before new ones are closed unread.
 pub const OVERFLOW_CONNECTIONS: usize = 64;
+/// Network connections not yet admitted (in their TLS handshake or before their token) at
+/// once; more are closed unread. Peers that connect and say nothing hold these, never the
+/// slots of admitted clients or of the cluster's own Unix socket.
+pub const UNADMITTED_NETWORK_CONNECTIONS: usize = 64;
 /// Default of `--max-connections` when the descriptor limit allows more.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Text bytes all connections together may hold before tokenizing them (each frame counts
@@ -81,7 +85,9 @@ pub fn connections_the_descriptors_allow() -> usize {
 struct Counts {
     open: usize,
     admitted: usize,
+    unadmitted_network: usize,
     by_role: HashMap<String, usize>,
+    by_token: HashMap<String, usize>,
 }
 
 /// Counts the server's connections.
@@ -94,6 +100,10 @@ pub struct Gate {
 pub struct Opened {
     gate: Arc<Gate>,
     admitted_as: Option<String>,
+    /// The token it was admitted with, on the network.
+    token: Option<String>,
+    /// A network connection still counted as not admitted.
+    unadmitted_network: bool,
 }
 
 impl Gate {
@@ -103,14 +113,27 @@ impl Gate {
 
     /// Counts a new connection, unless `hard_cap` are open already.
     pub fn open(self: &Arc<Self>, hard_cap: usize) -> Option<Opened> {
+        self.open_counted(hard_cap, false)
+    }
+
+    /// Counts a new network connection, unless `hard_cap` are open already or
+    /// `UNADMITTED_NETWORK_CONNECTIONS` network connections wait for admission.
+    pub fn open_network(self: &Arc<Self>, hard_cap: usize) -> Option<Opened> {
+        self.open_counted(hard_cap, true)
+    }
+
+    fn open_counted(self: &Arc<Self>, hard_cap: usize, network: bool) -> Option<Opened> {
         let mut counts = self.counts();
-        if counts.open >= hard_cap {
+        if counts.open >= hard_cap || (network && counts.unadmitted_network >= UNADMITTED_NETWORK_CONNECTIONS) {
             return None;
         }
         counts.open += 1;
+        counts.unadmitted_network += usize::from(network);
         Some(Opened {
             gate: self.clone(),
             admitted_as: None,
+            token: None,
+            unadmitted_network: network,
         })
     }
 
@@ -122,15 +145,23 @@ impl Gate {
 
 impl Opened {
     /// Admits the connection as a client of `role`, which may hold `role_connections` (None:
-    /// its default share of the server's limit).
-    pub fn admit(&mut self, role: &str, role_connections: Option<usize>, limits: &Limits) -> Result<(), Refusal> {
+    /// its default share of the server's limit). On the network, all roles of one `token`
+    /// together hold at most the default share, whatever `role_connections` its client asks.
+    pub fn admit(
+        &mut self,
+        role: &str,
+        role_connections: Option<usize>,
+        token: Option<&str>,
+        limits: &Limits,
+    ) -> Result<(), Refusal> {
         if self.admitted_as.is_some() {
             return Ok(());
         }
+        let share = (limits.max_connections / DEFAULT_ROLE_SHARE).max(1);
         let (role_connections, setting) = match role_connections {
             Some(n) => (n, n.to_string()),
             None => (
-                (limits.max_connections / DEFAULT_ROLE_SHARE).max(1),
+                share,
                 format!("-1: 1/{DEFAULT_ROLE_SHARE} of the server's {}", limits.max_connections),
             ),
         };
@@ -151,7 +182,25 @@ impl Opened {
                 ),
             ));
         }
+        if let Some(token) = token {
+            let held = counts.by_token.get(token).copied().unwrap_or(0);
+            if held >= share {
+                return Err((
+                    ErrorKind::Busy,
+                    format!(
+                        "token \"{token}\" already holds {held} model server connections, its limit \
+                         (1/{DEFAULT_ROLE_SHARE} of the server's {})",
+                        limits.max_connections
+                    ),
+                ));
+            }
+            *counts.by_token.entry(token.to_string()).or_insert(0) += 1;
+            self.token = Some(token.to_string());
+        }
         counts.admitted += 1;
+        if std::mem::take(&mut self.unadmitted_network) {
+            counts.unadmitted_network -= 1;
+        }
         *counts.by_role.entry(role.to_string()).or_insert(0) += 1;
         self.admitted_as = Some(role.to_string());
         Ok(())
@@ -171,14 +220,24 @@ impl Drop for Opened {
     fn drop(&mut self) {
         let mut counts = self.gate.counts();
         counts.open -= 1;
+        if self.unadmitted_network {
+            counts.unadmitted_network -= 1;
+        }
         if let Some(role) = self.admitted_as.take() {
             counts.admitted -= 1;
-            if let Some(held) = counts.by_role.get_mut(&role) {
-                *held -= 1;
-                if *held == 0 {
-                    counts.by_role.remove(&role);
-                }
-            }
+            uncount(&mut counts.by_role, &role);
+        }
+        if let Some(token) = self.token.take() {
+            uncount(&mut counts.by_token, &token);
+        }
+    }
+}
+
+fn uncount(held: &mut HashMap<String, usize>, key: &str) {
+    if let Some(n) = held.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            held.remove(key);
         }
     }
 }

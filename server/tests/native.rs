@@ -212,3 +212,49 @@ fn the_servers_ceiling_bounds_what_a_network_call_may_ask() {
     assert!(matches!(identify(&mut local, None), ServerMessage::Ready { .. }));
     assert_eq!(call(&mut local, &texts, 1_000_000).unwrap().len(), 4);
 }
+
+#[test]
+fn a_token_holds_a_quarter_of_the_connections_and_silent_peers_never_crowd_out_the_socket() {
+    // max_connections 16: a token's roles together hold 4, whatever role_connections a
+    // client asks for.
+    let running = start();
+    let mut held = Vec::new();
+    for n in 0..5 {
+        let mut remote = tls(&running);
+        send(&mut remote, ClientMessage::Hello { build: BUILD_ID.into() });
+        assert_eq!(receive(&mut remote), ServerMessage::Hello { build: BUILD_ID.into() });
+        send(
+            &mut remote,
+            ClientMessage::Identify(Identity {
+                role: format!("role{n}"),
+                role_connections: Some(1000),
+                token: Some(TOKEN.into()),
+            }),
+        );
+        match (n, receive(&mut remote)) {
+            (0..4, ServerMessage::Ready { .. }) => held.push(remote),
+            (4, ServerMessage::Error { kind, message }) => {
+                assert_eq!(kind, ErrorKind::Busy);
+                assert!(message.contains("token \"cluster-a\" already holds 4"), "{message}");
+            }
+            (n, other) => panic!("connection {n}: {other:?}"),
+        }
+    }
+    drop(held);
+    // Peers that connect and never start TLS: past the unadmitted allowance they are closed
+    // unread, and the cluster's Unix socket is still admitted and served.
+    let silent: Vec<TcpStream> = (0..nvembed_server::limits::UNADMITTED_NETWORK_CONNECTIONS + 8)
+        .map(|_| TcpStream::connect(("127.0.0.1", running.port)).unwrap())
+        .collect();
+    let started = Instant::now();
+    let closed_unread = |s: &TcpStream| {
+        s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+        matches!((&*s).read(&mut [0u8; 1]), Ok(0))
+    };
+    while silent.iter().filter(|s| closed_unread(s)).count() < 8 {
+        assert!(started.elapsed() < Duration::from_secs(4), "no silent peer past the allowance was closed");
+    }
+    let mut local = UnixStream::connect(&running.socket).unwrap();
+    assert!(matches!(identify(&mut local, None), ServerMessage::Ready { .. }));
+    assert_eq!(call(&mut local, &["still served".to_string()], 10_000).unwrap().len(), 1);
+}
