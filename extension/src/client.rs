@@ -24,7 +24,8 @@ use crate::connection::{different_builds, protocol_violation, Connection, PRELOA
 use crate::endpoints::{self, Lease, Remote};
 use crate::gucs;
 
-/// Times one call is sent again after its remote server died under it.
+/// Times one call is sent again after its remote server died under it. Once: a text that
+/// crashes servers takes down at most two this way before the vectorizer tries it alone.
 const MAX_RESENDS: usize = 1;
 
 fn refused(remote: &Remote, why: String) -> CallError {
@@ -137,6 +138,7 @@ pub struct VectorStream {
     /// Remote servers this call has tried.
     tried: Vec<String>,
     resends: usize,
+    max_resends: usize,
     expected: usize,
     delivered: usize,
     ready: VecDeque<Vec<f32>>,
@@ -162,19 +164,29 @@ fn send_call(connection: &mut Connection, class: WorkClass, instruction: &str, m
 }
 
 /// Whether a call that failed with `error` may go to another server.
-fn may_resend(error: &CallError, texts: &Option<Vec<String>>, resends: usize) -> bool {
-    error.blame == Blame::Connection && texts.is_some() && resends < MAX_RESENDS
+fn may_resend(error: &CallError, texts: &Option<Vec<String>>, resends: usize, max_resends: usize) -> bool {
+    error.blame == Blame::Connection && texts.is_some() && resends < max_resends
 }
 
 impl VectorStream {
     fn start(class: WorkClass, instruction: &str, max_length: usize, texts: &[String]) -> CallResult<Self> {
+        Self::start_resending(class, instruction, max_length, texts, MAX_RESENDS)
+    }
+
+    fn start_resending(
+        class: WorkClass,
+        instruction: &str,
+        max_length: usize,
+        texts: &[String],
+        max_resends: usize,
+    ) -> CallResult<Self> {
         check_limits(instruction, max_length, texts)?;
         let mut tried = Vec::new();
         let (mut connection, mut lease) = open(text_bytes(texts), &mut tried)?;
         let kept = connection.server.is_some().then(|| texts.to_vec());
         let mut resends = 0;
         while let Err(e) = send_call(&mut connection, class, instruction, max_length, texts) {
-            if !may_resend(&e, &kept, resends) {
+            if !may_resend(&e, &kept, resends, max_resends) {
                 return Err(e);
             }
             endpoints::failed(connection.server.as_deref().unwrap_or_default(), &e.message, true);
@@ -190,6 +202,7 @@ impl VectorStream {
             texts: kept,
             tried,
             resends,
+            max_resends,
             expected: texts.len(),
             delivered: 0,
             ready: VecDeque::new(),
@@ -240,7 +253,7 @@ impl VectorStream {
                     }
                     continue;
                 }
-                Err(e) if may_resend(&e, &self.texts, self.resends) => {
+                Err(e) if may_resend(&e, &self.texts, self.resends, self.max_resends) => {
                     self.resend(e)?;
                     continue;
                 }
@@ -342,15 +355,18 @@ pub fn try_embed_batches(calls: &[BatchCall]) -> Vec<CallResult<Vec<Vec<f32>>>> 
     results.into_iter().map(|r| r.expect("every call finished")).collect()
 }
 
-/// Many texts as bulk work, all vectors at once; failures are returned, not raised.
-pub fn try_embed_batch(instruction: &str, max_length: usize, texts: &[String]) -> CallResult<Vec<Vec<f32>>> {
-    let mut stream = VectorStream::start(WorkClass::Bulk, instruction, max_length, texts)?;
-    let mut vectors = Vec::with_capacity(texts.len());
+/// One text as bulk work, tried alone after its batch failed; failures are returned, not
+/// raised. A lost connection is never sent to another server: the text may be what crashes
+/// servers, and it now fails alone.
+pub fn try_embed_alone(instruction: &str, max_length: usize, text: &str) -> CallResult<Vec<f32>> {
+    let texts = [text.to_string()];
+    let mut stream = VectorStream::start_resending(WorkClass::Bulk, instruction, max_length, &texts, 0)?;
     // try_next checks the count at the end.
-    while let Some(vector) = stream.try_next()? {
-        vectors.push(vector);
+    let vector = stream.try_next()?.ok_or_else(|| stream.wrong_count(0))?;
+    match stream.try_next()? {
+        None => Ok(vector),
+        Some(_) => Err(stream.wrong_count(2)),
     }
-    Ok(vectors)
 }
 
 /// Single-text calls this backend answered lately, most recent first. A statement may evaluate

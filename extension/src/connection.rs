@@ -283,7 +283,8 @@ pub fn call_failed(kind: ErrorKind, message: String) -> CallError {
             PgSqlErrorCode::ERRCODE_TOO_MANY_CONNECTIONS,
             format!("nvembed: {message}"),
             "Close cursors over nvembed_passages / nvembed_queries that are no longer read, or retry later. A superuser \
-             can give a role more with ALTER ROLE ... SET nvembed.max_calls_per_role.",
+             can give a role more with ALTER ROLE ... SET nvembed.max_calls_per_role; on a remote server, all roles \
+             of one token share a quarter of its --max-connections.",
         ),
     }
 }

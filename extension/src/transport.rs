@@ -47,7 +47,12 @@ impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
             Stream::Unix(s) => s.write(buf),
-            Stream::Tls(s) => s.write(buf),
+            // rustls takes no plaintext while the records it sealed wait for a full socket: that
+            // is waiting, as a write timeout on the socket is, not a closed connection.
+            Stream::Tls(s) => match s.write(buf)? {
+                0 if !buf.is_empty() => Err(std::io::ErrorKind::WouldBlock.into()),
+                n => Ok(n),
+            },
         }
     }
 
@@ -78,6 +83,19 @@ fn untrusted(remote: &Remote, what: impl std::fmt::Display) -> CallError {
     )
 }
 
+/// A superuser-only setting's file as an error names it: the path for a superuser's session,
+/// only the setting's name for anyone else (who may not read the setting either). A vectorizer
+/// worker embeds outside a transaction and keeps its errors where the table's readers see
+/// them (`last_error`): it never shows the path.
+fn shown(setting: &str, file: &str) -> String {
+    // SAFETY: superuser() may look the role up in the catalog, which needs a transaction.
+    if unsafe { pgrx::pg_sys::IsTransactionState() && pgrx::pg_sys::superuser() } {
+        format!("{setting} \"{file}\"")
+    } else {
+        setting.to_string()
+    }
+}
+
 fn misconfigured(what: String) -> CallError {
     CallError::new(
         PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR,
@@ -93,10 +111,10 @@ pub fn token() -> CallResult<Option<String>> {
         return Ok(None);
     };
     let text = std::fs::read_to_string(&file)
-        .map_err(|e| misconfigured(format!("nvembed cannot read nvembed.server_token_file \"{file}\": {e}")))?;
+        .map_err(|e| misconfigured(format!("nvembed cannot read {}: {e}", shown("nvembed.server_token_file", &file))))?;
     match text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')) {
         Some(token) => Ok(Some(token.to_string())),
-        None => Err(misconfigured(format!("nvembed.server_token_file \"{file}\" holds no token"))),
+        None => Err(misconfigured(format!("{} holds no token", shown("nvembed.server_token_file", &file)))),
     }
 }
 
@@ -117,14 +135,14 @@ fn tls_config() -> CallResult<Arc<ClientConfig>> {
         Some(file) => {
             let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(file)
                 .and_then(|certs| certs.collect())
-                .map_err(|e| misconfigured(format!("nvembed cannot read nvembed.server_ca_file \"{file}\": {e}")))?;
+                .map_err(|e| misconfigured(format!("nvembed cannot read {}: {e}", shown("nvembed.server_ca_file", file))))?;
             if certificates.is_empty() {
-                return Err(misconfigured(format!("nvembed.server_ca_file \"{file}\" holds no certificate")));
+                return Err(misconfigured(format!("{} holds no certificate", shown("nvembed.server_ca_file", file))));
             }
             for certificate in certificates {
                 roots
                     .add(certificate)
-                    .map_err(|e| misconfigured(format!("nvembed.server_ca_file \"{file}\": {e}")))?;
+                    .map_err(|e| misconfigured(format!("{}: {e}", shown("nvembed.server_ca_file", file))))?;
             }
         }
         None => {
@@ -204,16 +222,54 @@ fn connect_tcp(remote: &Remote, addresses: &[SocketAddr], deadline: Instant) -> 
     ))
 }
 
+/// The addresses of `remote`'s host, waiting at most until `deadline`. The lookup (which may ask
+/// a DNS server that does not answer) runs in a thread of its own, so a cancel or
+/// statement_timeout is not held up by it; a lookup given up on ends on its own.
+fn resolve(remote: &Remote, deadline: Instant) -> CallResult<Vec<SocketAddr>> {
+    // An address needs no lookup.
+    if let Ok(ip) = remote.host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, remote.port)]);
+    }
+    let (host, port) = (remote.host.clone(), remote.port);
+    let (sender, receiver) = std::sync::mpsc::channel();
+    // PostgreSQL's signals (cancel, timeouts, latches) stay with the backend's own thread: the
+    // resolver starts with every signal blocked.
+    // SAFETY: sets and restores this thread's signal mask with valid sets.
+    let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous);
+    }
+    let spawned = std::thread::Builder::new().name("nvembed resolver".into()).spawn(move || {
+        let _ = sender.send((host.as_str(), port).to_socket_addrs().map(Iterator::collect));
+    });
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
+    spawned.map_err(|e| unreachable(remote, e))?;
+    loop {
+        match receiver.recv_timeout(POLL_INTERVAL) {
+            Ok(resolved) => return resolved.map_err(|e| unreachable(remote, e)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                check_interrupts()?;
+                if Instant::now() >= deadline {
+                    return Err(unreachable(remote, "resolving the host name timed out"));
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(unreachable(remote, "the host name lookup failed"))
+            }
+        }
+    }
+}
+
 /// A TLS connection to `remote`, its handshake done and its certificate verified.
 pub fn connect_remote(remote: &Remote) -> CallResult<Stream> {
     let config = tls_config()?;
     let name = ServerName::try_from(remote.host.clone())
         .map_err(|e| unreachable(remote, format!("\"{}\" is not a host name: {e}", remote.host)))?;
     let deadline = Instant::now() + REMOTE_CONNECT_TIMEOUT;
-    let addresses: Vec<SocketAddr> = (remote.host.as_str(), remote.port)
-        .to_socket_addrs()
-        .map_err(|e| unreachable(remote, e))?
-        .collect();
+    let addresses = resolve(remote, deadline)?;
     let mut tcp = connect_tcp(remote, &addresses, deadline)?;
     tcp.set_read_timeout(Some(POLL_INTERVAL)).map_err(|e| unreachable(remote, e))?;
     tcp.set_write_timeout(Some(POLL_INTERVAL)).map_err(|e| unreachable(remote, e))?;
@@ -234,4 +290,20 @@ pub fn connect_remote(remote: &Remote) -> CallResult<Stream> {
         }
     }
     Ok(Stream::Tls(Box::new(StreamOwned::new(tls, tcp))))
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn setting_files_are_named_by_their_path_to_superusers_only() {
+        let shown = || super::shown("nvembed.server_token_file", "/etc/nvembed/token");
+        assert_eq!(shown(), "nvembed.server_token_file \"/etc/nvembed/token\"");
+        Spi::run("CREATE ROLE nvembed_path_reader").unwrap();
+        Spi::run("SET ROLE nvembed_path_reader").unwrap();
+        assert_eq!(shown(), "nvembed.server_token_file");
+        Spi::run("RESET ROLE").unwrap();
+    }
 }

@@ -390,8 +390,8 @@ fn embed(batches: &[Batch]) -> Vec<Result<Vec<Embedded>, CallError>> {
             Err(_) => {
                 let mut results = Vec::with_capacity(texts.len());
                 for text in texts {
-                    match client::try_embed_batch(&batch.instruction, batch.max_length, std::slice::from_ref(&text)) {
-                        Ok(mut vectors) => results.push(Embedded::Vector(vectors.remove(0))),
+                    match client::try_embed_alone(&batch.instruction, batch.max_length, &text) {
+                        Ok(vector) => results.push(Embedded::Vector(vector)),
                         Err(e) if e.blame == Blame::Server => return Err(e),
                         Err(e) => results.push(Embedded::Failed(e.message)),
                     }

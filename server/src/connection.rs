@@ -227,7 +227,7 @@ fn client_name(identity: &Identity, access: &Access, peer: &str) -> Result<(Stri
         Access::Local => return Ok((identity.role.clone(), None)),
         Access::Network { tokens: None, .. } => peer
             .parse::<std::net::SocketAddr>()
-            .map_or_else(|_| peer.to_string(), |address| address.ip().to_string()),
+            .map_or_else(|_| peer.to_string(), |address| address.ip().to_canonical().to_string()),
         Access::Network { tokens: Some(tokens), .. } => {
             match identity.token.as_deref().and_then(|t| tokens.check(t.as_bytes())) {
                 Some(name) => name.to_string(),

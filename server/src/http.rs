@@ -81,7 +81,7 @@ impl App {
     #[allow(clippy::result_large_err)] // axum's Response, returned as is
     fn authenticate(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<String, Response> {
         let Some(tokens) = &self.settings.tokens else {
-            return Ok(peer.ip().to_string());
+            return Ok(peer.ip().to_canonical().to_string());
         };
         let presented = headers
             .get(header::AUTHORIZATION)

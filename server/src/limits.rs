@@ -3,6 +3,7 @@
 //! can take the descriptors, threads or memory that the others need.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,10 +17,12 @@ pub const RESERVED_DESCRIPTORS: usize = 128;
 /// Connections past the limit that are still accepted (to be told why they are refused, or to
 /// ask for status) before new ones are closed unread.
 pub const OVERFLOW_CONNECTIONS: usize = 64;
-/// Network connections not yet admitted (in their TLS handshake or before their token) at
-/// once; more are closed unread. Peers that connect and say nothing hold these, never the
-/// slots of admitted clients or of the cluster's own Unix socket.
-pub const UNADMITTED_NETWORK_CONNECTIONS: usize = 64;
+/// Native network connections of one peer address not yet admitted (in their TLS handshake or
+/// before their token) at once; more of that peer's are closed unread. All peers together may
+/// have half of `max_connections` (at least twice this many) waiting: peers that connect and say
+/// nothing never take the slots of admitted clients or of the cluster's own Unix socket, and
+/// one host's cannot shut out the others'.
+pub const UNADMITTED_PER_PEER: usize = 64;
 /// Default of `--max-connections` when the descriptor limit allows more.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Text bytes all connections together may hold before tokenizing them (each frame counts
@@ -52,6 +55,11 @@ impl Limits {
     /// Connections at which new ones are closed without a word.
     pub fn hard_cap(&self) -> usize {
         self.max_connections + OVERFLOW_CONNECTIONS
+    }
+
+    /// Native network connections of all peers that may wait for admission at once.
+    pub fn unadmitted_network(&self) -> usize {
+        (self.max_connections / 2).max(2 * UNADMITTED_PER_PEER)
     }
 }
 
@@ -86,6 +94,7 @@ struct Counts {
     open: usize,
     admitted: usize,
     unadmitted_network: usize,
+    unadmitted_by_peer: HashMap<IpAddr, usize>,
     by_role: HashMap<String, usize>,
     by_token: HashMap<String, usize>,
 }
@@ -102,8 +111,8 @@ pub struct Opened {
     admitted_as: Option<String>,
     /// The token it was admitted with, on the network.
     token: Option<String>,
-    /// A network connection still counted as not admitted.
-    unadmitted_network: bool,
+    /// The peer of a network connection still counted as not admitted.
+    unadmitted_network: Option<IpAddr>,
 }
 
 impl Gate {
@@ -113,28 +122,30 @@ impl Gate {
 
     /// Counts a new connection, unless `hard_cap` are open already.
     pub fn open(self: &Arc<Self>, hard_cap: usize) -> Option<Opened> {
-        self.open_counted(hard_cap, false)
-    }
-
-    /// Counts a new network connection, unless `hard_cap` are open already or
-    /// `UNADMITTED_NETWORK_CONNECTIONS` network connections wait for admission.
-    pub fn open_network(self: &Arc<Self>, hard_cap: usize) -> Option<Opened> {
-        self.open_counted(hard_cap, true)
-    }
-
-    fn open_counted(self: &Arc<Self>, hard_cap: usize, network: bool) -> Option<Opened> {
         let mut counts = self.counts();
-        if counts.open >= hard_cap || (network && counts.unadmitted_network >= UNADMITTED_NETWORK_CONNECTIONS) {
+        if counts.open >= hard_cap {
             return None;
         }
         counts.open += 1;
-        counts.unadmitted_network += usize::from(network);
-        Some(Opened {
-            gate: self.clone(),
-            admitted_as: None,
-            token: None,
-            unadmitted_network: network,
-        })
+        Some(Opened::new(self, None))
+    }
+
+    /// Counts a new native network connection from `peer`, unless `hard_cap` are open already,
+    /// or too many network connections (of this peer, or of all) wait for admission.
+    pub fn open_network(self: &Arc<Self>, limits: &Limits, peer: IpAddr) -> Option<Opened> {
+        let peer = peer.to_canonical();
+        let mut counts = self.counts();
+        let waiting = counts.unadmitted_by_peer.get(&peer).copied().unwrap_or(0);
+        if counts.open >= limits.hard_cap()
+            || waiting >= UNADMITTED_PER_PEER
+            || counts.unadmitted_network >= limits.unadmitted_network()
+        {
+            return None;
+        }
+        counts.open += 1;
+        counts.unadmitted_network += 1;
+        *counts.unadmitted_by_peer.entry(peer).or_insert(0) += 1;
+        Some(Opened::new(self, Some(peer)))
     }
 
     /// Admitted connections now.
@@ -144,6 +155,23 @@ impl Gate {
 }
 
 impl Opened {
+    fn new(gate: &Arc<Gate>, unadmitted_network: Option<IpAddr>) -> Self {
+        Self {
+            gate: gate.clone(),
+            admitted_as: None,
+            token: None,
+            unadmitted_network,
+        }
+    }
+
+    /// A network connection of `peer` no longer counts as waiting for admission.
+    fn no_longer_waiting(counts: &mut Counts, peer: Option<IpAddr>) {
+        if let Some(peer) = peer {
+            counts.unadmitted_network -= 1;
+            uncount(&mut counts.unadmitted_by_peer, &peer);
+        }
+    }
+
     /// Admits the connection as a client of `role`, which may hold `role_connections` (None:
     /// its default share of the server's limit). On the network, all roles of one `token`
     /// together hold at most the default share, whatever `role_connections` its client asks.
@@ -198,9 +226,7 @@ impl Opened {
             self.token = Some(token.to_string());
         }
         counts.admitted += 1;
-        if std::mem::take(&mut self.unadmitted_network) {
-            counts.unadmitted_network -= 1;
-        }
+        Self::no_longer_waiting(&mut counts, self.unadmitted_network.take());
         *counts.by_role.entry(role.to_string()).or_insert(0) += 1;
         self.admitted_as = Some(role.to_string());
         Ok(())
@@ -220,9 +246,7 @@ impl Drop for Opened {
     fn drop(&mut self) {
         let mut counts = self.gate.counts();
         counts.open -= 1;
-        if self.unadmitted_network {
-            counts.unadmitted_network -= 1;
-        }
+        Self::no_longer_waiting(&mut counts, self.unadmitted_network.take());
         if let Some(role) = self.admitted_as.take() {
             counts.admitted -= 1;
             uncount(&mut counts.by_role, &role);
@@ -233,7 +257,7 @@ impl Drop for Opened {
     }
 }
 
-fn uncount(held: &mut HashMap<String, usize>, key: &str) {
+fn uncount<K: std::hash::Hash + Eq>(held: &mut HashMap<K, usize>, key: &K) {
     if let Some(n) = held.get_mut(key) {
         *n -= 1;
         if *n == 0 {

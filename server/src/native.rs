@@ -11,7 +11,7 @@ use std::time::Duration;
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
 use crate::connection::{serve_client, Access, Peer, Server};
-use crate::limits::{Throttled, UNADMITTED_NETWORK_CONNECTIONS};
+use crate::limits::{Throttled, UNADMITTED_PER_PEER};
 use crate::stats::Stats;
 
 /// Bytes of plaintext gathered before they are sealed into TLS records: a frame written in
@@ -75,14 +75,16 @@ pub fn serve_tls(listener: TcpListener, tls: Arc<ServerConfig>, server: Arc<Serv
                 continue;
             }
         };
-        let Some(opened) = server.gate.open_network(server.limits.hard_cap()) else {
+        let Some(opened) = server.gate.open_network(&server.limits, address.ip()) else {
             // Closed before TLS: the client sees the connection closed and tries another server.
             Stats::add(&server.stats.refused_connections, 1);
             FULL.log(|| {
                 format!(
-                    "closing a TCP connection unread: {} connections are open, or {UNADMITTED_NETWORK_CONNECTIONS} \
-                     wait for admission",
-                    server.limits.hard_cap()
+                    "closing a TCP connection from {} unread: {} connections are open, or {UNADMITTED_PER_PEER} of \
+                     that peer or {} in all wait for admission",
+                    address.ip(),
+                    server.limits.hard_cap(),
+                    server.limits.unadmitted_network()
                 )
             });
             continue;

@@ -214,7 +214,7 @@ fn the_servers_ceiling_bounds_what_a_network_call_may_ask() {
 }
 
 #[test]
-fn a_token_holds_a_quarter_of_the_connections_and_silent_peers_never_crowd_out_the_socket() {
+fn a_token_holds_a_quarter_of_the_connections_and_silent_peers_never_crowd_out_others() {
     // max_connections 16: a token's roles together hold 4, whatever role_connections a
     // client asks for.
     let running = start();
@@ -241,9 +241,9 @@ fn a_token_holds_a_quarter_of_the_connections_and_silent_peers_never_crowd_out_t
         }
     }
     drop(held);
-    // Peers that connect and never start TLS: past the unadmitted allowance they are closed
-    // unread, and the cluster's Unix socket is still admitted and served.
-    let silent: Vec<TcpStream> = (0..nvembed_server::limits::UNADMITTED_NETWORK_CONNECTIONS + 8)
+    // Peers that connect and never start TLS: past one peer's allowance they are closed unread,
+    // and the cluster's Unix socket and other hosts are still admitted and served.
+    let silent: Vec<TcpStream> = (0..nvembed_server::limits::UNADMITTED_PER_PEER + 8)
         .map(|_| TcpStream::connect(("127.0.0.1", running.port)).unwrap())
         .collect();
     let started = Instant::now();
@@ -257,4 +257,14 @@ fn a_token_holds_a_quarter_of_the_connections_and_silent_peers_never_crowd_out_t
     let mut local = UnixStream::connect(&running.socket).unwrap();
     assert!(matches!(identify(&mut local, None), ServerMessage::Ready { .. }));
     assert_eq!(call(&mut local, &["still served".to_string()], 10_000).unwrap().len(), 1);
+    // Another host (127.0.0.2) is admitted and served over the network meanwhile.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 2], 0)).into()).unwrap();
+    socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], running.port)).into()).unwrap();
+    let tcp: TcpStream = socket.into();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut other = rustls::StreamOwned::new(rustls::ClientConnection::new(running.client.clone(), name).unwrap(), tcp);
+    assert!(matches!(identify(&mut other, Some(TOKEN)), ServerMessage::Ready { .. }));
+    assert_eq!(call(&mut other, &["served too".to_string()], 10_000).unwrap().len(), 1);
 }
