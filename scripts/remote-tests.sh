@@ -185,6 +185,24 @@ resent=$("${PSQL[@]}" -At -c "SELECT rows FROM nvembed_status() WHERE server <> 
 echo "PASS a streaming call of 1,500 texts whose server ($busy) was SIGKILLed part-way: every vector once and in order, the rest from the other server ($resent rows there in all)"
 if [ "$busy" = "localhost:$PA" ]; then start_server "$PA" "$TLS/a3.log"; A=${SERVERS[-1]}; else start_server "$PB" "$TLS/b3.log"; B=${SERVERS[-1]}; fi
 
+# Alone in nvembed.servers, a server killed under a call: nothing is left to send the rest to,
+# and the caller sees the lost connection, naming the server (08006).
+reload "ALTER SYSTEM SET nvembed.servers = 'localhost:$PB'"
+"${PSQL[@]}" -v VERBOSITY=verbose -c "SELECT count(*) FROM nvembed_passages(ARRAY(SELECT body FROM streamed_texts ORDER BY n))" \
+  > "$TLS/alone.log" 2>&1 &
+call=$!
+for _ in $(seq 200); do
+  [ "$("${PSQL[@]}" -At -c "SELECT waiting > 0 FROM nvembed_status()" 2>/dev/null || true)" = t ] && break
+  sleep 0.05
+done
+kill -9 "$B"
+wait "$B" 2>/dev/null || true
+! wait "$call" || fail "a call whose only server was killed succeeded: $(cat "$TLS/alone.log")"
+grep -q "ERROR:  08006: nvembed model server localhost:$PB connection lost" "$TLS/alone.log" \
+  || fail "a call whose only server was killed: $(cat "$TLS/alone.log")"
+echo "PASS a call whose only server was SIGKILLed part-way: 08006 \"nvembed model server localhost:$PB connection lost\""
+start_server "$PB" "$TLS/b4.log"; B=${SERVERS[-1]}
+
 # 2. What a cluster must refuse, each alone in nvembed.servers.
 PC=$(free_port); PD=$(free_port); PE=$(free_port); PF=$(free_port); PG=$(free_port)
 start_server "$PC" "$TLS/c.log" --tokens-file "$TLS/other-tokens"

@@ -163,9 +163,13 @@ fn send_call(connection: &mut Connection, class: WorkClass, instruction: &str, m
     Ok(())
 }
 
-/// Whether a call that failed with `error` may go to another server.
-fn may_resend(error: &CallError, texts: &Option<Vec<String>>, resends: usize, max_resends: usize) -> bool {
-    error.blame == Blame::Connection && texts.is_some() && resends < max_resends
+/// Whether a call that failed with `error` may go to another server: one is left that it has
+/// not tried (else the caller sees what happened to the last one, not "no server left").
+fn may_resend(error: &CallError, texts: &Option<Vec<String>>, resends: usize, max_resends: usize, tried: &[String]) -> bool {
+    error.blame == Blame::Connection
+        && texts.is_some()
+        && resends < max_resends
+        && endpoints::remotes().iter().any(|r| !tried.contains(&r.address))
 }
 
 impl VectorStream {
@@ -186,7 +190,7 @@ impl VectorStream {
         let kept = connection.server.is_some().then(|| texts.to_vec());
         let mut resends = 0;
         while let Err(e) = send_call(&mut connection, class, instruction, max_length, texts) {
-            if !may_resend(&e, &kept, resends, max_resends) {
+            if !may_resend(&e, &kept, resends, max_resends, &tried) {
                 return Err(e);
             }
             endpoints::failed(connection.server.as_deref().unwrap_or_default(), &e.message, true);
@@ -253,7 +257,7 @@ impl VectorStream {
                     }
                     continue;
                 }
-                Err(e) if may_resend(&e, &self.texts, self.resends, self.max_resends) => {
+                Err(e) if may_resend(&e, &self.texts, self.resends, self.max_resends, &self.tried) => {
                     self.resend(e)?;
                     continue;
                 }

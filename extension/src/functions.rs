@@ -155,6 +155,12 @@ fn status_rows() -> Vec<StatusRow> {
         .iter()
         .map(|remote| match client::remote_status(remote) {
             Ok(status) => status_row(remote.address.clone(), Some(status), endpoints::last_error(&remote.address)),
+            // Busy: up and answering, but this cluster's share of it is in use.
+            Err(e) if e.code == PgSqlErrorCode::ERRCODE_TOO_MANY_CONNECTIONS => {
+                let mut row = status_row(remote.address.clone(), None, Some(e.message));
+                row.0 = true;
+                row
+            }
             // Recorded, but a status poll never takes a server out of rotation: only calls do.
             Err(e) => {
                 endpoints::failed(&remote.address, &e.message, false);

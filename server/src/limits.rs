@@ -200,28 +200,16 @@ impl Opened {
                 format!("the model server already serves its limit of {} connections", limits.max_connections),
             ));
         }
-        let held = counts.by_role.get(role).copied().unwrap_or(0);
-        if held >= role_connections {
-            return Err((
-                ErrorKind::Busy,
-                format!(
-                    "role \"{role}\" already holds {held} model server connections, its limit \
-                     (nvembed.max_calls_per_role = {setting})"
-                ),
-            ));
-        }
+        holds_less(&counts.by_role, role, role_connections, || {
+            (format!("role \"{role}\""), format!("nvembed.max_calls_per_role = {setting}"))
+        })?;
         if let Some(token) = token {
-            let held = counts.by_token.get(token).copied().unwrap_or(0);
-            if held >= share {
-                return Err((
-                    ErrorKind::Busy,
-                    format!(
-                        "token \"{token}\" already holds {held} model server connections, its limit \
-                         (1/{DEFAULT_ROLE_SHARE} of the server's {})",
-                        limits.max_connections
-                    ),
-                ));
-            }
+            holds_less(&counts.by_token, token, share, || {
+                (
+                    format!("token \"{token}\""),
+                    format!("1/{DEFAULT_ROLE_SHARE} of the server's {}", limits.max_connections),
+                )
+            })?;
             *counts.by_token.entry(token.to_string()).or_insert(0) += 1;
             self.token = Some(token.to_string());
         }
@@ -255,6 +243,25 @@ impl Drop for Opened {
             uncount(&mut counts.by_token, &token);
         }
     }
+}
+
+/// Refuses another connection of `key` when it holds `limit` of them in `held`; `named` says
+/// who holds them and what sets the limit.
+fn holds_less(
+    held: &HashMap<String, usize>,
+    key: &str,
+    limit: usize,
+    named: impl FnOnce() -> (String, String),
+) -> Result<(), Refusal> {
+    let holds = held.get(key).copied().unwrap_or(0);
+    if holds < limit {
+        return Ok(());
+    }
+    let (holder, setting) = named();
+    Err((
+        ErrorKind::Busy,
+        format!("{holder} already holds {holds} model server connections, its limit ({setting})"),
+    ))
 }
 
 fn uncount<K: std::hash::Hash + Eq>(held: &mut HashMap<K, usize>, key: &K) {
