@@ -67,6 +67,7 @@ demo: setup server
 bench: setup server
 	bash scripts/bench.sh
 	bash scripts/bench-remote.sh
+	bash scripts/bench-search.sh
 
 # The GPU build compiles (no GPU needed; downloads NVIDIA's CUDA wheels once). Not part of `test`.
 cuda-check:

@@ -145,6 +145,13 @@ INSERT INTO events SELECT g, '2026-06-01'::date + g, 'event ' || g FROM generate
 SQL
 wait_embedded dumped notes
 wait_embedded dumped events
+sql dumped -c "SELECT nvembed_create_search_index('notes')" >/dev/null
+# The search of notes through its index (centred: its centre is a constant of the index
+# expression, nothing else is dumped): the ids found, and whether the index was scanned.
+indexed_search="BEGIN; SET LOCAL enable_seqscan = off;
+  SELECT string_agg((h.item).id::text, ',') FROM nvembed_search(NULL::notes, 'note 7', 5, candidates => 30) h;
+  SELECT pg_stat_get_xact_numscans(i.indexrelid) FROM pg_index i WHERE i.indrelid = 'notes'::regclass AND NOT i.indisprimary;
+  COMMIT;"
 "${AS_PG[@]}" "$PG_BINDIR/pg_dump" -h "$WORK" -p "$PORT" -U postgres -Fc -d dumped -f "$WORK/dumped.dump"
 counters() { sql postgres -c "SELECT requests || ',' || tokens FROM nvembed_status()"; }
 before=$(counters)
@@ -159,6 +166,10 @@ fingerprint="SELECT (SELECT md5(string_agg(id || body || embedding::text, ',' OR
   || (SELECT md5(string_agg(id || body || embedding::text, ',' ORDER BY id)) FROM events)
   || (SELECT string_agg(tbl || ':' || embedded || ':' || pending || ':' || failed, ',' ORDER BY id) FROM nvembed_vectorizer_status)"
 [ "$(sql dumped -c "$fingerprint")" = "$(sql restored -c "$fingerprint")" ] || fail "restored rows or vectorizers differ from the dumped ones"
+dumped_search=$(sql dumped <<<"$indexed_search" | tr '\n' ' ')
+restored_search=$(sql restored <<<"$indexed_search" | tr '\n' ' ')
+[ "$restored_search" = "$dumped_search" ] && [ "${dumped_search#* }" = "1 " ] \
+  || fail "nvembed_search through the restored index found $restored_search (ids, index scans), the dumped database $dumped_search"
 sql restored >/dev/null <<'SQL'
 INSERT INTO docs VALUES (21, 'document 21');
 INSERT INTO notes VALUES (31, 'note 31');
@@ -180,7 +191,7 @@ SELECT (SELECT count(*) FROM docs WHERE (SELECT max(abs(p - q)) FROM unnest(embe
 SQL
 )
 [ "$result" = "21,31,12,1,3" ] || fail "after the restore: correct docs,notes,events,later rows, vectorizers = $result (want 21,31,12,1,3)"
-echo "PASS pg_dump/pg_restore: vectors, triggers and 2 vectorizers (one partitioned) restored as they were, no model call; new rows, a new partition and a new vectorizer are embedded"
+echo "PASS pg_dump/pg_restore: vectors, triggers, 2 vectorizers (one partitioned) and a search index restored as they were (the search uses the restored index: ${restored_search% *}), no model call; new rows, a new partition and a new vectorizer are embedded"
 
 # 3. A streaming hot standby answers nvembed_query with its own model server.
 # (pg_basebackup warns that it skips the model server's socket.)
@@ -195,13 +206,17 @@ search="SELECT string_agg(id::text, ',' ORDER BY embedding::vector <#> nvembed_q
 primary=$(sql dumped -c "$search")
 standby=$("${SPSQL[@]}" -d dumped -c "SELECT pg_is_in_recovery()" -c "$search" | tr '\n' ' ')
 [ "$standby" = "t $primary " ] || fail "the standby's search ($standby) differs from the primary's ($primary)"
+search="SELECT string_agg((h.item).id::text, ',') FROM nvembed_search(NULL::notes, 'note 7', 5) h"
+primary=$(sql dumped -c "$search")
+standby=$("${SPSQL[@]}" -d dumped -c "$search")
+[ -n "$primary" ] && [ "$standby" = "$primary" ] || fail "the standby's nvembed_search ($standby) differs from the primary's ($primary)"
 pids=$(sql postgres -c "SELECT pid FROM nvembed_status()"),$("${SPSQL[@]}" -d postgres -c "SELECT pid FROM nvembed_status()")
 [ "${pids%,*}" != "${pids#*,}" ] || fail "the standby did not start its own model server (pids $pids)"
 if grep -E 'ERROR|FATAL|PANIC' "$WORK/standby.log" | grep -v 'the database system is starting up' >&2; then
   fail "the standby logged errors (above)"
 fi
 rows=$("${SPSQL[@]}" -d dumped -c "SELECT count(*) FROM docs")
-echo "PASS hot standby: $rows rows searched with its own model server (pids primary,standby = $pids), same order as the primary, no errors in its log"
+echo "PASS hot standby: $rows rows searched with its own model server (pids primary,standby = $pids), same order as the primary, nvembed_search too, no errors in its log"
 
 # 4. `make demo` where the hub cannot be reached: after the load error, one line names the offline
 # demo, and that command works.

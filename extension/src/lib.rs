@@ -37,6 +37,11 @@ pgrx::extension_sql_file!(
     name = "vectorizer",
     requires = ["functions", functions::nvembed_model_dimension]
 );
+pgrx::extension_sql_file!(
+    "../sql/search.sql",
+    name = "search",
+    requires = ["functions", functions::nvembed_model_dimension]
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
@@ -49,6 +54,8 @@ pub extern "C-unwind" fn _PG_init() {
     }
 }
 
+#[cfg(any(test, feature = "pg_test"))]
+mod search_tests;
 #[cfg(any(test, feature = "pg_test"))]
 mod serving_tests;
 #[cfg(any(test, feature = "pg_test"))]
