@@ -36,7 +36,7 @@ CREATE TABLE wide (id int PRIMARY KEY, e vector(4096));
 INSERT INTO wide SELECT i, (SELECT array_agg(random() - 0.4) FROM generate_series(1, 4096) WHERE i > 0)::real[]::vector
 FROM generate_series(1, 1500) i;
 ANALYZE wide;
-SELECT nvembed_create_search_index('wide') IS NOT NULL;
+SELECT nvembed_create_search_index('wide', centred => true) IS NOT NULL;
 CREATE TABLE q AS SELECT (SELECT array_agg(random() - 0.4) FROM generate_series(1, 4096))::real[] AS v;
 BEGIN;
 SET LOCAL enable_seqscan = off;

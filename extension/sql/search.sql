@@ -5,17 +5,19 @@
 -- HNSW index with Hamming distance) and searched in two steps: the index's nearest candidates,
 -- then the exact inner product over those candidates only.
 --
--- The bits are the signs of the vector minus the column's mean, not of the vector itself:
--- embeddings of decoder models share a common direction, so un-centred sign bits are mostly the
--- same for every row and say little about which rows are near (scripts/bench-search.sh
--- measures both). The mean is an IMMUTABLE SQL function of its own beside the table,
--- `<table>_<column>_centre()`, which the index expression calls: a 4,096-dim constant written
--- into the expression would not fit in pg_index's row (pg_index has no TOAST), and the planner
--- inlines the function, so queries match the index as if the constant were written out. Nothing
--- else is recorded: nvembed_search finds the index and its centre function in the index
--- definition, so a dropped or renamed index, pg_dump and restore, and a standby need no
--- bookkeeping, and an index made by hand as binary_quantize(column)::bit(n) (not centred) is
--- used too.
+-- The bits are the signs of the vector itself by default. Embeddings of decoder models share a
+-- common direction, so many of those bits are the same for every row; the signs of the vector
+-- minus the column's mean (`centred => true`) spread the bits, but scripts/bench-search.sh
+-- measured them no better and mostly a little worse (README): the Hamming distance of raw signs
+-- estimates the angle between query and row, which for unit vectors is the ranking itself, while
+-- centred signs estimate the angle between the centred vectors, which leaves out each row's own
+-- share of the common direction. A centre is an IMMUTABLE SQL function of its own beside the
+-- table, `<table>_<column>_centre()`, which the index expression calls: a 4,096-dim constant
+-- written into the expression would not fit in pg_index's row (pg_index has no TOAST), and the
+-- planner inlines the function, so queries match the index as if the constant were written out.
+-- Nothing else is recorded: nvembed_search finds the index (and its centre function) in the
+-- index definition, so a dropped or renamed index, pg_dump and restore, and a standby need no
+-- bookkeeping, and an index made by hand as binary_quantize(column)::bit(n) is used too.
 --
 -- nvembed_search is SECURITY INVOKER and does not pin search_path: the caller's filter is the
 -- caller's SQL, resolved as the caller's own WHERE clause would be. Everything nvembed adds to
@@ -26,10 +28,11 @@
 -- dimension of the column's, far below the spread of the bits it centres.
 CREATE FUNCTION nvembed_search_centre_sample_rows() RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE RETURN 50000;
--- Candidates the index gives for re-ranking when the caller does not say: recall@10 ≥ 0.95
--- on the benchmark's 100,000 clustered vectors (README, "Search and indexing").
+-- Candidates the index gives for re-ranking when the caller does not say (README, "Search and
+-- indexing", has what the benchmark measured at this and other numbers).
 CREATE FUNCTION nvembed_search_default_candidates(k integer) RETURNS integer
-LANGUAGE sql IMMUTABLE PARALLEL SAFE RETURN pg_catalog.int4larger(400, k OPERATOR(pg_catalog.*) 10);
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN pg_catalog.int8smaller(2147483647, pg_catalog.int8larger(200, k::pg_catalog.int8 OPERATOR(pg_catalog.*) 10))::pg_catalog.int4;
 
 -- The schema pgvector is installed in; an ERROR naming the fix if it is not installed, or too
 -- old for binary_quantize (0.7.0).
@@ -58,8 +61,9 @@ $$;
 
 -- The column of `tbl` to search: `requested_column`, or the table's one vector/halfvec column when
 -- NULL. It must be vector(n) or halfvec(n) with n fixed (an index of bit(n) can hold nothing
--- else) and, while a model is loaded, n must be the model's dimension.
-CREATE FUNCTION nvembed_search_column(tbl regclass, requested_column name,
+-- else) and, when `against_model` and a model is loaded, n must be the model's dimension (a
+-- search checks its query vector instead: asking the model server costs a round trip).
+CREATE FUNCTION nvembed_search_column(tbl regclass, requested_column name, against_model boolean,
                                       OUT column_name name, OUT type_name name, OUT dimensions integer)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -110,7 +114,9 @@ BEGIN
             HINT = format('An index of sign bits needs every row to have the same length: ALTER TABLE %s ALTER COLUMN %I TYPE %s(n), with n the model''s dimension.',
                           tbl, column_name, type_name);
     END IF;
-    model_dimension := @extschema@.nvembed_model_dimension();
+    IF against_model THEN
+        model_dimension := @extschema@.nvembed_model_dimension();
+    END IF;
     IF model_dimension IS NOT NULL AND dimensions <> model_dimension THEN
         RAISE EXCEPTION 'column % of % has % dimensions, but the model''s vectors have %', quote_ident(column_name), tbl,
             dimensions, model_dimension
@@ -134,20 +140,19 @@ RETURN CASE WHEN centre IS NULL
                 @extschema@.nvembed_search_vector_schema(), column_name, centre::text, dimensions)
 END;
 
--- The valid sign-bit index of `tbl`'s `column_name`, centred ones first, with its expression
--- (fully schema-qualified) and its centre function (NULL for an un-centred index); no row if
--- there is none. A centre function is IMMUTABLE, takes nothing and returns the column's type.
--- Read from the catalog on every call: an index dropped or created since is seen at once.
+-- The valid sign-bit index of `tbl`'s `column_name`, centred ones first, with its expression and
+-- its centre function's call (both fully schema-qualified; the call NULL for an un-centred
+-- index); no row if there is none. A centre function is one the index depends on that is
+-- IMMUTABLE, takes nothing and returns the column's type. Read from the catalog on every call:
+-- an index dropped or created since is seen at once.
 CREATE FUNCTION nvembed_search_index(tbl regclass, column_name name, dimensions integer,
-                                     OUT index regclass, OUT expression text, OUT centre regprocedure)
+                                     OUT index regclass, OUT expression text, OUT centre text)
 RETURNS SETOF record
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT i.index, i.expression, f.oid::regprocedure
-    FROM (SELECT x.indexrelid::regclass AS index, pg_get_expr(x.indexprs, x.indrelid) AS expression,
-                 to_regprocedure(substring(pg_get_expr(x.indexprs, x.indrelid)
-                                           FROM 'OPERATOR\(\S+\.-\) (\S+\(\))\)\)\)::bit\(\d+\)$')) AS centre
+    SELECT i.index, i.expression, f.oid::regprocedure::text
+    FROM (SELECT x.indexrelid, x.indexrelid::regclass AS index, pg_get_expr(x.indexprs, x.indrelid) AS expression
           FROM pg_index x
           JOIN pg_class c ON c.oid = x.indexrelid
           JOIN pg_am am ON am.oid = c.relam
@@ -156,8 +161,9 @@ AS $$
           WHERE x.indrelid = $1 AND am.amname = 'hnsw' AND o.opcname = 'bit_hamming_ops'
             AND n.nspname = @extschema@.nvembed_search_vector_schema()
             AND x.indisvalid AND x.indisready AND x.indnkeyatts = 1 AND x.indkey[0] = 0 AND x.indpred IS NULL) i
-    LEFT JOIN pg_proc f ON f.oid = i.centre AND f.provolatile = 'i' AND f.pronargs = 0
-                       AND f.prorettype = (SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = $1 AND a.attname = $2)
+    LEFT JOIN (pg_depend d JOIN pg_proc f ON f.oid = d.refobjid AND f.provolatile = 'i' AND f.pronargs = 0
+                                         AND f.prorettype = (SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = $1 AND a.attname = $2))
+           ON d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid AND d.refclassid = 'pg_proc'::regclass
     WHERE i.expression = @extschema@.nvembed_search_index_expression($2, $3, f.oid::regprocedure)
     ORDER BY f.oid IS NULL, i.index
 $$;
@@ -165,36 +171,45 @@ $$;
 -- The CREATE INDEX statement nvembed_create_search_index runs, for running it yourself
 -- (CONCURRENTLY, with other HNSW parameters, in a maintenance window). A centred one computes
 -- the column's mean now, from a sample of up to nvembed_search_centre_sample_rows() rows, and
--- (re)creates the centre function `<table>_<column>_centre()` in the table's schema.
-CREATE FUNCTION nvembed_search_index_statement(tbl regclass, column_name name DEFAULT NULL, centred boolean DEFAULT true,
+-- creates its centre function in the table's schema: `<table>_<column>_centre()`, or that name
+-- with a number when it is taken (an index that would replace another's centre would no longer
+-- match its own rows).
+CREATE FUNCTION nvembed_search_index_statement(tbl regclass, column_name name DEFAULT NULL, centred boolean DEFAULT false,
                                                build_concurrently boolean DEFAULT false)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    col record := @extschema@.nvembed_search_column(tbl, column_name);
+    col record := @extschema@.nvembed_search_column(tbl, column_name, true);
     vector_schema name := @extschema@.nvembed_search_vector_schema();
     existing regclass;
     estimated_rows double precision;
     sample text := '';
     mean text;
     table_schema name;
+    base_name text;
     centre_name text;
+    suffix integer := 1;
     centre regprocedure;
 BEGIN
     IF centred IS NULL OR build_concurrently IS NULL THEN
         RAISE EXCEPTION 'centred and build_concurrently must be true or false' USING ERRCODE = 'null_value_not_allowed';
     END IF;
+    IF build_concurrently AND (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) = 'p' THEN
+        RAISE EXCEPTION 'PostgreSQL cannot build an index of a partitioned table concurrently' USING ERRCODE = 'feature_not_supported',
+            HINT = 'Build it without build_concurrently, or concurrently on each partition with the same expression.';
+    END IF;
     SELECT s.index INTO existing FROM @extschema@.nvembed_search_index(tbl, col.column_name, col.dimensions) s LIMIT 1;
     IF existing IS NOT NULL THEN
         RAISE EXCEPTION 'column % of % already has a search index, %', quote_ident(col.column_name), tbl, existing
-            USING ERRCODE = 'duplicate_object', HINT = format('To centre it on the column''s current mean, DROP INDEX %s first.', existing);
+            USING ERRCODE = 'duplicate_object', HINT = format('To make it again (another kind, or centred on the column''s current mean), DROP INDEX %s first.', existing);
     END IF;
     IF centred THEN
-        -- reltuples of the table, or of its partitions (a partitioned table's own is -1).
-        SELECT sum(c.reltuples) FILTER (WHERE c.reltuples > 0) INTO estimated_rows
-        FROM pg_class c WHERE c.oid = tbl OR c.oid IN (SELECT p.relid FROM pg_partition_tree(tbl) p);
+        -- reltuples of the table and of its partitions or inheritance children (a partitioned
+        -- table's own is -1), all of which the mean is taken over.
+        WITH RECURSIVE tree(oid) AS (SELECT tbl::oid UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)
+        SELECT sum(c.reltuples) FILTER (WHERE c.reltuples > 0) INTO estimated_rows FROM pg_class c JOIN tree USING (oid);
         IF estimated_rows > @extschema@.nvembed_search_centre_sample_rows() THEN
             sample := format(' TABLESAMPLE BERNOULLI (%s) REPEATABLE (0)',
                              100.0 * @extschema@.nvembed_search_centre_sample_rows() / estimated_rows);
@@ -205,19 +220,26 @@ BEGIN
         IF mean IS NULL THEN
             RAISE EXCEPTION 'column % of % has no vectors yet to centre an index on', quote_ident(col.column_name), tbl
                 USING ERRCODE = 'object_not_in_prerequisite_state',
-                      HINT = 'Create the index once some rows are embedded (the mean of a few thousand is enough), or pass centred => false.';
+                      HINT = 'Create the index once some rows are embedded (the mean of a few thousand is enough), or leave centred false.';
         END IF;
-        SELECT n.nspname, c.relname || '_' || col.column_name || '_centre' INTO table_schema, centre_name
+        SELECT n.nspname, c.relname || '_' || col.column_name || '_centre' INTO table_schema, base_name
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
-        IF octet_length(centre_name) > 63 THEN -- NAMEDATALEN - 1
-            centre_name := 'centre_' || md5(tbl::text || '.' || col.column_name);
+        IF octet_length(base_name) > 55 THEN -- NAMEDATALEN - 1, less room for a number
+            base_name := 'centre_' || md5(tbl::text || '.' || col.column_name);
         END IF;
-        EXECUTE format('CREATE OR REPLACE FUNCTION %1$I.%2$I() RETURNS %3$I.%4$I(%5$s) LANGUAGE sql IMMUTABLE PARALLEL SAFE '
+        centre_name := base_name;
+        WHILE to_regprocedure(format('%I.%I()', table_schema, centre_name)) IS NOT NULL LOOP
+            suffix := suffix + 1;
+            centre_name := base_name || '_' || suffix;
+        END LOOP;
+        EXECUTE format('CREATE FUNCTION %1$I.%2$I() RETURNS %3$I.%4$I(%5$s) LANGUAGE sql IMMUTABLE PARALLEL SAFE '
                        'RETURN %6$L::%3$I.%4$I(%5$s)',
                        table_schema, centre_name, vector_schema, col.type_name, col.dimensions, mean);
         centre := format('%I.%I()', table_schema, centre_name)::regprocedure;
+        -- Every role that writes the table evaluates the index expression.
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO PUBLIC', centre);
         EXECUTE format('COMMENT ON FUNCTION %s IS %L', centre,
-                       format('The mean of %s.%I when its nvembed search index was made: the centre of the index''s sign bits.',
+                       format('The mean of %s.%I when its nvembed search index was made: the centre of the index''s sign bits. Drop it with that index.',
                               tbl, col.column_name));
     END IF;
     RETURN format('CREATE INDEX%s ON %s USING hnsw ((%s) %I.bit_hamming_ops)',
@@ -229,13 +251,13 @@ $$;
 
 -- One call: the search index of a column nvembed fills (NULL: the table's one vector column),
 -- built now; returns the index. Rows written later are indexed as they are written.
-CREATE FUNCTION nvembed_create_search_index(tbl regclass, column_name name DEFAULT NULL, centred boolean DEFAULT true)
+CREATE FUNCTION nvembed_create_search_index(tbl regclass, column_name name DEFAULT NULL, centred boolean DEFAULT false)
 RETURNS regclass
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    col record := @extschema@.nvembed_search_column(tbl, column_name);
+    col record := @extschema@.nvembed_search_column(tbl, column_name, true);
 BEGIN
     EXECUTE @extschema@.nvembed_search_index_statement(tbl, col.column_name, centred, false);
     RETURN (SELECT s.index FROM @extschema@.nvembed_search_index(tbl, col.column_name, col.dimensions) s LIMIT 1);
@@ -247,39 +269,45 @@ $$;
 -- `source` is any value of the table's row type, NULL::docs for instance: the rows come back as
 -- that type. `filter` is a condition on the table's columns, applied before the limit. Uses the
 -- column's search index when there is one (nvembed_create_search_index): `candidates` rows by
--- Hamming distance, re-ranked exactly; without one, or if the index finds fewer than k rows
--- that pass the filter, the exact scan. The hnsw settings it needs are the caller's again when
--- it returns.
+-- Hamming distance, re-ranked exactly; without one, or if fewer than k of the rows the index
+-- scan reached pass the filter, the exact scan. Candidates are carried as (tableoid, ctid) and
+-- only the k rows returned are read whole: a 4,096-dim vector is 16 KB of TOAST to read again.
+-- The hnsw settings it changes for its scan are the caller's again when it returns.
 CREATE FUNCTION nvembed_search(source anyelement, query real[], k integer DEFAULT 10, filter text DEFAULT NULL,
                                column_name name DEFAULT NULL, candidates integer DEFAULT NULL)
 RETURNS TABLE (item anyelement, score double precision)
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    tbl regclass := (SELECT t.typrelid FROM pg_catalog.pg_type t
-                     WHERE t.oid OPERATOR(pg_catalog.=) pg_catalog.pg_typeof(source) AND t.typrelid OPERATOR(pg_catalog.<>) 0);
+    tbl pg_catalog.regclass := (SELECT t.typrelid FROM pg_catalog.pg_type t
+                                WHERE t.oid OPERATOR(pg_catalog.=) pg_catalog.pg_typeof(source)
+                                  AND t.typrelid OPERATOR(pg_catalog.<>) 0);
     col record;
-    vector_schema name := @extschema@.nvembed_search_vector_schema();
+    vector_schema pg_catalog.name := @extschema@.nvembed_search_vector_schema();
     index record;
-    typed_query text;
+    typed_query pg_catalog.text;
     query_bits bit varying;
-    wanted integer := COALESCE(candidates, @extschema@.nvembed_search_default_candidates(k));
-    condition text := pg_catalog.format('(%s)', COALESCE(filter, 'true'));
-    saved_ef_search text;
-    saved_iterative_scan text;
+    wanted integer;
+    condition pg_catalog.text := pg_catalog.format('(%s)', COALESCE(filter, 'true'));
+    exact_best pg_catalog.text;
+    statement pg_catalog.text;
+    saved_ef_search pg_catalog.text;
+    saved_iterative_scan pg_catalog.text;
 BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'nvembed_search: source must be a row of the table to search, not a value of type %', pg_catalog.pg_typeof(source)
             USING ERRCODE = 'wrong_object_type', HINT = 'Pass the table''s row type: nvembed_search(NULL::docs, ...).';
     END IF;
     IF k IS NULL OR k OPERATOR(pg_catalog.<) 1 THEN
-        RAISE EXCEPTION 'nvembed_search: k must be at least 1, not %', COALESCE(k::text, 'NULL') USING ERRCODE = 'invalid_parameter_value';
+        RAISE EXCEPTION 'nvembed_search: k must be at least 1, not %', COALESCE(k::pg_catalog.text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    wanted := COALESCE(candidates, @extschema@.nvembed_search_default_candidates(k));
     IF wanted OPERATOR(pg_catalog.<) k THEN
         RAISE EXCEPTION 'nvembed_search: candidates (%) must be at least k (%)', wanted, k USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Leave candidates NULL for the default, 10 × k and at least 400.';
+            HINT = 'Leave candidates NULL for the default, 10 × k and at least 200.';
     END IF;
-    col := @extschema@.nvembed_search_column(tbl, column_name);
+    col := @extschema@.nvembed_search_column(tbl, column_name, false);
     IF query IS NULL THEN
         RETURN;
     END IF;
@@ -289,47 +317,56 @@ BEGIN
             USING ERRCODE = 'data_exception', HINT = 'Embed the query with the model that filled the column.';
     END IF;
     typed_query := pg_catalog.format('$1::%I.%I', vector_schema, col.type_name);
+    -- The k best rows by exact inner product, as (rel, row_id, score): of the candidates, or of
+    -- every row when `enough` says there are too few of those. %1$s: vector schema, %2$s: the
+    -- query, %3$s: column, %4$s: table, %5$s: filter.
+    exact_best := '(SELECT t.tableoid AS rel, t.ctid AS row_id, OPERATOR(pg_catalog.-) (t.%3$I OPERATOR(%1$I.<#>) %2$s) AS score '
+                  ' FROM %4$s t WHERE t.%3$I IS NOT NULL AND %5$s %6$s ORDER BY t.%3$I OPERATOR(%1$I.<#>) %2$s LIMIT $2)';
     SELECT s.index, s.expression, s.centre INTO index
     FROM @extschema@.nvembed_search_index(tbl, col.column_name, col.dimensions) s LIMIT 1;
-    IF index.index IS NOT NULL THEN
+    IF index.index IS NULL THEN
+        statement := pg_catalog.format('WITH best AS ' OPERATOR(pg_catalog.||) exact_best, vector_schema, typed_query,
+                                       col.column_name, tbl, condition, '');
+    ELSE
         EXECUTE pg_catalog.format(CASE WHEN index.centre IS NULL THEN 'SELECT %1$I.binary_quantize(%2$s)::pg_catalog.varbit'
                                        ELSE 'SELECT %1$I.binary_quantize(%2$s OPERATOR(%1$I.-) %3$s)::pg_catalog.varbit' END,
-                                  vector_schema, typed_query, index.centre::text)
+                                  vector_schema, typed_query, index.centre)
             INTO query_bits USING query;
+        statement := pg_catalog.format(
+            'WITH candidate AS MATERIALIZED ('
+            '    SELECT t.tableoid AS rel, t.ctid AS row_id, t.%3$I AS v FROM %4$s t'
+            '    WHERE t.%3$I IS NOT NULL AND %5$s ORDER BY %7$s OPERATOR(%1$I.<~>) $3 LIMIT $4), '
+            'enough AS (SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>=) $2 AS yes FROM candidate), '
+            'best AS ('
+            '    (SELECT c.rel, c.row_id, OPERATOR(pg_catalog.-) (c.v OPERATOR(%1$I.<#>) %2$s) AS score FROM candidate c'
+            '     WHERE (SELECT e.yes FROM enough e) ORDER BY c.v OPERATOR(%1$I.<#>) %2$s LIMIT $2)'
+            '    UNION ALL ' OPERATOR(pg_catalog.||) exact_best OPERATOR(pg_catalog.||) ')',
+            vector_schema, typed_query, col.column_name, tbl, condition, 'AND NOT (SELECT e.yes FROM enough e)',
+            index.expression);
         -- An HNSW scan stops after hnsw.ef_search rows (at most 1,000) unless iterative scans
-        -- (pgvector 0.8.0) carry it on; both are set for this statement only (the pgvector
+        -- (pgvector 0.8.0) carry it on. Both are set with set_config(..., true), which lasts
+        -- to the end of the transaction, and put back right after the statement (the pgvector
         -- library is loaded by now: the query was cast by it).
         saved_ef_search := pg_catalog.current_setting('hnsw.ef_search', true);
         saved_iterative_scan := pg_catalog.current_setting('hnsw.iterative_scan', true);
-        PERFORM pg_catalog.set_config('hnsw.ef_search', pg_catalog.int4smaller(wanted, 1000)::text, true);
+        PERFORM pg_catalog.set_config('hnsw.ef_search', pg_catalog.int4smaller(wanted, 1000)::pg_catalog.text, true);
         IF saved_iterative_scan IS NOT NULL THEN
             PERFORM pg_catalog.set_config('hnsw.iterative_scan', 'relaxed_order', true);
         END IF;
-        RETURN QUERY EXECUTE pg_catalog.format(
-            'WITH candidate AS MATERIALIZED ('
-            '    SELECT t AS item, t.%3$I AS v FROM %4$s t WHERE %5$s ORDER BY %6$s OPERATOR(%1$I.<~>) $3 LIMIT $4), '
-            'enough AS (SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>=) $2 AS yes FROM candidate) '
-            'SELECT r.item, r.score FROM ('
-            '    (SELECT c.item, OPERATOR(pg_catalog.-) (c.v OPERATOR(%1$I.<#>) %2$s) AS score FROM candidate c'
-            '     WHERE (SELECT e.yes FROM enough e) ORDER BY c.v OPERATOR(%1$I.<#>) %2$s LIMIT $2)'
-            '    UNION ALL '
-            '    (SELECT t, OPERATOR(pg_catalog.-) (t.%3$I OPERATOR(%1$I.<#>) %2$s) FROM %4$s t'
-            '     WHERE NOT (SELECT e.yes FROM enough e) AND t.%3$I IS NOT NULL AND %5$s'
-            '     ORDER BY t.%3$I OPERATOR(%1$I.<#>) %2$s LIMIT $2)) r '
-            'ORDER BY r.score DESC',
-            vector_schema, typed_query, col.column_name, tbl, condition, index.expression)
-            USING query, k, query_bits, wanted;
+    END IF;
+    -- The rows themselves: ROW(t.*), not t, which would be a column of that name if the table
+    -- has one.
+    RETURN QUERY EXECUTE statement OPERATOR(pg_catalog.||) pg_catalog.format(
+        ' SELECT ROW(t.*)::%1$s, b.score FROM best b JOIN %2$s t ON t.tableoid OPERATOR(pg_catalog.=) b.rel'
+        ' AND t.ctid OPERATOR(pg_catalog.=) b.row_id ORDER BY b.score DESC',
+        pg_catalog.pg_typeof(source), tbl)
+        USING query, k, query_bits, wanted;
+    IF index.index IS NOT NULL THEN
         PERFORM pg_catalog.set_config('hnsw.ef_search', saved_ef_search, true);
         IF saved_iterative_scan IS NOT NULL THEN
             PERFORM pg_catalog.set_config('hnsw.iterative_scan', saved_iterative_scan, true);
         END IF;
-        RETURN;
     END IF;
-    RETURN QUERY EXECUTE pg_catalog.format(
-        'SELECT t, OPERATOR(pg_catalog.-) (t.%3$I OPERATOR(%1$I.<#>) %2$s) FROM %4$s t WHERE t.%3$I IS NOT NULL AND %5$s '
-        'ORDER BY t.%3$I OPERATOR(%1$I.<#>) %2$s LIMIT $2',
-        vector_schema, typed_query, col.column_name, tbl, condition)
-        USING query, k;
 END;
 $$;
 

@@ -58,15 +58,13 @@ mod tests {
         use_fixture();
         embedded_table("sdocs", 300, 0);
         let index = Spi::get_one::<String>("SELECT nvembed_create_search_index('sdocs')::text").unwrap().unwrap();
-        // The index is centred on the column's mean, the IMMUTABLE function beside the table.
-        let centred = Spi::get_one::<bool>(&format!(
-            "SELECT sdocs_e_centre()::real[] = (SELECT avg(e) FROM sdocs)::real[]
-                    AND (SELECT s.index || ' ' || s.centre FROM nvembed_search_index('sdocs', 'e', 32) s) = '{index} sdocs_e_centre()'
-                    AND (SELECT p.provolatile = 'i' FROM pg_proc p WHERE p.oid = 'sdocs_e_centre'::regproc)"
-        ))
+        // By default the signs of the vectors themselves (no centre).
+        let plain = Spi::get_one::<String>(
+            "SELECT s.index || ' ' || s.expression || ' ' || (s.centre IS NULL) FROM nvembed_search_index('sdocs', 'e', 32) s",
+        )
         .unwrap()
         .unwrap();
-        assert!(centred, "the index {index} is not centred on the column's mean");
+        assert_eq!(plain, format!("{index} (public.binary_quantize(e))::bit(32) true"));
         // A table this small is read sequentially unless the planner is told not to.
         Spi::run("SET LOCAL enable_seqscan = off").unwrap();
         Spi::run("SET LOCAL hnsw.ef_search = 77").unwrap();
@@ -145,6 +143,78 @@ mod tests {
         assert_eq!(index_scans("by_hand"), before + 1);
         // ...and counts as the column's search index.
         assert_error("SELECT nvembed_create_search_index('plain')", "42710", "already has a search index, public.by_hand");
+        // With the index there but not scanned (the candidates then come from a sort by Hamming
+        // distance), rows without a vector still never come back, whatever k.
+        Spi::run("SET LOCAL enable_indexscan = off").unwrap();
+        assert_eq!(searched("nvembed_search(NULL::plain, 'volcanoes', 1000)").len(), 108);
+        assert_eq!(
+            searched("nvembed_search(NULL::plain, 'volcanoes', 7, candidates => 120)"),
+            exact("plain", "volcanoes", "true", 7)
+        );
+        // A k far past any table is no arithmetic error.
+        assert_eq!(searched("nvembed_search(NULL::plain, 'volcanoes', 2000000000)").len(), 108);
+    }
+
+    #[pg_test]
+    fn odd_names_are_quoted_and_centres_never_collide() {
+        use_fixture();
+        Spi::run("CREATE EXTENSION IF NOT EXISTS vector").unwrap();
+        // A table whose name has a space, a column named like the statement's alias, a vector
+        // column with a space, and a dropped column.
+        Spi::run(
+            r#"CREATE TABLE "My Docs" (id int PRIMARY KEY, gone int, t text, "odd col" vector(32));
+               ALTER TABLE "My Docs" DROP COLUMN gone;
+               INSERT INTO "My Docs" SELECT i, format('text %s of %s', i, i % 4), nvembed_passage(format('text %s of %s', i, i % 4))::vector
+               FROM generate_series(1, 60) i;"#,
+        )
+        .unwrap();
+        let index =
+            Spi::get_one::<String>(r#"SELECT nvembed_create_search_index('"My Docs"', centred => true)::text"#).unwrap().unwrap();
+        let centre = Spi::get_one::<String>(r#"SELECT s.centre FROM nvembed_search_index('"My Docs"', 'odd col', 32) s"#).unwrap().unwrap();
+        assert_eq!(centre, r#"public."My Docs_odd col_centre"()"#);
+        // The centre is the column's mean, an IMMUTABLE function beside the table.
+        let mean = Spi::get_one::<bool>(
+            r#"SELECT public."My Docs_odd col_centre"()::real[] = (SELECT avg("odd col") FROM "My Docs")::real[]
+                      AND (SELECT p.provolatile = 'i' FROM pg_proc p WHERE p.oid = 'public."My Docs_odd col_centre"'::regproc)"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(mean);
+        Spi::run("SET LOCAL enable_seqscan = off").unwrap();
+        let scans = || Spi::get_one::<i64>(&format!("SELECT pg_stat_get_xact_numscans('{}'::regclass)", index.replace('\'', "''"))).unwrap().unwrap();
+        let before = scans();
+        let same = Spi::get_one::<bool>(
+            r#"SELECT array_agg((s.item).id ORDER BY s.score DESC) = (SELECT array_agg(id) FROM (SELECT id FROM "My Docs" ORDER BY "odd col" <#> nvembed_query('text 3')::vector LIMIT 5) x)
+                      AND bool_and((s.item).t = d.t)
+               FROM nvembed_search(NULL::"My Docs", 'text 3', 5, candidates => 60) s JOIN "My Docs" d ON d.id = (s.item).id"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(same, "the search of \"My Docs\" differs from exact search");
+        assert_eq!(scans(), before + 1);
+        // Table a_b's column c and table a's column b_c would both be a_b_c_centre.
+        Spi::run(
+            "CREATE TABLE a_b (c vector(32)); CREATE TABLE a (b_c vector(32));
+             INSERT INTO a_b SELECT nvembed_passage('one ' || i)::vector FROM generate_series(1, 20) i;
+             INSERT INTO a SELECT nvembed_passage('two ' || i)::vector FROM generate_series(1, 20) i;
+             SELECT nvembed_create_search_index('a_b', centred => true); SELECT nvembed_create_search_index('a', centred => true);",
+        )
+        .unwrap();
+        let centres = Spi::get_one::<String>(
+            "SELECT (SELECT s.centre FROM nvembed_search_index('a_b', 'c', 32) s) || ' ' || (SELECT s.centre FROM nvembed_search_index('a', 'b_c', 32) s)
+                    || ' ' || (public.a_b_c_centre()::real[] = (SELECT avg(c) FROM a_b)::real[])
+                    || ' ' || (public.a_b_c_centre_2()::real[] = (SELECT avg(b_c) FROM a)::real[])",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(centres, "public.a_b_c_centre() public.a_b_c_centre_2() true true");
+        // PostgreSQL builds no index of a partitioned table concurrently: said before anything is made.
+        Spi::run("CREATE TABLE p (e vector(32)) PARTITION BY LIST ((e IS NULL)); CREATE TABLE p1 PARTITION OF p DEFAULT;").unwrap();
+        assert_error(
+            "SELECT nvembed_search_index_statement('p', build_concurrently => true)",
+            "0A000",
+            "PostgreSQL cannot build an index of a partitioned table concurrently",
+        );
     }
 
     #[pg_test]
@@ -198,8 +268,16 @@ mod tests {
         assert_error("SELECT nvembed_create_search_index('odd', 'nope')", "42703", "column nope of relation public.odd does not exist");
         assert_error("SELECT nvembed_create_search_index('odd')", "42702", "public.odd has 4 vector columns (free, short, e, h)");
         assert_error("SELECT nvembed_create_search_index('odd_view', 'e')", "42809", "public.odd_view is not a table");
-        assert_error("SELECT nvembed_create_search_index('empty')", "55000", "column e of public.empty has no vectors yet to centre an index on");
+        assert_error(
+            "SELECT nvembed_create_search_index('empty', centred => true)",
+            "55000",
+            "column e of public.empty has no vectors yet to centre an index on",
+        );
         assert_error("SELECT * FROM nvembed_search(1, 'boats')", "42809", "source must be a row of the table to search, not a value of type integer");
+        // Without a centre the index needs no rows: made on the empty table, it holds the rows
+        // written later.
+        Spi::run("SELECT nvembed_create_search_index('empty'); INSERT INTO empty VALUES (1, nvembed_passage('boats')::vector)").unwrap();
+        assert_eq!(searched("nvembed_search(NULL::empty, 'boats')"), vec![1]);
         assert_error("SELECT * FROM nvembed_search(NULL::empty, 'boats', 0)", "22023", "k must be at least 1, not 0");
         assert_error(
             "SELECT * FROM nvembed_search(NULL::empty, 'boats', 50, candidates => 20)",

@@ -1,6 +1,7 @@
 """Vectors for scripts/bench-search.sh, and the recall of search results against exact search.
 
-  search-vectors.py generate DIR ROWS QUERIES DIM   base.npy, queries.npy, truth.npy (exact top 100
+  search-vectors.py generate DIR ROWS QUERIES DIM [SHARED]
+                                                    base.npy, queries.npy, truth.npy (exact top 100
                                                     by inner product) and base.copy (PostgreSQL
                                                     binary COPY of (id int, e vector(DIM)))
   search-vectors.py recall DIR RESULTS K            mean recall@K of RESULTS (lines "query_id
@@ -11,7 +12,7 @@ The distribution imitates what is known of decoder-model embeddings, so that bin
 meets what it meets there:
 - a shared direction: such embeddings lie in a narrow cone (Ethayarajh 2019; Gao et al. 2019,
   "representation degeneration"); here every vector has ~0.75 of its length along one direction,
-  so two unrelated vectors have cosine ~0.55;
+  so two unrelated vectors have cosine ~0.55 (SHARED, default 0.75; 1.6 gives ~0.85);
 - uneven dimensions: a few dimensions vary far more than the rest ("rogue dimensions", Timkey &
   van Schijndel 2021): every component's spread is scaled by a log-normal factor;
 - topics within topics: 200 topics of 10 subtopics each, so that a query's nearest rows are
@@ -34,23 +35,23 @@ def unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def sample(rng, n, parts):
+def sample(rng, n, parts, weight):
     shared, spread, topics, subtopics = parts
     leaf = rng.integers(0, TOPICS * SUBTOPICS, n)
     noise = unit(rng.standard_normal((n, len(shared)), dtype=np.float32) * spread)
-    x = SHARED * shared + TOPIC * topics[leaf // SUBTOPICS] + SUBTOPIC * subtopics[leaf] + NOISE * noise
+    x = weight * shared + TOPIC * topics[leaf // SUBTOPICS] + SUBTOPIC * subtopics[leaf] + NOISE * noise
     return unit(x).astype(np.float32)
 
 
-def generate(out, rows, queries, dim):
+def generate(out, rows, queries, dim, weight):
     rng = np.random.default_rng(20261203)
     spread = np.exp(rng.normal(0.0, 0.5, dim)).astype(np.float32)
     shared = unit(rng.standard_normal(dim).astype(np.float32))
     topics = unit(rng.standard_normal((TOPICS, dim), dtype=np.float32) * spread)
     subtopics = unit(rng.standard_normal((TOPICS * SUBTOPICS, dim), dtype=np.float32) * spread)
     parts = (shared, spread, topics, subtopics)
-    base = np.concatenate([sample(rng, min(CHUNK, rows - i), parts) for i in range(0, rows, CHUNK)])
-    query = sample(rng, queries, parts)
+    base = np.concatenate([sample(rng, min(CHUNK, rows - i), parts, weight) for i in range(0, rows, CHUNK)])
+    query = sample(rng, queries, parts, weight)
     np.save(out / "base.npy", base)
     np.save(out / "queries.npy", query)
     scores = query @ base.T
@@ -81,6 +82,6 @@ def recall(out, results, k):
 if __name__ == "__main__":
     command, out = sys.argv[1], Path(sys.argv[2])
     if command == "generate":
-        generate(out, int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        generate(out, int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]) if len(sys.argv) > 6 else SHARED)
     else:
         recall(out, sys.argv[3], int(sys.argv[4]))
