@@ -1741,9 +1741,11 @@ END;
 CREATE FUNCTION nvembed_search_index(tbl regclass, column_name name, dimensions integer,
                                      OUT index regclass, OUT expression text, OUT centre text)
 RETURNS SETOF record
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE -- not sql: a PL/pgSQL function keeps its plan for the session
 SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
+    RETURN QUERY
     SELECT i.index, i.expression, f.oid::regprocedure::text
     FROM (SELECT x.indexrelid, x.indexrelid::regclass AS index, pg_get_expr(x.indexprs, x.indrelid) AS expression
           FROM pg_index x
@@ -1752,13 +1754,14 @@ AS $$
           JOIN pg_opclass o ON o.oid = x.indclass[0]
           JOIN pg_namespace n ON n.oid = o.opcnamespace
           WHERE x.indrelid = $1 AND am.amname = 'hnsw' AND o.opcname = 'bit_hamming_ops'
-            AND n.nspname = @extschema@.nvembed_search_vector_schema()
+            AND n.nspname = (SELECT @extschema@.nvembed_search_vector_schema())
             AND x.indisvalid AND x.indisready AND x.indnkeyatts = 1 AND x.indkey[0] = 0 AND x.indpred IS NULL) i
     LEFT JOIN (pg_depend d JOIN pg_proc f ON f.oid = d.refobjid AND f.provolatile = 'i' AND f.pronargs = 0
                                          AND f.prorettype = (SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = $1 AND a.attname = $2))
            ON d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid AND d.refclassid = 'pg_proc'::regclass
     WHERE i.expression = @extschema@.nvembed_search_index_expression($2, $3, f.oid::regprocedure)
-    ORDER BY f.oid IS NULL, i.index
+    ORDER BY f.oid IS NULL, i.index;
+END;
 $$;
 
 -- The CREATE INDEX statement nvembed_create_search_index runs, for running it yourself
@@ -1879,7 +1882,7 @@ DECLARE
     vector_schema pg_catalog.name := @extschema@.nvembed_search_vector_schema();
     index record;
     typed_query pg_catalog.text;
-    query_bits bit varying;
+    query_bits pg_catalog.text;
     wanted integer;
     condition pg_catalog.text := pg_catalog.format('(%s)', COALESCE(filter, 'true'));
     exact_best pg_catalog.text;
@@ -1921,21 +1924,21 @@ BEGIN
         statement := pg_catalog.format('WITH best AS ' OPERATOR(pg_catalog.||) exact_best, vector_schema, typed_query,
                                        col.column_name, tbl, condition, '');
     ELSE
-        EXECUTE pg_catalog.format(CASE WHEN index.centre IS NULL THEN 'SELECT %1$I.binary_quantize(%2$s)::pg_catalog.varbit'
-                                       ELSE 'SELECT %1$I.binary_quantize(%2$s OPERATOR(%1$I.-) %3$s)::pg_catalog.varbit' END,
-                                  vector_schema, typed_query, index.centre)
-            INTO query_bits USING query;
+        -- The query's bits: a scalar subquery, which the index scan takes as a parameter.
+        query_bits := pg_catalog.format(CASE WHEN index.centre IS NULL THEN '(SELECT %1$I.binary_quantize(%2$s)::pg_catalog.varbit)'
+                                             ELSE '(SELECT %1$I.binary_quantize(%2$s OPERATOR(%1$I.-) %3$s)::pg_catalog.varbit)' END,
+                                        vector_schema, typed_query, index.centre);
         statement := pg_catalog.format(
             'WITH candidate AS MATERIALIZED ('
             '    SELECT t.tableoid AS rel, t.ctid AS row_id, t.%3$I AS v FROM %4$s t'
-            '    WHERE t.%3$I IS NOT NULL AND %5$s ORDER BY %7$s OPERATOR(%1$I.<~>) $3 LIMIT $4), '
+            '    WHERE t.%3$I IS NOT NULL AND %5$s ORDER BY %7$s OPERATOR(%1$I.<~>) %8$s LIMIT $3), '
             'enough AS (SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>=) $2 AS yes FROM candidate), '
             'best AS ('
             '    (SELECT c.rel, c.row_id, OPERATOR(pg_catalog.-) (c.v OPERATOR(%1$I.<#>) %2$s) AS score FROM candidate c'
             '     WHERE (SELECT e.yes FROM enough e) ORDER BY c.v OPERATOR(%1$I.<#>) %2$s LIMIT $2)'
             '    UNION ALL ' OPERATOR(pg_catalog.||) exact_best OPERATOR(pg_catalog.||) ')',
             vector_schema, typed_query, col.column_name, tbl, condition, 'AND NOT (SELECT e.yes FROM enough e)',
-            index.expression);
+            index.expression, query_bits);
         -- An HNSW scan stops after hnsw.ef_search rows (at most 1,000) unless iterative scans
         -- (pgvector 0.8.0) carry it on. Both are set with set_config(..., true), which lasts
         -- to the end of the transaction, and put back right after the statement (the pgvector
@@ -1953,7 +1956,7 @@ BEGIN
         ' SELECT ROW(t.*)::%1$s, b.score FROM best b JOIN %2$s t ON t.tableoid OPERATOR(pg_catalog.=) b.rel'
         ' AND t.ctid OPERATOR(pg_catalog.=) b.row_id ORDER BY b.score DESC',
         pg_catalog.pg_typeof(source), tbl)
-        USING query, k, query_bits, wanted;
+        USING query, k, wanted;
     IF index.index IS NOT NULL THEN
         PERFORM pg_catalog.set_config('hnsw.ef_search', saved_ef_search, true);
         IF saved_iterative_scan IS NOT NULL THEN
