@@ -191,7 +191,7 @@ SELECT (SELECT count(*) FROM docs WHERE (SELECT max(abs(p - q)) FROM unnest(embe
 SQL
 )
 [ "$result" = "21,31,12,1,3" ] || fail "after the restore: correct docs,notes,events,later rows, vectorizers = $result (want 21,31,12,1,3)"
-echo "PASS pg_dump/pg_restore: vectors, triggers, 2 vectorizers (one partitioned) and a search index restored as they were (the search uses the restored index: ${restored_search% *}), no model call; new rows, a new partition and a new vectorizer are embedded"
+echo "PASS pg_dump/pg_restore: vectors, triggers, 2 vectorizers (one partitioned) and a search index restored as they were (nvembed_search finds the same rows through the restored index), no model call; new rows, a new partition and a new vectorizer are embedded"
 
 # 3. A streaming hot standby answers nvembed_query with its own model server.
 # (pg_basebackup warns that it skips the model server's socket.)

@@ -1668,6 +1668,9 @@ DECLARE
     model_dimension integer;
     found_columns name[];
 BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'the table must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     SELECT c.relkind INTO relkind FROM pg_class c WHERE c.oid = tbl;
     IF relkind IS NULL OR relkind NOT IN ('r', 'p', 'm') THEN
         RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = 'wrong_object_type',
@@ -1719,19 +1722,35 @@ BEGIN
 END;
 $$;
 
--- The index expression over `column_name`: sign bits of the column minus `centre()`, or of the
--- column itself when `centre` is NULL. Written as pg_get_expr prints it when search_path is
--- pg_catalog alone (a regprocedure's text is then the qualified call), so nvembed_search_index
--- can compare the two.
-CREATE FUNCTION nvembed_search_index_expression(column_name name, dimensions integer, centre regprocedure)
+-- The index expression over `column_name`: sign bits of the column minus the centre function
+-- that `centre_call` calls, or of the column itself when `centre_call` is NULL. Written as
+-- pg_get_expr prints it when search_path is pg_catalog alone (names in pg_catalog unqualified,
+-- others qualified), so nvembed_search_index can compare the two.
+CREATE FUNCTION nvembed_search_index_expression(column_name name, dimensions integer, centre_call text)
 RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    vector_schema name := @extschema@.nvembed_search_vector_schema();
+    qualifier text := CASE WHEN vector_schema = 'pg_catalog' THEN '' ELSE quote_ident(vector_schema) || '.' END;
+    minus text := CASE WHEN vector_schema = 'pg_catalog' THEN '-' ELSE format('OPERATOR(%I.-)', vector_schema) END;
+BEGIN
+    IF centre_call IS NULL THEN
+        RETURN format('(%sbinary_quantize(%I))::bit(%s)', qualifier, column_name, dimensions);
+    END IF;
+    RETURN format('(%sbinary_quantize((%I %s %s)))::bit(%s)', qualifier, column_name, minus, centre_call, dimensions);
+END;
+$$;
+
+-- How an index expression calls centre function `centre`: qualified, and a function of the
+-- session's own temporary schema as pg_temp.name() (as pg_get_expr prints it).
+CREATE FUNCTION nvembed_search_centre_call(centre regprocedure) RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
-RETURN CASE WHEN centre IS NULL
-    THEN format('(%I.binary_quantize(%I))::bit(%s)', @extschema@.nvembed_search_vector_schema(), column_name, dimensions)
-    ELSE format('(%1$I.binary_quantize((%2$I OPERATOR(%1$I.-) %3$s)))::bit(%4$s)',
-                @extschema@.nvembed_search_vector_schema(), column_name, centre::text, dimensions)
-END;
+RETURN (SELECT CASE WHEN p.pronamespace = pg_my_temp_schema() THEN 'pg_temp.' || quote_ident(p.proname) || '()'
+                    ELSE centre::text END
+        FROM pg_proc p WHERE p.oid = centre);
 
 -- The valid sign-bit index of `tbl`'s `column_name`, centred ones first, with its expression and
 -- its centre function's call (both fully schema-qualified; the call NULL for an un-centred
@@ -1746,7 +1765,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     RETURN QUERY
-    SELECT i.index, i.expression, f.oid::regprocedure::text
+    SELECT i.index, i.expression, @extschema@.nvembed_search_centre_call(f.oid::regprocedure)
     FROM (SELECT x.indexrelid, x.indexrelid::regclass AS index, pg_get_expr(x.indexprs, x.indrelid) AS expression
           FROM pg_index x
           JOIN pg_class c ON c.oid = x.indexrelid
@@ -1759,7 +1778,7 @@ BEGIN
     LEFT JOIN (pg_depend d JOIN pg_proc f ON f.oid = d.refobjid AND f.provolatile = 'i' AND f.pronargs = 0
                                          AND f.prorettype = (SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = $1 AND a.attname = $2))
            ON d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid AND d.refclassid = 'pg_proc'::regclass
-    WHERE i.expression = @extschema@.nvembed_search_index_expression($2, $3, f.oid::regprocedure)
+    WHERE i.expression = @extschema@.nvembed_search_index_expression($2, $3, @extschema@.nvembed_search_centre_call(f.oid::regprocedure))
     ORDER BY f.oid IS NULL, i.index;
 END;
 $$;
@@ -1794,7 +1813,7 @@ BEGIN
     END IF;
     IF build_concurrently AND (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) = 'p' THEN
         RAISE EXCEPTION 'PostgreSQL cannot build an index of a partitioned table concurrently' USING ERRCODE = 'feature_not_supported',
-            HINT = 'Build it without build_concurrently, or concurrently on each partition with the same expression.';
+            HINT = 'Build it without build_concurrently; or, as PostgreSQL documents for partitioned tables, CREATE INDEX ON ONLY the table, the same index CONCURRENTLY on each partition, then ALTER INDEX ... ATTACH PARTITION each (nvembed_search uses the table''s index once all are attached).';
     END IF;
     SELECT s.index INTO existing FROM @extschema@.nvembed_search_index(tbl, col.column_name, col.dimensions) s LIMIT 1;
     IF existing IS NOT NULL THEN
@@ -1840,7 +1859,7 @@ BEGIN
     END IF;
     RETURN format('CREATE INDEX%s ON %s USING hnsw ((%s) %I.bit_hamming_ops)',
                   CASE WHEN build_concurrently THEN ' CONCURRENTLY' ELSE '' END, tbl,
-                  @extschema@.nvembed_search_index_expression(col.column_name, col.dimensions, centre),
+                  @extschema@.nvembed_search_index_expression(col.column_name, col.dimensions, @extschema@.nvembed_search_centre_call(centre)),
                   vector_schema);
 END;
 $$;
@@ -1855,6 +1874,9 @@ AS $$
 DECLARE
     col record := @extschema@.nvembed_search_column(tbl, column_name, true);
 BEGIN
+    -- Self-conflicting, and no more than CREATE INDEX blocks (writes): a second call waits, then
+    -- finds the first one's index.
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', tbl);
     EXECUTE @extschema@.nvembed_search_index_statement(tbl, col.column_name, centred, false);
     RETURN (SELECT s.index FROM @extschema@.nvembed_search_index(tbl, col.column_name, col.dimensions) s LIMIT 1);
 END;
@@ -1866,13 +1888,19 @@ $$;
 -- that type. `filter` is a condition on the table's columns, applied before the limit. Uses the
 -- column's search index when there is one (nvembed_create_search_index): `candidates` rows by
 -- Hamming distance, re-ranked exactly; without one, or if fewer than k of the rows the index
--- scan reached pass the filter, the exact scan. Candidates are carried as (tableoid, ctid) and
--- only the k rows returned are read whole: a 4,096-dim vector is 16 KB of TOAST to read again.
+-- scan reached pass the filter, the exact scan.
+-- The best rows are found first as (tableoid, ctid, distance) arrays, and only those k rows are
+-- then read whole (a 4,096-dim vector is 16 KB of TOAST to read again); STABLE, so both
+-- statements see the caller's snapshot and a position still names the same row. No CTE or alias
+-- of nvembed's own stands between the filter and the table: the filter may name the table, and a
+-- table of the caller's named like one of nvembed's CTEs would otherwise be hidden by it. The
+-- filter is the first argument of a function call, on lines of its own, so it stays one
+-- expression (a top-level comma is an error, a -- comment ends with its line).
 -- The hnsw settings it changes for its scan are the caller's again when it returns.
 CREATE FUNCTION nvembed_search(source anyelement, query real[], k integer DEFAULT 10, filter text DEFAULT NULL,
                                column_name name DEFAULT NULL, candidates integer DEFAULT NULL)
 RETURNS TABLE (item anyelement, score double precision)
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
     tbl pg_catalog.regclass := (SELECT t.typrelid FROM pg_catalog.pg_type t
@@ -1881,12 +1909,15 @@ DECLARE
     col record;
     vector_schema pg_catalog.name := @extschema@.nvembed_search_vector_schema();
     index record;
+    relation pg_catalog.text;
     typed_query pg_catalog.text;
     query_bits pg_catalog.text;
     wanted integer;
-    condition pg_catalog.text := pg_catalog.format('(%s)', COALESCE(filter, 'true'));
-    exact_best pg_catalog.text;
-    statement pg_catalog.text;
+    condition pg_catalog.text;
+    rels pg_catalog.oid[];
+    row_ids pg_catalog.tid[];
+    distances double precision[];
+    found bigint;
     saved_ef_search pg_catalog.text;
     saved_iterative_scan pg_catalog.text;
 BEGIN
@@ -1912,57 +1943,65 @@ BEGIN
             pg_catalog.quote_ident(col.column_name), tbl, col.dimensions
             USING ERRCODE = 'data_exception', HINT = 'Embed the query with the model that filled the column.';
     END IF;
+    -- Qualified, so that nothing of the caller's (a CTE in a filter, a table earlier in
+    -- search_path) can stand for it; unaliased, so that the filter may name it.
+    SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) INTO relation
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+    WHERE c.oid OPERATOR(pg_catalog.=) tbl;
     typed_query := pg_catalog.format('$1::%I.%I', vector_schema, col.type_name);
-    -- The k best rows by exact inner product, as (rel, row_id, score): of the candidates, or of
-    -- every row when `enough` says there are too few of those. %1$s: vector schema, %2$s: the
-    -- query, %3$s: column, %4$s: table, %5$s: filter.
-    exact_best := '(SELECT t.tableoid AS rel, t.ctid AS row_id, OPERATOR(pg_catalog.-) (t.%3$I OPERATOR(%1$I.<#>) %2$s) AS score '
-                  ' FROM %4$s t WHERE t.%3$I IS NOT NULL AND %5$s %6$s ORDER BY t.%3$I OPERATOR(%1$I.<#>) %2$s LIMIT $2)';
+    condition := pg_catalog.format(E'%1$s.%2$I IS NOT NULL AND pg_catalog.booleq((\n%3$s\n), true)',
+                                   relation, col.column_name, COALESCE(filter, 'true'));
+    -- The query cast by pgvector, which loads its library: its hnsw settings exist from here on.
+    EXECUTE pg_catalog.format('SELECT %s IS NULL', typed_query) USING query;
     SELECT s.index, s.expression, s.centre INTO index
     FROM @extschema@.nvembed_search_index(tbl, col.column_name, col.dimensions) s LIMIT 1;
-    IF index.index IS NULL THEN
-        statement := pg_catalog.format('WITH best AS ' OPERATOR(pg_catalog.||) exact_best, vector_schema, typed_query,
-                                       col.column_name, tbl, condition, '');
-    ELSE
-        -- The query's bits: a scalar subquery, which the index scan takes as a parameter.
+    IF index.index IS NOT NULL THEN
         query_bits := pg_catalog.format(CASE WHEN index.centre IS NULL THEN '(SELECT %1$I.binary_quantize(%2$s)::pg_catalog.varbit)'
                                              ELSE '(SELECT %1$I.binary_quantize(%2$s OPERATOR(%1$I.-) %3$s)::pg_catalog.varbit)' END,
                                         vector_schema, typed_query, index.centre);
-        statement := pg_catalog.format(
-            'WITH candidate AS MATERIALIZED ('
-            '    SELECT t.tableoid AS rel, t.ctid AS row_id, t.%3$I AS v FROM %4$s t'
-            '    WHERE t.%3$I IS NOT NULL AND %5$s ORDER BY %7$s OPERATOR(%1$I.<~>) %8$s LIMIT $3), '
-            'enough AS (SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>=) $2 AS yes FROM candidate), '
-            'best AS ('
-            '    (SELECT c.rel, c.row_id, OPERATOR(pg_catalog.-) (c.v OPERATOR(%1$I.<#>) %2$s) AS score FROM candidate c'
-            '     WHERE (SELECT e.yes FROM enough e) ORDER BY c.v OPERATOR(%1$I.<#>) %2$s LIMIT $2)'
-            '    UNION ALL ' OPERATOR(pg_catalog.||) exact_best OPERATOR(pg_catalog.||) ')',
-            vector_schema, typed_query, col.column_name, tbl, condition, 'AND NOT (SELECT e.yes FROM enough e)',
-            index.expression, query_bits);
         -- An HNSW scan stops after hnsw.ef_search rows (at most 1,000) unless iterative scans
         -- (pgvector 0.8.0) carry it on. Both are set with set_config(..., true), which lasts
-        -- to the end of the transaction, and put back right after the statement (the pgvector
-        -- library is loaded by now: the query was cast by it).
+        -- to the end of the transaction, and put back right after the statement.
         saved_ef_search := pg_catalog.current_setting('hnsw.ef_search', true);
         saved_iterative_scan := pg_catalog.current_setting('hnsw.iterative_scan', true);
         PERFORM pg_catalog.set_config('hnsw.ef_search', pg_catalog.int4smaller(wanted, 1000)::pg_catalog.text, true);
         IF saved_iterative_scan IS NOT NULL THEN
             PERFORM pg_catalog.set_config('hnsw.iterative_scan', 'relaxed_order', true);
         END IF;
-    END IF;
-    -- The rows themselves: ROW(t.*), not t, which would be a column of that name if the table
-    -- has one.
-    RETURN QUERY EXECUTE statement OPERATOR(pg_catalog.||) pg_catalog.format(
-        ' SELECT ROW(t.*)::%1$s, b.score FROM best b JOIN %2$s t ON t.tableoid OPERATOR(pg_catalog.=) b.rel'
-        ' AND t.ctid OPERATOR(pg_catalog.=) b.row_id ORDER BY b.score DESC',
-        pg_catalog.pg_typeof(source), tbl)
-        USING query, k, wanted;
-    IF index.index IS NOT NULL THEN
+        EXECUTE pg_catalog.format(
+            'SELECT pg_catalog.array_agg(b.rel ORDER BY b.distance), pg_catalog.array_agg(b.row_id ORDER BY b.distance),'
+            '       pg_catalog.array_agg(b.distance ORDER BY b.distance), pg_catalog.max(b.found)'
+            ' FROM (SELECT c.rel, c.row_id, c.v OPERATOR(%1$I.<#>) %2$s AS distance, pg_catalog.count(*) OVER () AS found'
+            '       FROM (SELECT %3$s.tableoid AS rel, %3$s.ctid AS row_id, %3$s.%4$I AS v FROM %3$s WHERE %5$s'
+            '             ORDER BY %6$s OPERATOR(%1$I.<~>) %7$s LIMIT $3) c'
+            '       ORDER BY c.v OPERATOR(%1$I.<#>) %2$s LIMIT $2) b',
+            vector_schema, typed_query, relation, col.column_name, condition,
+            index.expression, query_bits)
+            INTO rels, row_ids, distances, found USING query, k, wanted;
         PERFORM pg_catalog.set_config('hnsw.ef_search', saved_ef_search, true);
         IF saved_iterative_scan IS NOT NULL THEN
             PERFORM pg_catalog.set_config('hnsw.iterative_scan', saved_iterative_scan, true);
         END IF;
     END IF;
+    -- No index, or the filter passed fewer than k of the rows the index scan reached (or the
+    -- table has fewer): every row the filter passes, exactly.
+    IF COALESCE(found, 0) OPERATOR(pg_catalog.<) k THEN
+        EXECUTE pg_catalog.format(
+            'SELECT pg_catalog.array_agg(b.rel ORDER BY b.distance), pg_catalog.array_agg(b.row_id ORDER BY b.distance),'
+            '       pg_catalog.array_agg(b.distance ORDER BY b.distance)'
+            ' FROM (SELECT %3$s.tableoid AS rel, %3$s.ctid AS row_id, %3$s.%4$I OPERATOR(%1$I.<#>) %2$s AS distance FROM %3$s'
+            '       WHERE %5$s ORDER BY distance LIMIT $2) b',
+            vector_schema, typed_query, relation, col.column_name, condition)
+            INTO rels, row_ids, distances USING query, k;
+    END IF;
+    -- The rows themselves: ROW(t.*), not t, which would be a column of that name if the table
+    -- has one.
+    RETURN QUERY EXECUTE pg_catalog.format(
+        'SELECT ROW(t.*)::%1$s, OPERATOR(pg_catalog.-) b.distance'
+        ' FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3)) WITH ORDINALITY AS b(rel, row_id, distance, n)'
+        ' JOIN %2$s AS t ON t.tableoid OPERATOR(pg_catalog.=) b.rel AND t.ctid OPERATOR(pg_catalog.=) b.row_id ORDER BY b.n',
+        pg_catalog.pg_typeof(source), relation)
+        USING rels, row_ids, distances;
 END;
 $$;
 

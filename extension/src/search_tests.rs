@@ -208,6 +208,31 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(centres, "public.a_b_c_centre() public.a_b_c_centre_2() true true");
+        // Tables named like the statements' parts, a filter that names its table, reads another
+        // table and ends in a comment, and a temporary table's centred index.
+        Spi::run(
+            "CREATE TABLE candidate (id int PRIMARY KEY, lang text, e vector(32)); CREATE TABLE best (id int);
+             INSERT INTO candidate SELECT i, (ARRAY['en', 'fr'])[i % 2 + 1], nvembed_passage('candidate ' || i)::vector FROM generate_series(1, 40) i;
+             INSERT INTO best SELECT i FROM generate_series(1, 20) i;
+             SELECT nvembed_create_search_index('candidate');
+             CREATE TEMP TABLE scratch AS SELECT * FROM candidate;
+             SELECT nvembed_create_search_index('scratch', centred => true);",
+        )
+        .unwrap();
+        let filtered = Spi::get_one::<bool>(
+            "SELECT array_agg((h.item).id ORDER BY h.score DESC) =
+                    (SELECT array_agg(id) FROM (SELECT id FROM candidate WHERE lang = 'fr' AND id IN (SELECT id FROM best)
+                                                ORDER BY e <#> nvembed_query('candidate 7')::vector LIMIT 4) x)
+             FROM nvembed_search(NULL::candidate, 'candidate 7', 4, 'candidate.lang = ''fr'' AND id IN (SELECT id FROM best) -- French only') h",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(filtered, "a filter naming its table, reading another and ending in a comment");
+        // A filter that would escape its parentheses stays one condition: k rows at most.
+        assert_eq!(searched("nvembed_search(NULL::candidate, 'candidate 7', 3, 'true) OR (true')").len(), 3);
+        let temp = Spi::get_one::<String>("SELECT s.centre FROM nvembed_search_index('scratch', 'e', 32) s").unwrap().unwrap();
+        assert_eq!(temp, "pg_temp.scratch_e_centre()");
+        assert_error("SELECT nvembed_create_search_index(NULL)", "22004", "the table must not be NULL");
         // PostgreSQL builds no index of a partitioned table concurrently: said before anything is made.
         Spi::run("CREATE TABLE p (e vector(32)) PARTITION BY LIST ((e IS NULL)); CREATE TABLE p1 PARTITION OF p DEFAULT;").unwrap();
         assert_error(
