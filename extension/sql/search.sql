@@ -34,6 +34,12 @@ CREATE FUNCTION nvembed_search_default_candidates(k integer) RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN pg_catalog.int8smaller(2147483647, pg_catalog.int8larger(200, k::pg_catalog.int8 OPERATOR(pg_catalog.*) 10))::pg_catalog.int4;
 
+-- A search's filter, as one argument: the planner inlines it and sees the condition itself (for
+-- index use and partition pruning), and a filter that tried to close the parentheses around it
+-- would need a top-level comma, which is an error.
+CREATE FUNCTION nvembed_search_condition(boolean) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE RETURN $1;
+
 -- The schema pgvector is installed in; an ERROR naming the fix if it is not installed, or too
 -- old for binary_quantize (0.7.0).
 CREATE FUNCTION nvembed_search_vector_schema() RETURNS name
@@ -282,8 +288,10 @@ DECLARE
     col record := @extschema@.nvembed_search_column(tbl, column_name, true);
 BEGIN
     -- Self-conflicting, and no more than CREATE INDEX blocks (writes): a second call waits, then
-    -- finds the first one's index.
-    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', tbl);
+    -- finds the first one's index. (A materialized view cannot be locked so; only REFRESH writes it.)
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) <> 'm' THEN
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', tbl);
+    END IF;
     EXECUTE @extschema@.nvembed_search_index_statement(tbl, col.column_name, centred, false);
     RETURN (SELECT s.index FROM @extschema@.nvembed_search_index(tbl, col.column_name, col.dimensions) s LIMIT 1);
 END;
@@ -301,7 +309,7 @@ $$;
 -- statements see the caller's snapshot and a position still names the same row. No CTE or alias
 -- of nvembed's own stands between the filter and the table: the filter may name the table, and a
 -- table of the caller's named like one of nvembed's CTEs would otherwise be hidden by it. The
--- filter is the first argument of a function call, on lines of its own, so it stays one
+-- filter is the one argument of nvembed_search_condition, on lines of its own, so it stays one
 -- expression (a top-level comma is an error, a -- comment ends with its line).
 -- The hnsw settings it changes for its scan are the caller's again when it returns.
 CREATE FUNCTION nvembed_search(source anyelement, query real[], k integer DEFAULT 10, filter text DEFAULT NULL,
@@ -324,7 +332,7 @@ DECLARE
     rels pg_catalog.oid[];
     row_ids pg_catalog.tid[];
     distances double precision[];
-    found bigint;
+    passed bigint;
     saved_ef_search pg_catalog.text;
     saved_iterative_scan pg_catalog.text;
 BEGIN
@@ -356,7 +364,7 @@ BEGIN
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
     WHERE c.oid OPERATOR(pg_catalog.=) tbl;
     typed_query := pg_catalog.format('$1::%I.%I', vector_schema, col.type_name);
-    condition := pg_catalog.format(E'%1$s.%2$I IS NOT NULL AND pg_catalog.booleq((\n%3$s\n), true)',
+    condition := pg_catalog.format(E'%1$s.%2$I IS NOT NULL AND @extschema@.nvembed_search_condition((\n%3$s\n))',
                                    relation, col.column_name, COALESCE(filter, 'true'));
     -- The query cast by pgvector, which loads its library: its hnsw settings exist from here on.
     EXECUTE pg_catalog.format('SELECT %s IS NULL', typed_query) USING query;
@@ -376,28 +384,32 @@ BEGIN
             PERFORM pg_catalog.set_config('hnsw.iterative_scan', 'relaxed_order', true);
         END IF;
         EXECUTE pg_catalog.format(
-            'SELECT pg_catalog.array_agg(b.rel ORDER BY b.distance), pg_catalog.array_agg(b.row_id ORDER BY b.distance),'
-            '       pg_catalog.array_agg(b.distance ORDER BY b.distance), pg_catalog.max(b.found)'
-            ' FROM (SELECT c.rel, c.row_id, c.v OPERATOR(%1$I.<#>) %2$s AS distance, pg_catalog.count(*) OVER () AS found'
+            'SELECT pg_catalog.array_agg(b.rel ORDER BY b.distance, b.rel, b.row_id),'
+            '       pg_catalog.array_agg(b.row_id ORDER BY b.distance, b.rel, b.row_id),'
+            '       pg_catalog.array_agg(b.distance ORDER BY b.distance, b.rel, b.row_id), pg_catalog.max(b.passed)'
+            ' FROM (SELECT c.rel, c.row_id, c.v OPERATOR(%1$I.<#>) %2$s AS distance, pg_catalog.count(*) OVER () AS passed'
             '       FROM (SELECT %3$s.tableoid AS rel, %3$s.ctid AS row_id, %3$s.%4$I AS v FROM %3$s WHERE %5$s'
             '             ORDER BY %6$s OPERATOR(%1$I.<~>) %7$s LIMIT $3) c'
             '       ORDER BY c.v OPERATOR(%1$I.<#>) %2$s LIMIT $2) b',
             vector_schema, typed_query, relation, col.column_name, condition,
             index.expression, query_bits)
-            INTO rels, row_ids, distances, found USING query, k, wanted;
+            INTO rels, row_ids, distances, passed USING query, k, wanted;
         PERFORM pg_catalog.set_config('hnsw.ef_search', saved_ef_search, true);
         IF saved_iterative_scan IS NOT NULL THEN
             PERFORM pg_catalog.set_config('hnsw.iterative_scan', saved_iterative_scan, true);
         END IF;
     END IF;
     -- No index, or the filter passed fewer than k of the rows the index scan reached (or the
-    -- table has fewer): every row the filter passes, exactly.
-    IF COALESCE(found, 0) OPERATOR(pg_catalog.<) k THEN
+    -- table has fewer): every row the filter passes, exactly. (`+ 0`: an ordinary HNSW or
+    -- IVFFlat index of the column, which would answer ORDER BY <#> approximately, cannot.)
+    IF COALESCE(passed, 0) OPERATOR(pg_catalog.<) k THEN
         EXECUTE pg_catalog.format(
-            'SELECT pg_catalog.array_agg(b.rel ORDER BY b.distance), pg_catalog.array_agg(b.row_id ORDER BY b.distance),'
-            '       pg_catalog.array_agg(b.distance ORDER BY b.distance)'
-            ' FROM (SELECT %3$s.tableoid AS rel, %3$s.ctid AS row_id, %3$s.%4$I OPERATOR(%1$I.<#>) %2$s AS distance FROM %3$s'
-            '       WHERE %5$s ORDER BY distance LIMIT $2) b',
+            'SELECT pg_catalog.array_agg(b.rel ORDER BY b.distance, b.rel, b.row_id),'
+            '       pg_catalog.array_agg(b.row_id ORDER BY b.distance, b.rel, b.row_id),'
+            '       pg_catalog.array_agg(b.distance ORDER BY b.distance, b.rel, b.row_id)'
+            ' FROM (SELECT %3$s.tableoid AS rel, %3$s.ctid AS row_id,'
+            '              (%3$s.%4$I OPERATOR(%1$I.<#>) %2$s) OPERATOR(pg_catalog.+) 0 AS distance'
+            '       FROM %3$s WHERE %5$s ORDER BY distance LIMIT $2) b',
             vector_schema, typed_query, relation, col.column_name, condition)
             INTO rels, row_ids, distances USING query, k;
     END IF;
