@@ -78,6 +78,7 @@ DECLARE
     relkind "char";
     vector_schema name := @extschema@.nvembed_search_vector_schema();
     type_schema name;
+    type_oid oid;
     model_dimension integer;
     found_columns name[];
 BEGIN
@@ -105,7 +106,7 @@ BEGIN
     ELSE
         column_name := $2;
     END IF;
-    SELECT t.typname, n.nspname, a.atttypmod INTO type_name, type_schema, dimensions
+    SELECT a.atttypid, t.typname, n.nspname, a.atttypmod INTO type_oid, type_name, type_schema, dimensions
     FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid JOIN pg_namespace n ON n.oid = t.typnamespace
     WHERE a.attrelid = tbl AND a.attname = column_name AND a.attnum > 0 AND NOT a.attisdropped;
     IF NOT FOUND THEN
@@ -113,7 +114,7 @@ BEGIN
     END IF;
     IF type_name NOT IN ('vector', 'halfvec') OR type_schema <> vector_schema THEN
         RAISE EXCEPTION 'column % of % has type %, not vector(n) or halfvec(n)', quote_ident(column_name), tbl,
-            format_type((SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = column_name), dimensions)
+            format_type(type_oid, dimensions)
             USING ERRCODE = 'datatype_mismatch',
                   HINT = format('ALTER TABLE %s ALTER COLUMN %I TYPE vector(n) USING %I::vector(n), with n the model''s dimension.',
                                 tbl, column_name, column_name);
@@ -178,7 +179,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     RETURN QUERY
-    SELECT i.index, i.expression, @extschema@.nvembed_search_centre_call(f.oid::regprocedure)
+    SELECT i.index, i.expression, centre.call
     FROM (SELECT x.indexrelid, x.indexrelid::regclass AS index, pg_get_expr(x.indexprs, x.indrelid) AS expression
           FROM pg_index x
           JOIN pg_class c ON c.oid = x.indexrelid
@@ -191,25 +192,25 @@ BEGIN
     LEFT JOIN (pg_depend d JOIN pg_proc f ON f.oid = d.refobjid AND f.provolatile = 'i' AND f.pronargs = 0
                                          AND f.prorettype = (SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = $1 AND a.attname = $2))
            ON d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid AND d.refclassid = 'pg_proc'::regclass
-    WHERE i.expression = @extschema@.nvembed_search_index_expression($2, $3, @extschema@.nvembed_search_centre_call(f.oid::regprocedure))
+    CROSS JOIN LATERAL (SELECT @extschema@.nvembed_search_centre_call(f.oid::regprocedure) AS call) centre
+    WHERE i.expression = @extschema@.nvembed_search_index_expression($2, $3, centre.call)
     ORDER BY f.oid IS NULL, i.index;
 END;
 $$;
 
--- The CREATE INDEX statement nvembed_create_search_index runs, for running it yourself
--- (CONCURRENTLY, with other HNSW parameters, in a maintenance window). A centred one computes
+-- The CREATE INDEX statement of a search index of `tbl`'s column `column_name` (of pgvector's
+-- `type_name`, `dimensions` long, as nvembed_search_column found it). A centred one computes
 -- the column's mean now, from a sample of up to nvembed_search_centre_sample_rows() rows, and
 -- creates its centre function in the table's schema: `<table>_<column>_centre()`, or that name
 -- with a number when it is taken (an index that would replace another's centre would no longer
 -- match its own rows).
-CREATE FUNCTION nvembed_search_index_statement(tbl regclass, column_name name DEFAULT NULL, centred boolean DEFAULT false,
-                                               build_concurrently boolean DEFAULT false)
+CREATE FUNCTION nvembed_search_index_sql(tbl regclass, column_name name, type_name name, dimensions integer,
+                                         centred boolean, build_concurrently boolean)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    col record := @extschema@.nvembed_search_column(tbl, column_name, true);
     vector_schema name := @extschema@.nvembed_search_vector_schema();
     existing regclass;
     estimated_rows double precision;
@@ -228,9 +229,9 @@ BEGIN
         RAISE EXCEPTION 'PostgreSQL cannot build an index of a partitioned table concurrently' USING ERRCODE = 'feature_not_supported',
             HINT = 'Build it without build_concurrently; or, as PostgreSQL documents for partitioned tables, CREATE INDEX ON ONLY the table, the same index CONCURRENTLY on each partition, then ALTER INDEX ... ATTACH PARTITION each (nvembed_search uses the table''s index once all are attached).';
     END IF;
-    SELECT s.index INTO existing FROM @extschema@.nvembed_search_index(tbl, col.column_name, col.dimensions) s LIMIT 1;
+    SELECT s.index INTO existing FROM @extschema@.nvembed_search_index(tbl, column_name, dimensions) s LIMIT 1;
     IF existing IS NOT NULL THEN
-        RAISE EXCEPTION 'column % of % already has a search index, %', quote_ident(col.column_name), tbl, existing
+        RAISE EXCEPTION 'column % of % already has a search index, %', quote_ident(column_name), tbl, existing
             USING ERRCODE = 'duplicate_object', HINT = format('To make it again (another kind, or centred on the column''s current mean), DROP INDEX %s first.', existing);
     END IF;
     IF centred THEN
@@ -243,17 +244,17 @@ BEGIN
                              100.0 * @extschema@.nvembed_search_centre_sample_rows() / estimated_rows);
         END IF;
         EXECUTE format('SELECT %I.avg(t.%I)::text FROM %s t%s WHERE t.%I IS NOT NULL',
-                       vector_schema, col.column_name, tbl, sample, col.column_name)
+                       vector_schema, column_name, tbl, sample, column_name)
             INTO mean;
         IF mean IS NULL THEN
-            RAISE EXCEPTION 'column % of % has no vectors yet to centre an index on', quote_ident(col.column_name), tbl
+            RAISE EXCEPTION 'column % of % has no vectors yet to centre an index on', quote_ident(column_name), tbl
                 USING ERRCODE = 'object_not_in_prerequisite_state',
                       HINT = 'Create the index once some rows are embedded (the mean of a few thousand is enough), or leave centred false.';
         END IF;
-        SELECT n.nspname, c.relname || '_' || col.column_name || '_centre' INTO table_schema, base_name
+        SELECT n.nspname, c.relname || '_' || column_name || '_centre' INTO table_schema, base_name
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
         IF octet_length(base_name) > 55 THEN -- NAMEDATALEN - 1, less room for a number
-            base_name := 'centre_' || md5(tbl::text || '.' || col.column_name);
+            base_name := 'centre_' || md5(tbl::text || '.' || column_name);
         END IF;
         centre_name := base_name;
         WHILE to_regprocedure(format('%I.%I()', table_schema, centre_name)) IS NOT NULL LOOP
@@ -262,18 +263,34 @@ BEGIN
         END LOOP;
         EXECUTE format('CREATE FUNCTION %1$I.%2$I() RETURNS %3$I.%4$I(%5$s) LANGUAGE sql IMMUTABLE PARALLEL SAFE '
                        'RETURN %6$L::%3$I.%4$I(%5$s)',
-                       table_schema, centre_name, vector_schema, col.type_name, col.dimensions, mean);
+                       table_schema, centre_name, vector_schema, type_name, dimensions, mean);
         centre := format('%I.%I()', table_schema, centre_name)::regprocedure;
         -- Every role that writes the table evaluates the index expression.
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO PUBLIC', centre);
         EXECUTE format('COMMENT ON FUNCTION %s IS %L', centre,
                        format('The mean of %s.%I when its nvembed search index was made: the centre of the index''s sign bits. Drop it with that index.',
-                              tbl, col.column_name));
+                              tbl, column_name));
     END IF;
     RETURN format('CREATE INDEX%s ON %s USING hnsw ((%s) %I.bit_hamming_ops)',
                   CASE WHEN build_concurrently THEN ' CONCURRENTLY' ELSE '' END, tbl,
-                  @extschema@.nvembed_search_index_expression(col.column_name, col.dimensions, @extschema@.nvembed_search_centre_call(centre)),
+                  @extschema@.nvembed_search_index_expression(column_name, dimensions, @extschema@.nvembed_search_centre_call(centre)),
                   vector_schema);
+END;
+$$;
+
+-- The CREATE INDEX statement nvembed_create_search_index runs, for running it yourself
+-- (CONCURRENTLY, with other HNSW parameters, in a maintenance window); a centred one's centre
+-- function is made now.
+CREATE FUNCTION nvembed_search_index_statement(tbl regclass, column_name name DEFAULT NULL, centred boolean DEFAULT false,
+                                               build_concurrently boolean DEFAULT false)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    col record := @extschema@.nvembed_search_column(tbl, column_name, true);
+BEGIN
+    RETURN @extschema@.nvembed_search_index_sql(tbl, col.column_name, col.type_name, col.dimensions, centred, build_concurrently);
 END;
 $$;
 
@@ -292,7 +309,7 @@ BEGIN
     IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) <> 'm' THEN
         EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', tbl);
     END IF;
-    EXECUTE @extschema@.nvembed_search_index_statement(tbl, col.column_name, centred, false);
+    EXECUTE @extschema@.nvembed_search_index_sql(tbl, col.column_name, col.type_name, col.dimensions, centred, false);
     RETURN (SELECT s.index FROM @extschema@.nvembed_search_index(tbl, col.column_name, col.dimensions) s LIMIT 1);
 END;
 $$;
@@ -329,6 +346,11 @@ DECLARE
     query_bits pg_catalog.text;
     wanted integer;
     condition pg_catalog.text;
+    -- The best rows of a query for (rel, row_id, distance, passed) as arrays, in distance order.
+    best_of pg_catalog.text := 'SELECT pg_catalog.array_agg(b.rel ORDER BY b.distance, b.rel, b.row_id),'
+        '       pg_catalog.array_agg(b.row_id ORDER BY b.distance, b.rel, b.row_id),'
+        '       pg_catalog.array_agg(b.distance ORDER BY b.distance, b.rel, b.row_id), pg_catalog.max(b.passed)'
+        ' FROM (%s) b';
     rels pg_catalog.oid[];
     row_ids pg_catalog.tid[];
     distances double precision[];
@@ -383,16 +405,13 @@ BEGIN
         IF saved_iterative_scan IS NOT NULL THEN
             PERFORM pg_catalog.set_config('hnsw.iterative_scan', 'relaxed_order', true);
         END IF;
-        EXECUTE pg_catalog.format(
-            'SELECT pg_catalog.array_agg(b.rel ORDER BY b.distance, b.rel, b.row_id),'
-            '       pg_catalog.array_agg(b.row_id ORDER BY b.distance, b.rel, b.row_id),'
-            '       pg_catalog.array_agg(b.distance ORDER BY b.distance, b.rel, b.row_id), pg_catalog.max(b.passed)'
-            ' FROM (SELECT c.rel, c.row_id, c.v OPERATOR(%1$I.<#>) %2$s AS distance, pg_catalog.count(*) OVER () AS passed'
-            '       FROM (SELECT %3$s.tableoid AS rel, %3$s.ctid AS row_id, %3$s.%4$I AS v FROM %3$s WHERE %5$s'
-            '             ORDER BY %6$s OPERATOR(%1$I.<~>) %7$s LIMIT $3) c'
-            '       ORDER BY c.v OPERATOR(%1$I.<#>) %2$s LIMIT $2) b',
+        EXECUTE pg_catalog.format(best_of, pg_catalog.format(
+            'SELECT c.rel, c.row_id, c.v OPERATOR(%1$I.<#>) %2$s AS distance, pg_catalog.count(*) OVER () AS passed'
+            ' FROM (SELECT %3$s.tableoid AS rel, %3$s.ctid AS row_id, %3$s.%4$I AS v FROM %3$s WHERE %5$s'
+            '       ORDER BY %6$s OPERATOR(%1$I.<~>) %7$s LIMIT $3) c'
+            ' ORDER BY c.v OPERATOR(%1$I.<#>) %2$s LIMIT $2',
             vector_schema, typed_query, relation, col.column_name, condition,
-            index.expression, query_bits)
+            index.expression, query_bits))
             INTO rels, row_ids, distances, passed USING query, k, wanted;
         PERFORM pg_catalog.set_config('hnsw.ef_search', saved_ef_search, true);
         IF saved_iterative_scan IS NOT NULL THEN
@@ -403,15 +422,12 @@ BEGIN
     -- table has fewer): every row the filter passes, exactly. (`+ 0`: an ordinary HNSW or
     -- IVFFlat index of the column, which would answer ORDER BY <#> approximately, cannot.)
     IF COALESCE(passed, 0) OPERATOR(pg_catalog.<) k THEN
-        EXECUTE pg_catalog.format(
-            'SELECT pg_catalog.array_agg(b.rel ORDER BY b.distance, b.rel, b.row_id),'
-            '       pg_catalog.array_agg(b.row_id ORDER BY b.distance, b.rel, b.row_id),'
-            '       pg_catalog.array_agg(b.distance ORDER BY b.distance, b.rel, b.row_id)'
-            ' FROM (SELECT %3$s.tableoid AS rel, %3$s.ctid AS row_id,'
-            '              (%3$s.%4$I OPERATOR(%1$I.<#>) %2$s) OPERATOR(pg_catalog.+) 0 AS distance'
-            '       FROM %3$s WHERE %5$s ORDER BY distance LIMIT $2) b',
-            vector_schema, typed_query, relation, col.column_name, condition)
-            INTO rels, row_ids, distances USING query, k;
+        EXECUTE pg_catalog.format(best_of, pg_catalog.format(
+            'SELECT %3$s.tableoid AS rel, %3$s.ctid AS row_id,'
+            '       (%3$s.%4$I OPERATOR(%1$I.<#>) %2$s) OPERATOR(pg_catalog.+) 0 AS distance, NULL::pg_catalog.int8 AS passed'
+            ' FROM %3$s WHERE %5$s ORDER BY distance LIMIT $2',
+            vector_schema, typed_query, relation, col.column_name, condition))
+            INTO rels, row_ids, distances, passed USING query, k;
     END IF;
     -- The rows themselves: ROW(t.*), not t, which would be a column of that name if the table
     -- has one.
