@@ -140,6 +140,16 @@ impl InputEncoder {
         })
     }
 
+    /// The tokenizer itself (the chunker reads token offsets from it).
+    pub(crate) fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Most bytes of text one token can stand for.
+    pub(crate) fn longest_piece_bytes(&self) -> usize {
+        self.longest_piece_bytes
+    }
+
     /// Right-pads `inputs` to their longest member.
     pub fn pad(&self, inputs: &[&EncodedInput]) -> PaddedBatch {
         let width = inputs.iter().map(|e| e.ids.len()).max().unwrap_or(0);

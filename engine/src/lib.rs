@@ -8,6 +8,7 @@
 //! # Ok::<(), nvembed_engine::Error>(())
 //! ```
 
+pub mod chunking;
 pub mod config;
 pub mod embedder;
 pub mod encoding;
@@ -20,6 +21,7 @@ pub mod source;
 pub mod weights;
 
 pub use candle_core::{DType, Device};
+pub use chunking::{chunk_spans, chunk_text_budget};
 pub use config::Config;
 pub use embedder::{
     choose_dtype, dtype_name, ensure_finite, parse_dtype, set_compute_threads, EmbedOptions, EmbedPass, EmbedStats, Embedder,
