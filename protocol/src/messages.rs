@@ -4,7 +4,10 @@
 //! `Busy` for the server's connection limits, `Unauthorized` for a missing or wrong token); an admitted client sends `Embed`
 //! followed by `Texts` chunks holding exactly `count` texts, and the server answers `Vectors`
 //! chunks in input order and `Done`, or `Error` at any point (also while texts still arrive:
-//! an oversized call is refused as soon as its size is known).
+//! an oversized call is refused as soon as its size is known). An admitted client may instead
+//! send `Chunk` followed by `Texts`: the server cuts each text by the model's tokenizer and
+//! answers `Spans` messages (a text's chunks in order, at most `SPANS_PER_MESSAGE` a message,
+//! none for a text without chunks) and `Done`.
 
 use serde::{Deserialize, Serialize};
 
@@ -12,7 +15,7 @@ use crate::frame::{write_frame, Frame};
 
 /// Identifies a build of the wire format: a backend and a model server must carry the same one.
 /// Raise the protocol number whenever a message changes shape.
-pub const BUILD_ID: &str = concat!("nvembed ", env!("CARGO_PKG_VERSION"), ", protocol 4");
+pub const BUILD_ID: &str = concat!("nvembed ", env!("CARGO_PKG_VERSION"), ", protocol 5");
 
 /// Texts per `Texts` frame are cut at about this many bytes.
 pub const TEXT_CHUNK_BYTES: usize = 1 << 20;
@@ -57,6 +60,26 @@ pub struct EmbedHeader {
     /// Texts that follow in `Texts` frames.
     pub count: usize,
 }
+
+/// A call to cut texts into chunks that fit the model's input (`nvembed_engine::chunk_spans`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkHeader {
+    /// The instruction the chunks will be embedded with: it takes its share of `max_tokens`.
+    pub instruction: String,
+    /// The longest input a chunk may make, in tokens, `<s>` and `</s>` included.
+    pub max_tokens: usize,
+    /// Tokens consecutive chunks share, at most.
+    pub overlap: usize,
+    /// Texts that follow in `Texts` frames.
+    pub count: usize,
+}
+
+/// One chunk of a text: its byte offsets in the text's UTF-8.
+pub type Span = (u64, u64);
+
+/// Spans per `Spans` message at most (~1.5 MB of JSON): a text may have as many chunks as
+/// bytes, and no message may outgrow a frame.
+pub const SPANS_PER_MESSAGE: usize = 1 << 16;
 
 /// Who is calling, for the server's per-role connection limit. On the Unix socket, which only
 /// the cluster's OS user can reach, that is all; a network listener also wants a token.
@@ -156,6 +179,7 @@ pub enum ClientMessage {
     Status,
     Identify(Identity),
     Embed(EmbedHeader),
+    Chunk(ChunkHeader),
     Texts(Vec<String>),
 }
 
@@ -175,7 +199,9 @@ pub enum ServerMessage {
         dimension: usize,
         values: Vec<f32>,
     },
-    /// Every vector of the call was sent.
+    /// More chunks of text `text` (its index in the call) of a `Chunk` call, in order.
+    Spans { text: u64, spans: Vec<Span> },
+    /// Every vector (or every text's chunks) of the call was sent.
     Done,
     Error {
         kind: ErrorKind,
@@ -193,6 +219,8 @@ mod tag {
     pub const ERROR: u8 = 7;
     pub const IDENTIFY: u8 = 8;
     pub const READY: u8 = 9;
+    pub const CHUNK: u8 = 10;
+    pub const SPANS: u8 = 11;
 }
 
 fn invalid(what: impl std::fmt::Display) -> std::io::Error {
@@ -224,6 +252,7 @@ impl ClientMessage {
             ClientMessage::Status => "a status request",
             ClientMessage::Identify(_) => "an identification",
             ClientMessage::Embed(_) => "a call",
+            ClientMessage::Chunk(_) => "a chunking call",
             ClientMessage::Texts(_) => "texts",
         }
     }
@@ -234,6 +263,7 @@ impl ClientMessage {
             ClientMessage::Status => write_frame(out, tag::STATUS, &[]),
             ClientMessage::Identify(identity) => write_frame(out, tag::IDENTIFY, &json(identity)?),
             ClientMessage::Embed(header) => write_frame(out, tag::EMBED, &json(header)?),
+            ClientMessage::Chunk(header) => write_frame(out, tag::CHUNK, &json(header)?),
             ClientMessage::Texts(texts) => write_frame(out, tag::TEXTS, &json(texts)?),
         }
     }
@@ -246,6 +276,7 @@ impl ClientMessage {
             tag::STATUS => Ok(ClientMessage::Status),
             tag::IDENTIFY => Ok(ClientMessage::Identify(from_json(&frame.payload)?)),
             tag::EMBED => Ok(ClientMessage::Embed(from_json(&frame.payload)?)),
+            tag::CHUNK => Ok(ClientMessage::Chunk(from_json(&frame.payload)?)),
             tag::TEXTS => Ok(ClientMessage::Texts(from_json(&frame.payload)?)),
             other => Err(invalid(format!("unexpected message tag {other} from a client"))),
         }
@@ -266,6 +297,7 @@ impl ServerMessage {
                 }
                 write_frame(out, tag::VECTORS, &payload)
             }
+            ServerMessage::Spans { text, spans } => write_frame(out, tag::SPANS, &json(&(text, spans))?),
             ServerMessage::Done => write_frame(out, tag::DONE, &[]),
             ServerMessage::Error { kind, message } => write_frame(
                 out,
@@ -301,6 +333,10 @@ impl ServerMessage {
                     return Err(invalid("vector chunk is not a whole number of vectors"));
                 }
                 Ok(ServerMessage::Vectors { dimension, values })
+            }
+            tag::SPANS => {
+                let (text, spans) = from_json(&frame.payload)?;
+                Ok(ServerMessage::Spans { text, spans })
             }
             tag::DONE => Ok(ServerMessage::Done),
             tag::ERROR => {
@@ -373,6 +409,12 @@ mod tests {
                 token: Some("secret-token".into()),
             }),
             ClientMessage::Embed(header),
+            ClientMessage::Chunk(ChunkHeader {
+                instruction: "q: ".into(),
+                max_tokens: 512,
+                overlap: 64,
+                count: 3,
+            }),
             ClientMessage::Texts(vec!["a".into(), "é\u{0}".into()]),
         ] {
             assert_eq!(round_trip_client(message.clone()), message);
@@ -387,6 +429,10 @@ mod tests {
             }),
             ServerMessage::Vectors { dimension: 3, values },
             ServerMessage::Done,
+            ServerMessage::Spans {
+                text: 2,
+                spans: vec![(0, 5), (3, 9), (2, 1 << 40)],
+            },
             ServerMessage::Ready { served: None },
             ServerMessage::Ready {
                 served: Some(Served {

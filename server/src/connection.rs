@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvembed_protocol::{
-    frame_length, read_frame_body, vectors_per_chunk, ClientMessage, EmbedHeader, ErrorKind, ServerMessage, Status,
-    Identity, WorkClass, BUILD_ID, MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES,
+    frame_length, read_frame_body, vectors_per_chunk, ChunkHeader, ClientMessage, EmbedHeader, ErrorKind, Identity,
+    ServerMessage, Status, WorkClass, BUILD_ID, MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES, MAX_INSTRUCTION_BYTES,
+    MAX_LENGTH, SPANS_PER_MESSAGE,
 };
 
-use nvembed_engine::dtype_name;
+use nvembed_engine::{chunk_spans, chunk_text_budget, dtype_name};
 
 use crate::admission::{check_count, Admission, Stop};
 use crate::limits::{tokenizers_at_once, Budget, Gate, Limits, Opened, Reserved, Throttled, ADMISSION_BYTES};
@@ -300,6 +301,7 @@ pub fn serve_client<P: Peer>(mut stream: P, server: &Server, mut opened: Opened,
                 }
                 embed(&mut stream, server, opened.client(), header)
             }
+            Some((ClientMessage::Chunk(header), _)) if opened.is_admitted() => chunk(&mut stream, server, header),
             Some((other, _)) => {
                 DROPPED.log(|| format!("dropping a connection that sent {} out of turn", other.name()));
                 false
@@ -440,6 +442,73 @@ fn embed<P: Peer>(stream: &mut P, server: &Server, client: &str, header: EmbedHe
     }
     Stats::sub(&server.stats.waiting, 1);
     outcome
+}
+
+/// Answers one chunking call (texts cut by the model's tokenizer; no model compute); false when
+/// the connection cannot go on.
+fn chunk<P: Peer>(stream: &mut P, server: &Server, header: ChunkHeader) -> bool {
+    let socket = stream.socket();
+    let refuse = |stream: &mut P, kind: ErrorKind, message: String| {
+        let _ = ServerMessage::Error { kind, message }.write(stream);
+        false
+    };
+    if header.instruction.len() > MAX_INSTRUCTION_BYTES {
+        let message = format!(
+            "an instruction of {} bytes is longer than the {MAX_INSTRUCTION_BYTES} bytes an instruction may have",
+            header.instruction.len()
+        );
+        return refuse(stream, ErrorKind::TooLarge, message);
+    }
+    if header.max_tokens > MAX_LENGTH {
+        let message = format!("chunks of {} tokens are longer than the model's {MAX_LENGTH}", header.max_tokens);
+        return refuse(stream, ErrorKind::InvalidInput, message);
+    }
+    // The tokenizer is the model's: loaded with it (the chunks are embedded next anyway).
+    let model = match server.model.get(|| hung_up(socket)) {
+        Ok(Some(model)) => model,
+        Ok(None) => return false,
+        Err(message) => return refuse(stream, ErrorKind::Load, message),
+    };
+    let encoder = model.encoder();
+    // A budget the instruction leaves no room in is refused before any text is read.
+    if let Err(e) = chunk_text_budget(encoder, &header.instruction, header.max_tokens) {
+        return refuse(stream, ErrorKind::InvalidInput, e.to_string());
+    }
+    let mut received = 0;
+    while received < header.count {
+        let chunk = match read_message(stream, server, true, Instant::now() + server.limits.idle_timeout) {
+            Some((ClientMessage::Texts(chunk), _reserved)) if received + chunk.len() <= header.count => chunk,
+            Some((other, _)) => {
+                DROPPED.log(|| format!("dropping a connection that sent {} amid a call's texts", other.name()));
+                return false;
+            }
+            None => return false,
+        };
+        let Some(_slot) = server.tokenizers.reserve(1, || hung_up(socket)) else {
+            return false;
+        };
+        for text in &chunk {
+            if hung_up(socket) {
+                return false;
+            }
+            let spans = match chunk_spans(encoder, &header.instruction, text, header.max_tokens, header.overlap) {
+                Ok(spans) => spans,
+                Err(e) => return refuse(stream, ErrorKind::InvalidInput, e.to_string()),
+            };
+            let spans: Vec<_> = spans.into_iter().map(|s| (s.start as u64, s.end as u64)).collect();
+            for part in spans.chunks(SPANS_PER_MESSAGE) {
+                let message = ServerMessage::Spans {
+                    text: received as u64,
+                    spans: part.to_vec(),
+                };
+                if message.write(stream).is_err() {
+                    return false;
+                }
+            }
+            received += 1;
+        }
+    }
+    ServerMessage::Done.write(stream).is_ok()
 }
 
 /// After a failed accept (out of descriptors, memory or threads), the listener waits this long

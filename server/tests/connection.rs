@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nvembed_engine::PASSAGE_INSTRUCTION;
+use nvembed_engine::{chunk_spans, InputEncoder, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION};
 use nvembed_protocol::{
-    read_frame, text_chunks, ClientMessage, EmbedHeader, ErrorKind, Identity, ServerMessage, Status, WorkClass,
-    BUILD_ID,
+    read_frame, text_chunks, ChunkHeader, ClientMessage, EmbedHeader, ErrorKind, Identity, ServerMessage, Status,
+    WorkClass, BUILD_ID,
 };
 use nvembed_server::connection::serve;
 use nvembed_server::limits::{Limits, IDLE_TIMEOUT};
@@ -123,6 +123,88 @@ fn closed_within(stream: &mut UnixStream, within: Duration) -> bool {
             Err(_) => return false,
         }
     }
+}
+
+/// The spans of a chunking call's texts, one list per text, or the server's refusal.
+fn chunk_call(stream: &mut UnixStream, header: ChunkHeader, texts: &[String]) -> Result<Vec<Vec<(u64, u64)>>, (ErrorKind, String)> {
+    let count = header.count;
+    ClientMessage::Chunk(header).write(stream).unwrap();
+    for chunk in text_chunks(texts) {
+        if ClientMessage::Texts(chunk.to_vec()).write(stream).is_err() {
+            break;
+        }
+    }
+    let mut spans = vec![Vec::new(); count];
+    loop {
+        match receive(stream).unwrap() {
+            ServerMessage::Spans { text, spans: more } => {
+                assert!(spans.iter().skip(text as usize + 1).all(Vec::is_empty), "spans out of order");
+                spans[text as usize].extend(more);
+            }
+            ServerMessage::Done => return Ok(spans),
+            other => return Err(refused(other)),
+        }
+    }
+}
+
+#[test]
+fn a_chunking_call_answers_the_engine_s_chunks_in_order_and_bad_budgets_are_refused() {
+    let (socket, _dir) = start(limits(4));
+    let encoder = InputEncoder::from_file(&fixture().join("tokenizer.json")).unwrap();
+    let mut stream = admitted(&socket, "app", None);
+    let texts = vec![
+        long_text(3000),
+        String::new(),
+        "Short.".to_string(),
+        "Paragraph one.\n\nParagraph two is here. ".repeat(50),
+    ];
+    for (instruction, max_tokens, overlap) in [(PASSAGE_INSTRUCTION, 64, 8), (QUERY_INSTRUCTION, 128, 0)] {
+        let header = ChunkHeader {
+            instruction: instruction.into(),
+            max_tokens,
+            overlap,
+            count: texts.len(),
+        };
+        let got = chunk_call(&mut stream, header, &texts).unwrap();
+        for (text, spans) in texts.iter().zip(&got) {
+            let expected = chunk_spans(&encoder, instruction, text, max_tokens, overlap).unwrap();
+            let expected: Vec<(u64, u64)> = expected.into_iter().map(|s| (s.start as u64, s.end as u64)).collect();
+            assert_eq!(spans, &expected);
+        }
+        assert!(got[0].len() > 10 && got[1].is_empty() && got[2] == [(0, 6)], "{got:?}");
+    }
+    // The connection goes on after a call; a budget the query instruction fills is refused.
+    let header = ChunkHeader {
+        instruction: QUERY_INSTRUCTION.into(),
+        max_tokens: 5,
+        overlap: 0,
+        count: 1,
+    };
+    let (kind, message) = chunk_call(&mut stream, header, &texts[..1]).unwrap_err();
+    assert_eq!(kind, ErrorKind::InvalidInput);
+    assert!(message.contains("has no room for text"), "{message}");
+    let mut stream = admitted(&socket, "app", None);
+    let header = ChunkHeader {
+        instruction: String::new(),
+        max_tokens: 16,
+        overlap: 16,
+        count: 1,
+    };
+    let (kind, message) = chunk_call(&mut stream, header, &texts[..1]).unwrap_err();
+    assert_eq!(kind, ErrorKind::InvalidInput);
+    assert!(message.contains("overlap of 16 tokens must be smaller"), "{message}");
+    // Before admission, a chunking call is out of turn.
+    let mut stream = connect(&socket);
+    hello(&mut stream);
+    ClientMessage::Chunk(ChunkHeader {
+        instruction: String::new(),
+        max_tokens: 16,
+        overlap: 0,
+        count: 1,
+    })
+    .write(&mut stream)
+    .unwrap();
+    assert!(closed_within(&mut stream, Duration::from_secs(5)));
 }
 
 #[test]
