@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use nvembed_protocol::{
-    text_chunks, ClientMessage, EmbedHeader, ServerMessage, Status, WorkClass, BUILD_ID, MAX_INSTRUCTION_BYTES,
-    MAX_TEXT_BYTES, SOCKET_NAME,
+    text_chunks, ChunkHeader, ClientMessage, EmbedHeader, ErrorKind, ServerMessage, Status, WorkClass, BUILD_ID,
+    MAX_INSTRUCTION_BYTES, MAX_TEXT_BYTES, SOCKET_NAME,
 };
 use pgrx::PgSqlErrorCode;
 
@@ -371,6 +371,69 @@ pub fn try_embed_alone(instruction: &str, max_length: usize, text: &str) -> Call
         None => Ok(vector),
         Some(_) => Err(stream.wrong_count(2)),
     }
+}
+
+/// The chunks of each of `texts` as byte ranges, cut by the model server's tokenizer so that each
+/// fits `max_tokens` with `instruction` (`nvembed_engine::chunk_spans`). Failures are returned:
+/// one the texts' own (the budget, the overlap) blames them.
+pub fn try_chunk(
+    instruction: &str,
+    max_tokens: usize,
+    overlap: usize,
+    texts: &[String],
+) -> CallResult<Vec<Vec<std::ops::Range<usize>>>> {
+    check_limits(instruction, 1, texts)?;
+    let (mut connection, _lease) = open(text_bytes(texts), &mut Vec::new())?;
+    connection.send(&ClientMessage::Chunk(ChunkHeader {
+        instruction: instruction.to_string(),
+        max_tokens,
+        overlap,
+        count: texts.len(),
+    }))?;
+    for chunk in text_chunks(texts) {
+        connection.send(&ClientMessage::Texts(chunk.to_vec()))?;
+    }
+    let mut spans: Vec<Vec<std::ops::Range<usize>>> = vec![Vec::new(); texts.len()];
+    loop {
+        match connection.receive()? {
+            ServerMessage::Spans { text, spans: more } => {
+                let index = usize::try_from(text).unwrap_or(usize::MAX);
+                let text = texts.get(index).ok_or_else(|| connection.named(bad_spans("a text the call has not")))?;
+                for (start, end) in more {
+                    let (start, end) = (start as usize, end as usize);
+                    // Slices of the text, each after the last one's start: what a server sends
+                    // is checked before a backend cuts a text with it.
+                    let after = spans[index].last().is_none_or(|last| last.start < start);
+                    if !(after && start < end && text.get(start..end).is_some()) {
+                        return Err(connection.named(bad_spans("a chunk that is not a piece of its text")));
+                    }
+                    spans[index].push(start..end);
+                }
+            }
+            ServerMessage::Done => return Ok(spans),
+            ServerMessage::Error {
+                kind: ErrorKind::InvalidInput,
+                message,
+            } => {
+                return Err(CallError::blaming(
+                    Blame::Text,
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("nvembed: {message}"),
+                    "A chunk's max_tokens counts the instruction, <s> and </s> too: raise max_tokens, or lower overlap.",
+                ))
+            }
+            ServerMessage::Error { kind, message } => return Err(connection.failed(kind, message)),
+            other => return Err(connection.named(protocol_violation(&other))),
+        }
+    }
+}
+
+fn bad_spans(what: &str) -> CallError {
+    CallError::new(
+        PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
+        format!("nvembed model server sent {what}"),
+        "See the server log.",
+    )
 }
 
 /// Single-text calls this backend answered lately, most recent first. A statement may evaluate

@@ -232,6 +232,7 @@ pub fn protocol_violation(message: &ServerMessage) -> CallError {
         ServerMessage::Status(_) => "a status",
         ServerMessage::Ready { .. } => "an admission",
         ServerMessage::Vectors { .. } => "vectors",
+        ServerMessage::Spans { .. } => "chunks",
         ServerMessage::Done => "the end of a call",
         ServerMessage::Error { .. } => "an error",
     };

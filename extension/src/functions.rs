@@ -11,7 +11,8 @@ use nvembed_protocol::{Status, TASK_INSTRUCTION_PREFIX, TASK_INSTRUCTION_SUFFIX}
 
 use crate::{client, endpoints};
 
-fn utf8(bytes: &[u8]) -> String {
+/// `bytes` as a String; an ERROR when they are not UTF-8.
+pub(crate) fn utf8(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(text) => text.to_string(),
         Err(e) => crate::call_error::fail(

@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 use endpoints::SERVERS;
 
 mod call_error;
+mod chunks;
 mod client;
 mod connection;
 mod endpoints;
@@ -35,7 +36,12 @@ pgrx::extension_sql_file!("../sql/backfill.sql", name = "backfill", requires = [
 pgrx::extension_sql_file!(
     "../sql/vectorizer.sql",
     name = "vectorizer",
-    requires = ["functions", functions::nvembed_model_dimension]
+    requires = ["functions", "chunks", functions::nvembed_model_dimension]
+);
+pgrx::extension_sql_file!(
+    "../sql/chunks.sql",
+    name = "chunks",
+    requires = [chunks::nvembed_chunk_settings, chunks::nvembed_chunks_utf8]
 );
 pgrx::extension_sql_file!(
     "../sql/search.sql",

@@ -52,3 +52,9 @@ pub const DEVICE_NAMES: [&str; 2] = ["cpu", "cuda"];
 /// A role without its own `nvembed.max_calls_per_role` may hold this fraction of the model
 /// server's connections (1 / this), so no one role can take them all.
 pub const DEFAULT_ROLE_SHARE: usize = 4;
+
+/// Defaults of a chunk's length (the model input it makes, in tokens, `<s>` and `</s>`
+/// included) and of the tokens consecutive chunks share: `nvembed_chunks`, chunk vectorizers.
+/// NV-Embed-v2 was evaluated on passages of 512 tokens.
+pub const DEFAULT_CHUNK_TOKENS: usize = 512;
+pub const DEFAULT_CHUNK_OVERLAP: usize = 64;
