@@ -129,12 +129,13 @@ fn next_chunk(encoder: &InputEncoder, text: &str, start: usize, limit: usize, ov
         let cut = starts.get(j).copied().unwrap_or(end);
         let span = start..trim_end(text, start, cut);
         // The next chunk starts `overlap` tokens back at most, at the best kind of place there,
-        // as far back as that kind allows.
+        // as far back as that kind allows (inside the chunk: not in the whitespace it ends at).
         let next_start = if overlap == 0 || (kind == Cut::InsideWord && j >= starts.len()) {
             cut
         } else {
             let earliest = j.saturating_sub(overlap).max(1);
             (earliest..j)
+                .filter(|&i| starts[i] < span.end)
                 .filter_map(|i| cut_at(i).map(|kind| (kind, std::cmp::Reverse(i))))
                 .max()
                 .map_or(cut, |(_, std::cmp::Reverse(i))| starts[i])
@@ -247,6 +248,10 @@ mod tests {
             assert!(chunk.starts_with("Paragraph") && chunk.ends_with('.'), "{chunk:?}");
         }
         assert!(spans.len() >= 4 && spans.len() <= 6, "{} chunks", spans.len());
+        // With an overlap, a chunk ending at a paragraph break still shares its last tokens.
+        let spans = chunk_spans(&encoder, "", &text, per + SPECIAL_TOKENS + 3, 8).unwrap();
+        check_spans(&encoder, "", &text, per + SPECIAL_TOKENS + 3, &spans);
+        assert!(spans.windows(2).all(|pair| pair[1].start < pair[0].end), "{spans:?}");
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub extern "C-unwind" fn _PG_init() {
 }
 
 #[cfg(any(test, feature = "pg_test"))]
+mod chunk_tests;
+#[cfg(any(test, feature = "pg_test"))]
 mod search_tests;
 #[cfg(any(test, feature = "pg_test"))]
 mod serving_tests;

@@ -8,9 +8,11 @@
 //! text's own (nothing left to pool, too long, not finite) is retried text by text, so one bad
 //! text never holds back the others; a failure that is the model server's (unreachable, model
 //! not loadable) leaves the batch queued and the worker waits, backing off. The table is read
-//! and written as the vectorizer's owner, everything else as the worker.
+//! and written as the vectorizer's owner, everything else as the worker. A chunk vectorizer's
+//! texts are first cut into chunks by the model server; its rows are written as chunks.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{
@@ -184,6 +186,8 @@ struct Batch {
     owner: pg_sys::Oid,
     instruction: String,
     max_length: usize,
+    /// A chunk vectorizer's chunk length and overlap, in tokens.
+    chunking: Option<(usize, usize)>,
     row_keys: String,
     /// UTF-8, as read: handed back for the check that each row still has its text.
     texts: Vec<Option<Vec<u8>>>,
@@ -194,6 +198,8 @@ struct Batch {
 /// What became of one text at the model.
 enum Embedded {
     Vector(Vec<f32>),
+    /// A chunk vectorizer's text: its chunks (byte ranges of the text) and their vectors.
+    Chunks(Vec<(Range<usize>, Vec<f32>)>),
     Failed(String),
 }
 
@@ -278,7 +284,7 @@ fn claim(schema: &str) -> Option<Batch> {
             let rows = client
                 .select(
                     &format!(
-                        "SELECT vectorizer_id, owner, instruction, max_length, row_keys
+                        "SELECT vectorizer_id, owner, instruction, max_length, row_keys, chunk_tokens, chunk_overlap
                          FROM {schema}.nvembed_vectorizer_claim($1)"
                     ),
                     None,
@@ -286,15 +292,18 @@ fn claim(schema: &str) -> Option<Batch> {
                 )
                 .expect("nvembed_vectorizer_claim");
             let row = rows.first();
+            let chunk_tokens = row.get::<i32>(6).expect("chunk_tokens");
+            let chunk_overlap = row.get::<i32>(7).expect("chunk_overlap");
             Some((
                 row.get::<i32>(1).expect("vectorizer_id")?,
                 row.get::<pg_sys::Oid>(2).expect("owner")?,
                 row.get::<String>(3).expect("instruction")?,
                 row.get::<i32>(4).expect("max_length")?,
                 row.get::<String>(5).expect("row_keys")?,
+                chunk_tokens.zip(chunk_overlap).map(|(tokens, overlap)| (tokens as usize, overlap as usize)),
             ))
         });
-        let (vectorizer_id, owner, instruction, max_length, row_keys) = claimed?;
+        let (vectorizer_id, owner, instruction, max_length, row_keys, chunking) = claimed?;
         let owner_exists = Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE oid OPERATOR(pg_catalog.=) $1)",
             &[owner.into()],
@@ -333,6 +342,7 @@ fn claim(schema: &str) -> Option<Batch> {
                     owner,
                     instruction,
                     max_length: max_length as usize,
+                    chunking,
                     row_keys,
                     texts,
                     read_errors,
@@ -364,40 +374,105 @@ fn texts_of(batch: &Batch) -> Vec<String> {
         .collect()
 }
 
+/// A chunk batch's texts cut into chunks: each text's chunks, or why it could not be cut. A
+/// failure that is the texts' own, or a lost connection, is narrowed down text by text; one
+/// that is the model server's is returned.
+fn cut(batch: &Batch, (max_tokens, overlap): (usize, usize), texts: &[String]) -> Result<Vec<Result<Vec<Range<usize>>, String>>, CallError> {
+    match client::try_chunk(&batch.instruction, max_tokens, overlap, texts) {
+        Ok(spans) => Ok(spans.into_iter().map(Ok).collect()),
+        Err(e) if e.blame == Blame::Server => Err(e),
+        Err(_) => texts
+            .iter()
+            .map(|text| match client::try_chunk(&batch.instruction, max_tokens, overlap, std::slice::from_ref(text)) {
+                Ok(mut spans) => Ok(Ok(spans.pop().unwrap_or_default())),
+                Err(e) if e.blame == Blame::Server => Err(e),
+                Err(e) => Ok(Err(e.message)),
+            })
+            .collect(),
+    }
+}
+
 /// Embeds the batches at once (each on its own server where there are several), one result
 /// per text that is not NULL. A failure that is the texts' own, or a lost connection (a text
-/// may crash the model server), is narrowed down text by text; one that is the model server's
-/// (unreachable, model not loadable) is returned.
+/// may crash the model server), is narrowed down text by text (chunk by chunk); one that is
+/// the model server's (unreachable, model not loadable) is returned.
 fn embed(batches: &[Batch]) -> Vec<Result<Vec<Embedded>, CallError>> {
     let texts: Vec<Vec<String>> = batches.iter().map(texts_of).collect();
-    let calls: Vec<BatchCall> = batches
+    // Chunk batches' texts cut into chunks first (None: a batch whose texts are embedded whole).
+    let cuts: Vec<Result<Option<Vec<Result<Vec<Range<usize>>, String>>>, CallError>> = batches
         .iter()
         .zip(&texts)
-        .map(|(batch, texts)| BatchCall {
+        .map(|(batch, texts)| batch.chunking.map(|chunking| cut(batch, chunking, texts)).transpose())
+        .collect();
+    // What the model embeds for each batch: its texts, or the chunks of the texts that were cut.
+    let inputs: Vec<Vec<String>> = texts
+        .iter()
+        .zip(&cuts)
+        .map(|(texts, cut)| match cut {
+            Ok(None) => texts.clone(),
+            Ok(Some(cuts)) => texts
+                .iter()
+                .zip(cuts)
+                .filter_map(|(text, spans)| spans.as_ref().ok().map(|spans| (text, spans)))
+                .flat_map(|(text, spans)| spans.iter().map(|span| text[span.clone()].to_string()))
+                .collect(),
+            Err(_) => Vec::new(),
+        })
+        .collect();
+    let calls: Vec<BatchCall> = batches
+        .iter()
+        .zip(&inputs)
+        .map(|(batch, inputs)| BatchCall {
             instruction: &batch.instruction,
             max_length: batch.max_length,
-            texts,
+            texts: inputs,
         })
         .collect();
     let outcomes = client::try_embed_batches(&calls);
     outcomes
         .into_iter()
-        .zip(texts)
+        .zip(inputs)
         .zip(batches)
-        .map(|((outcome, texts), batch)| match outcome {
-            Ok(vectors) => Ok(vectors.into_iter().map(Embedded::Vector).collect()),
-            Err(e) if e.blame == Blame::Server => Err(e),
-            Err(_) => {
-                let mut results = Vec::with_capacity(texts.len());
-                for text in texts {
-                    match client::try_embed_alone(&batch.instruction, batch.max_length, &text) {
-                        Ok(vector) => results.push(Embedded::Vector(vector)),
-                        Err(e) if e.blame == Blame::Server => return Err(e),
-                        Err(e) => results.push(Embedded::Failed(e.message)),
+        .zip(cuts)
+        .map(|(((outcome, inputs), batch), cut)| {
+            let cuts = cut?;
+            let vectors: Vec<Result<Vec<f32>, String>> = match outcome {
+                Ok(vectors) => vectors.into_iter().map(Ok).collect(),
+                Err(e) if e.blame == Blame::Server => return Err(e),
+                Err(_) => {
+                    let mut results = Vec::with_capacity(inputs.len());
+                    for input in &inputs {
+                        match client::try_embed_alone(&batch.instruction, batch.max_length, input) {
+                            Ok(vector) => results.push(Ok(vector)),
+                            Err(e) if e.blame == Blame::Server => return Err(e),
+                            Err(e) => results.push(Err(e.message)),
+                        }
                     }
+                    results
                 }
-                Ok(results)
-            }
+            };
+            let mut vectors = vectors.into_iter();
+            Ok(match cuts {
+                None => vectors
+                    .map(|vector| vector.map_or_else(Embedded::Failed, Embedded::Vector))
+                    .collect(),
+                // A text is written when every one of its chunks was embedded.
+                Some(cuts) => cuts
+                    .into_iter()
+                    .map(|spans| match spans {
+                        Err(error) => Embedded::Failed(error),
+                        Ok(spans) => {
+                            let chunks: Vec<_> = spans.into_iter().zip(vectors.by_ref()).collect();
+                            match chunks.iter().find_map(|(_, vector)| vector.as_ref().err()) {
+                                Some(error) => Embedded::Failed(error.clone()),
+                                None => Embedded::Chunks(
+                                    chunks.into_iter().map(|(span, vector)| (span, vector.expect("checked"))).collect(),
+                                ),
+                            }
+                        }
+                    })
+                    .collect(),
+            })
         })
         .collect()
 }
@@ -407,30 +482,48 @@ fn complete(schema: &str, batch: &Batch, results: Vec<Embedded>) {
     let mut errors: Vec<Option<String>> = Vec::with_capacity(batch.texts.len());
     let mut vectors = Vec::new();
     let mut dimension = None;
+    // A chunk vectorizer's chunks: the row (from 1) each belongs to, and its UTF-8.
+    let mut chunk_rows: Vec<i32> = Vec::new();
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
     let mut results = results.into_iter();
-    for (text, read_error) in batch.texts.iter().zip(&batch.read_errors) {
+    let wrong_dimension = |got: usize, expected: Option<usize>| {
+        format!(
+            "the model server returned a {got}-dimensional vector among {}-dimensional ones (was the model changed?)",
+            expected.unwrap_or_default()
+        )
+    };
+    for (row, (text, read_error)) in batch.texts.iter().zip(&batch.read_errors).enumerate() {
         if read_error.is_some() {
             errors.push(read_error.clone());
             continue;
         }
-        match text.as_ref().map(|_| results.next().expect("one result per text")) {
+        match text.as_ref().map(|text| (text, results.next().expect("one result per text"))) {
             None => errors.push(None),
-            Some(Embedded::Vector(vector)) if dimension.is_none_or(|d| d == vector.len()) => {
+            Some((_, Embedded::Vector(vector))) if dimension.is_none_or(|d| d == vector.len()) => {
                 dimension = Some(vector.len());
                 vectors.extend(vector);
                 errors.push(None);
             }
-            Some(Embedded::Vector(vector)) => errors.push(Some(format!(
-                "the model server returned a {}-dimensional vector among {}-dimensional ones (was the model changed?)",
-                vector.len(),
-                dimension.unwrap_or_default()
-            ))),
-            Some(Embedded::Failed(error)) => errors.push(Some(error)),
+            Some((_, Embedded::Vector(vector))) => errors.push(Some(wrong_dimension(vector.len(), dimension))),
+            Some((text, Embedded::Chunks(pieces))) => {
+                if let Some((_, vector)) = pieces.iter().find(|(_, v)| dimension.is_some_and(|d| d != v.len())) {
+                    errors.push(Some(wrong_dimension(vector.len(), dimension)));
+                    continue;
+                }
+                for (span, vector) in pieces {
+                    dimension = Some(vector.len());
+                    chunk_rows.push(row as i32 + 1);
+                    chunks.push(text[span].to_vec());
+                    vectors.extend(vector);
+                }
+                errors.push(None);
+            }
+            Some((_, Embedded::Failed(error))) => errors.push(Some(error)),
         }
     }
     BackgroundWorker::transaction(|| {
-        let outcome = as_role(batch.owner, || {
-            Spi::get_one_with_args::<Vec<Option<String>>>(
+        let outcome = as_role(batch.owner, || match batch.chunking {
+            None => Spi::get_one_with_args::<Vec<Option<String>>>(
                 &format!("SELECT {schema}.nvembed_vectorizer_write($1, $2, $3, $4, $5, $6)"),
                 &[
                     batch.vectorizer_id.into(),
@@ -441,7 +534,21 @@ fn complete(schema: &str, batch: &Batch, results: Vec<Embedded>) {
                     errors.clone().into(),
                 ],
             )
-            .expect("nvembed_vectorizer_write")
+            .expect("nvembed_vectorizer_write"),
+            Some(_) => Spi::get_one_with_args::<Vec<Option<String>>>(
+                &format!("SELECT {schema}.nvembed_vectorizer_write_chunks($1, $2, $3, $4, $5, $6, $7, $8)"),
+                &[
+                    batch.vectorizer_id.into(),
+                    batch.row_keys.as_str().into(),
+                    batch.texts.clone().into(),
+                    errors.clone().into(),
+                    chunk_rows.clone().into(),
+                    chunks.clone().into(),
+                    vectors.clone().into(),
+                    (dimension.unwrap_or(0) as i32).into(),
+                ],
+            )
+            .expect("nvembed_vectorizer_write_chunks"),
         });
         // None: the vectorizer was dropped meanwhile, and its entries with it.
         if let Some(outcome) = outcome {
