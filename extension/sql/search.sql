@@ -451,3 +451,129 @@ BEGIN
                  FROM @extschema@.nvembed_search(source, @extschema@.nvembed_query(query), k, filter, column_name, candidates) s;
 END;
 $$;
+
+-- The chunk table nvembed_search_documents searches for the rows of `tbl`: that of its chunk
+-- vectorizer, or `requested` (which must be one of its chunk vectorizers' tables); with the
+-- vectorizer's key columns.
+CREATE FUNCTION nvembed_search_chunk_table(tbl regclass, requested regclass,
+                                           OUT chunk_table regclass, OUT key_columns name[])
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    found integer;
+BEGIN
+    SELECT count(*), min(v.chunk_table::oid)::regclass, (array_agg(v.key_columns))[1] INTO found, chunk_table, key_columns
+    FROM @extschema@.nvembed_vectorizer v
+    WHERE v.tbl = $1 AND v.chunk_table IS NOT NULL AND (requested IS NULL OR v.chunk_table = requested);
+    IF found = 0 THEN
+        RAISE EXCEPTION 'nvembed_search_documents: %', CASE WHEN requested IS NULL THEN format('no chunk vectorizer fills a chunk table of %s', tbl)
+                                                            ELSE format('%s is not a chunk table of %s', requested, tbl) END
+            USING ERRCODE = 'undefined_object',
+                  HINT = format('nvembed_create_chunk_vectorizer(%L, ...) makes one; nvembed_search searches a table of its own vectors.', tbl);
+    ELSIF found > 1 THEN
+        RAISE EXCEPTION 'nvembed_search_documents: % has % chunk tables', tbl, found
+            USING ERRCODE = 'ambiguous_parameter',
+                  HINT = 'Name one: chunk_table => ''...''. SELECT chunk_table FROM nvembed_vectorizer_status lists them.';
+    END IF;
+END;
+$$;
+
+-- Searches the rows of a table by their chunks (a chunk vectorizer's table): nvembed_search over
+-- the chunks, then each row's best chunk. Returns the k rows whose best chunks score highest,
+-- best first, each with that chunk, its number and its score. `filter` is a condition on the
+-- rows themselves (as in nvembed_search; it may name the table). Fewer than k rows' chunks among
+-- the best ones (a row's chunks crowd the others out) fetch four times as many chunks, until k
+-- rows have one or no more chunks pass.
+CREATE FUNCTION nvembed_search_documents(source anyelement, query real[], k integer DEFAULT 10, filter text DEFAULT NULL,
+                                         chunk_table regclass DEFAULT NULL, candidates integer DEFAULT NULL)
+RETURNS TABLE (item anyelement, chunk text, chunk_seq integer, score double precision)
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    tbl pg_catalog.regclass := (SELECT t.typrelid FROM pg_catalog.pg_type t
+                                WHERE t.oid OPERATOR(pg_catalog.=) pg_catalog.pg_typeof(source)
+                                  AND t.typrelid OPERATOR(pg_catalog.<>) 0);
+    chunks record;
+    relation pg_catalog.text;
+    chunk_relation pg_catalog.text;
+    keys_of_item pg_catalog.text;
+    rows_match pg_catalog.text;
+    chunks_match pg_catalog.text;
+    condition pg_catalog.text;
+    wanted integer;
+    found bigint;
+    rows_found bigint;
+    rels pg_catalog.oid[];
+    row_ids pg_catalog.tid[];
+    texts pg_catalog.text[];
+    seqs integer[];
+    scores double precision[];
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'nvembed_search_documents: source must be a row of the table to search, not a value of type %', pg_catalog.pg_typeof(source)
+            USING ERRCODE = 'wrong_object_type', HINT = 'Pass the table''s row type: nvembed_search_documents(NULL::docs, ...).';
+    END IF;
+    IF k IS NULL OR k OPERATOR(pg_catalog.<) 1 THEN
+        RAISE EXCEPTION 'nvembed_search_documents: k must be at least 1, not %', COALESCE(k::pg_catalog.text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    chunks := @extschema@.nvembed_search_chunk_table(tbl, chunk_table);
+    SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) INTO relation
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+    WHERE c.oid OPERATOR(pg_catalog.=) tbl;
+    SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) INTO chunk_relation
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+    WHERE c.oid OPERATOR(pg_catalog.=) chunks.chunk_table;
+    SELECT pg_catalog.string_agg(pg_catalog.format('(f.item).%I', key_part.column_name), ', ' ORDER BY key_part.key_position),
+           pg_catalog.string_agg(pg_catalog.format('t.%I %s (b.item).%I', key_part.column_name, key_part.equals, key_part.column_name),
+                                 ' AND ' ORDER BY key_part.key_position),
+           pg_catalog.string_agg(pg_catalog.format('%1$s.%3$I %4$s %2$s.%3$I', relation, chunk_relation, key_part.column_name, key_part.equals),
+                                 ' AND ' ORDER BY key_part.key_position)
+    INTO keys_of_item, rows_match, chunks_match
+    FROM @extschema@.nvembed_vectorizer_key(tbl) key_part;
+    -- The filter is the rows': evaluated for each chunk on its row (the table unaliased, so the
+    -- filter may name it; its columns before the chunk table's).
+    condition := CASE WHEN filter IS NOT NULL
+                      THEN pg_catalog.format(E'EXISTS (SELECT FROM %s WHERE %s AND @extschema@.nvembed_search_condition((\n%s\n)))',
+                                             relation, chunks_match, filter) END;
+    wanted := k OPERATOR(pg_catalog.*) 4;
+    LOOP
+        EXECUTE pg_catalog.format(
+            'WITH found AS MATERIALIZED (SELECT s.item, s.score FROM @extschema@.nvembed_search(NULL::%1$s, $1, $2, $3, ''embedding'', $4) s),
+                  best AS (SELECT DISTINCT ON (%2$s) f.item, f.score FROM found f ORDER BY %2$s, f.score DESC, (f.item).chunk_seq),
+                  top AS (SELECT b.item, b.score FROM best b ORDER BY b.score DESC LIMIT $5)
+             SELECT (SELECT pg_catalog.count(*) FROM found), (SELECT pg_catalog.count(*) FROM best),
+                    pg_catalog.array_agg(t.tableoid ORDER BY b.score DESC, (b.item).chunk_seq),
+                    pg_catalog.array_agg(t.ctid ORDER BY b.score DESC, (b.item).chunk_seq),
+                    pg_catalog.array_agg((b.item).chunk ORDER BY b.score DESC, (b.item).chunk_seq),
+                    pg_catalog.array_agg((b.item).chunk_seq ORDER BY b.score DESC, (b.item).chunk_seq),
+                    pg_catalog.array_agg(b.score ORDER BY b.score DESC, (b.item).chunk_seq)
+             FROM top b JOIN %3$s t ON %4$s',
+            chunks.chunk_table, keys_of_item, relation, rows_match)
+            INTO found, rows_found, rels, row_ids, texts, seqs, scores
+            USING query, wanted, condition, pg_catalog.int4larger(candidates, wanted), k;
+        EXIT WHEN rows_found OPERATOR(pg_catalog.>=) k OR found OPERATOR(pg_catalog.<) wanted;
+        wanted := pg_catalog.int4smaller(wanted, 2147483647 / 4) OPERATOR(pg_catalog.*) 4;
+    END LOOP;
+    RETURN QUERY EXECUTE pg_catalog.format(
+        'SELECT ROW(t.*)::%1$s, b.chunk, b.chunk_seq, b.score'
+        ' FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5))'
+        '      WITH ORDINALITY AS b(rel, row_id, chunk, chunk_seq, score, n)'
+        ' JOIN %2$s AS t ON t.tableoid OPERATOR(pg_catalog.=) b.rel AND t.ctid OPERATOR(pg_catalog.=) b.row_id ORDER BY b.n',
+        pg_catalog.pg_typeof(source), relation)
+        USING rels, row_ids, texts, seqs, scores;
+END;
+$$;
+
+-- The same, for a query text: embedded with the session's nvembed.query_instruction.
+CREATE FUNCTION nvembed_search_documents(source anyelement, query text, k integer DEFAULT 10, filter text DEFAULT NULL,
+                                         chunk_table regclass DEFAULT NULL, candidates integer DEFAULT NULL)
+RETURNS TABLE (item anyelement, chunk text, chunk_seq integer, score double precision)
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    RETURN QUERY SELECT s.item, s.chunk, s.chunk_seq, s.score
+                 FROM @extschema@.nvembed_search_documents(source, @extschema@.nvembed_query(query), k, filter, chunk_table, candidates) s;
+END;
+$$;

@@ -240,6 +240,89 @@ mod tests {
     }
 
     #[pg_test]
+    fn documents_are_found_by_their_best_chunk_as_an_exact_search_finds_them() {
+        use_fixture();
+        remote_session("cs");
+        remote_exec(
+            "cs",
+            &format!(
+                r#"{VECTOR_EXTENSION};
+                   CREATE TABLE cs_docs (id int PRIMARY KEY, lang text, body text);
+                   -- Row 1's many chunks are all alike: they crowd the best chunks of a search.
+                   INSERT INTO cs_docs VALUES (1, 'en', repeat('How does autovacuum decide when to run? ', 60));
+                   INSERT INTO cs_docs SELECT g, CASE WHEN g % 2 = 0 THEN 'en' ELSE 'fr' END,
+                                              'Document ' || g || '. ' || repeat('Topic ' || (g % 5) || ' about table number ' || g || '. ', 8)
+                                       FROM generate_series(2, 25) g;
+                   SELECT nvembed_create_chunk_vectorizer('cs_docs', 'body', 'cs_chunks', 24, 4);
+                   DO $$ BEGIN END $$"#
+            ),
+        );
+        wait_drained("cs", "cs_chunks");
+        assert!(remote_text("cs", "SELECT count(*)::text FROM cs_chunks WHERE id = 1").parse::<i64>().unwrap() > 40);
+        let query = "How does autovacuum decide when to run?";
+        // "id:chunk_seq" of the exact best chunk of each row, the k best rows.
+        let exact = |k: i32, filter: &str| {
+            remote_text(
+                "cs",
+                &format!(
+                    "SELECT string_agg(id || ':' || chunk_seq, ' ' ORDER BY s DESC, id) FROM (
+                       SELECT DISTINCT ON (c.id) c.id, c.chunk_seq, -(c.embedding <#> nvembed_query('{query}')::vector) AS s
+                       FROM cs_chunks c JOIN cs_docs d ON d.id = c.id WHERE {filter}
+                       ORDER BY c.id, s DESC, c.chunk_seq LIMIT ALL) b
+"
+                ),
+            )
+            .split(' ')
+            .take(k as usize)
+            .collect::<Vec<_>>()
+            .join(" ")
+        };
+        let found = |k: i32, filter: &str, extra: &str| {
+            remote_text(
+                "cs",
+                &format!(
+                    "SELECT string_agg((item).id || ':' || chunk_seq, ' ' ORDER BY n) FROM
+                     nvembed_search_documents(NULL::cs_docs, '{query}', k => {k}, filter => {filter}{extra}) WITH ORDINALITY AS s(item, chunk, chunk_seq, score, n)"
+                ),
+            )
+        };
+        for index in [false, true] {
+            if index {
+                remote_exec("cs", "DO $$ BEGIN PERFORM nvembed_create_search_index('cs_chunks'); END $$");
+            }
+            for k in [1, 3, 8] {
+                assert_eq!(found(k, "NULL", ""), exact(k, "true"), "k {k}, index {index}");
+            }
+            assert_eq!(found(4, "$f$cs_docs.lang = 'fr'$f$", ""), exact(4, "d.lang = 'fr'"), "index {index}");
+            assert_eq!(found(4, "$f$lang = 'en' AND id > 10$f$", ", candidates => 500"), exact(4, "d.lang = 'en' AND d.id > 10"));
+        }
+        // More rows asked for than the table has: every row, once.
+        assert_eq!(found(100, "NULL", "").split(' ').count(), 25);
+        // Each row comes back whole, with its best chunk's text and score.
+        assert_eq!(
+            remote_text(
+                "cs",
+                &format!(
+                    "SELECT ((item).body LIKE '%' || chunk || '%')::text || ',' || (abs(score + (SELECT c.embedding <#> nvembed_query('{query}')::vector
+                             FROM cs_chunks c WHERE c.id = (item).id AND c.chunk_seq = s.chunk_seq)) < 1e-6)::text
+                     FROM nvembed_search_documents(NULL::cs_docs, '{query}', k => 1) s"
+                )
+            ),
+            "true,true"
+        );
+        remote_exec(
+            "cs",
+            "DO $t$ BEGIN
+               PERFORM nvembed_search_documents(NULL::cs_chunks, 'x');
+             EXCEPTION WHEN undefined_object THEN
+               IF SQLERRM <> 'nvembed_search_documents: no chunk vectorizer fills a chunk table of public.cs_chunks' THEN RAISE; END IF;
+             END $t$",
+        );
+        remote_exec("cs", "DROP TABLE cs_chunks, cs_docs");
+        Spi::run("SELECT dblink_disconnect('cs')").unwrap();
+    }
+
+    #[pg_test]
     fn creating_a_chunk_vectorizer_refuses_what_it_cannot_keep_in_step() {
         use_fixture();
         Spi::run(VECTOR_EXTENSION).unwrap();

@@ -46,7 +46,7 @@ pgrx::extension_sql_file!(
 pgrx::extension_sql_file!(
     "../sql/search.sql",
     name = "search",
-    requires = ["functions", functions::nvembed_model_dimension]
+    requires = ["functions", "vectorizer", functions::nvembed_model_dimension]
 );
 
 #[pg_guard]
