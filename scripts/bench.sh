@@ -171,6 +171,23 @@ if [ ${#draining[@]} -gt 0 ]; then
   row "vectorizer: worst single-query latency while the queue drains vs idle (medium; $drain_worst vs $idle_worst ms, ${#draining[@]} queries)" "$(calc "round($drain_worst / $idle_worst, 2)")×" "≤ 2×"
 fi
 
+# Chunk vectorizers on the same rows: rows/s until drained vs the column vectorizer's above, with
+# one chunk per row (the cutting, the chunk call and the chunk rows' writes alone) and with ~3
+# overlapping chunks per row (each chunk ~40 tokens; the overlap adds tokens to embed).
+chunk_drain() { # max_tokens overlap -> "rows/s chunks"
+  vectorizer_workers ""
+  "${PSQL[@]}" -c "SELECT nvembed_create_chunk_vectorizer('drain', 'body', 'drain_chunks', $1, $2)" >/dev/null
+  local t0 t1; t0=$(now); vectorizer_workers postgres
+  until [ "$("${PSQL[@]}" -Atc "SELECT pending + in_progress FROM nvembed_vectorizer_status WHERE chunk_table = 'drain_chunks'::regclass")" = 0 ]; do sleep 0.2; done
+  t1=$(now)
+  echo "$(calc "round($ROWS / ($t1-$t0), 2)") $("${PSQL[@]}" -Atc "SELECT count(*) FROM drain_chunks")"
+  "${PSQL[@]}" -c "DROP TABLE drain_chunks" >/dev/null
+}
+read -r whole whole_chunks <<<"$(chunk_drain 512 0)"
+row "chunk vectorizer: rows/s until drained vs the column vectorizer, one chunk per row (medium; $whole vs $drained rows/s, $whole_chunks chunks)" "$(calc "round($whole / $drained, 2)")×" "—"
+read -r cut cut_chunks <<<"$(chunk_drain 48 8)"
+row "chunk vectorizer: rows/s until drained vs the column vectorizer, 48-token chunks, overlap 8 (medium; $cut vs $drained rows/s, $cut_chunks chunks)" "$(calc "round($cut / $drained, 2)")×" "—"
+
 # 5b. Backend RSS growth after 1000 calls.
 growth=$("${PSQL[@]}" -At <<'SQL'
 CREATE TEMP TABLE m AS SELECT (regexp_match(pg_read_file('/proc/' || pg_backend_pid() || '/status'), 'VmRSS:\s+(\d+)'))[1]::bigint AS kb;

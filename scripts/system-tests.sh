@@ -215,6 +215,8 @@ echo "PASS 100,000 texts: refused with 54000 by default; with the limit raised 1
 
 # 8. Vectorizer under faults: SIGKILL of the model server and `pg_ctl restart -m immediate`
 #    while a queue drains lose nothing and write nothing twice; draining resumes by itself. A
+#    chunk vectorizer of the same rows drains through the same faults: every row's chunks are
+#    exactly those of its text, each with its text's embedding, none twice. A
 #    listed database without the extension is logged once; a worker that exits is restarted.
 "${PSQL[@]}" -c "CREATE DATABASE vz_noext" >/dev/null
 reload "ALTER SYSTEM SET nvembed.vectorizer_databases = 'postgres, vz_noext'"
@@ -227,10 +229,16 @@ CREATE FUNCTION vz_fault_log() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN INSERT INTO vz_fault_writes VALUES (NEW.id, NEW.body, NEW.embedding); RETURN NEW; END $$;
 CREATE TRIGGER vz_fault_log AFTER UPDATE OF embedding ON vz_fault FOR EACH ROW EXECUTE FUNCTION vz_fault_log();
 SELECT nvembed_create_vectorizer('vz_fault', 'body', 'embedding');
+SELECT nvembed_create_chunk_vectorizer('vz_fault', 'body', 'vz_fault_chunks', 96, 16);
+-- Every write of a chunk.
+CREATE TABLE vz_fault_chunk_writes (id int, chunk_seq int);
+CREATE FUNCTION vz_fault_chunk_log() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO vz_fault_chunk_writes VALUES (NEW.id, NEW.chunk_seq); RETURN NEW; END $$;
+CREATE TRIGGER vz_fault_chunk_log AFTER INSERT ON vz_fault_chunks FOR EACH ROW EXECUTE FUNCTION vz_fault_chunk_log();
 -- 640 texts of ~300 tokens: 10 batches of 64, seconds each.
 INSERT INTO vz_fault SELECT g, repeat('fault tolerant text ' || g || '. ', 50) FROM generate_series(1, 640) g;
 SQL
-vz_status() { "${PSQL[@]}" -At -c "SELECT concat_ws(',', pending, in_progress, embedded) FROM nvembed_vectorizer_status WHERE tbl = 'vz_fault'::regclass" 2>/dev/null || true; }
+vz_status() { "${PSQL[@]}" -At -c "SELECT concat_ws(',', sum(pending), sum(in_progress), min(embedded)) FROM nvembed_vectorizer_status WHERE tbl = 'vz_fault'::regclass" 2>/dev/null || true; }
 # wait_until SECONDS CONDITION-ON-$in_progress/$embedded/$pending
 wait_until() {
   local limit=$1 started; started=$(date +%s); shift
@@ -263,7 +271,22 @@ SELECT (SELECT count(*) FROM vz_fault f JOIN expected x USING (id)
 SQL
 )
 [ "$result" = "640,640,640,0" ] || fail "vectorizer after SIGKILL and immediate restart: correct,writes,rows written,stale writes = $result (want 640,640,640,0)"
-echo "PASS vectorizer under faults: model server SIGKILLed at $before rows, immediate restart mid-batch; all 640 rows correct, each written once"
+chunks=$("${PSQL[@]}" -At <<'SQL'
+WITH c AS (SELECT id, chunk_seq, chunk, embedding::real[] AS e, row_number() OVER (ORDER BY id, chunk_seq) AS r FROM vz_fault_chunks),
+     g AS (SELECT array_agg(r ORDER BY r) AS rs, array_agg(chunk ORDER BY r) AS chunks FROM c GROUP BY r / 200),
+     x AS (SELECT g.rs[p.n] AS r, p.e FROM g, nvembed_passages(g.chunks) WITH ORDINALITY AS p(e, n))
+SELECT (SELECT count(*) FROM vz_fault d
+        WHERE (SELECT array_agg(c.chunk_seq || ':' || c.chunk ORDER BY c.chunk_seq) FROM vz_fault_chunks c WHERE c.id = d.id)
+              = (SELECT array_agg(x.chunk_seq || ':' || x.chunk ORDER BY x.chunk_seq) FROM nvembed_chunks(d.body, 96, 16) x))
+       || ',' || (SELECT count(*) FROM c JOIN x USING (r) WHERE (SELECT max(abs(p - q)) FROM unnest(c.e, x.e) u(p, q)) <= 1e-6)
+       || ',' || (SELECT count(*) FROM vz_fault_chunks)
+       || ',' || (SELECT count(*) - count(DISTINCT (id, chunk_seq)) FROM vz_fault_chunk_writes)
+SQL
+)
+IFS=, read -r rows_ok chunks_ok chunk_count rewritten <<<"$chunks"
+[ "$rows_ok" = 640 ] && [ "$chunks_ok" = "$chunk_count" ] && [ "$chunk_count" -gt 640 ] && [ "$rewritten" = 0 ] \
+  || fail "chunk vectorizer after SIGKILL and immediate restart: rows with their text's chunks, chunks with their embedding, chunks, chunks written twice = $chunks"
+echo "PASS vectorizer under faults: model server SIGKILLed at $before rows, immediate restart mid-batch; all 640 rows correct, each written once; their $chunk_count chunks exactly their texts' and each written once"
 
 worker() { "${PSQL[@]}" -At -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'nvembed vectorizer' AND datname = 'postgres'"; }
 old_worker=$(worker)
