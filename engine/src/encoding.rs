@@ -145,11 +145,6 @@ impl InputEncoder {
         &self.tokenizer
     }
 
-    /// Most bytes of text one token can stand for.
-    pub(crate) fn longest_piece_bytes(&self) -> usize {
-        self.longest_piece_bytes
-    }
-
     /// Right-pads `inputs` to their longest member.
     pub fn pad(&self, inputs: &[&EncodedInput]) -> PaddedBatch {
         let width = inputs.iter().map(|e| e.ids.len()).max().unwrap_or(0);

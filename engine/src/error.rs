@@ -41,6 +41,8 @@ pub enum Error {
     NonFinite { index: usize },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("the caller gave up")]
+    Cancelled,
     #[error("hub download of {file} from {repo} failed: {reason}")]
     Hub {
         repo: String,

@@ -468,8 +468,8 @@ CREATE FUNCTION "nvembed_chunks_utf8"(
 	"document" bytea, /* Option < & [u8] > */
 	"kind" TEXT, /* Option < & str > */
 	"instruction" bytea, /* Option < & [u8] > */
-	"max_tokens" INT, /* i32 */
-	"overlap" INT /* i32 */
+	"max_tokens" INT, /* Option < i32 > */
+	"overlap" INT /* Option < i32 > */
 ) RETURNS TABLE (
 	"chunk_seq" INT,  /* i32 */
 	"chunk" bytea  /* Vec < u8 > */
@@ -481,22 +481,22 @@ AS 'MODULE_PATHNAME', 'nvembed_chunks_utf8_wrapper';
 -- Chunks: a long text cut into pieces that each fit the model's input, by the model's own
 -- tokenizer (on the model server). A chunk is max_tokens long at most as the model sees it (the
 -- instruction of `kind`, <s> and </s> included, so it is never truncated when embedded that way);
--- consecutive chunks share up to `overlap` tokens; cuts fall on a paragraph break where one is
--- near, else a line break, a sentence end, a space. NULL max_tokens / overlap take the defaults
--- (SELECT * FROM nvembed_chunk_settings(NULL, NULL)). Chunks are pieces of the text itself,
--- trimmed of surrounding whitespace; a blank or NULL text has none.
+-- consecutive chunks share up to `overlap` tokens (at most half of a chunk's text); cuts fall on
+-- a paragraph break where one is near, else a line break, a sentence end, a space. NULL
+-- max_tokens / overlap take the defaults (SELECT * FROM nvembed_chunk_settings(NULL, NULL)).
+-- Chunks are pieces of the text itself, trimmed of surrounding whitespace; a blank or NULL text
+-- has none.
 CREATE FUNCTION nvembed_chunks(document text, max_tokens integer DEFAULT NULL, overlap integer DEFAULT NULL,
                                kind text DEFAULT 'passage')
 RETURNS TABLE (chunk_seq integer, chunk text)
 LANGUAGE sql STABLE PARALLEL SAFE
 BEGIN ATOMIC
     SELECT c.chunk_seq, pg_catalog.convert_from(c.chunk, 'UTF8')
-    FROM @extschema@.nvembed_chunk_settings(max_tokens, overlap) AS s
-    CROSS JOIN LATERAL @extschema@.nvembed_chunks_utf8(
+    FROM @extschema@.nvembed_chunks_utf8(
         pg_catalog.convert_to(document, 'UTF8'), kind,
         pg_catalog.convert_to(CASE kind WHEN 'passage' THEN '' WHEN 'query' THEN pg_catalog.current_setting('nvembed.query_instruction') END,
                               'UTF8'),
-        s.max_tokens, s.overlap) AS c;
+        max_tokens, overlap) AS c;
 END;
 
 -- Vectorizers: asynchronous embedding of a table's column.
@@ -635,6 +635,29 @@ AS $$
     ORDER BY k.key_position
 $$;
 
+-- The key columns of chunk table `chunk_table` of `tbl`, with the table's own in its key order:
+-- paired through the chunk table's foreign key to the table (the one whose columns are the
+-- table's primary key), so a column renamed on either side stays paired.
+CREATE FUNCTION nvembed_vectorizer_chunk_key(chunk_table regclass, tbl regclass)
+RETURNS TABLE (key_position bigint, column_name name, chunk_column name, type_name text, equals text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH k AS (SELECT * FROM @extschema@.nvembed_vectorizer_key(tbl)),
+         fk AS (SELECT f.conkey, f.confkey FROM pg_constraint f
+                WHERE f.conrelid = chunk_table AND f.confrelid = tbl AND f.contype = 'f'
+                  AND (SELECT array_agg(a.attname ORDER BY a.attname) FROM unnest(f.confkey) AS u(attnum)
+                       JOIN pg_attribute a ON a.attrelid = tbl AND a.attnum = u.attnum)
+                      = (SELECT array_agg(k.column_name ORDER BY k.column_name) FROM k)
+                ORDER BY f.oid LIMIT 1)
+    SELECT k.key_position, k.column_name, ca.attname, k.type_name, k.equals
+    FROM fk CROSS JOIN LATERAL unnest(fk.conkey, fk.confkey) AS m(chunk_attnum, table_attnum)
+    JOIN pg_attribute ta ON ta.attrelid = tbl AND ta.attnum = m.table_attnum
+    JOIN k ON k.column_name = ta.attname
+    JOIN pg_attribute ca ON ca.attrelid = chunk_table AND ca.attnum = m.chunk_attnum
+    ORDER BY k.key_position
+$$;
+
 -- Whether the current role may manage vectorizer `id`: it may update the vectorized column, or
 -- insert into and delete from the chunk table.
 -- (A single expression, without SET: the row-level security policies below inline it.)
@@ -657,7 +680,11 @@ CREATE POLICY create_own ON nvembed_vectorizer FOR INSERT
                 AND pg_catalog.has_table_privilege(tbl, 'TRIGGER')
                 AND key_columns OPERATOR(pg_catalog.=) ARRAY(SELECT k.column_name FROM @extschema@.nvembed_vectorizer_key(tbl) k
                                                             ORDER BY k.key_position)
-                AND embedded OPERATOR(pg_catalog.=) 0 AND last_error IS NULL);
+                AND embedded OPERATOR(pg_catalog.=) 0 AND last_error IS NULL
+                -- A chunk table is the creating role's own, with its foreign key to the table.
+                AND (chunk_table IS NULL
+                     OR (pg_catalog.pg_has_role((SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) chunk_table), 'USAGE')
+                         AND EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_chunk_key(chunk_table, tbl)))));
 CREATE POLICY drop_managed ON nvembed_vectorizer FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(id));
 CREATE POLICY managed ON nvembed_vectorizer_queue FOR SELECT USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
 CREATE POLICY drop_managed ON nvembed_vectorizer_queue FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
@@ -737,8 +764,9 @@ $$;
 --   UPDATE  the source changed (byte-for-byte), unless the same statement also set the target
 --           to another non-NULL vector; or the target is NULL and the source is not. For a
 --           chunk vectorizer: the source changed (to NULL too: its chunks are removed).
--- A row that has an entry waiting already gets no other; one whose entry a worker has claimed
--- gets a new one, whatever becomes of the claimed one. The triggers of vectorizer N:
+-- A row that has an entry waiting already gets no other (but a chunk vectorizer's does, see
+-- nvembed_vectorizer_enqueue_row); one whose entry a worker has claimed gets a new one,
+-- whatever becomes of the claimed one. The triggers of vectorizer N:
 --   nvembed_vectorizer_N_insert  AFTER INSERT FOR EACH STATEMENT with a transition table, on the
 --           table and on each partition (statement triggers fire only for statements naming
 --           their table): one INSERT ... SELECT per statement, so a COPY of many rows costs one
@@ -814,11 +842,11 @@ BEGIN
              FROM (SELECT %1$s AS nvembed_key, n.* FROM nvembed_new_rows n) n
              WHERE NOT EXISTS (SELECT 1 FROM (SELECT %2$s AS nvembed_key, o.* FROM nvembed_old_rows o) o
                                WHERE o.nvembed_key = n.nvembed_key AND ROW(o.%3$I)::record *= ROW(n.%3$I)::record)
-               AND NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
-                               WHERE q.vectorizer_id = $1 AND q.row_key = n.nvembed_key AND q.claimed_by IS NULL)',
+               AND ($2 OR NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
+                                      WHERE q.vectorizer_id = $1 AND q.row_key = n.nvembed_key AND q.claimed_by IS NULL))',
             @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'n'), @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'o'),
             v.source_column)
-            USING v.id;
+            USING v.id, v.chunk_table IS NOT NULL;
     END IF;
     RETURN NULL;
 END;
@@ -852,9 +880,13 @@ BEGIN
         END IF;
     END IF;
     EXECUTE 'SELECT ' || @extschema@.nvembed_vectorizer_key_text(v.key_columns, '($1)') INTO new_key USING NEW;
+    -- A chunk vectorizer's row is queued even when it has an entry waiting: its worker takes no
+    -- lock on the row, so a claim made while this transaction is open reads the old text, and
+    -- settling it would remove the only entry this change has.
     INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
     SELECT v.id, new_key
-    WHERE NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
+    WHERE v.chunk_table IS NOT NULL
+       OR NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
                       WHERE q.vectorizer_id = v.id AND q.row_key = new_key AND q.claimed_by IS NULL);
     RETURN NULL;
 END;
@@ -986,13 +1018,13 @@ $$;
 
 -- The instruction a vectorizer of `kind` embeds with (fixed when it is created: a session's
 -- nvembed.query_instruction must not change the vectors of rows embedded later).
-CREATE FUNCTION nvembed_vectorizer_instruction(kind text) RETURNS text
+CREATE FUNCTION nvembed_vectorizer_instruction(caller text, kind text) RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF kind IS NULL OR kind NOT IN ('passage', 'query') THEN
-        RAISE EXCEPTION 'kind must be ''passage'' or ''query'', not %', quote_nullable(kind)
+        RAISE EXCEPTION '%: kind must be ''passage'' or ''query'', not %', caller, quote_nullable(kind)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     RETURN CASE kind WHEN 'query' THEN current_setting('nvembed.query_instruction') ELSE '' END;
@@ -1035,7 +1067,7 @@ DECLARE
     target_type_name name;
     dimension integer;
     model_dimension integer;
-    instruction text := @extschema@.nvembed_vectorizer_instruction(kind);
+    instruction text := @extschema@.nvembed_vectorizer_instruction('nvembed_create_vectorizer', kind);
     id integer;
 BEGIN
     PERFORM @extschema@.nvembed_vectorizer_check_source(tbl, source_column);
@@ -1100,7 +1132,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    instruction text := @extschema@.nvembed_vectorizer_instruction(kind);
+    instruction text := @extschema@.nvembed_vectorizer_instruction('nvembed_create_chunk_vectorizer', kind);
     settings record;
     name_parts text[];
     chunk_schema name;
@@ -1144,7 +1176,7 @@ BEGIN
     -- against it) with the model's tokenizer; the model's dimension is known from then on.
     PERFORM FROM @extschema@.nvembed_chunks('', settings.max_tokens, settings.overlap, kind);
     dimension := @extschema@.nvembed_model_dimension();
-    SELECT format('%I.vector', n.nspname) || coalesce(format('(%s)', dimension), '') INTO embedding_type
+    SELECT format('%I.vector', n.nspname) || CASE WHEN dimension IS NOT NULL THEN format('(%s)', dimension) ELSE '' END INTO embedding_type
     FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector';
     SELECT string_agg(format('%I %s%s', a.attname, format_type(a.atttypid, a.atttypmod),
                              CASE WHEN a.attcollation <> t.typcollation
@@ -1693,7 +1725,8 @@ BEGIN
                   b AS (SELECT * FROM batch_rows r WHERE NOT r.model_failed),
                   present AS (SELECT b.n FROM b JOIN %1$s t ON %2$s),
                   locked AS (SELECT t.tableoid AS rel, t.ctid AS row_id, b.n, b.src, b.j,
-                                    (t.%3$I::pg_catalog.text COLLATE pg_catalog."C") IS NOT DISTINCT FROM b.src AS same_text
+                                    COALESCE((t.%3$I::pg_catalog.text COLLATE pg_catalog."C") OPERATOR(pg_catalog.=) b.src,
+                                                        t.%3$I IS NULL AND b.src IS NULL) AS same_text
                              FROM %1$s t JOIN b ON %2$s
                              FOR NO KEY UPDATE OF t SKIP LOCKED),
                   written AS (UPDATE %1$s t
@@ -1704,11 +1737,11 @@ BEGIN
                               WHERE l.same_text AND t.tableoid OPERATOR(pg_catalog.=) l.rel AND t.ctid OPERATOR(pg_catalog.=) l.row_id
                               RETURNING l.n)
              SELECT pg_catalog.array_agg(CASE WHEN r.model_failed THEN ''failed''
-                                              WHEN r.n IN (SELECT n FROM written) THEN ''written''
-                                              WHEN r.n IN (SELECT n FROM locked WHERE NOT same_text) THEN ''changed''
-                                              WHEN r.n IN (SELECT n FROM locked)
+                                              WHEN r.n OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT n FROM written)) THEN ''written''
+                                              WHEN r.n OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT n FROM locked WHERE NOT same_text)) THEN ''changed''
+                                              WHEN r.n OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT n FROM locked))
                                                   THEN ''the row was not written: a trigger skipped it, or row-level security hides it from UPDATE''
-                                              WHEN r.n IN (SELECT n FROM present) THEN ''locked''
+                                              WHEN r.n OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT n FROM present)) THEN ''locked''
                                               ELSE ''gone'' END ORDER BY r.n)
              FROM batch_rows r',
             v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 't', 'b.key'), v.source_column, v.target_column);
@@ -1788,40 +1821,48 @@ BEGIN
         classify := format(
             'WITH b AS (SELECT k.key, k.n, $2[k.n] AS src FROM @extschema@.nvembed_vectorizer_key_rows($1) AS k(key, n)
                         WHERE $3[k.n] IS NULL AND ($4::pg_catalog.int8 IS NULL OR k.n OPERATOR(pg_catalog.=) $4)),
-                  found AS (SELECT b.n, (t.%3$I::pg_catalog.text COLLATE pg_catalog."C") IS NOT DISTINCT FROM b.src AS same_text
+                  found AS (SELECT b.n, COALESCE((t.%3$I::pg_catalog.text COLLATE pg_catalog."C") OPERATOR(pg_catalog.=) b.src,
+                                                        t.%3$I IS NULL AND b.src IS NULL) AS same_text
                             FROM %1$s t JOIN b ON %2$s)
              SELECT pg_catalog.array_agg(CASE WHEN $3[k.n] IS NOT NULL THEN ''failed''
-                                              WHEN k.n IN (SELECT n FROM found WHERE same_text) THEN ''written''
-                                              WHEN k.n IN (SELECT n FROM found) THEN ''changed''
+                                              WHEN k.n OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT n FROM found WHERE same_text)) THEN ''written''
+                                              WHEN k.n OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT n FROM found)) THEN ''changed''
                                               ELSE ''gone'' END ORDER BY k.n)
              FROM @extschema@.nvembed_vectorizer_key_rows($1) AS k(key, n)
              WHERE $4::pg_catalog.int8 IS NULL OR k.n OPERATOR(pg_catalog.=) $4',
             v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 't', 'b.key'), v.source_column);
-        clear := format(
+        SELECT format(
             'DELETE FROM %1$s c USING @extschema@.nvembed_vectorizer_key_rows($1) AS b(key, n)
              WHERE b.n OPERATOR(pg_catalog.=) ANY ($2) AND %2$s',
-            v.chunk_table, @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 'c', 'b.key'));
-        SELECT format(
+            v.chunk_table, string_agg(format('c.%I %s (b.key)[%s]::%s', k.chunk_column, k.equals, k.key_position, k.type_name),
+                                      ' AND ' ORDER BY k.key_position)),
+               format(
             'INSERT INTO %1$s (%2$s, chunk_seq, chunk, embedding)
              SELECT %3$s, s.seq, pg_catalog.convert_from(s.chunk, ''UTF8''),
                     $4[(s.i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.*) $5 OPERATOR(pg_catalog.+) 1 : s.i OPERATOR(pg_catalog.*) $5]
              FROM @extschema@.nvembed_vectorizer_key_rows($1) AS b(key, n)
-             JOIN (SELECT u.n, u.chunk, u.i, pg_catalog.row_number() OVER (PARTITION BY u.n ORDER BY u.i)::integer AS seq
-                   FROM ROWS FROM (pg_catalog.unnest($2::integer[]), pg_catalog.unnest($3::bytea[])) WITH ORDINALITY AS u(n, chunk, i)) s
+             JOIN (SELECT u.n, u.chunk, u.i, pg_catalog.row_number() OVER (PARTITION BY u.n ORDER BY u.i)::pg_catalog.int4 AS seq
+                   FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.int4[]), pg_catalog.unnest($3::pg_catalog.bytea[])) WITH ORDINALITY AS u(n, chunk, i)) s
                ON s.n OPERATOR(pg_catalog.=) b.n
              WHERE b.n OPERATOR(pg_catalog.=) ANY ($6)',
-            v.chunk_table, string_agg(quote_ident(k.column_name), ', ' ORDER BY k.key_position),
+            v.chunk_table, string_agg(quote_ident(k.chunk_column), ', ' ORDER BY k.key_position),
             string_agg(format('(b.key)[%s]::%s', k.key_position, k.type_name), ', ' ORDER BY k.key_position))
-        INTO fill
-        FROM @extschema@.nvembed_vectorizer_key(v.tbl) k;
+        INTO clear, fill
+        FROM @extschema@.nvembed_vectorizer_chunk_key(v.chunk_table, v.tbl) k
+        HAVING array_agg(k.column_name ORDER BY k.key_position) = v.key_columns;
+        IF fill IS NULL THEN
+            RAISE EXCEPTION 'the foreign key of % to the primary key (%) of % is gone', v.chunk_table,
+                array_to_string(v.key_columns, ', '), v.tbl;
+        END IF;
     EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
         RETURN array_fill(format('writing the chunks of %s into %s as %s: %s', v.tbl, v.chunk_table, current_user, SQLERRM),
                           ARRAY[array_length(keys, 1)]);
     END;
     BEGIN
-        PERFORM pg_catalog.set_config('search_path', session_path, true);
         EXECUTE classify INTO outcome USING keys, sources, errors, NULL::bigint;
         unchanged := ARRAY(SELECT n FROM generate_series(1, cardinality(outcome)) AS n WHERE outcome[n] = 'written');
+        -- The chunk table's own triggers fire on these, with the session's search_path.
+        PERFORM pg_catalog.set_config('search_path', session_path, true);
         EXECUTE clear USING keys, unchanged;
         EXECUTE fill USING keys, chunk_rows, chunks, vectors, dimension, unchanged;
         PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
@@ -1835,14 +1876,14 @@ BEGIN
                 CONTINUE;
             END IF;
             BEGIN
-                PERFORM pg_catalog.set_config('search_path', session_path, true);
                 EXECUTE classify INTO row_outcome USING keys, sources, errors, n::bigint;
                 outcome[n] := row_outcome[1];
                 IF outcome[n] = 'written' THEN
+                    PERFORM pg_catalog.set_config('search_path', session_path, true);
                     EXECUTE clear USING keys, ARRAY[n];
                     EXECUTE fill USING keys, chunk_rows, chunks, vectors, dimension, ARRAY[n];
+                    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
                 END IF;
-                PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
             EXCEPTION
                 WHEN lock_not_available THEN
                     outcome[n] := 'locked';
@@ -2404,17 +2445,16 @@ END;
 $$;
 
 -- The chunk table nvembed_search_documents searches for the rows of `tbl`: that of its chunk
--- vectorizer, or `requested` (which must be one of its chunk vectorizers' tables); with the
--- vectorizer's key columns.
-CREATE FUNCTION nvembed_search_chunk_table(tbl regclass, requested regclass,
-                                           OUT chunk_table regclass, OUT key_columns name[])
+-- vectorizer, or `requested` (which must be one of its chunk vectorizers' tables).
+CREATE FUNCTION nvembed_search_chunk_table(tbl regclass, requested regclass) RETURNS regclass
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     found integer;
+    chunk_table regclass;
 BEGIN
-    SELECT count(*), min(v.chunk_table::oid)::regclass, (array_agg(v.key_columns))[1] INTO found, chunk_table, key_columns
+    SELECT count(*), min(v.chunk_table::oid)::regclass INTO found, chunk_table
     FROM @extschema@.nvembed_vectorizer v
     WHERE v.tbl = $1 AND v.chunk_table IS NOT NULL AND (requested IS NULL OR v.chunk_table = requested);
     IF found = 0 THEN
@@ -2427,6 +2467,7 @@ BEGIN
             USING ERRCODE = 'ambiguous_parameter',
                   HINT = 'Name one: chunk_table => ''...''. SELECT chunk_table FROM nvembed_vectorizer_status lists them.';
     END IF;
+    RETURN chunk_table;
 END;
 $$;
 
@@ -2434,8 +2475,8 @@ $$;
 -- the chunks, then each row's best chunk. Returns the k rows whose best chunks score highest,
 -- best first, each with that chunk, its number and its score. `filter` is a condition on the
 -- rows themselves (as in nvembed_search; it may name the table). Fewer than k rows' chunks among
--- the best ones (a row's chunks crowd the others out) fetch four times as many chunks, until k
--- rows have one or no more chunks pass.
+-- the best ones (a row's chunks crowd the others out, or rows the caller may not see) fetch four
+-- times as many chunks, until k rows have one or no more chunks pass.
 CREATE FUNCTION nvembed_search_documents(source anyelement, query real[], k integer DEFAULT 10, filter text DEFAULT NULL,
                                          chunk_table regclass DEFAULT NULL, candidates integer DEFAULT NULL)
 RETURNS TABLE (item anyelement, chunk text, chunk_seq integer, score double precision)
@@ -2445,7 +2486,7 @@ DECLARE
     tbl pg_catalog.regclass := (SELECT t.typrelid FROM pg_catalog.pg_type t
                                 WHERE t.oid OPERATOR(pg_catalog.=) pg_catalog.pg_typeof(source)
                                   AND t.typrelid OPERATOR(pg_catalog.<>) 0);
-    chunks record;
+    chunks pg_catalog.regclass;
     relation pg_catalog.text;
     chunk_relation pg_catalog.text;
     keys_of_item pg_catalog.text;
@@ -2475,37 +2516,45 @@ BEGIN
     WHERE c.oid OPERATOR(pg_catalog.=) tbl;
     SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) INTO chunk_relation
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-    WHERE c.oid OPERATOR(pg_catalog.=) chunks.chunk_table;
-    SELECT pg_catalog.string_agg(pg_catalog.format('(f.item).%I', key_part.column_name), ', ' ORDER BY key_part.key_position),
-           pg_catalog.string_agg(pg_catalog.format('t.%I %s (b.item).%I', key_part.column_name, key_part.equals, key_part.column_name),
+    WHERE c.oid OPERATOR(pg_catalog.=) chunks;
+    SELECT pg_catalog.string_agg(pg_catalog.format('(f.item).%I', key_part.chunk_column), ', ' ORDER BY key_part.key_position),
+           pg_catalog.string_agg(pg_catalog.format('t.%I %s (b.item).%I', key_part.column_name, key_part.equals, key_part.chunk_column),
                                  ' AND ' ORDER BY key_part.key_position),
-           pg_catalog.string_agg(pg_catalog.format('%1$s.%3$I %4$s %2$s.%3$I', relation, chunk_relation, key_part.column_name, key_part.equals),
+           pg_catalog.string_agg(pg_catalog.format('%s.%I %s %s.%I', relation, key_part.column_name, key_part.equals, chunk_relation,
+                                                   key_part.chunk_column),
                                  ' AND ' ORDER BY key_part.key_position)
     INTO keys_of_item, rows_match, chunks_match
-    FROM @extschema@.nvembed_vectorizer_key(tbl) key_part;
+    FROM @extschema@.nvembed_vectorizer_chunk_key(chunks, tbl) key_part;
+    IF keys_of_item IS NULL THEN
+        RAISE EXCEPTION 'nvembed_search_documents: % has no foreign key to the primary key of %', chunks, tbl
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Drop the chunk table and create the chunk vectorizer again.';
+    END IF;
     -- The filter is the rows': evaluated for each chunk on its row (the table unaliased, so the
     -- filter may name it; its columns before the chunk table's).
     condition := CASE WHEN filter IS NOT NULL
                       THEN pg_catalog.format(E'EXISTS (SELECT FROM %s WHERE %s AND @extschema@.nvembed_search_condition((\n%s\n)))',
                                              relation, chunks_match, filter) END;
-    wanted := k OPERATOR(pg_catalog.*) 4;
+    wanted := pg_catalog.int4smaller(k, 2147483647 / 4) OPERATOR(pg_catalog.*) 4;
     LOOP
+        -- Each row's best chunk among those found, for the rows the caller sees.
         EXECUTE pg_catalog.format(
             'WITH found AS MATERIALIZED (SELECT s.item, s.score FROM @extschema@.nvembed_search(NULL::%1$s, $1, $2, $3, ''embedding'', $4) s),
                   best AS (SELECT DISTINCT ON (%2$s) f.item, f.score FROM found f ORDER BY %2$s, f.score DESC, (f.item).chunk_seq),
-                  top AS (SELECT b.item, b.score FROM best b ORDER BY b.score DESC LIMIT $5)
-             SELECT (SELECT pg_catalog.count(*) FROM found), (SELECT pg_catalog.count(*) FROM best),
-                    pg_catalog.array_agg(t.tableoid ORDER BY b.score DESC, (b.item).chunk_seq),
-                    pg_catalog.array_agg(t.ctid ORDER BY b.score DESC, (b.item).chunk_seq),
-                    pg_catalog.array_agg((b.item).chunk ORDER BY b.score DESC, (b.item).chunk_seq),
-                    pg_catalog.array_agg((b.item).chunk_seq ORDER BY b.score DESC, (b.item).chunk_seq),
-                    pg_catalog.array_agg(b.score ORDER BY b.score DESC, (b.item).chunk_seq)
-             FROM top b JOIN %3$s t ON %4$s',
-            chunks.chunk_table, keys_of_item, relation, rows_match)
+                  seen AS MATERIALIZED (SELECT b.item, b.score, t.tableoid AS rel, t.ctid AS row_id FROM best b JOIN %3$s t ON %4$s),
+                  top AS (SELECT * FROM seen ORDER BY seen.score DESC, (seen.item).chunk_seq LIMIT $5)
+             SELECT (SELECT pg_catalog.count(*) FROM found), (SELECT pg_catalog.count(*) FROM seen),
+                    pg_catalog.array_agg(top.rel ORDER BY top.score DESC, (top.item).chunk_seq),
+                    pg_catalog.array_agg(top.row_id ORDER BY top.score DESC, (top.item).chunk_seq),
+                    pg_catalog.array_agg((top.item).chunk ORDER BY top.score DESC, (top.item).chunk_seq),
+                    pg_catalog.array_agg((top.item).chunk_seq ORDER BY top.score DESC, (top.item).chunk_seq),
+                    pg_catalog.array_agg(top.score ORDER BY top.score DESC, (top.item).chunk_seq)
+             FROM top',
+            chunks, keys_of_item, relation, rows_match)
             INTO found, rows_found, rels, row_ids, texts, seqs, scores
             USING query, wanted, condition, pg_catalog.int4larger(candidates, wanted), k;
-        EXIT WHEN rows_found OPERATOR(pg_catalog.>=) k OR found OPERATOR(pg_catalog.<) wanted;
-        wanted := pg_catalog.int4smaller(wanted, 2147483647 / 4) OPERATOR(pg_catalog.*) 4;
+        EXIT WHEN rows_found OPERATOR(pg_catalog.>=) k OR found OPERATOR(pg_catalog.<) wanted
+                  OR wanted OPERATOR(pg_catalog.>) 2147483647 / 4;
+        wanted := wanted OPERATOR(pg_catalog.*) 4;
     END LOOP;
     RETURN QUERY EXECUTE pg_catalog.format(
         'SELECT ROW(t.*)::%1$s, b.chunk, b.chunk_seq, b.score'

@@ -453,17 +453,16 @@ END;
 $$;
 
 -- The chunk table nvembed_search_documents searches for the rows of `tbl`: that of its chunk
--- vectorizer, or `requested` (which must be one of its chunk vectorizers' tables); with the
--- vectorizer's key columns.
-CREATE FUNCTION nvembed_search_chunk_table(tbl regclass, requested regclass,
-                                           OUT chunk_table regclass, OUT key_columns name[])
+-- vectorizer, or `requested` (which must be one of its chunk vectorizers' tables).
+CREATE FUNCTION nvembed_search_chunk_table(tbl regclass, requested regclass) RETURNS regclass
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     found integer;
+    chunk_table regclass;
 BEGIN
-    SELECT count(*), min(v.chunk_table::oid)::regclass, (array_agg(v.key_columns))[1] INTO found, chunk_table, key_columns
+    SELECT count(*), min(v.chunk_table::oid)::regclass INTO found, chunk_table
     FROM @extschema@.nvembed_vectorizer v
     WHERE v.tbl = $1 AND v.chunk_table IS NOT NULL AND (requested IS NULL OR v.chunk_table = requested);
     IF found = 0 THEN
@@ -476,6 +475,7 @@ BEGIN
             USING ERRCODE = 'ambiguous_parameter',
                   HINT = 'Name one: chunk_table => ''...''. SELECT chunk_table FROM nvembed_vectorizer_status lists them.';
     END IF;
+    RETURN chunk_table;
 END;
 $$;
 
@@ -483,8 +483,8 @@ $$;
 -- the chunks, then each row's best chunk. Returns the k rows whose best chunks score highest,
 -- best first, each with that chunk, its number and its score. `filter` is a condition on the
 -- rows themselves (as in nvembed_search; it may name the table). Fewer than k rows' chunks among
--- the best ones (a row's chunks crowd the others out) fetch four times as many chunks, until k
--- rows have one or no more chunks pass.
+-- the best ones (a row's chunks crowd the others out, or rows the caller may not see) fetch four
+-- times as many chunks, until k rows have one or no more chunks pass.
 CREATE FUNCTION nvembed_search_documents(source anyelement, query real[], k integer DEFAULT 10, filter text DEFAULT NULL,
                                          chunk_table regclass DEFAULT NULL, candidates integer DEFAULT NULL)
 RETURNS TABLE (item anyelement, chunk text, chunk_seq integer, score double precision)
@@ -494,7 +494,7 @@ DECLARE
     tbl pg_catalog.regclass := (SELECT t.typrelid FROM pg_catalog.pg_type t
                                 WHERE t.oid OPERATOR(pg_catalog.=) pg_catalog.pg_typeof(source)
                                   AND t.typrelid OPERATOR(pg_catalog.<>) 0);
-    chunks record;
+    chunks pg_catalog.regclass;
     relation pg_catalog.text;
     chunk_relation pg_catalog.text;
     keys_of_item pg_catalog.text;
@@ -524,37 +524,45 @@ BEGIN
     WHERE c.oid OPERATOR(pg_catalog.=) tbl;
     SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) INTO chunk_relation
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-    WHERE c.oid OPERATOR(pg_catalog.=) chunks.chunk_table;
-    SELECT pg_catalog.string_agg(pg_catalog.format('(f.item).%I', key_part.column_name), ', ' ORDER BY key_part.key_position),
-           pg_catalog.string_agg(pg_catalog.format('t.%I %s (b.item).%I', key_part.column_name, key_part.equals, key_part.column_name),
+    WHERE c.oid OPERATOR(pg_catalog.=) chunks;
+    SELECT pg_catalog.string_agg(pg_catalog.format('(f.item).%I', key_part.chunk_column), ', ' ORDER BY key_part.key_position),
+           pg_catalog.string_agg(pg_catalog.format('t.%I %s (b.item).%I', key_part.column_name, key_part.equals, key_part.chunk_column),
                                  ' AND ' ORDER BY key_part.key_position),
-           pg_catalog.string_agg(pg_catalog.format('%1$s.%3$I %4$s %2$s.%3$I', relation, chunk_relation, key_part.column_name, key_part.equals),
+           pg_catalog.string_agg(pg_catalog.format('%s.%I %s %s.%I', relation, key_part.column_name, key_part.equals, chunk_relation,
+                                                   key_part.chunk_column),
                                  ' AND ' ORDER BY key_part.key_position)
     INTO keys_of_item, rows_match, chunks_match
-    FROM @extschema@.nvembed_vectorizer_key(tbl) key_part;
+    FROM @extschema@.nvembed_vectorizer_chunk_key(chunks, tbl) key_part;
+    IF keys_of_item IS NULL THEN
+        RAISE EXCEPTION 'nvembed_search_documents: % has no foreign key to the primary key of %', chunks, tbl
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Drop the chunk table and create the chunk vectorizer again.';
+    END IF;
     -- The filter is the rows': evaluated for each chunk on its row (the table unaliased, so the
     -- filter may name it; its columns before the chunk table's).
     condition := CASE WHEN filter IS NOT NULL
                       THEN pg_catalog.format(E'EXISTS (SELECT FROM %s WHERE %s AND @extschema@.nvembed_search_condition((\n%s\n)))',
                                              relation, chunks_match, filter) END;
-    wanted := k OPERATOR(pg_catalog.*) 4;
+    wanted := pg_catalog.int4smaller(k, 2147483647 / 4) OPERATOR(pg_catalog.*) 4;
     LOOP
+        -- Each row's best chunk among those found, for the rows the caller sees.
         EXECUTE pg_catalog.format(
             'WITH found AS MATERIALIZED (SELECT s.item, s.score FROM @extschema@.nvembed_search(NULL::%1$s, $1, $2, $3, ''embedding'', $4) s),
                   best AS (SELECT DISTINCT ON (%2$s) f.item, f.score FROM found f ORDER BY %2$s, f.score DESC, (f.item).chunk_seq),
-                  top AS (SELECT b.item, b.score FROM best b ORDER BY b.score DESC LIMIT $5)
-             SELECT (SELECT pg_catalog.count(*) FROM found), (SELECT pg_catalog.count(*) FROM best),
-                    pg_catalog.array_agg(t.tableoid ORDER BY b.score DESC, (b.item).chunk_seq),
-                    pg_catalog.array_agg(t.ctid ORDER BY b.score DESC, (b.item).chunk_seq),
-                    pg_catalog.array_agg((b.item).chunk ORDER BY b.score DESC, (b.item).chunk_seq),
-                    pg_catalog.array_agg((b.item).chunk_seq ORDER BY b.score DESC, (b.item).chunk_seq),
-                    pg_catalog.array_agg(b.score ORDER BY b.score DESC, (b.item).chunk_seq)
-             FROM top b JOIN %3$s t ON %4$s',
-            chunks.chunk_table, keys_of_item, relation, rows_match)
+                  seen AS MATERIALIZED (SELECT b.item, b.score, t.tableoid AS rel, t.ctid AS row_id FROM best b JOIN %3$s t ON %4$s),
+                  top AS (SELECT * FROM seen ORDER BY seen.score DESC, (seen.item).chunk_seq LIMIT $5)
+             SELECT (SELECT pg_catalog.count(*) FROM found), (SELECT pg_catalog.count(*) FROM seen),
+                    pg_catalog.array_agg(top.rel ORDER BY top.score DESC, (top.item).chunk_seq),
+                    pg_catalog.array_agg(top.row_id ORDER BY top.score DESC, (top.item).chunk_seq),
+                    pg_catalog.array_agg((top.item).chunk ORDER BY top.score DESC, (top.item).chunk_seq),
+                    pg_catalog.array_agg((top.item).chunk_seq ORDER BY top.score DESC, (top.item).chunk_seq),
+                    pg_catalog.array_agg(top.score ORDER BY top.score DESC, (top.item).chunk_seq)
+             FROM top',
+            chunks, keys_of_item, relation, rows_match)
             INTO found, rows_found, rels, row_ids, texts, seqs, scores
             USING query, wanted, condition, pg_catalog.int4larger(candidates, wanted), k;
-        EXIT WHEN rows_found OPERATOR(pg_catalog.>=) k OR found OPERATOR(pg_catalog.<) wanted;
-        wanted := pg_catalog.int4smaller(wanted, 2147483647 / 4) OPERATOR(pg_catalog.*) 4;
+        EXIT WHEN rows_found OPERATOR(pg_catalog.>=) k OR found OPERATOR(pg_catalog.<) wanted
+                  OR wanted OPERATOR(pg_catalog.>) 2147483647 / 4;
+        wanted := wanted OPERATOR(pg_catalog.*) 4;
     END LOOP;
     RETURN QUERY EXECUTE pg_catalog.format(
         'SELECT ROW(t.*)::%1$s, b.chunk, b.chunk_seq, b.score'

@@ -134,6 +134,29 @@ AS $$
     ORDER BY k.key_position
 $$;
 
+-- The key columns of chunk table `chunk_table` of `tbl`, with the table's own in its key order:
+-- paired through the chunk table's foreign key to the table (the one whose columns are the
+-- table's primary key), so a column renamed on either side stays paired.
+CREATE FUNCTION nvembed_vectorizer_chunk_key(chunk_table regclass, tbl regclass)
+RETURNS TABLE (key_position bigint, column_name name, chunk_column name, type_name text, equals text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH k AS (SELECT * FROM @extschema@.nvembed_vectorizer_key(tbl)),
+         fk AS (SELECT f.conkey, f.confkey FROM pg_constraint f
+                WHERE f.conrelid = chunk_table AND f.confrelid = tbl AND f.contype = 'f'
+                  AND (SELECT array_agg(a.attname ORDER BY a.attname) FROM unnest(f.confkey) AS u(attnum)
+                       JOIN pg_attribute a ON a.attrelid = tbl AND a.attnum = u.attnum)
+                      = (SELECT array_agg(k.column_name ORDER BY k.column_name) FROM k)
+                ORDER BY f.oid LIMIT 1)
+    SELECT k.key_position, k.column_name, ca.attname, k.type_name, k.equals
+    FROM fk CROSS JOIN LATERAL unnest(fk.conkey, fk.confkey) AS m(chunk_attnum, table_attnum)
+    JOIN pg_attribute ta ON ta.attrelid = tbl AND ta.attnum = m.table_attnum
+    JOIN k ON k.column_name = ta.attname
+    JOIN pg_attribute ca ON ca.attrelid = chunk_table AND ca.attnum = m.chunk_attnum
+    ORDER BY k.key_position
+$$;
+
 -- Whether the current role may manage vectorizer `id`: it may update the vectorized column, or
 -- insert into and delete from the chunk table.
 -- (A single expression, without SET: the row-level security policies below inline it.)
@@ -156,7 +179,11 @@ CREATE POLICY create_own ON nvembed_vectorizer FOR INSERT
                 AND pg_catalog.has_table_privilege(tbl, 'TRIGGER')
                 AND key_columns OPERATOR(pg_catalog.=) ARRAY(SELECT k.column_name FROM @extschema@.nvembed_vectorizer_key(tbl) k
                                                             ORDER BY k.key_position)
-                AND embedded OPERATOR(pg_catalog.=) 0 AND last_error IS NULL);
+                AND embedded OPERATOR(pg_catalog.=) 0 AND last_error IS NULL
+                -- A chunk table is the creating role's own, with its foreign key to the table.
+                AND (chunk_table IS NULL
+                     OR (pg_catalog.pg_has_role((SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) chunk_table), 'USAGE')
+                         AND EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_chunk_key(chunk_table, tbl)))));
 CREATE POLICY drop_managed ON nvembed_vectorizer FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(id));
 CREATE POLICY managed ON nvembed_vectorizer_queue FOR SELECT USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
 CREATE POLICY drop_managed ON nvembed_vectorizer_queue FOR DELETE USING (@extschema@.nvembed_vectorizer_managed(vectorizer_id));
@@ -236,8 +263,9 @@ $$;
 --   UPDATE  the source changed (byte-for-byte), unless the same statement also set the target
 --           to another non-NULL vector; or the target is NULL and the source is not. For a
 --           chunk vectorizer: the source changed (to NULL too: its chunks are removed).
--- A row that has an entry waiting already gets no other; one whose entry a worker has claimed
--- gets a new one, whatever becomes of the claimed one. The triggers of vectorizer N:
+-- A row that has an entry waiting already gets no other (but a chunk vectorizer's does, see
+-- nvembed_vectorizer_enqueue_row); one whose entry a worker has claimed gets a new one,
+-- whatever becomes of the claimed one. The triggers of vectorizer N:
 --   nvembed_vectorizer_N_insert  AFTER INSERT FOR EACH STATEMENT with a transition table, on the
 --           table and on each partition (statement triggers fire only for statements naming
 --           their table): one INSERT ... SELECT per statement, so a COPY of many rows costs one
@@ -313,11 +341,11 @@ BEGIN
              FROM (SELECT %1$s AS nvembed_key, n.* FROM nvembed_new_rows n) n
              WHERE NOT EXISTS (SELECT 1 FROM (SELECT %2$s AS nvembed_key, o.* FROM nvembed_old_rows o) o
                                WHERE o.nvembed_key = n.nvembed_key AND ROW(o.%3$I)::record *= ROW(n.%3$I)::record)
-               AND NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
-                               WHERE q.vectorizer_id = $1 AND q.row_key = n.nvembed_key AND q.claimed_by IS NULL)',
+               AND ($2 OR NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
+                                      WHERE q.vectorizer_id = $1 AND q.row_key = n.nvembed_key AND q.claimed_by IS NULL))',
             @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'n'), @extschema@.nvembed_vectorizer_key_text(v.key_columns, 'o'),
             v.source_column)
-            USING v.id;
+            USING v.id, v.chunk_table IS NOT NULL;
     END IF;
     RETURN NULL;
 END;
@@ -351,9 +379,13 @@ BEGIN
         END IF;
     END IF;
     EXECUTE 'SELECT ' || @extschema@.nvembed_vectorizer_key_text(v.key_columns, '($1)') INTO new_key USING NEW;
+    -- A chunk vectorizer's row is queued even when it has an entry waiting: its worker takes no
+    -- lock on the row, so a claim made while this transaction is open reads the old text, and
+    -- settling it would remove the only entry this change has.
     INSERT INTO @extschema@.nvembed_vectorizer_queue (vectorizer_id, row_key)
     SELECT v.id, new_key
-    WHERE NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
+    WHERE v.chunk_table IS NOT NULL
+       OR NOT EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_queue q
                       WHERE q.vectorizer_id = v.id AND q.row_key = new_key AND q.claimed_by IS NULL);
     RETURN NULL;
 END;
@@ -485,13 +517,13 @@ $$;
 
 -- The instruction a vectorizer of `kind` embeds with (fixed when it is created: a session's
 -- nvembed.query_instruction must not change the vectors of rows embedded later).
-CREATE FUNCTION nvembed_vectorizer_instruction(kind text) RETURNS text
+CREATE FUNCTION nvembed_vectorizer_instruction(caller text, kind text) RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF kind IS NULL OR kind NOT IN ('passage', 'query') THEN
-        RAISE EXCEPTION 'kind must be ''passage'' or ''query'', not %', quote_nullable(kind)
+        RAISE EXCEPTION '%: kind must be ''passage'' or ''query'', not %', caller, quote_nullable(kind)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     RETURN CASE kind WHEN 'query' THEN current_setting('nvembed.query_instruction') ELSE '' END;
@@ -534,7 +566,7 @@ DECLARE
     target_type_name name;
     dimension integer;
     model_dimension integer;
-    instruction text := @extschema@.nvembed_vectorizer_instruction(kind);
+    instruction text := @extschema@.nvembed_vectorizer_instruction('nvembed_create_vectorizer', kind);
     id integer;
 BEGIN
     PERFORM @extschema@.nvembed_vectorizer_check_source(tbl, source_column);
@@ -599,7 +631,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    instruction text := @extschema@.nvembed_vectorizer_instruction(kind);
+    instruction text := @extschema@.nvembed_vectorizer_instruction('nvembed_create_chunk_vectorizer', kind);
     settings record;
     name_parts text[];
     chunk_schema name;
@@ -643,7 +675,7 @@ BEGIN
     -- against it) with the model's tokenizer; the model's dimension is known from then on.
     PERFORM FROM @extschema@.nvembed_chunks('', settings.max_tokens, settings.overlap, kind);
     dimension := @extschema@.nvembed_model_dimension();
-    SELECT format('%I.vector', n.nspname) || coalesce(format('(%s)', dimension), '') INTO embedding_type
+    SELECT format('%I.vector', n.nspname) || CASE WHEN dimension IS NOT NULL THEN format('(%s)', dimension) ELSE '' END INTO embedding_type
     FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector';
     SELECT string_agg(format('%I %s%s', a.attname, format_type(a.atttypid, a.atttypmod),
                              CASE WHEN a.attcollation <> t.typcollation
@@ -1192,7 +1224,8 @@ BEGIN
                   b AS (SELECT * FROM batch_rows r WHERE NOT r.model_failed),
                   present AS (SELECT b.n FROM b JOIN %1$s t ON %2$s),
                   locked AS (SELECT t.tableoid AS rel, t.ctid AS row_id, b.n, b.src, b.j,
-                                    (t.%3$I::pg_catalog.text COLLATE pg_catalog."C") IS NOT DISTINCT FROM b.src AS same_text
+                                    COALESCE((t.%3$I::pg_catalog.text COLLATE pg_catalog."C") OPERATOR(pg_catalog.=) b.src,
+                                                        t.%3$I IS NULL AND b.src IS NULL) AS same_text
                              FROM %1$s t JOIN b ON %2$s
                              FOR NO KEY UPDATE OF t SKIP LOCKED),
                   written AS (UPDATE %1$s t
@@ -1203,11 +1236,11 @@ BEGIN
                               WHERE l.same_text AND t.tableoid OPERATOR(pg_catalog.=) l.rel AND t.ctid OPERATOR(pg_catalog.=) l.row_id
                               RETURNING l.n)
              SELECT pg_catalog.array_agg(CASE WHEN r.model_failed THEN ''failed''
-                                              WHEN r.n IN (SELECT n FROM written) THEN ''written''
-                                              WHEN r.n IN (SELECT n FROM locked WHERE NOT same_text) THEN ''changed''
-                                              WHEN r.n IN (SELECT n FROM locked)
+                                              WHEN r.n OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT n FROM written)) THEN ''written''
+                                              WHEN r.n OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT n FROM locked WHERE NOT same_text)) THEN ''changed''
+                                              WHEN r.n OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT n FROM locked))
                                                   THEN ''the row was not written: a trigger skipped it, or row-level security hides it from UPDATE''
-                                              WHEN r.n IN (SELECT n FROM present) THEN ''locked''
+                                              WHEN r.n OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT n FROM present)) THEN ''locked''
                                               ELSE ''gone'' END ORDER BY r.n)
              FROM batch_rows r',
             v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 't', 'b.key'), v.source_column, v.target_column);
@@ -1287,40 +1320,48 @@ BEGIN
         classify := format(
             'WITH b AS (SELECT k.key, k.n, $2[k.n] AS src FROM @extschema@.nvembed_vectorizer_key_rows($1) AS k(key, n)
                         WHERE $3[k.n] IS NULL AND ($4::pg_catalog.int8 IS NULL OR k.n OPERATOR(pg_catalog.=) $4)),
-                  found AS (SELECT b.n, (t.%3$I::pg_catalog.text COLLATE pg_catalog."C") IS NOT DISTINCT FROM b.src AS same_text
+                  found AS (SELECT b.n, COALESCE((t.%3$I::pg_catalog.text COLLATE pg_catalog."C") OPERATOR(pg_catalog.=) b.src,
+                                                        t.%3$I IS NULL AND b.src IS NULL) AS same_text
                             FROM %1$s t JOIN b ON %2$s)
              SELECT pg_catalog.array_agg(CASE WHEN $3[k.n] IS NOT NULL THEN ''failed''
-                                              WHEN k.n IN (SELECT n FROM found WHERE same_text) THEN ''written''
-                                              WHEN k.n IN (SELECT n FROM found) THEN ''changed''
+                                              WHEN k.n OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT n FROM found WHERE same_text)) THEN ''written''
+                                              WHEN k.n OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT n FROM found)) THEN ''changed''
                                               ELSE ''gone'' END ORDER BY k.n)
              FROM @extschema@.nvembed_vectorizer_key_rows($1) AS k(key, n)
              WHERE $4::pg_catalog.int8 IS NULL OR k.n OPERATOR(pg_catalog.=) $4',
             v.tbl, @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 't', 'b.key'), v.source_column);
-        clear := format(
+        SELECT format(
             'DELETE FROM %1$s c USING @extschema@.nvembed_vectorizer_key_rows($1) AS b(key, n)
              WHERE b.n OPERATOR(pg_catalog.=) ANY ($2) AND %2$s',
-            v.chunk_table, @extschema@.nvembed_vectorizer_key_matches(v.tbl, v.key_columns, 'c', 'b.key'));
-        SELECT format(
+            v.chunk_table, string_agg(format('c.%I %s (b.key)[%s]::%s', k.chunk_column, k.equals, k.key_position, k.type_name),
+                                      ' AND ' ORDER BY k.key_position)),
+               format(
             'INSERT INTO %1$s (%2$s, chunk_seq, chunk, embedding)
              SELECT %3$s, s.seq, pg_catalog.convert_from(s.chunk, ''UTF8''),
                     $4[(s.i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.*) $5 OPERATOR(pg_catalog.+) 1 : s.i OPERATOR(pg_catalog.*) $5]
              FROM @extschema@.nvembed_vectorizer_key_rows($1) AS b(key, n)
-             JOIN (SELECT u.n, u.chunk, u.i, pg_catalog.row_number() OVER (PARTITION BY u.n ORDER BY u.i)::integer AS seq
-                   FROM ROWS FROM (pg_catalog.unnest($2::integer[]), pg_catalog.unnest($3::bytea[])) WITH ORDINALITY AS u(n, chunk, i)) s
+             JOIN (SELECT u.n, u.chunk, u.i, pg_catalog.row_number() OVER (PARTITION BY u.n ORDER BY u.i)::pg_catalog.int4 AS seq
+                   FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.int4[]), pg_catalog.unnest($3::pg_catalog.bytea[])) WITH ORDINALITY AS u(n, chunk, i)) s
                ON s.n OPERATOR(pg_catalog.=) b.n
              WHERE b.n OPERATOR(pg_catalog.=) ANY ($6)',
-            v.chunk_table, string_agg(quote_ident(k.column_name), ', ' ORDER BY k.key_position),
+            v.chunk_table, string_agg(quote_ident(k.chunk_column), ', ' ORDER BY k.key_position),
             string_agg(format('(b.key)[%s]::%s', k.key_position, k.type_name), ', ' ORDER BY k.key_position))
-        INTO fill
-        FROM @extschema@.nvembed_vectorizer_key(v.tbl) k;
+        INTO clear, fill
+        FROM @extschema@.nvembed_vectorizer_chunk_key(v.chunk_table, v.tbl) k
+        HAVING array_agg(k.column_name ORDER BY k.key_position) = v.key_columns;
+        IF fill IS NULL THEN
+            RAISE EXCEPTION 'the foreign key of % to the primary key (%) of % is gone', v.chunk_table,
+                array_to_string(v.key_columns, ', '), v.tbl;
+        END IF;
     EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
         RETURN array_fill(format('writing the chunks of %s into %s as %s: %s', v.tbl, v.chunk_table, current_user, SQLERRM),
                           ARRAY[array_length(keys, 1)]);
     END;
     BEGIN
-        PERFORM pg_catalog.set_config('search_path', session_path, true);
         EXECUTE classify INTO outcome USING keys, sources, errors, NULL::bigint;
         unchanged := ARRAY(SELECT n FROM generate_series(1, cardinality(outcome)) AS n WHERE outcome[n] = 'written');
+        -- The chunk table's own triggers fire on these, with the session's search_path.
+        PERFORM pg_catalog.set_config('search_path', session_path, true);
         EXECUTE clear USING keys, unchanged;
         EXECUTE fill USING keys, chunk_rows, chunks, vectors, dimension, unchanged;
         PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
@@ -1334,14 +1375,14 @@ BEGIN
                 CONTINUE;
             END IF;
             BEGIN
-                PERFORM pg_catalog.set_config('search_path', session_path, true);
                 EXECUTE classify INTO row_outcome USING keys, sources, errors, n::bigint;
                 outcome[n] := row_outcome[1];
                 IF outcome[n] = 'written' THEN
+                    PERFORM pg_catalog.set_config('search_path', session_path, true);
                     EXECUTE clear USING keys, ARRAY[n];
                     EXECUTE fill USING keys, chunk_rows, chunks, vectors, dimension, ARRAY[n];
+                    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
                 END IF;
-                PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
             EXCEPTION
                 WHEN lock_not_available THEN
                     outcome[n] := 'locked';

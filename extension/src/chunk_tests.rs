@@ -8,7 +8,9 @@ use pgrx::prelude::*;
 mod tests {
     use pgrx::prelude::*;
 
-    use crate::sql_tests::tests::{assert_error, remote_exec, remote_session, remote_text, seconds, use_fixture};
+    use crate::sql_tests::tests::{
+        alter_system, assert_error, remote_exec, remote_session, remote_text, seconds, use_fixture, use_fixture_exclusively,
+    };
 
     /// pgvector, committed by whichever test gets there first.
     const VECTOR_EXTENSION: &str =
@@ -86,7 +88,8 @@ mod tests {
         assert_error("PERFORM nvembed_chunks('x', 40, -1)", "22023", "overlap must be");
         assert_error("PERFORM nvembed_chunks('x', 40, 0, 'document')", "22023", "kind must be 'passage' or 'query', not 'document'");
         assert_error("PERFORM nvembed_chunks('x', 8, 0, 'query')", "22023", "has no room for text: the instruction takes");
-        assert_error("PERFORM nvembed_chunks('x', 8, 6)", "22023", "an overlap of 6 tokens must be smaller than the 6 tokens");
+        assert_error("PERFORM nvembed_chunks('x', 40, 20)", "22023", "an overlap of 20 tokens is more than half of the 38 tokens");
+        assert_error("PERFORM nvembed_chunks('x', 17, 0)", "22023", "at least 16 tokens of text");
     }
 
     /// Waits until no entry of the vectorizer filling `chunk_table` is pending or in progress.
@@ -220,6 +223,12 @@ mod tests {
             ),
             "0,0"
         );
+        // A key column renamed on the table (the chunk table's keeps its name): still paired.
+        remote_exec("ck", "ALTER TABLE ck_docs RENAME COLUMN id TO doc_id");
+        remote_exec("ck", "UPDATE ck_docs SET body = 'renamed key, new text' WHERE doc_id = 11");
+        wait_drained("ck", "ck_chunks");
+        assert_eq!(remote_text("ck", "SELECT string_agg(chunk, '|') FROM ck_chunks WHERE id = 11"), "renamed key, new text");
+        remote_exec("ck", "ALTER TABLE ck_docs RENAME COLUMN doc_id TO id");
         // The status view names the chunk table; dropping it drops the vectorizer.
         assert_eq!(
             remote_text(
@@ -318,8 +327,58 @@ mod tests {
                IF SQLERRM <> 'nvembed_search_documents: no chunk vectorizer fills a chunk table of public.cs_chunks' THEN RAISE; END IF;
              END $t$",
         );
-        remote_exec("cs", "DROP TABLE cs_chunks, cs_docs");
+        // A second chunk table: which one to search must be named.
+        remote_exec("cs", "SELECT nvembed_create_chunk_vectorizer('cs_docs', 'body', 'cs_chunks_2', 64, 0); DO $$ BEGIN END $$");
+        remote_exec(
+            "cs",
+            "DO $t$ BEGIN
+               PERFORM nvembed_search_documents(NULL::cs_docs, 'x');
+               RAISE EXCEPTION 'no error';
+             EXCEPTION WHEN ambiguous_parameter THEN
+               IF SQLERRM <> 'nvembed_search_documents: public.cs_docs has 2 chunk tables' THEN RAISE; END IF;
+             END $t$",
+        );
+        assert_eq!(found(3, "NULL", ", chunk_table => 'cs_chunks'"), exact(3, "true"));
+        remote_exec("cs", "DROP TABLE cs_chunks, cs_chunks_2, cs_docs");
         Spi::run("SELECT dblink_disconnect('cs')").unwrap();
+    }
+
+    #[pg_test]
+    fn a_text_changed_by_a_transaction_open_across_a_claim_is_cut_again() {
+        // Alone, with the worker paused until the change is made.
+        use_fixture_exclusively();
+        alter_system("ALTER SYSTEM SET nvembed.vectorizer_databases = ''");
+        remote_session("cr");
+        remote_session("cr_writer");
+        let started = std::time::Instant::now();
+        while remote_text("cr", "SELECT count(*)::text FROM pg_stat_activity WHERE backend_type = 'nvembed vectorizer'") != "0" {
+            assert!(seconds(started) < 10.0, "the vectorizer worker did not stop");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        remote_exec(
+            "cr",
+            &format!(
+                "{VECTOR_EXTENSION};
+                 CREATE TABLE cr_docs (id int PRIMARY KEY, body text);
+                 SELECT nvembed_create_chunk_vectorizer('cr_docs', 'body', 'cr_chunks', 32, 0);
+                 INSERT INTO cr_docs VALUES (1, 'the first text')"
+            ),
+        );
+        // The row's entry waits; a writer changes its text and stays open across the claim.
+        remote_exec("cr_writer", "BEGIN");
+        remote_exec("cr_writer", "UPDATE cr_docs SET body = 'the second text' WHERE id = 1");
+        alter_system("ALTER SYSTEM SET nvembed.vectorizer_databases = 'pgrx_tests'");
+        // The worker reads the committed (first) text and writes its chunks.
+        let started = std::time::Instant::now();
+        while remote_text("cr", "SELECT coalesce(string_agg(chunk, '|'), '') FROM cr_chunks") != "the first text" {
+            assert!(seconds(started) < 60.0, "the first text's chunks were not written");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        remote_exec("cr_writer", "COMMIT");
+        wait_drained("cr", "cr_chunks");
+        assert_eq!(remote_text("cr", "SELECT string_agg(chunk_seq || ':' || chunk, '|') FROM cr_chunks"), "1:the second text");
+        remote_exec("cr", "DROP TABLE cr_chunks, cr_docs");
+        Spi::run("SELECT dblink_disconnect('cr'), dblink_disconnect('cr_writer')").unwrap();
     }
 
     #[pg_test]

@@ -10,14 +10,10 @@ use crate::call_error::fail;
 use crate::functions::utf8;
 use crate::{client, gucs};
 
-/// A chunk's length and overlap in tokens: NULL takes the default; refused with a hint when
-/// out of range. (What the instruction leaves of the length is the model server's to check:
-/// only its tokenizer can count the instruction.)
-#[pg_extern(stable, parallel_safe)]
-fn nvembed_chunk_settings(
-    max_tokens: Option<i32>,
-    overlap: Option<i32>,
-) -> TableIterator<'static, (name!(max_tokens, i32), name!(overlap, i32))> {
+/// `max_tokens` and `overlap` with NULL taken as the defaults; an ERROR with a hint when out of
+/// range. (What the instruction leaves of the length is the model server's to check: only its
+/// tokenizer can count the instruction.)
+fn checked_settings(max_tokens: Option<i32>, overlap: Option<i32>) -> (usize, usize) {
     let max_tokens = max_tokens.map_or(DEFAULT_CHUNK_TOKENS as i64, i64::from);
     let overlap = overlap.map_or(DEFAULT_CHUNK_OVERLAP as i64, i64::from);
     let limit = gucs::max_length_limit() as i64;
@@ -32,9 +28,20 @@ fn nvembed_chunk_settings(
         fail(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("nvembed: overlap must be at least 0 and less than max_tokens ({max_tokens}), not {overlap}"),
-            "overlap is how many tokens consecutive chunks share.",
+            "overlap is how many tokens consecutive chunks share, at most half of a chunk's text.",
         );
     }
+    (max_tokens as usize, overlap as usize)
+}
+
+/// A chunk's length and overlap in tokens as `nvembed_chunks` and chunk vectorizers take them:
+/// NULL gives the default.
+#[pg_extern(stable, parallel_safe)]
+fn nvembed_chunk_settings(
+    max_tokens: Option<i32>,
+    overlap: Option<i32>,
+) -> TableIterator<'static, (name!(max_tokens, i32), name!(overlap, i32))> {
+    let (max_tokens, overlap) = checked_settings(max_tokens, overlap);
     TableIterator::once((max_tokens as i32, overlap as i32))
 }
 
@@ -45,9 +52,10 @@ fn nvembed_chunks_utf8(
     document: Option<&[u8]>,
     kind: Option<&str>,
     instruction: Option<&[u8]>,
-    max_tokens: i32,
-    overlap: i32,
+    max_tokens: Option<i32>,
+    overlap: Option<i32>,
 ) -> TableIterator<'static, (name!(chunk_seq, i32), name!(chunk, Vec<u8>))> {
+    let (max_tokens, overlap) = checked_settings(max_tokens, overlap);
     let Some(instruction) = instruction else {
         fail(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -60,7 +68,7 @@ fn nvembed_chunks_utf8(
     };
     let text = utf8(document);
     let instruction = utf8(instruction);
-    let spans = client::try_chunk(&instruction, max_tokens as usize, overlap as usize, std::slice::from_ref(&text))
+    let spans = client::try_chunk(&instruction, max_tokens, overlap, std::slice::from_ref(&text))
         .unwrap_or_else(|e| e.raise());
     let rows: Vec<(i32, Vec<u8>)> = spans
         .into_iter()

@@ -375,14 +375,26 @@ pub fn try_embed_alone(instruction: &str, max_length: usize, text: &str) -> Call
 
 /// The chunks of each of `texts` as byte ranges, cut by the model server's tokenizer so that each
 /// fits `max_tokens` with `instruction` (`nvembed_engine::chunk_spans`). Failures are returned:
-/// one the texts' own (the budget, the overlap) blames them.
+/// one the texts' own (the budget, the overlap, a text too long) blames them. The texts go one
+/// `Texts` message at a time, each answered before the next is sent.
 pub fn try_chunk(
     instruction: &str,
     max_tokens: usize,
     overlap: usize,
     texts: &[String],
 ) -> CallResult<Vec<Vec<std::ops::Range<usize>>>> {
-    check_limits(instruction, 1, texts)?;
+    if let Some(text) = texts.iter().find(|t| t.len() > MAX_TEXT_BYTES) {
+        return Err(CallError::blaming(
+            Blame::Text,
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "nvembed: a text of {} bytes is longer than the {MAX_TEXT_BYTES} bytes nvembed cuts into chunks",
+                text.len()
+            ),
+            "Split the document into several rows before it is chunked.",
+        ));
+    }
+    check_limits(instruction, 1, &[])?;
     let (mut connection, _lease) = open(text_bytes(texts), &mut Vec::new())?;
     connection.send(&ClientMessage::Chunk(ChunkHeader {
         instruction: instruction.to_string(),
@@ -390,41 +402,54 @@ pub fn try_chunk(
         overlap,
         count: texts.len(),
     }))?;
-    for chunk in text_chunks(texts) {
-        connection.send(&ClientMessage::Texts(chunk.to_vec()))?;
-    }
-    let mut spans: Vec<Vec<std::ops::Range<usize>>> = vec![Vec::new(); texts.len()];
-    loop {
-        match connection.receive()? {
-            ServerMessage::Spans { text, spans: more } => {
-                let index = usize::try_from(text).unwrap_or(usize::MAX);
-                let text = texts.get(index).ok_or_else(|| connection.named(bad_spans("a text the call has not")))?;
-                for (start, end) in more {
-                    let (start, end) = (start as usize, end as usize);
-                    // Slices of the text, each after the last one's start: what a server sends
-                    // is checked before a backend cuts a text with it.
-                    let after = spans[index].last().is_none_or(|last| last.start < start);
-                    if !(after && start < end && text.get(start..end).is_some()) {
-                        return Err(connection.named(bad_spans("a chunk that is not a piece of its text")));
+    let mut spans: Vec<Vec<std::ops::Range<usize>>> = Vec::with_capacity(texts.len());
+    for sent in text_chunks(texts) {
+        connection.send(&ClientMessage::Texts(sent.to_vec()))?;
+        let answered = spans.len() + sent.len();
+        let mut open_text: Vec<std::ops::Range<usize>> = Vec::new();
+        while spans.len() < answered {
+            match connection.receive()? {
+                ServerMessage::Spans { text, spans: more, last } if text == spans.len() as u64 => {
+                    let whole = &texts[spans.len()];
+                    for (start, end) in more {
+                        let (start, end) = (start as usize, end as usize);
+                        // Pieces of the text, in order: each starts after the last one's start
+                        // and ends no sooner; together they hold the text at most three times
+                        // (neighbours share at most half a chunk). A backend cuts texts only
+                        // with spans it has checked.
+                        let in_order = open_text.last().is_none_or(|last| last.start < start && last.end <= end);
+                        let held: usize = open_text.iter().map(|s| s.len()).sum::<usize>() + (end - start.min(end));
+                        if !(in_order && start < end && whole.get(start..end).is_some() && held <= 3 * whole.len()) {
+                            return Err(connection.named(bad_spans("a chunk that is not a piece of its text")));
+                        }
+                        open_text.push(start..end);
                     }
-                    spans[index].push(start..end);
+                    if last {
+                        spans.push(std::mem::take(&mut open_text));
+                    }
                 }
+                ServerMessage::Spans { .. } => return Err(connection.named(bad_spans("chunks of a text out of turn"))),
+                ServerMessage::Error {
+                    kind: ErrorKind::InvalidInput,
+                    message,
+                } => {
+                    return Err(CallError::blaming(
+                        Blame::Text,
+                        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                        format!("nvembed: {message}"),
+                        "A chunk's max_tokens counts the instruction, <s> and </s> too, and its overlap may be at most half \
+                         of the tokens of text left.",
+                    ))
+                }
+                ServerMessage::Error { kind, message } => return Err(connection.failed(kind, message)),
+                other => return Err(connection.named(protocol_violation(&other))),
             }
-            ServerMessage::Done => return Ok(spans),
-            ServerMessage::Error {
-                kind: ErrorKind::InvalidInput,
-                message,
-            } => {
-                return Err(CallError::blaming(
-                    Blame::Text,
-                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                    format!("nvembed: {message}"),
-                    "A chunk's max_tokens counts the instruction, <s> and </s> too: raise max_tokens, or lower overlap.",
-                ))
-            }
-            ServerMessage::Error { kind, message } => return Err(connection.failed(kind, message)),
-            other => return Err(connection.named(protocol_violation(&other))),
         }
+    }
+    match connection.receive()? {
+        ServerMessage::Done => Ok(spans),
+        ServerMessage::Error { kind, message } => Err(connection.failed(kind, message)),
+        other => Err(connection.named(protocol_violation(&other))),
     }
 }
 

@@ -392,6 +392,69 @@ fn cut(batch: &Batch, (max_tokens, overlap): (usize, usize), texts: &[String]) -
     }
 }
 
+/// The vectors of each batch's `inputs` (or why each input failed), or the model server's own
+/// failure. The batches' calls run at once, one per batch (each on its own server where there
+/// are several); a chunk batch's inputs go in calls the server admits (at most
+/// nvembed.max_request_tokens, each chunk counted at its length), one after the other. A call
+/// that fails for its texts, or loses its connection, is narrowed down input by input.
+fn embed_inputs(batches: &[Batch], inputs: &[Vec<String>]) -> Vec<Result<Vec<Result<Vec<f32>, String>>, CallError>> {
+    let per_call: Vec<usize> = batches
+        .iter()
+        .map(|batch| match batch.chunking {
+            Some(_) => (crate::gucs::max_request_tokens() / batch.max_length.max(1)).max(1),
+            None => usize::MAX,
+        })
+        .collect();
+    let mut results: Vec<Result<Vec<Result<Vec<f32>, String>>, CallError>> =
+        inputs.iter().map(|inputs| Ok(Vec::with_capacity(inputs.len()))).collect();
+    let mut done = vec![0usize; batches.len()];
+    loop {
+        // Each batch still embedding (and not failed) with its next call.
+        let round: Vec<(usize, &[String])> = (0..batches.len())
+            .filter(|&b| results[b].is_ok() && done[b] < inputs[b].len())
+            .map(|b| (b, &inputs[b][done[b]..(done[b].saturating_add(per_call[b])).min(inputs[b].len())]))
+            .collect();
+        if round.is_empty() {
+            return results;
+        }
+        let calls: Vec<BatchCall> = round
+            .iter()
+            .map(|&(b, texts)| BatchCall {
+                instruction: &batches[b].instruction,
+                max_length: batches[b].max_length,
+                texts,
+            })
+            .collect();
+        for ((b, texts), outcome) in round.into_iter().zip(client::try_embed_batches(&calls)) {
+            done[b] += texts.len();
+            let vectors = match outcome {
+                Ok(vectors) => vectors.into_iter().map(Ok).collect(),
+                Err(e) if e.blame == Blame::Server => {
+                    results[b] = Err(e);
+                    continue;
+                }
+                Err(_) => {
+                    let mut vectors = Vec::with_capacity(texts.len());
+                    for input in texts {
+                        match client::try_embed_alone(&batches[b].instruction, batches[b].max_length, input) {
+                            Ok(vector) => vectors.push(Ok(vector)),
+                            Err(e) if e.blame == Blame::Server => {
+                                results[b] = Err(e);
+                                break;
+                            }
+                            Err(e) => vectors.push(Err(e.message)),
+                        }
+                    }
+                    vectors
+                }
+            };
+            if let Ok(all) = &mut results[b] {
+                all.extend(vectors);
+            }
+        }
+    }
+}
+
 /// Embeds the batches at once (each on its own server where there are several), one result
 /// per text that is not NULL. A failure that is the texts' own, or a lost connection (a text
 /// may crash the model server), is narrowed down text by text (chunk by chunk); one that is
@@ -419,38 +482,13 @@ fn embed(batches: &[Batch]) -> Vec<Result<Vec<Embedded>, CallError>> {
             Err(_) => Vec::new(),
         })
         .collect();
-    let calls: Vec<BatchCall> = batches
-        .iter()
-        .zip(&inputs)
-        .map(|(batch, inputs)| BatchCall {
-            instruction: &batch.instruction,
-            max_length: batch.max_length,
-            texts: inputs,
-        })
-        .collect();
-    let outcomes = client::try_embed_batches(&calls);
-    outcomes
+    let vectors = embed_inputs(batches, &inputs);
+    vectors
         .into_iter()
-        .zip(inputs)
-        .zip(batches)
         .zip(cuts)
-        .map(|(((outcome, inputs), batch), cut)| {
+        .map(|(vectors, cut)| {
             let cuts = cut?;
-            let vectors: Vec<Result<Vec<f32>, String>> = match outcome {
-                Ok(vectors) => vectors.into_iter().map(Ok).collect(),
-                Err(e) if e.blame == Blame::Server => return Err(e),
-                Err(_) => {
-                    let mut results = Vec::with_capacity(inputs.len());
-                    for input in &inputs {
-                        match client::try_embed_alone(&batch.instruction, batch.max_length, input) {
-                            Ok(vector) => results.push(Ok(vector)),
-                            Err(e) if e.blame == Blame::Server => return Err(e),
-                            Err(e) => results.push(Err(e.message)),
-                        }
-                    }
-                    results
-                }
-            };
+            let vectors = vectors?;
             let mut vectors = vectors.into_iter();
             Ok(match cuts {
                 None => vectors
@@ -535,20 +573,7 @@ fn complete(schema: &str, batch: &Batch, results: Vec<Embedded>) {
                 ],
             )
             .expect("nvembed_vectorizer_write"),
-            Some(_) => Spi::get_one_with_args::<Vec<Option<String>>>(
-                &format!("SELECT {schema}.nvembed_vectorizer_write_chunks($1, $2, $3, $4, $5, $6, $7, $8)"),
-                &[
-                    batch.vectorizer_id.into(),
-                    batch.row_keys.as_str().into(),
-                    batch.texts.clone().into(),
-                    errors.clone().into(),
-                    chunk_rows.clone().into(),
-                    chunks.clone().into(),
-                    vectors.clone().into(),
-                    (dimension.unwrap_or(0) as i32).into(),
-                ],
-            )
-            .expect("nvembed_vectorizer_write_chunks"),
+            Some(_) => write_chunks(schema, batch, &errors, &chunk_rows, &chunks, &vectors, dimension.unwrap_or(0)),
         });
         // None: the vectorizer was dropped meanwhile, and its entries with it.
         if let Some(outcome) = outcome {
@@ -565,6 +590,66 @@ fn complete(schema: &str, batch: &Batch, results: Vec<Embedded>) {
             .expect("nvembed_vectorizer_settle");
         }
     });
+}
+
+/// Floats one write of a chunk batch carries at most (64 MB): a batch of long documents is
+/// written by several statements of its transaction, a row's chunks always by one.
+const MAX_WRITE_FLOATS: usize = 1 << 24;
+
+/// Writes a chunk batch's rows (`chunk_rows[i]`, from 1, is chunk i's row) in groups of rows
+/// whose vectors fit MAX_WRITE_FLOATS; the outcome of every row, or None when the vectorizer
+/// was dropped meanwhile.
+fn write_chunks(
+    schema: &str,
+    batch: &Batch,
+    errors: &[Option<String>],
+    chunk_rows: &[i32],
+    chunks: &[Vec<u8>],
+    vectors: &[f32],
+    dimension: usize,
+) -> Option<Vec<Option<String>>> {
+    let rows = batch.texts.len();
+    let mut outcome = Vec::with_capacity(rows);
+    let (mut first_row, mut first_chunk) = (0, 0);
+    while first_row < rows {
+        // Rows first_row..last_row, whose chunks are first_chunk..last_chunk.
+        let (mut last_row, mut last_chunk) = (first_row, first_chunk);
+        loop {
+            let row_end = last_chunk + chunk_rows[last_chunk..].iter().take_while(|&&r| r as usize == last_row + 1).count();
+            if last_row > first_row && (row_end - first_chunk) * dimension > MAX_WRITE_FLOATS {
+                break;
+            }
+            last_row += 1;
+            last_chunk = row_end;
+            if last_row == rows {
+                break;
+            }
+        }
+        let row_keys = Spi::get_one_with_args::<String>(
+            "SELECT (($1::pg_catalog.text[])[$2:$3][:])::pg_catalog.text",
+            &[batch.row_keys.as_str().into(), (first_row as i32 + 1).into(), (last_row as i32).into()],
+        )
+        .expect("a batch's keys")
+        .expect("keys");
+        let renumbered: Vec<i32> = chunk_rows[first_chunk..last_chunk].iter().map(|r| r - first_row as i32).collect();
+        let written = Spi::get_one_with_args::<Vec<Option<String>>>(
+            &format!("SELECT {schema}.nvembed_vectorizer_write_chunks($1, $2, $3, $4, $5, $6, $7, $8)"),
+            &[
+                batch.vectorizer_id.into(),
+                row_keys.into(),
+                batch.texts[first_row..last_row].to_vec().into(),
+                errors[first_row..last_row].to_vec().into(),
+                renumbered.into(),
+                chunks[first_chunk..last_chunk].to_vec().into(),
+                vectors[first_chunk * dimension..last_chunk * dimension].to_vec().into(),
+                (dimension as i32).into(),
+            ],
+        )
+        .expect("nvembed_vectorizer_write_chunks")?;
+        outcome.extend(written);
+        (first_row, first_chunk) = (last_row, last_chunk);
+    }
+    Some(outcome)
 }
 
 fn release(schema: &str, batch: &Batch, error: &CallError) {

@@ -7,7 +7,9 @@
 //! an oversized call is refused as soon as its size is known). An admitted client may instead
 //! send `Chunk` followed by `Texts`: the server cuts each text by the model's tokenizer and
 //! answers `Spans` messages (a text's chunks in order, at most `SPANS_PER_MESSAGE` a message,
-//! none for a text without chunks) and `Done`.
+//! the last one marked, so every text has one) and, after the last text, `Done`. The server
+//! answers a `Texts` message's texts before it reads the next, and a client reads those answers
+//! before it sends the next (neither side's socket buffer can fill up with the other waiting).
 
 use serde::{Deserialize, Serialize};
 
@@ -199,8 +201,9 @@ pub enum ServerMessage {
         dimension: usize,
         values: Vec<f32>,
     },
-    /// More chunks of text `text` (its index in the call) of a `Chunk` call, in order.
-    Spans { text: u64, spans: Vec<Span> },
+    /// More chunks of text `text` (its index in the call) of a `Chunk` call, in order; `last`
+    /// on its last message.
+    Spans { text: u64, spans: Vec<Span>, last: bool },
     /// Every vector (or every text's chunks) of the call was sent.
     Done,
     Error {
@@ -297,7 +300,7 @@ impl ServerMessage {
                 }
                 write_frame(out, tag::VECTORS, &payload)
             }
-            ServerMessage::Spans { text, spans } => write_frame(out, tag::SPANS, &json(&(text, spans))?),
+            ServerMessage::Spans { text, spans, last } => write_frame(out, tag::SPANS, &json(&(text, spans, last))?),
             ServerMessage::Done => write_frame(out, tag::DONE, &[]),
             ServerMessage::Error { kind, message } => write_frame(
                 out,
@@ -335,8 +338,8 @@ impl ServerMessage {
                 Ok(ServerMessage::Vectors { dimension, values })
             }
             tag::SPANS => {
-                let (text, spans) = from_json(&frame.payload)?;
-                Ok(ServerMessage::Spans { text, spans })
+                let (text, spans, last) = from_json(&frame.payload)?;
+                Ok(ServerMessage::Spans { text, spans, last })
             }
             tag::DONE => Ok(ServerMessage::Done),
             tag::ERROR => {
@@ -432,6 +435,7 @@ mod tests {
             ServerMessage::Spans {
                 text: 2,
                 spans: vec![(0, 5), (3, 9), (2, 1 << 40)],
+                last: true,
             },
             ServerMessage::Ready { served: None },
             ServerMessage::Ready {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use nvembed_protocol::{
     frame_length, read_frame_body, vectors_per_chunk, ChunkHeader, ClientMessage, EmbedHeader, ErrorKind, Identity,
     ServerMessage, Status, WorkClass, BUILD_ID, MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES, MAX_INSTRUCTION_BYTES,
-    MAX_LENGTH, SPANS_PER_MESSAGE,
+    MAX_LENGTH, MAX_TEXT_BYTES, SPANS_PER_MESSAGE,
 };
 
 use nvembed_engine::{chunk_spans, chunk_text_budget, dtype_name};
@@ -476,8 +476,9 @@ fn chunk<P: Peer>(stream: &mut P, server: &Server, header: ChunkHeader) -> bool 
     }
     let mut received = 0;
     while received < header.count {
-        let chunk = match read_message(stream, server, true, Instant::now() + server.limits.idle_timeout) {
-            Some((ClientMessage::Texts(chunk), _reserved)) if received + chunk.len() <= header.count => chunk,
+        // Held until the texts are answered: they count against the server's text budget.
+        let (chunk, _reserved) = match read_message(stream, server, true, Instant::now() + server.limits.idle_timeout) {
+            Some((ClientMessage::Texts(chunk), reserved)) if received + chunk.len() <= header.count => (chunk, reserved),
             Some((other, _)) => {
                 DROPPED.log(|| format!("dropping a connection that sent {} amid a call's texts", other.name()));
                 return false;
@@ -488,18 +489,29 @@ fn chunk<P: Peer>(stream: &mut P, server: &Server, header: ChunkHeader) -> bool 
             return false;
         };
         for text in &chunk {
-            if hung_up(socket) {
-                return false;
+            if text.len() > MAX_TEXT_BYTES {
+                let message = format!("a text of {} bytes is longer than the {MAX_TEXT_BYTES} bytes one text may have", text.len());
+                return refuse(stream, ErrorKind::TooLarge, message);
             }
-            let spans = match chunk_spans(encoder, &header.instruction, text, header.max_tokens, header.overlap) {
+            let spans = match chunk_spans(encoder, &header.instruction, text, header.max_tokens, header.overlap, &|| {
+                hung_up(socket)
+            }) {
                 Ok(spans) => spans,
+                Err(nvembed_engine::Error::Cancelled) => return false,
                 Err(e) => return refuse(stream, ErrorKind::InvalidInput, e.to_string()),
             };
             let spans: Vec<_> = spans.into_iter().map(|s| (s.start as u64, s.end as u64)).collect();
-            for part in spans.chunks(SPANS_PER_MESSAGE) {
+            // Every text has a message: the last one says its chunks are all there.
+            let mut parts: Vec<&[(u64, u64)]> = spans.chunks(SPANS_PER_MESSAGE).collect();
+            if parts.is_empty() {
+                parts.push(&[]);
+            }
+            let count = parts.len();
+            for (i, part) in parts.into_iter().enumerate() {
                 let message = ServerMessage::Spans {
                     text: received as u64,
                     spans: part.to_vec(),
+                    last: i + 1 == count,
                 };
                 if message.write(stream).is_err() {
                     return false;

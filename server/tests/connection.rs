@@ -125,25 +125,35 @@ fn closed_within(stream: &mut UnixStream, within: Duration) -> bool {
     }
 }
 
-/// The spans of a chunking call's texts, one list per text, or the server's refusal.
+/// The spans of a chunking call's texts, one list per text, or the server's refusal. Like a
+/// backend, it sends one `Texts` message at a time and reads its answers before the next.
 fn chunk_call(stream: &mut UnixStream, header: ChunkHeader, texts: &[String]) -> Result<Vec<Vec<(u64, u64)>>, (ErrorKind, String)> {
     let count = header.count;
     ClientMessage::Chunk(header).write(stream).unwrap();
+    let mut spans: Vec<Vec<(u64, u64)>> = vec![Vec::new(); count];
+    let mut done = 0;
     for chunk in text_chunks(texts) {
         if ClientMessage::Texts(chunk.to_vec()).write(stream).is_err() {
             break;
         }
-    }
-    let mut spans = vec![Vec::new(); count];
-    loop {
-        match receive(stream).unwrap() {
-            ServerMessage::Spans { text, spans: more } => {
-                assert!(spans.iter().skip(text as usize + 1).all(Vec::is_empty), "spans out of order");
-                spans[text as usize].extend(more);
+        let answered = done + chunk.len();
+        while done < answered {
+            match receive(stream).unwrap() {
+                ServerMessage::Spans { text, spans: more, last } => {
+                    assert_eq!(text as usize, done, "spans of another text than the open one");
+                    spans[done].extend(more);
+                    done += usize::from(last);
+                }
+                other => return Err(refused(other)),
             }
-            ServerMessage::Done => return Ok(spans),
-            other => return Err(refused(other)),
         }
+    }
+    match receive(stream).unwrap() {
+        ServerMessage::Done => {
+            assert_eq!(done, count, "every text's last message came");
+            Ok(spans)
+        }
+        other => Err(refused(other)),
     }
 }
 
@@ -167,12 +177,27 @@ fn a_chunking_call_answers_the_engine_s_chunks_in_order_and_bad_budgets_are_refu
         };
         let got = chunk_call(&mut stream, header, &texts).unwrap();
         for (text, spans) in texts.iter().zip(&got) {
-            let expected = chunk_spans(&encoder, instruction, text, max_tokens, overlap).unwrap();
+            let expected = chunk_spans(&encoder, instruction, text, max_tokens, overlap, &|| false).unwrap();
             let expected: Vec<(u64, u64)> = expected.into_iter().map(|s| (s.start as u64, s.end as u64)).collect();
             assert_eq!(spans, &expected);
         }
         assert!(got[0].len() > 10 && got[1].is_empty() && got[2] == [(0, 6)], "{got:?}");
     }
+    // Several frames of texts, each answered before the next is read; many small chunks.
+    let many: Vec<String> = (0..250).map(|i| long_text(1200 + i)).collect();
+    assert!(text_chunks(&many).count() >= 3);
+    let header = ChunkHeader {
+        instruction: String::new(),
+        max_tokens: 20,
+        overlap: 2,
+        count: many.len(),
+    };
+    let got = chunk_call(&mut stream, header, &many).unwrap();
+    for (text, spans) in many.iter().zip(&got).step_by(57) {
+        let expected = chunk_spans(&encoder, "", text, 20, 2, &|| false).unwrap();
+        assert_eq!(spans, &expected.into_iter().map(|s| (s.start as u64, s.end as u64)).collect::<Vec<_>>());
+    }
+    assert!(got.iter().map(Vec::len).sum::<usize>() > 100_000);
     // The connection goes on after a call; a budget the query instruction fills is refused.
     let header = ChunkHeader {
         instruction: QUERY_INSTRUCTION.into(),
@@ -186,13 +211,13 @@ fn a_chunking_call_answers_the_engine_s_chunks_in_order_and_bad_budgets_are_refu
     let mut stream = admitted(&socket, "app", None);
     let header = ChunkHeader {
         instruction: String::new(),
-        max_tokens: 16,
-        overlap: 16,
+        max_tokens: 40,
+        overlap: 20,
         count: 1,
     };
     let (kind, message) = chunk_call(&mut stream, header, &texts[..1]).unwrap_err();
     assert_eq!(kind, ErrorKind::InvalidInput);
-    assert!(message.contains("overlap of 16 tokens must be smaller"), "{message}");
+    assert!(message.contains("an overlap of 20 tokens is more than half of the 38 tokens"), "{message}");
     // Before admission, a chunking call is out of turn.
     let mut stream = connect(&socket);
     hello(&mut stream);
