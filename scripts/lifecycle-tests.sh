@@ -23,7 +23,7 @@ sql() { local db=$1; shift; "${PSQL[@]}" -d "$db" -At "$@"; }
 # wait_embedded DB TABLE: until the vectorizer of TABLE has nothing pending or in progress.
 wait_embedded() {
   for _ in $(seq 600); do
-    [ "$(sql "$1" -c "SELECT pending + in_progress FROM nvembed_vectorizer_status WHERE tbl = '$2'::regclass")" = 0 ] && return 0
+    [ "$(sql "$1" -c "SELECT sum(pending + in_progress) FROM nvembed_vectorizer_status WHERE tbl = '$2'::regclass")" = 0 ] && return 0
     sleep 0.1
   done
   fail "the vectorizer of $2 in $1 did not drain in 60 s: $(sql "$1" -c "SELECT * FROM nvembed_vectorizer_status")"
@@ -140,8 +140,10 @@ CREATE TABLE events (id int, at date, body text, embedding real[], PRIMARY KEY (
 CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
 SELECT nvembed_create_vectorizer('notes', 'body', 'embedding');
 SELECT nvembed_create_vectorizer('events', 'body', 'embedding');
+SELECT nvembed_create_chunk_vectorizer('events', 'body', 'event_chunks', 32, 4);
 INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 30) g;
-INSERT INTO events SELECT g, '2026-06-01'::date + g, 'event ' || g FROM generate_series(1, 10) g;
+INSERT INTO events SELECT g, '2026-06-01'::date + g, 'event ' || g || '. ' || repeat('A sentence of event ' || g || '. ', 12)
+FROM generate_series(1, 10) g;
 SQL
 wait_embedded dumped notes
 wait_embedded dumped events
@@ -164,7 +166,9 @@ after=$(counters)
 fingerprint="SELECT (SELECT md5(string_agg(id || body || embedding::text, ',' ORDER BY id)) FROM docs)
   || (SELECT md5(string_agg(id || body || embedding::text, ',' ORDER BY id)) FROM notes)
   || (SELECT md5(string_agg(id || body || embedding::text, ',' ORDER BY id)) FROM events)
-  || (SELECT string_agg(tbl || ':' || embedded || ':' || pending || ':' || failed, ',' ORDER BY id) FROM nvembed_vectorizer_status)"
+  || (SELECT md5(string_agg(concat_ws('|', id, at, chunk_seq, chunk, embedding), ',' ORDER BY id, chunk_seq)) FROM event_chunks)
+  || (SELECT string_agg(tbl || ':' || coalesce(chunk_table::text, '') || ':' || embedded || ':' || pending || ':' || failed, ',' ORDER BY id)
+      FROM nvembed_vectorizer_status)"
 [ "$(sql dumped -c "$fingerprint")" = "$(sql restored -c "$fingerprint")" ] || fail "restored rows or vectorizers differ from the dumped ones"
 dumped_search=$(sql dumped <<<"$indexed_search" | tr '\n' ' ')
 restored_search=$(sql restored <<<"$indexed_search" | tr '\n' ' ')
@@ -177,6 +181,8 @@ INSERT INTO events VALUES (11, '2026-07-01', 'event 11');
 UPDATE notes SET body = 'note one, changed' WHERE id = 1;
 CREATE TABLE events_2027 PARTITION OF events FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');
 INSERT INTO events VALUES (12, '2027-07-01', 'event 12');
+UPDATE events SET body = 'event two, changed' WHERE id = 2;
+DELETE FROM events WHERE id = 3;
 CREATE TABLE later (id int PRIMARY KEY, body text, embedding real[]);
 INSERT INTO later VALUES (1, 'added after the restore');
 SELECT nvembed_create_vectorizer('later', 'body', 'embedding');
@@ -188,10 +194,15 @@ SELECT (SELECT count(*) FROM docs WHERE (SELECT max(abs(p - q)) FROM unnest(embe
     || ',' || (SELECT count(*) FROM events WHERE (SELECT max(abs(p - q)) FROM unnest(embedding, nvembed_passage(body)) u(p, q)) <= 1e-6)
     || ',' || (SELECT count(*) FROM later WHERE embedding IS NOT NULL)
     || ',' || (SELECT count(DISTINCT id) FROM nvembed_vectorizer_status)
+    || ',' || (SELECT count(*) FROM events e
+               WHERE (SELECT array_agg(c.chunk_seq || ':' || c.chunk ORDER BY c.chunk_seq) FROM event_chunks c WHERE (c.id, c.at) = (e.id, e.at))
+                     = (SELECT array_agg(x.chunk_seq || ':' || x.chunk ORDER BY x.chunk_seq) FROM nvembed_chunks(e.body, 32, 4) x))
+    || ',' || ((SELECT count(*) FROM event_chunks c WHERE (SELECT max(abs(p - q)) FROM unnest(c.embedding::real[], nvembed_passage(c.chunk)) u(p, q)) <= 1e-6)
+               = (SELECT count(*) FROM event_chunks))
 SQL
 )
-[ "$result" = "21,31,12,1,3" ] || fail "after the restore: correct docs,notes,events,later rows, vectorizers = $result (want 21,31,12,1,3)"
-echo "PASS pg_dump/pg_restore: vectors, triggers, 2 vectorizers (one partitioned) and a search index restored as they were (nvembed_search finds the same rows through the restored index), no model call; new rows, a new partition and a new vectorizer are embedded"
+[ "$result" = "21,31,11,1,4,11,true" ] || fail "after the restore: correct docs,notes,events,later rows, vectorizers, events with their text's chunks, chunk embeddings right = $result (want 21,31,11,1,4,11,true)"
+echo "PASS pg_dump/pg_restore: vectors, triggers, 2 vectorizers (one partitioned), a chunk vectorizer (partitioned, date key) and a search index restored as they were (nvembed_search finds the same rows through the restored index), no model call; new rows, a new partition, changed and deleted rows and a new vectorizer are kept in step"
 
 # 3. A streaming hot standby answers nvembed_query with its own model server.
 # (pg_basebackup warns that it skips the model server's socket.)
