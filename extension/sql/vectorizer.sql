@@ -113,18 +113,21 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer_failu
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.nvembed_vectorizer_id_seq', '');
 
 -- The primary key of `tbl`, one row per column in key order: the column, its type and the
--- equality operator of the key's index (schema-qualified: the caller's search_path plays no
--- part, and the comparison is the one the index answers).
+-- equality operator of the key's index (both schema-qualified: the caller's search_path plays no
+-- part, and the comparison is the one the index answers; the writes run under a session's
+-- search_path, where an unqualified `text` could be another schema's type).
 CREATE FUNCTION nvembed_vectorizer_key(tbl regclass)
 RETURNS TABLE (key_position bigint, column_name name, type_name text, equals text)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT k.key_position, a.attname, a.atttypid::regtype::text,
+    SELECT k.key_position, a.attname, format('%I.%I', tn.nspname, t.typname),
            format('OPERATOR(%I.%s)', n.nspname, o.oprname)
     FROM pg_index i
     CROSS JOIN LATERAL unnest(i.indkey::int2[], i.indclass::oid[]) WITH ORDINALITY AS k(attnum, opclass, key_position)
     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    JOIN pg_type t ON t.oid = a.atttypid
+    JOIN pg_namespace tn ON tn.oid = t.typnamespace
     JOIN pg_opclass c ON c.oid = k.opclass
     JOIN pg_amop ao ON ao.amopfamily = c.opcfamily AND ao.amoplefttype = c.opcintype
                    AND ao.amoprighttype = c.opcintype AND ao.amopstrategy = 3 AND ao.amopmethod = 403
@@ -530,14 +533,30 @@ BEGIN
 END;
 $$;
 
--- Makes the triggers of new vectorizer `id` on `tbl` and its partitions and queues the rows
--- that need embedding.
-CREATE FUNCTION nvembed_vectorizer_start(id integer) RETURNS void
+-- Queues the rows of `rel` (the vectorized table, or a partition of it that holds rows) that
+-- need embedding by vectorizer `id`.
+CREATE FUNCTION nvembed_vectorizer_queue_existing(id integer, rel regclass) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 -- The key settings of nvembed_vectorizer_enqueue.
 SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = 3
 SET bytea_output = 'hex'
+AS $$
+DECLARE
+    v @extschema@.nvembed_vectorizer;
+BEGIN
+    SELECT * INTO STRICT v FROM @extschema@.nvembed_vectorizer x WHERE x.id = $1;
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = rel) = 'r' OR rel = v.tbl THEN
+        EXECUTE @extschema@.nvembed_vectorizer_queue_rows(v.key_columns, v.source_column, v.target_column, rel::text) USING v.id;
+    END IF;
+END;
+$$;
+
+-- Makes the triggers of new vectorizer `id` on `tbl` and its partitions and queues the rows
+-- that need embedding.
+CREATE FUNCTION nvembed_vectorizer_start(id integer) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v @extschema@.nvembed_vectorizer;
@@ -549,7 +568,7 @@ BEGIN
     FOR part IN SELECT v.tbl UNION SELECT relid FROM pg_partition_tree(v.tbl) LOOP
         PERFORM @extschema@.nvembed_vectorizer_create_triggers(v.id, part);
     END LOOP;
-    EXECUTE @extschema@.nvembed_vectorizer_queue_rows(v.key_columns, v.source_column, v.target_column, v.tbl::text) USING v.id;
+    PERFORM @extschema@.nvembed_vectorizer_queue_existing(v.id, v.tbl);
 END;
 $$;
 
@@ -646,14 +665,35 @@ DECLARE
 BEGIN
     PERFORM @extschema@.nvembed_vectorizer_check_source(tbl, source_column);
     SELECT * INTO settings FROM @extschema@.nvembed_chunk_settings(max_tokens, overlap);
-    name_parts := parse_ident(chunk_table);
-    IF cardinality(name_parts) > 2 THEN
-        RAISE EXCEPTION 'improper chunk table name: %', chunk_table USING ERRCODE = 'invalid_name',
+    BEGIN
+        name_parts := parse_ident(chunk_table);
+    EXCEPTION WHEN invalid_parameter_value THEN
+        name_parts := NULL;
+    END;
+    IF name_parts IS NULL OR cardinality(name_parts) NOT IN (1, 2) THEN
+        RAISE EXCEPTION 'improper chunk table name: %', quote_nullable(chunk_table) USING ERRCODE = 'invalid_name',
             HINT = 'Name it as table or schema.table.';
     END IF;
     chunk_schema := CASE WHEN cardinality(name_parts) = 2 THEN name_parts[1]
                          ELSE (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl) END;
     chunk_name := name_parts[cardinality(name_parts)];
+    IF chunk_schema = 'pg_temp' OR chunk_schema LIKE 'pg\_temp\_%' OR chunk_schema LIKE 'pg\_toast\_temp\_%' THEN
+        RAISE EXCEPTION 'a chunk table cannot be temporary' USING ERRCODE = 'feature_not_supported',
+            HINT = 'The vectorizer workers write chunk tables from their own sessions: a chunk vectorizer needs a permanent table and a permanent chunk table.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspname = chunk_schema) THEN
+        RAISE EXCEPTION 'schema % does not exist', quote_ident(chunk_schema) USING ERRCODE = 'invalid_schema_name';
+    END IF;
+    IF NOT has_schema_privilege(chunk_schema, 'CREATE') THEN
+        RAISE EXCEPTION 'permission denied to create % in schema %', quote_ident(chunk_name), quote_ident(chunk_schema)
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Name a chunk table in a schema the role may create tables in.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM @extschema@.nvembed_vectorizer_key(tbl) k WHERE NOT has_column_privilege(tbl, k.column_name, 'REFERENCES')) THEN
+        RAISE EXCEPTION 'permission denied to reference the primary key of %', tbl USING ERRCODE = 'insufficient_privilege',
+            HINT = format('The chunk table''s foreign key needs REFERENCES on the key: GRANT REFERENCES (%s) ON %s TO %I.',
+                          (SELECT string_agg(quote_ident(k.column_name), ', ' ORDER BY k.key_position) FROM @extschema@.nvembed_vectorizer_key(tbl) k),
+                          tbl, current_user);
+    END IF;
     IF EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                WHERE n.nspname = chunk_schema AND c.relname = chunk_name) THEN
         RAISE EXCEPTION 'relation %.% already exists', quote_ident(chunk_schema), quote_ident(chunk_name)
@@ -917,6 +957,8 @@ BEGIN
                       WHERE t.tgrelid = v.tbl AND t.tgname = format('nvembed_vectorizer_%s_insert', v.id))
     LOOP
         PERFORM @extschema@.nvembed_vectorizer_create_triggers(missing.id, missing.part);
+        -- A table attached as a partition brings rows the triggers never saw.
+        PERFORM @extschema@.nvembed_vectorizer_queue_existing(missing.id, missing.part);
     END LOOP;
     -- A new partition's clones, and `ALTER TABLE ... ENABLE TRIGGER ALL` after a bulk load (it
     -- makes every trigger fire in origin mode only): the row triggers fire as they must again.
@@ -1277,7 +1319,8 @@ $$;
 
 -- Run as the vectorizer's owner: replaces the chunks of the rows of a claimed batch of chunk
 -- vectorizer `vectorizer_id`, each only where the row still has byte-for-byte the text that was
--- chunked (a row whose text is now NULL loses its chunks). texts and errors as for
+-- chunked (a row whose text is now NULL loses its chunks, and so does one the owner cannot see
+-- any more: deleted, or hidden from it by row-level security). texts and errors as for
 -- nvembed_vectorizer_write; the chunks of the rows embedded are chunks[i] (UTF-8), of row
 -- chunk_rows[i], in order, with vectors `dimension` floats each. A row's old chunks are deleted
 -- and its new ones inserted in this transaction, which also settles its queue entries: a crash
@@ -1309,6 +1352,10 @@ DECLARE
     fill text;
     outcome text[];
     row_outcome text[];
+    -- Rows whose chunks go (their text is the one cut, or they are gone for the owner: deleted,
+    -- or hidden by row-level security, whose old chunks must not stay searchable), and rows
+    -- whose new chunks come.
+    cleared integer[];
     unchanged integer[];
 BEGIN
     SELECT * INTO v FROM @extschema@.nvembed_vectorizer WHERE id = $1;
@@ -1360,9 +1407,10 @@ BEGIN
     BEGIN
         EXECUTE classify INTO outcome USING keys, sources, errors, NULL::bigint;
         unchanged := ARRAY(SELECT n FROM generate_series(1, cardinality(outcome)) AS n WHERE outcome[n] = 'written');
+        cleared := ARRAY(SELECT n FROM generate_series(1, cardinality(outcome)) AS n WHERE outcome[n] IN ('written', 'gone'));
         -- The chunk table's own triggers fire on these, with the session's search_path.
         PERFORM pg_catalog.set_config('search_path', session_path, true);
-        EXECUTE clear USING keys, unchanged;
+        EXECUTE clear USING keys, cleared;
         EXECUTE fill USING keys, chunk_rows, chunks, vectors, dimension, unchanged;
         PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     -- One row's failure (a constraint or trigger of the chunk table, a row on its way out) never
@@ -1377,10 +1425,12 @@ BEGIN
             BEGIN
                 EXECUTE classify INTO row_outcome USING keys, sources, errors, n::bigint;
                 outcome[n] := row_outcome[1];
-                IF outcome[n] = 'written' THEN
+                IF outcome[n] IN ('written', 'gone') THEN
                     PERFORM pg_catalog.set_config('search_path', session_path, true);
                     EXECUTE clear USING keys, ARRAY[n];
-                    EXECUTE fill USING keys, chunk_rows, chunks, vectors, dimension, ARRAY[n];
+                    IF outcome[n] = 'written' THEN
+                        EXECUTE fill USING keys, chunk_rows, chunks, vectors, dimension, ARRAY[n];
+                    END IF;
                     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
                 END IF;
             EXCEPTION

@@ -209,11 +209,15 @@ mod tests {
             r#"UPDATE ck_parts SET part = 2 WHERE id = 1;
                UPDATE ck_parts SET part = 3 - part, body = body || ' Swapped.' WHERE id IN (2, 3);
                INSERT INTO ck_parts_1 VALUES (20, 1, 'written to a partition directly');
-               DELETE FROM ck_parts WHERE id = 4"#,
+               DELETE FROM ck_parts WHERE id = 4;
+               -- A table attached as a partition, with the rows it already holds.
+               CREATE TABLE ck_parts_3 (LIKE ck_parts);
+               INSERT INTO ck_parts_3 VALUES (30, 3, 'attached with its rows'), (31, 3, 'another row attached');
+               ALTER TABLE ck_parts ATTACH PARTITION ck_parts_3 FOR VALUES IN (3)"#,
         );
         let state = chunk_state("ck", "ck_parts", "part,id", "ck_part_chunks", 40, 0);
         let chunks = remote_text("ck", "SELECT count(*)::text FROM ck_part_chunks");
-        assert_eq!(state, format!("6,6,{chunks},{chunks}"));
+        assert_eq!(state, format!("8,8,{chunks},{chunks}"));
         // No chunk without its row, none twice.
         assert_eq!(
             remote_text(
@@ -382,6 +386,36 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_row_hidden_from_the_owner_by_row_level_security_loses_its_chunks() {
+        use_fixture();
+        remote_session("cl");
+        remote_exec(
+            "cl",
+            &format!(
+                "{VECTOR_EXTENSION};
+                 CREATE ROLE cl_owner;
+                 GRANT CREATE ON SCHEMA public TO cl_owner;
+                 SET ROLE cl_owner;
+                 CREATE TABLE cl_docs (id int PRIMARY KEY, body text, tenant text);
+                 ALTER TABLE cl_docs ENABLE ROW LEVEL SECURITY;
+                 ALTER TABLE cl_docs FORCE ROW LEVEL SECURITY;
+                 CREATE POLICY visible ON cl_docs USING (tenant = 't');
+                 INSERT INTO cl_docs SELECT g, 'text of row ' || g, 't' FROM generate_series(1, 5) g;
+                 SELECT nvembed_create_chunk_vectorizer('cl_docs', 'body', 'cl_chunks', 32, 0);
+                 RESET ROLE"
+            ),
+        );
+        wait_drained("cl", "cl_chunks");
+        assert_eq!(remote_text("cl", "SELECT count(*)::text FROM cl_chunks"), "5");
+        // Changed by a superuser so that the owner no longer sees it: its old text's chunks go.
+        remote_exec("cl", "UPDATE cl_docs SET tenant = 'hidden', body = 'a text the owner may not see' WHERE id = 1");
+        wait_drained("cl", "cl_chunks");
+        assert_eq!(remote_text("cl", "SELECT string_agg(id::text, ',' ORDER BY id) FROM cl_chunks"), "2,3,4,5");
+        remote_exec("cl", "DROP TABLE cl_chunks, cl_docs; REVOKE CREATE ON SCHEMA public FROM cl_owner; DROP ROLE cl_owner");
+        Spi::run("SELECT dblink_disconnect('cl')").unwrap();
+    }
+
+    #[pg_test]
     fn creating_a_chunk_vectorizer_refuses_what_it_cannot_keep_in_step() {
         use_fixture();
         Spi::run(VECTOR_EXTENSION).unwrap();
@@ -410,6 +444,13 @@ mod tests {
         assert_error("PERFORM nvembed_create_chunk_vectorizer('cb_clash', 'body', 'cb_c')", "42701", "has a column named chunk");
         assert_error("PERFORM nvembed_create_chunk_vectorizer('cb_view', 'body', 'cb_c')", "42809", "is not a table");
         assert_error("PERFORM nvembed_create_chunk_vectorizer('cb_docs', 'body', 'a.b.c')", "42602", "improper chunk table name");
+        assert_error("PERFORM nvembed_create_chunk_vectorizer('cb_docs', 'body', '')", "42602", "improper chunk table name");
+        assert_error("PERFORM nvembed_create_chunk_vectorizer('cb_docs', 'body', 'pg_temp.c')", "0A000", "a chunk table cannot be temporary");
+        assert_error("PERFORM nvembed_create_chunk_vectorizer('cb_docs', 'body', 'cb_nowhere.c')", "3F000", "schema cb_nowhere does not exist");
+        Spi::run("CREATE ROLE cb_reader; GRANT SELECT ON cb_docs TO cb_reader; GRANT CREATE ON SCHEMA public TO cb_reader").unwrap();
+        Spi::run("SET ROLE cb_reader").unwrap();
+        assert_error("PERFORM nvembed_create_chunk_vectorizer('cb_docs', 'body', 'cb_c')", "42501", "permission denied to reference the primary key of public.cb_docs");
+        Spi::run("RESET ROLE").unwrap();
         assert_error("PERFORM nvembed_drop_vectorizer('cb_taken'::regclass)", "42704", "no vectorizer fills public.cb_taken");
         // None of the refusals left a chunk table behind; a good call makes one, in the
         // table's schema unless the name is qualified.
