@@ -18,16 +18,30 @@ fn model() -> Arc<Embedder> {
     Arc::new(Embedder::load(&files, DType::F32, &Device::Cpu).unwrap())
 }
 
-fn start() -> (Arc<Scheduler>, Arc<Stats>) {
+/// Waits, when dropped at the end of a test (after the test's calls, whose handles cancel them),
+/// until its scheduler computes nothing: a scheduler thread still in a forward pass when the
+/// test process exits runs into the compute libraries' teardown (SIGSEGV at exit).
+struct Idle(Arc<Stats>);
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        let started = Instant::now();
+        while Stats::get(&self.0.active_rows) > 0 && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn start() -> (Arc<Scheduler>, Arc<Stats>, Idle) {
     start_with(16_384)
 }
 
-fn start_with(batch_tokens: usize) -> (Arc<Scheduler>, Arc<Stats>) {
+fn start_with(batch_tokens: usize) -> (Arc<Scheduler>, Arc<Stats>, Idle) {
     let stats = Arc::new(Stats::default());
     let scheduler = Scheduler::new(batch_tokens, stats.clone());
     let runner = scheduler.clone();
     std::thread::spawn(move || runner.run());
-    (scheduler, stats)
+    (scheduler, stats.clone(), Idle(stats))
 }
 
 fn submit(scheduler: &Scheduler, model: &Arc<Embedder>, class: WorkClass, instruction: &str, texts: &[String]) -> JobHandle {
@@ -66,7 +80,7 @@ fn long_texts(n: usize) -> Vec<String> {
 #[test]
 fn an_interactive_call_overtakes_bulk_work_and_every_vector_equals_the_engines() {
     let model = model();
-    let (scheduler, _) = start();
+    let (scheduler, _, _idle) = start();
     let texts = long_texts(12);
     let bulk = submit(&scheduler, &model, WorkClass::Bulk, PASSAGE_INSTRUCTION, &texts);
     std::thread::sleep(Duration::from_millis(200));
@@ -94,7 +108,7 @@ fn an_interactive_call_overtakes_bulk_work_and_every_vector_equals_the_engines()
 #[test]
 fn a_cancelled_call_leaves_its_pass_at_the_next_layer() {
     let model = model();
-    let (scheduler, stats) = start();
+    let (scheduler, stats, _idle) = start();
     let job = submit(&scheduler, &model, WorkClass::Bulk, PASSAGE_INSTRUCTION, &long_texts(40));
     let started = Instant::now();
     while Stats::get(&stats.active_rows) == 0 {
@@ -118,7 +132,7 @@ fn a_cancelled_call_leaves_its_pass_at_the_next_layer() {
 fn nothing_is_computed_more_than_a_pass_ahead_of_what_the_client_read() {
     let model = model();
     let batch_tokens = 512;
-    let (scheduler, _) = start_with(batch_tokens);
+    let (scheduler, _, _idle) = start_with(batch_tokens);
     let rows = 3000;
     let texts: Vec<String> = (0..rows).map(|i| format!("short text {i}")).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
@@ -155,7 +169,7 @@ fn nothing_is_computed_more_than_a_pass_ahead_of_what_the_client_read() {
 #[test]
 fn bulk_work_keeps_its_share_while_interactive_calls_never_stop() {
     let model = model();
-    let (scheduler, stats) = start_with(2048);
+    let (scheduler, stats, _idle) = start_with(2048);
     // Enough interactive calls that some always wait for the next pass.
     let question = vec![long_texts(1)[0].clone()];
     let mut interactive: Vec<JobHandle> = (0..12)
@@ -199,7 +213,7 @@ fn bulk_work_keeps_its_share_while_interactive_calls_never_stop() {
 #[test]
 fn a_long_first_row_is_computed_although_the_client_reads_in_input_order() {
     let model = model();
-    let (scheduler, _) = start_with(512);
+    let (scheduler, _, _idle) = start_with(512);
     // The client can read row 1 only after row 0, the longest, which sorts last.
     let mut texts = long_texts(1);
     texts.extend((0..200).map(|i| format!("short text {i}")));
@@ -219,7 +233,7 @@ fn a_long_first_row_is_computed_although_the_client_reads_in_input_order() {
 #[test]
 fn a_client_with_many_bulk_calls_gets_no_more_of_the_model_than_one_with_a_single_call() {
     let model = model();
-    let (scheduler, _) = start_with(512);
+    let (scheduler, _, _idle) = start_with(512);
     let texts = long_texts(1).into_iter().cycle().take(6).collect::<Vec<_>>();
     // "loader" queues eight calls first, then "search-app" one of the same size.
     let many: Vec<JobHandle> = (0..8)
