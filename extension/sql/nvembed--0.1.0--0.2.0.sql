@@ -2356,6 +2356,13 @@ BEGIN
 END;
 $$;
 
+-- Table `tbl`'s name, schema-qualified and quoted, as the statements of a search name it.
+CREATE FUNCTION nvembed_search_relation(tbl regclass) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+RETURN (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.oid = tbl);
+
 -- The k rows of source's table nearest to `query` (a vector, or an array of the model's
 -- dimension), best first, with their inner product (= cosine: the vectors are unit length).
 -- `source` is any value of the table's row type, NULL::docs for instance: the rows come back as
@@ -2424,9 +2431,7 @@ BEGIN
     END IF;
     -- Qualified, so that nothing of the caller's (a CTE in a filter, a table earlier in
     -- search_path) can stand for it; unaliased, so that the filter may name it.
-    SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) INTO relation
-    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-    WHERE c.oid OPERATOR(pg_catalog.=) tbl;
+    relation := @extschema@.nvembed_search_relation(tbl);
     typed_query := pg_catalog.format('$1::%I.%I', vector_schema, col.type_name);
     condition := pg_catalog.format(E'%1$s.%2$I IS NOT NULL AND @extschema@.nvembed_search_condition((\n%3$s\n))',
                                    relation, col.column_name, COALESCE(filter, 'true'));
@@ -2561,12 +2566,8 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     chunks := @extschema@.nvembed_search_chunk_table(tbl, chunk_table);
-    SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) INTO relation
-    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-    WHERE c.oid OPERATOR(pg_catalog.=) tbl;
-    SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) INTO chunk_relation
-    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-    WHERE c.oid OPERATOR(pg_catalog.=) chunks;
+    relation := @extschema@.nvembed_search_relation(tbl);
+    chunk_relation := @extschema@.nvembed_search_relation(chunks);
     SELECT pg_catalog.string_agg(pg_catalog.format('(f.item).%I', key_part.chunk_column), ', ' ORDER BY key_part.key_position),
            pg_catalog.string_agg(pg_catalog.format('t.%I %s (b.item).%I', key_part.column_name, key_part.equals, key_part.chunk_column),
                                  ' AND ' ORDER BY key_part.key_position),

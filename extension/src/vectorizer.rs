@@ -374,6 +374,20 @@ fn texts_of(batch: &Batch) -> Vec<String> {
         .collect()
 }
 
+/// `call` for each of `items` alone, after a call for all of them failed for the texts' sake
+/// or lost its connection: each item's result or why it failed, or the model server's own
+/// failure, which ends the narrowing.
+fn each_alone<T>(items: &[String], call: impl Fn(&String) -> Result<T, CallError>) -> Result<Vec<Result<T, String>>, CallError> {
+    items
+        .iter()
+        .map(|item| match call(item) {
+            Ok(result) => Ok(Ok(result)),
+            Err(e) if e.blame == Blame::Server => Err(e),
+            Err(e) => Ok(Err(e.message)),
+        })
+        .collect()
+}
+
 /// A chunk batch's texts cut into chunks: each text's chunks, or why it could not be cut. A
 /// failure that is the texts' own, or a lost connection, is narrowed down text by text; one
 /// that is the model server's is returned.
@@ -381,14 +395,10 @@ fn cut(batch: &Batch, (max_tokens, overlap): (usize, usize), texts: &[String]) -
     match client::try_chunk(&batch.instruction, max_tokens, overlap, texts) {
         Ok(spans) => Ok(spans.into_iter().map(Ok).collect()),
         Err(e) if e.blame == Blame::Server => Err(e),
-        Err(_) => texts
-            .iter()
-            .map(|text| match client::try_chunk(&batch.instruction, max_tokens, overlap, std::slice::from_ref(text)) {
-                Ok(mut spans) => Ok(Ok(spans.pop().unwrap_or_default())),
-                Err(e) if e.blame == Blame::Server => Err(e),
-                Err(e) => Ok(Err(e.message)),
-            })
-            .collect(),
+        Err(_) => each_alone(texts, |text| {
+            client::try_chunk(&batch.instruction, max_tokens, overlap, std::slice::from_ref(text))
+                .map(|mut spans| spans.pop().unwrap_or_default())
+        }),
     }
 }
 
@@ -428,28 +438,16 @@ fn embed_inputs(batches: &[Batch], inputs: &[Vec<String>]) -> Vec<Result<Vec<Res
         for ((b, texts), outcome) in round.into_iter().zip(client::try_embed_batches(&calls)) {
             done[b] += texts.len();
             let vectors = match outcome {
-                Ok(vectors) => vectors.into_iter().map(Ok).collect(),
-                Err(e) if e.blame == Blame::Server => {
-                    results[b] = Err(e);
-                    continue;
-                }
-                Err(_) => {
-                    let mut vectors = Vec::with_capacity(texts.len());
-                    for input in texts {
-                        match client::try_embed_alone(&batches[b].instruction, batches[b].max_length, input) {
-                            Ok(vector) => vectors.push(Ok(vector)),
-                            Err(e) if e.blame == Blame::Server => {
-                                results[b] = Err(e);
-                                break;
-                            }
-                            Err(e) => vectors.push(Err(e.message)),
-                        }
-                    }
-                    vectors
-                }
+                Ok(vectors) => Ok(vectors.into_iter().map(Ok).collect()),
+                Err(e) if e.blame == Blame::Server => Err(e),
+                Err(_) => each_alone(texts, |input| {
+                    client::try_embed_alone(&batches[b].instruction, batches[b].max_length, input)
+                }),
             };
-            if let Ok(all) = &mut results[b] {
-                all.extend(vectors);
+            match (vectors, &mut results[b]) {
+                (Ok(vectors), Ok(all)) => all.extend(vectors),
+                (Ok(_), Err(_)) => {}
+                (Err(e), result) => *result = Err(e),
             }
         }
     }
