@@ -5,6 +5,9 @@
 PG_MAJORS ?= 15 18
 PG_PREFIX ?= /opt/nvembed-postgresql
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
+# oneDNN 3.x, built from source by scripts/onednn.sh (Debian has 2.6); the engine's build.rs
+# links it statically from here.
+export NVEMBED_ONEDNN_PREFIX ?= /opt/nvembed-onednn
 PGRX_VERSION := 0.18.1
 PGVECTOR_VERSION := 0.8.0
 FIXTURE := engine/tests/fixtures/nvembed-tiny-a
@@ -17,6 +20,7 @@ RUNAS := $(shell [ "$$(id -u)" = 0 ] && echo "--runas postgres --pgdata $(TEST_R
 
 setup:
 	bash scripts/setup.sh "$(PGRX_VERSION)" "$(PGVECTOR_VERSION)" "$(PG_PREFIX)" $(sort 15 $(PG_MAJORS))
+	bash scripts/onednn.sh "$(NVEMBED_ONEDNN_PREFIX)"
 
 server:
 	cargo build --release -p nvembed-engine --bin nvembed -p nvembed-server --bin nvembed-model-server

@@ -25,6 +25,9 @@ while IFS= read -r line; do TABLE+=("$line"); echo "$line" >&2; done < <(
 # 1b. Compute: dtypes × matmul backends × oneDNN ISA caps, efficiency and stages (its own tables).
 COMPUTE=$(cargo bench -q -p nvembed-engine --bench compute 2>/dev/null)
 echo "$COMPUTE" >&2
+# 1c. NV-Embed-v2's real widths (a few layers, generated once): per layer, projected, bounds.
+REAL_SHAPE=$(cargo bench -q -p nvembed-engine --bench real_shape 2>/dev/null)
+echo "$REAL_SHAPE" >&2
 install_nvembed
 PARAMS=$(python3 - "$MEDIUM/model.safetensors" <<'PY'
 import json, struct, sys
@@ -219,5 +222,9 @@ out="bench/results-$(date +%F).md"
   echo "## Compute (\`cargo bench -p nvembed-engine --bench compute\`)"
   echo
   echo "$COMPUTE"
+  echo
+  echo "## NV-Embed-v2's real widths (\`cargo bench -p nvembed-engine --bench real_shape\`)"
+  echo
+  echo "$REAL_SHAPE"
 } > "$out"
 cat "$out"

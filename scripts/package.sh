@@ -28,7 +28,7 @@ for major in "$@"; do
   install -m 644 README.md "$doc/"
   install -m 644 packaging/copyright "$doc/copyright"
 
-  # Shared libraries the two binaries need, as package dependencies (libc6, libdnnl2, ...).
+  # Shared libraries the two binaries need, as package dependencies (libc6, libgomp1, ...).
   # (dpkg-shlibdeps reads a source package's debian/control: a minimal one, removed again.)
   shlibs=$(cd "$stage" && mkdir -p debian && printf 'Source: nvembed\n\nPackage: nvembed\nArchitecture: any\n' > debian/control &&
     dpkg-shlibdeps -O -e"usr/lib/postgresql/$major/lib/nvembed-model-server" -e"usr/lib/postgresql/$major/lib/nvembed.so" 2>/dev/null |

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing nvembed needs, skipping whatever is already there: Debian
-# packages, cargo-pgrx, and each PostgreSQL major with pgvector (scripts/postgres.sh).
+# packages, cargo-pgrx, and each PostgreSQL major with pgvector (scripts/postgres.sh). oneDNN is
+# built by scripts/onednn.sh (`make setup` runs both).
 # Usage: setup.sh PGRX_VERSION PGVECTOR_VERSION PG_PREFIX MAJOR...
 set -euo pipefail
 PGRX_VERSION=$1
@@ -11,7 +12,7 @@ SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 export DEBIAN_FRONTEND=noninteractive
 
 need_pkgs=()
-for p in postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev libdnnl-dev sudo pkg-config build-essential dpkg-dev \
+for p in postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev cmake sudo pkg-config build-essential dpkg-dev \
          python3-venv openssl curl; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done

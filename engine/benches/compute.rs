@@ -21,15 +21,14 @@ mod bench_support;
 use std::process::Command;
 use std::time::Instant;
 
-use candle_core::{Module, Tensor};
-use nvembed_engine::matmul::Linear;
 use nvembed_engine::nvembed_v2::useful_flops;
 use nvembed_engine::profile::{self, STAGES};
 use nvembed_engine::random_checkpoint::Shape;
 use nvembed_engine::{
-    parse_dtype, set_compute_threads, DType, Device, EmbedOptions, Embedder, MatmulBackend, ModelSource,
+    choose_dtype, set_compute_threads, Device, EmbedOptions, Embedder, MatmulBackend, ModelDtype, ModelSource,
     PASSAGE_INSTRUCTION, QUERY_INSTRUCTION,
 };
+use bench_support::{best_of, cpu, decoder_products, gemm_rate, weight_bytes};
 use serde_json::{json, Value};
 
 const THREADS: usize = 2;
@@ -42,9 +41,10 @@ const BATCH_RUNS: usize = 3;
 const QUERY_RUNS: usize = 20;
 const GEMM_RUNS: usize = 10;
 /// (dtype, backend, DNNL_MAX_CPU_ISA) of every configuration measured.
-const CONFIGS: [(&str, &str, Option<&str>); 8] = [
+const CONFIGS: [(&str, &str, Option<&str>); 9] = [
     ("f32", "onednn", None),
     ("bf16", "onednn", None),
+    ("int8", "onednn", None),
     ("f32", "candle", None),
     ("bf16", "candle", None),
     ("f32", "onednn", Some("AVX512_CORE")),
@@ -58,17 +58,6 @@ const CONFIGS: [(&str, &str, Option<&str>); 8] = [
 const REFERENCE_F32: (f64, f64) = (8.52, 0.366);
 const REFERENCE_BF16: (f64, f64) = (3.22, 0.122);
 const TARGET_EFFICIENCY: f64 = 0.70;
-
-fn best_of(runs: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 /// Seconds per stage of one run of `f`, with the run's wall time.
 fn profiled(f: impl FnOnce()) -> Value {
@@ -88,67 +77,16 @@ fn profiled(f: impl FnOnce()) -> Value {
 /// The issue's own GEMM benchmark, (M×4096)·(4096×4096): NV-Embed-v2's hidden size.
 const ISSUE_GEMM: (usize, usize) = (4096, 4096);
 
-/// The decoder's four projections, (out, in), as a layer runs them (gate and up as one).
-fn decoder_products(shape: &Shape) -> Vec<(usize, usize)> {
-    let h = shape.hidden_size;
-    let hd = h / shape.num_attention_heads;
-    let qkv = (shape.num_attention_heads + 2 * shape.num_key_value_heads) * hd;
-    vec![
-        (qkv, h),
-        (h, shape.num_attention_heads * hd),
-        (2 * shape.intermediate_size, h),
-        (h, shape.intermediate_size),
-    ]
-}
-
-/// oneDNN's GEMM rate (GFLOP/s) in `dtype` at `rows` rows over `products` (out, in), FLOP-
-/// weighted. With `copies` = 1 each product is repeated on the same weights, which stay in cache
-/// where they fit (the medium checkpoint's do; none of NV-Embed-v2's does); with `copies` = the
-/// layer count every layer has weights of its own, read from memory once per round as a pass
-/// reads them (what bounds a few-row pass such as one query).
-fn gemm_rate(products: &[(usize, usize)], copies: usize, dtype: DType, rows: usize) -> f64 {
-    let mut runs = Vec::new();
-    let mut flops = 0.0;
-    for _ in 0..copies {
-        for &(n, k) in products {
-            let weight = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu)
-                .and_then(|w| w.to_dtype(dtype))
-                .expect("weight");
-            let linear = Linear::new(weight, None, MatmulBackend::Onednn).expect("oneDNN linear");
-            let xs = Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu)
-                .and_then(|x| x.to_dtype(dtype))
-                .expect("input");
-            runs.push((linear, xs));
-            flops += 2.0 * (rows * n * k) as f64;
-        }
-    }
-    let seconds: f64 = if copies == 1 {
-        runs.iter()
-            .map(|(linear, xs)| {
-                best_of(GEMM_RUNS, || {
-                    linear.forward(xs).expect("gemm");
-                })
-            })
-            .sum()
-    } else {
-        best_of(GEMM_RUNS, || {
-            for (linear, xs) in &runs {
-                linear.forward(xs).expect("gemm");
-            }
-        })
-    };
-    flops / seconds / 1e9
-}
-
 /// One configuration, in this process: prints one JSON line.
 fn child(dtype_name: &str, backend_name: &str) {
     set_compute_threads(THREADS).expect("threads");
-    let dtype = parse_dtype(dtype_name).expect("dtype");
     let backend = MatmulBackend::parse(backend_name, &Device::Cpu).expect("backend");
     let files = ModelSource::Dir(bench_support::dir()).resolve().expect("resolve");
-    let embedder = Embedder::load_with(&files, dtype, &Device::Cpu, backend).expect("load");
+    let precision = choose_dtype(dtype_name, &files).expect("dtype");
+    let embedder = Embedder::load_with(&files, precision, &Device::Cpu, backend).expect("load");
+    let (dtype, int8) = (embedder.dtype(), precision == ModelDtype::Int8);
     let shape = Shape::medium();
-    let weight_bytes = (shape.parameter_count() * dtype.size_in_bytes()) as f64;
+    let weight_bytes = weight_bytes(&shape, precision, dtype);
     let rss_after_load = bench_support::status_bytes("VmRSS:") as f64 / weight_bytes;
 
     let base = "The harbour town wakes slowly on winter mornings while fishing boats rock against the stone quay and gulls argue over scraps near the lighthouse";
@@ -199,37 +137,17 @@ fn child(dtype_name: &str, backend_name: &str) {
         "query_seconds": query_seconds,
         "batch_flops": useful_flops(&config, &batch_lengths),
         "query_flops": useful_flops(&config, &query_lengths),
-        "gemm_batch": gemm_rate(&decoder_products(&shape), 1, dtype, PASSAGES * PASSAGE_TOKENS),
-        "gemm_batch_issue": gemm_rate(&[ISSUE_GEMM], 1, dtype, PASSAGES * PASSAGE_TOKENS),
-        "gemm_query_streamed": gemm_rate(&decoder_products(&shape), shape.num_hidden_layers, dtype, QUERY_TOKENS),
-        "gemm_query_issue": gemm_rate(&[ISSUE_GEMM], 1, dtype, QUERY_TOKENS),
-        "gemm_query_cached": gemm_rate(&decoder_products(&shape), 1, dtype, QUERY_TOKENS),
+        "gemm_batch": gemm_rate(&decoder_products(&shape), 1, dtype, int8, PASSAGES * PASSAGE_TOKENS, GEMM_RUNS),
+        "gemm_batch_issue": gemm_rate(&[ISSUE_GEMM], 1, dtype, int8, PASSAGES * PASSAGE_TOKENS, GEMM_RUNS),
+        "gemm_query_streamed": gemm_rate(&decoder_products(&shape), shape.num_hidden_layers, dtype, int8, QUERY_TOKENS, GEMM_RUNS),
+        "gemm_query_issue": gemm_rate(&[ISSUE_GEMM], 1, dtype, int8, QUERY_TOKENS, GEMM_RUNS),
+        "gemm_query_cached": gemm_rate(&decoder_products(&shape), 1, dtype, int8, QUERY_TOKENS, GEMM_RUNS),
         "rss_after_load": rss_after_load,
         "peak_rss": peak_rss,
         "batch_profile": batch_profile,
         "query_profile": query_profile,
     });
     println!("{line}");
-}
-
-fn cpu() -> String {
-    let out = Command::new("lscpu")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let field = |name: &str| {
-        out.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_once(':'))
-            .map_or("", |(_, v)| v.trim())
-            .to_string()
-    };
-    let flags: Vec<String> = field("Flags:")
-        .split_whitespace()
-        .filter(|f| f.starts_with("avx") || f.starts_with("amx") || *f == "f16c" || *f == "fma")
-        .map(str::to_string)
-        .collect();
-    format!("{} ({} CPUs); flags: {}", field("Model name:"), field("CPU(s):"), flags.join(" "))
 }
 
 fn main() {
@@ -262,6 +180,7 @@ fn main() {
             continue;
         };
         let f = |key: &str| r[key].as_f64().unwrap_or(f64::NAN);
+        // int8 against the reference's bf16: the same activations, the weights halved.
         let reference = if dtype == "f32" { REFERENCE_F32 } else { REFERENCE_BF16 };
         let targeted = backend == "onednn" && isa.is_none();
         let efficiency = |flops: &str, seconds: &str, gemm: &str, target: bool| {

@@ -36,7 +36,8 @@ struct Args {
     /// config.json (default: beside the first model file).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// `auto` (the checkpoint's own), `f32`, `f16` or `bf16`.
+    /// `auto` (the checkpoint's own), `f32`, `f16`, `bf16`, or `int8` (weight-only, quantized at
+    /// load; CPU).
     #[arg(long, default_value = DEFAULT_DTYPE)]
     dtype: String,
     #[arg(long, default_value_t = DEFAULT_MAX_LENGTH)]

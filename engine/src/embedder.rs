@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::Config;
 use crate::encoding::{EncodedInput, InputEncoder, DEFAULT_MAX_LENGTH};
 use crate::error::{Error, Result};
-use crate::matmul::{self, MatmulBackend};
+use crate::matmul::{self, MatmulBackend, Projections};
 use crate::nvembed_v2::{Model, Pass, TOKEN_CHUNK_ROWS};
 use crate::source::ModelFiles;
 use crate::weights::Weights;
@@ -35,9 +35,35 @@ impl Default for EmbedOptions {
     }
 }
 
-/// Parses an explicit dtype: `f32`, `f16` or `bf16` (or PyTorch's `float32`, `float16`, `bfloat16`).
+/// The precision a model is loaded in: one float dtype for weights and activations, or int8
+/// weights (weight-only, quantized at load; the activations in bf16 where oneDNN has native bf16
+/// kernels on this CPU, f32 elsewhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelDtype {
+    Float(DType),
+    Int8,
+}
+
+impl From<DType> for ModelDtype {
+    fn from(dtype: DType) -> Self {
+        Self::Float(dtype)
+    }
+}
+
+impl ModelDtype {
+    /// The name `choose_dtype` reads for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Float(dtype) => dtype_name(dtype),
+            Self::Int8 => nvembed_protocol::DTYPE_NAMES[4],
+        }
+    }
+}
+
+/// Parses an explicit float dtype: `f32`, `f16` or `bf16` (or PyTorch's `float32`, `float16`,
+/// `bfloat16`).
 pub fn parse_dtype(name: &str) -> Result<DType> {
-    let [_, f32_name, f16_name, bf16_name] = nvembed_protocol::DTYPE_NAMES;
+    let [_, f32_name, f16_name, bf16_name, _] = nvembed_protocol::DTYPE_NAMES;
     match name.to_ascii_lowercase().as_str() {
         n if n == f32_name || n == "float32" => Ok(DType::F32),
         n if n == f16_name || n == "float16" => Ok(DType::F16),
@@ -49,19 +75,22 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
     }
 }
 
-/// The dtype to load `files` in: `auto` is the checkpoint's own (its config's `torch_dtype`,
-/// else the first weight's stored dtype), anything else as `parse_dtype` reads it.
-pub fn choose_dtype(name: &str, files: &ModelFiles) -> Result<DType> {
+/// The precision to load `files` in: `auto` is the checkpoint's own (its config's
+/// `torch_dtype`, else the first weight's stored dtype), `int8` int8 weights, anything else as
+/// `parse_dtype` reads it.
+pub fn choose_dtype(name: &str, files: &ModelFiles) -> Result<ModelDtype> {
     if name.eq_ignore_ascii_case(nvembed_protocol::DEFAULT_DTYPE) {
-        crate::weights::stored_dtype(files)
+        crate::weights::stored_dtype(files).map(ModelDtype::Float)
+    } else if name.eq_ignore_ascii_case(ModelDtype::Int8.name()) {
+        Ok(ModelDtype::Int8)
     } else {
-        parse_dtype(name)
+        parse_dtype(name).map(ModelDtype::Float)
     }
 }
 
 /// The name `parse_dtype` reads for `dtype`.
 pub fn dtype_name(dtype: DType) -> &'static str {
-    let [_, f32_name, f16_name, bf16_name] = nvembed_protocol::DTYPE_NAMES;
+    let [_, f32_name, f16_name, bf16_name, _] = nvembed_protocol::DTYPE_NAMES;
     match dtype {
         DType::F16 => f16_name,
         DType::BF16 => bf16_name,
@@ -82,13 +111,14 @@ pub struct Embedder {
     config: Config,
     device: Device,
     dtype: DType,
+    precision: ModelDtype,
     load_seconds: f64,
 }
 
 impl std::fmt::Debug for Embedder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Embedder")
-            .field("dtype", &self.dtype)
+            .field("dtype", &self.precision)
             .field("device", &self.device)
             .field("embedding_dim", &self.embedding_dim())
             .finish_non_exhaustive()
@@ -97,23 +127,34 @@ impl std::fmt::Debug for Embedder {
 
 impl Embedder {
     /// Loads with the matmul backend `MatmulBackend::for_device` picks.
-    pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(files: &ModelFiles, dtype: impl Into<ModelDtype>, device: &Device) -> Result<Self> {
         Self::load_with(files, dtype, device, MatmulBackend::for_device(device)?)
     }
 
-    pub fn load_with(files: &ModelFiles, dtype: DType, device: &Device, matmul: MatmulBackend) -> Result<Self> {
+    pub fn load_with(
+        files: &ModelFiles,
+        dtype: impl Into<ModelDtype>,
+        device: &Device,
+        matmul: MatmulBackend,
+    ) -> Result<Self> {
         keep_activations_on_the_heap();
         let started = Instant::now();
+        let precision = dtype.into();
+        let (dtype, int8) = match precision {
+            ModelDtype::Float(dtype) => (dtype, false),
+            ModelDtype::Int8 => (crate::matmul::int8_activation_dtype(matmul)?, true),
+        };
         let config = Config::from_file(&files.config)?;
         let encoder = InputEncoder::from_file(&files.tokenizer)?;
         let weights = Weights::open(&files.weights, dtype, device)?;
-        let model = Model::load(&weights, &config, matmul)?;
+        let model = Model::load(&weights, &config, Projections { backend: matmul, int8 })?;
         Ok(Self {
             model,
             encoder,
             config,
             device: device.clone(),
             dtype,
+            precision,
             load_seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -126,8 +167,14 @@ impl Embedder {
         &self.encoder
     }
 
+    /// The activations' dtype (the weights' too, unless they are int8).
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The precision it was loaded in, as `choose_dtype` names it (`int8`, `bf16`, ...).
+    pub fn dtype_name(&self) -> &'static str {
+        self.precision.name()
     }
 
     pub fn device(&self) -> &Device {

@@ -25,7 +25,7 @@ pub use chunking::{chunk_spans, chunk_text_budget};
 pub use config::Config;
 pub use embedder::{
     choose_dtype, dtype_name, ensure_finite, parse_dtype, set_compute_threads, EmbedOptions, EmbedPass, EmbedStats, Embedder,
-    TextEncoder,
+    ModelDtype, TextEncoder,
     DEFAULT_BATCH_TOKENS, DEFAULT_DTYPE,
 };
 pub use encoding::{

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use nvembed_engine::random_checkpoint::Shape;
 use nvembed_engine::{
-    choose_dtype, parse_dtype, Config, DType, Device, EmbedOptions, Embedder, Error, ModelSource, PASSAGE_INSTRUCTION,
+    choose_dtype, parse_dtype, Config, DType, Device, EmbedOptions, Embedder, Error, ModelDtype, ModelSource, PASSAGE_INSTRUCTION,
     QUERY_INSTRUCTION,
 };
 
@@ -122,9 +122,12 @@ fn weights_stored_in_half_precision_load_into_any_dtype() {
     let want = reference
         .embed(PASSAGE_INSTRUCTION, &["hello world"], &EmbedOptions::default())
         .unwrap();
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
+    // int8 too: quantized at load from the checkpoint as stored (16-bit here, as published).
+    let precisions = [DType::F32, DType::F16, DType::BF16].map(ModelDtype::Float);
+    for dtype in precisions.into_iter().chain([ModelDtype::Int8]) {
         let files = ModelSource::Dir(dir.path().to_path_buf()).resolve().unwrap();
         let e = Embedder::load(&files, dtype, &Device::Cpu).unwrap();
+        assert_eq!(e.dtype_name(), dtype.name());
         let got = e
             .embed(PASSAGE_INSTRUCTION, &["hello world"], &EmbedOptions::default())
             .unwrap();
@@ -133,17 +136,18 @@ fn weights_stored_in_half_precision_load_into_any_dtype() {
     // `auto` is the config's torch_dtype (float32 here), else the stored one, as transformers
     // reads torch_dtype="auto".
     let files = ModelSource::Dir(dir.path().to_path_buf()).resolve().unwrap();
-    assert_eq!(choose_dtype("auto", &files).unwrap(), DType::F32);
-    assert_eq!(choose_dtype("f16", &files).unwrap(), DType::F16);
+    assert_eq!(choose_dtype("auto", &files).unwrap(), ModelDtype::Float(DType::F32));
+    assert_eq!(choose_dtype("f16", &files).unwrap(), ModelDtype::Float(DType::F16));
     let config_path = dir.path().join("config.json");
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
     config["torch_dtype"] = "float16".into();
     std::fs::write(&config_path, config.to_string()).unwrap();
-    assert_eq!(choose_dtype("AUTO", &files).unwrap(), DType::F16);
+    assert_eq!(choose_dtype("AUTO", &files).unwrap(), ModelDtype::Float(DType::F16));
     config.as_object_mut().unwrap().remove("torch_dtype");
     std::fs::write(&config_path, config.to_string()).unwrap();
-    assert_eq!(choose_dtype("auto", &files).unwrap(), DType::BF16);
-    assert!(choose_dtype("f64", &files).unwrap_err().to_string().contains("auto, f32, f16, bf16"));
+    assert_eq!(choose_dtype("auto", &files).unwrap(), ModelDtype::Float(DType::BF16));
+    assert!(choose_dtype("f64", &files).unwrap_err().to_string().contains("auto, f32, f16, bf16, int8"));
+    assert_eq!(choose_dtype("INT8", &files).unwrap(), ModelDtype::Int8);
 }
 
 #[test]

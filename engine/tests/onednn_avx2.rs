@@ -1,4 +1,4 @@
-//! oneDNN as on an AVX2-only CPU (no bf16 matmul at all in oneDNN 2.6).
+//! oneDNN as on an AVX2-only CPU (no native bf16 matmul; int8 weights decompressed into f32).
 
 mod common;
 

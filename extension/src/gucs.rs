@@ -112,8 +112,8 @@ pub fn register() {
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
             c"nvembed.dtype",
-            c"Precision of the model weights: auto (the checkpoint's own), f32, f16 or bf16.",
-            c"NV-Embed-v2 is stored in 16 bits: auto loads it in about 15 GB; f32 needs about 29 GB. On CPUs with AVX-512 BF16 or AMX, bf16 is the fastest. A reload restarts the model server.",
+            c"Precision of the model weights: auto (the checkpoint's own), f32, f16, bf16 or int8.",
+            c"NV-Embed-v2 is stored in 16 bits: auto loads it in about 15 GB, f32 needs about 29 GB, int8 (weight-only, quantized at load, CPU only) about 8 GB. On CPUs with AVX-512 BF16 or AMX, bf16 is the fastest. A reload restarts the model server.",
             &DTYPE,
             GucContext::Sighup,
             GucFlags::empty(),

@@ -42,6 +42,31 @@ pub(crate) mod tests {
         if configured.as_deref() != Some(model_dir().as_str()) {
             serve_model(&model_dir());
         }
+        let dtype = Spi::get_one::<String>(
+            "SELECT setting FROM pg_file_settings WHERE name = 'nvembed.dtype' AND applied ORDER BY seqno DESC LIMIT 1",
+        )
+        .unwrap();
+        if dtype.as_deref() != Some(TEST_DTYPE) {
+            serve_dtype(TEST_DTYPE);
+        }
+    }
+
+    /// The dtype of the test configuration (`postgresql_conf_options`): the goldens are f32.
+    const TEST_DTYPE: &str = "f32";
+
+    /// Makes the model server load the model in `dtype` (ALTER SYSTEM and a reload), and waits
+    /// until the restarted server reports that setting.
+    fn serve_dtype(dtype: &str) {
+        alter_system(&format!("ALTER SYSTEM SET nvembed.dtype = {}", pgrx::spi::quote_literal(dtype)));
+        let started = std::time::Instant::now();
+        loop {
+            let now = Spi::get_one::<String>("SELECT dtype FROM nvembed_status()").unwrap();
+            if now.as_deref() == Some(dtype) {
+                return;
+            }
+            assert!(started.elapsed().as_secs() < 30, "the model server did not take dtype {dtype} (last: {now:?})");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 
     /// Makes the model server serve `dir`, as an administrator does: ALTER SYSTEM (through
@@ -147,6 +172,36 @@ pub(crate) mod tests {
             .unwrap()
             .unwrap();
         assert!((norm - 1.0).abs() < 1e-5);
+    }
+
+    /// `nvembed.dtype = 'int8'`: the model server quantizes the weights at load and says so in
+    /// nvembed_status(); every vector keeps a cosine of at least 0.995 with the f32 engine's (itself
+    /// within 1e-5 of the reference's goldens), and int8 really ran: the vectors are not f32's.
+    #[pg_test]
+    fn int8_weights_serve_vectors_close_to_f32() {
+        use_fixture_exclusively();
+        serve_dtype("int8");
+        let cosine = |a: &[f32], b: &[f32]| {
+            let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+            let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            dot / (norm(a) * norm(b))
+        };
+        let mut worst: f64 = 1.0;
+        let mut largest_diff: f32 = 0.0;
+        for (kind, call) in [("query", "nvembed_query($1)"), ("passage", "nvembed_passage($1)")] {
+            for (text, want) in texts().iter().zip(expected(kind)) {
+                let got = embed_sql(call, text);
+                let c = cosine(&got, &want);
+                assert!(c >= 0.995, "{kind} {text:?}: cosine {c}");
+                worst = worst.min(c);
+                largest_diff = largest_diff.max(max_abs_diff(&got, &want));
+            }
+        }
+        let (loaded, dtype) = Spi::get_two::<bool, String>("SELECT loaded, dtype FROM nvembed_status()").unwrap();
+        assert_eq!((loaded, dtype.as_deref()), (Some(true), Some("int8")));
+        assert!(largest_diff > 1e-4, "int8 vectors equal f32's within {largest_diff}: not quantized");
+        pgrx::notice!("int8 in SQL: worst cosine {worst:.6} against f32");
+        serve_dtype(TEST_DTYPE);
     }
 
     #[pg_test]
@@ -418,7 +473,7 @@ pub(crate) mod tests {
         // postgresql.conf values are checked when they are set, and the error lists the valid ones.
         Spi::run("CREATE EXTENSION IF NOT EXISTS dblink").unwrap();
         for (setting, valid) in [
-            ("nvembed.dtype = 'f64'", "auto, f32, f16, bf16"),
+            ("nvembed.dtype = 'f64'", "auto, f32, f16, bf16, int8"),
             ("nvembed.device = 'tpu'", "cpu, cuda"),
         ] {
             let statement = format!("ALTER SYSTEM SET {setting}");

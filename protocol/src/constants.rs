@@ -38,8 +38,9 @@ pub const DEFAULT_MAX_REQUEST_TOKENS: usize = 1 << 18;
 pub const DEFAULT_BATCH_TOKENS: usize = 16_384;
 
 /// Names of the weight dtypes the engine runs (`nvembed.dtype`, `--dtype`): `auto` is the
-/// checkpoint's own (what `torch_dtype="auto"` loads: 16-bit for NV-Embed-v2), then explicit ones.
-pub const DTYPE_NAMES: [&str; 4] = [DEFAULT_DTYPE, "f32", "f16", "bf16"];
+/// checkpoint's own (what `torch_dtype="auto"` loads: 16-bit for NV-Embed-v2), then explicit ones;
+/// `int8` is weight-only int8 quantized at load (CPU), the activations in bf16 or f32.
+pub const DTYPE_NAMES: [&str; 5] = [DEFAULT_DTYPE, "f32", "f16", "bf16", "int8"];
 /// Default of `nvembed.dtype` and `--dtype`.
 pub const DEFAULT_DTYPE_C: &CStr = c"auto";
 pub const DEFAULT_DTYPE: &str = match DEFAULT_DTYPE_C.to_str() {

@@ -21,7 +21,7 @@ use nvembed_protocol::{
     MAX_LENGTH, MAX_TEXT_BYTES, SPANS_PER_MESSAGE,
 };
 
-use nvembed_engine::{chunk_spans, chunk_text_budget, dtype_name};
+use nvembed_engine::{chunk_spans, chunk_text_budget};
 
 use crate::admission::{check_count, Admission, Stop};
 use crate::limits::{tokenizers_at_once, Budget, Gate, Limits, Opened, Reserved, Throttled, ADMISSION_BYTES};
@@ -68,7 +68,7 @@ impl Server {
             model: settings.model.clone(),
             revision: self.model.revision(),
             // What `auto` chose, once the model is loaded.
-            dtype: loaded.as_ref().map_or_else(|| settings.dtype.clone(), |m| dtype_name(m.dtype()).to_string()),
+            dtype: loaded.as_ref().map_or_else(|| settings.dtype.clone(), |m| m.dtype_name().to_string()),
             device: settings.device.clone(),
             dimension: loaded.as_ref().map(|m| m.embedding_dim()),
             load_seconds: loaded.as_ref().map(|m| m.load_seconds()),

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
-use nvembed_engine::{choose_dtype, dtype_name, Device, Embedder, Error, ModelSource};
+use nvembed_engine::{choose_dtype, Device, Embedder, Error, ModelSource};
 use nvembed_protocol::Served;
 
 /// What the server was started to serve.
@@ -76,7 +76,7 @@ impl ModelSlot {
         Some(Served {
             model: self.settings.served_model_name.clone(),
             revision: self.revision.get()?.clone(),
-            dtype: dtype_name(model.dtype()).to_string(),
+            dtype: model.dtype_name().to_string(),
             device: self.settings.device.clone(),
             dimension: model.embedding_dim(),
         })
@@ -134,7 +134,7 @@ impl ModelSlot {
                                 self.settings.model,
                                 self.revision.get().map_or("", String::as_str),
                                 model.load_seconds(),
-                                nvembed_engine::dtype_name(model.dtype()),
+                                model.dtype_name(),
                                 model.matmul()
                             );
                             let model = Arc::new(model);

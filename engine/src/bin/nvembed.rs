@@ -42,7 +42,8 @@ enum Command {
         task: Option<String>,
         #[arg(long, default_value_t = DEFAULT_MAX_LENGTH)]
         max_length: usize,
-        /// `auto` (the checkpoint's own), `f32`, `f16` or `bf16`.
+        /// `auto` (the checkpoint's own), `f32`, `f16`, `bf16`, or `int8` (weight-only, quantized at
+        /// load; CPU).
         #[arg(long, default_value = DEFAULT_DTYPE)]
         dtype: String,
         /// Padded tokens per forward pass.

@@ -6,6 +6,8 @@
 //! a smaller CPU.
 
 #[cfg(feature = "onednn")]
+mod int8;
+#[cfg(feature = "onednn")]
 mod onednn;
 
 use candle_core::{DType, Device, Module, Result as CandleResult, Tensor};
@@ -61,6 +63,42 @@ impl MatmulBackend {
     }
 }
 
+/// How a model's projections are built: on which backend, and whether their weights are held as
+/// int8 (weight-only, with a scale per output; oneDNN only), the activations staying in the
+/// dtype the weights are given in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Projections {
+    pub backend: MatmulBackend,
+    pub int8: bool,
+}
+
+impl From<MatmulBackend> for Projections {
+    fn from(backend: MatmulBackend) -> Self {
+        Self { backend, int8: false }
+    }
+}
+
+/// The dtype int8 weights are best multiplied in on this CPU: bf16 where oneDNN decompresses them
+/// into a native bf16 kernel (AVX-512 BF16, AMX), f32 elsewhere. An error where int8 weights do
+/// not run at all (candle's matmul, the GPU).
+pub fn int8_activation_dtype(backend: MatmulBackend) -> Result<DType> {
+    match backend {
+        #[cfg(feature = "onednn")]
+        MatmulBackend::Onednn => {
+            let probe = Tensor::ones((64, 64), DType::BF16, &Device::Cpu)?;
+            let packed = onednn::PackedMatmul::int8(&int8::Int8Weights::quantize(&probe)?, DType::BF16, None, Activation::None, Combine::None)?;
+            Ok(if packed.is_some() { DType::BF16 } else { DType::F32 })
+        }
+        _ => Err(int8_needs_onednn()),
+    }
+}
+
+fn int8_needs_onednn() -> Error {
+    Error::InvalidArgument(
+        "int8 weights run on the CPU with the oneDNN matmul (the default of a CPU build), not on candle's matmul".into(),
+    )
+}
+
 /// Threads for oneDNN's kernels (candle's follow `RAYON_NUM_THREADS`).
 pub fn set_threads(threads: usize) {
     #[cfg(feature = "onednn")]
@@ -97,6 +135,9 @@ enum Weights {
     /// 16-bit weights (n, k) kept as loaded, widened per call; the rest by candle ops.
     #[cfg(feature = "onednn")]
     Widened(Tensor),
+    /// Int8 weights on a CPU without a oneDNN kernel for them, widened per call likewise.
+    #[cfg(feature = "onednn")]
+    Int8Widened(int8::Int8Weights),
 }
 
 /// One projection `combine(activation(x·Wᵀ + b), other)`, with its weights in the backend's
@@ -112,10 +153,11 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// `weight` (out, in) as stored by PyTorch; `bias` (out). The weight tensor is consumed: on
-    /// the oneDNN path it is reordered and dropped, so no second copy stays in memory.
-    pub fn new(weight: Tensor, bias: Option<Tensor>, backend: MatmulBackend) -> Result<Self> {
-        Self::fused(weight, bias, Activation::None, Combine::None, backend)
+    /// `weight` (out, in) as stored by PyTorch, in the activations' dtype; `bias` (out). The
+    /// weight tensor is consumed: on the oneDNN path it is reordered (or quantized) and dropped,
+    /// so no second copy stays in memory.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, projections: impl Into<Projections>) -> Result<Self> {
+        Self::fused(weight, bias, Activation::None, Combine::None, projections)
     }
 
     /// As `new`, followed by `activation`, then `combine` with the operand `forward_with` takes.
@@ -124,10 +166,20 @@ impl Linear {
         bias: Option<Tensor>,
         activation: Activation,
         combine: Combine,
-        backend: MatmulBackend,
+        projections: impl Into<Projections>,
     ) -> Result<Self> {
-        let weights = match backend {
+        let projections = projections.into();
+        let weights = match projections.backend {
+            MatmulBackend::Candle if projections.int8 => return Err(int8_needs_onednn()),
             MatmulBackend::Candle => Weights::Candle(candle_nn::Linear::new(weight, None)),
+            #[cfg(feature = "onednn")]
+            MatmulBackend::Onednn if projections.int8 => {
+                let quantized = int8::Int8Weights::quantize(&weight)?;
+                match onednn::PackedMatmul::int8(&quantized, weight.dtype(), bias.as_ref(), activation, combine)? {
+                    Some(packed) => Weights::Packed(packed),
+                    None => Weights::Int8Widened(quantized),
+                }
+            }
             #[cfg(feature = "onednn")]
             MatmulBackend::Onednn => match onednn::PackedMatmul::new(&weight, bias.as_ref(), activation, combine)? {
                 Some(packed) => Weights::Packed(packed),
@@ -161,6 +213,8 @@ impl Linear {
             Weights::Packed(packed) => packed.implementation().to_string(),
             #[cfg(feature = "onednn")]
             Weights::Widened(w) => format!("{:?} widened to f32", w.dtype()),
+            #[cfg(feature = "onednn")]
+            Weights::Int8Widened(_) => "int8 widened to f32".into(),
         }
     }
 
@@ -193,10 +247,11 @@ impl Linear {
             }
             #[cfg(feature = "onednn")]
             Weights::Widened(weight) => {
-                let x = profile::time(Stage::Conversions, || as_rows(&xs.to_dtype(DType::F32)?))?;
-                let y = onednn::widened_forward(&x, weight)?;
-                profile::time(Stage::Conversions, || y.to_dtype(xs.dtype())?.reshape(with_width(xs, y.dim(1)?)))?
+                let (n, k) = weight.dims2()?;
+                widened(xs, n, k, |dst| onednn::widen_16bit(weight, dst))?
             }
+            #[cfg(feature = "onednn")]
+            Weights::Int8Widened(weights) => widened(xs, weights.n, weights.k, |dst| weights.dequantize_into(dst))?,
         };
         self.finish(projected, other)
     }
@@ -287,6 +342,19 @@ pub fn contiguous_as(xs: &Tensor, dtype: DType, backend: MatmulBackend) -> Candl
     #[cfg(not(feature = "onednn"))]
     let _ = backend;
     xs.to_dtype(dtype)?.contiguous()
+}
+
+/// `xs` times weights (n, k) that `widen` writes in f32, in f32, back in `xs`'s dtype and shape.
+#[cfg(feature = "onednn")]
+fn widened(
+    xs: &Tensor,
+    n: usize,
+    k: usize,
+    widen: impl FnOnce(&mut [f32]) -> CandleResult<()>,
+) -> CandleResult<Tensor> {
+    let x = profile::time(Stage::Conversions, || as_rows(&xs.to_dtype(DType::F32)?))?;
+    let y = onednn::widened_forward(&x, n, k, widen)?;
+    profile::time(Stage::Conversions, || y.to_dtype(xs.dtype())?.reshape(with_width(xs, n)))
 }
 
 /// `t` as contiguous (rows, last dimension).

@@ -1,12 +1,14 @@
 //! oneDNN matmuls for the CPU, through the C layer in `csrc/onednn_matmul.c`.
 //!
-//! Two paths, chosen per model at load by what oneDNN offers on this CPU:
+//! Three paths, chosen per model at load by what oneDNN offers on this CPU:
 //! - **packed**: the weights are reordered once into oneDNN's preferred layout and multiplied in
 //!   their own dtype (f32 everywhere; bf16 where the CPU has native BF16 (AVX-512 BF16, AMX);
 //!   f16 where it has AVX-512 FP16);
-//! - **widened**: 16-bit weights on a CPU without a native kernel for them (oneDNN 2.6 has no bf16
-//!   matmul at all on AVX2, and one at half its f32 rate on AVX-512 without BF16) stay 16-bit in
-//!   memory and are widened layer by layer into one shared f32 buffer for an f32 matmul.
+//! - **packed int8**: int8 weights with a scale per output, decompressed inside the matmul into
+//!   the activations' dtype (bf16 where the CPU has native BF16, f32 on AVX2 and AVX-512);
+//! - **widened**: weights on a CPU without a native kernel for them (16-bit weights on AVX2 and
+//!   on AVX-512 without BF16) stay as they are in memory and are widened layer by layer into one
+//!   shared f32 buffer for an f32 matmul.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ptr::NonNull;
@@ -15,6 +17,7 @@ use std::sync::{Mutex, OnceLock};
 
 use candle_core::{CpuStorage, DType, Device, Result, Shape, Storage, Tensor, WithDType};
 
+use super::int8::Int8Weights;
 use super::{Activation, Combine};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -30,6 +33,8 @@ const IMPL_NAME_BYTES: usize = 128;
 const WIDEN_CHUNK: usize = 1 << 16;
 /// `dnnl_unimplemented`: no implementation for this dtype on this CPU.
 const DNNL_UNIMPLEMENTED: c_int = 3;
+/// The C layer's number for int8 weights (its `NV_S8`).
+const S8_ID: c_int = 3;
 
 #[allow(non_camel_case_types)]
 #[repr(C)]
@@ -42,9 +47,11 @@ extern "C" {
     fn nv_onednn_set_threads(threads: c_int);
     fn nv_matmul_create(
         dtype: c_int,
+        weights_dtype: c_int,
         n: i64,
         k: i64,
         weight: *const c_void,
+        scales: *const f32,
         bias: *const f32,
         activation: c_int,
         operand: c_int,
@@ -176,9 +183,20 @@ fn filled_as(
     }
 }
 
-/// Weights reordered once into oneDNN's layout, multiplied in their own dtype.
+/// What a matmul computes after the product: a bias, then an activation, then a combination
+/// with a second operand.
+#[derive(Clone, Copy)]
+struct Fused<'a> {
+    bias: Option<&'a Tensor>,
+    activation: Activation,
+    combine: Combine,
+}
+
+/// Weights reordered once into oneDNN's layout, multiplied in their own dtype or, int8 ones,
+/// decompressed into the activations'.
 pub struct PackedMatmul {
     handle: NonNull<nv_matmul>,
+    /// The activations' dtype (input, output and second operand).
     dtype: DType,
     n: usize,
     k: usize,
@@ -191,8 +209,8 @@ unsafe impl Sync for PackedMatmul {}
 
 impl PackedMatmul {
     /// Packs `weight` ((n, k), a PyTorch Linear's layout) with its `bias`, `activation` and
-    /// second operand fused, or returns `None` when oneDNN has no kernel native to this CPU for
-    /// its dtype (the caller then widens 16-bit weights).
+    /// second operand fused, multiplied in its own dtype, or returns `None` when oneDNN has no
+    /// kernel native to this CPU for that dtype (the caller then widens 16-bit weights).
     pub fn new(
         weight: &Tensor,
         bias: Option<&Tensor>,
@@ -203,38 +221,71 @@ impl PackedMatmul {
         let dtype = weight.dtype();
         let id = dtype_id(dtype)?;
         let weight = weight.contiguous()?;
-        let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+        let fused = Fused { bias, activation, combine };
+        match dtype {
+            DType::F32 => with_elements::<f32, _>(&weight, |w| Self::create(dtype, id, w.as_ptr().cast(), None, n, k, fused))?,
+            DType::BF16 => with_elements::<bf16, _>(&weight, |w| Self::create(dtype, id, w.as_ptr().cast(), None, n, k, fused))?,
+            _ => with_elements::<f16, _>(&weight, |w| Self::create(dtype, id, w.as_ptr().cast(), None, n, k, fused))?,
+        }
+    }
+
+    /// Packs int8 `weights` to be decompressed inside the matmul and multiplied with
+    /// `activations` (bf16 or f32), or returns `None` when oneDNN has no kernel native to this
+    /// CPU for that pair (the caller then widens them).
+    pub fn int8(
+        weights: &Int8Weights,
+        activations: DType,
+        bias: Option<&Tensor>,
+        activation: Activation,
+        combine: Combine,
+    ) -> Result<Option<Self>> {
+        let fused = Fused { bias, activation, combine };
+        let (n, k) = (weights.n, weights.k);
+        Self::create(activations, S8_ID, weights.values.as_ptr().cast(), Some(&weights.scales), n, k, fused)
+    }
+
+    fn create(
+        dtype: DType,
+        weights_id: c_int,
+        weight: *const c_void,
+        scales: Option<&[f32]>,
+        n: usize,
+        k: usize,
+        fused: Fused,
+    ) -> Result<Option<Self>> {
+        let id = dtype_id(dtype)?;
+        let bias = fused.bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
         if let Some(b) = &bias {
             if b.len() != n {
                 return Err(candle_core::Error::Msg(format!("bias of {} for a projection of {n} outputs", b.len())));
             }
         }
+        if scales.is_some_and(|s| s.len() != n) {
+            return Err(candle_core::Error::Msg(format!("int8 scales for a projection of {n} outputs")));
+        }
         let bias_ptr = bias.as_ref().map_or(std::ptr::null(), |b| b.as_ptr());
+        let scales_ptr = scales.map_or(std::ptr::null(), |s| s.as_ptr());
         let _guard = lock()?;
         let mut handle = std::ptr::null_mut();
         let mut name = [0 as c_char; IMPL_NAME_BYTES];
-        let mut create = |ptr: *const c_void| {
-            // SAFETY: `ptr` holds n·k elements of `dtype`; `handle` and `name` outlive the call.
-            unsafe {
-                nv_matmul_create(
-                    id,
-                    n as i64,
-                    k as i64,
-                    ptr,
-                    bias_ptr,
-                    activation as c_int,
-                    combine as c_int,
-                    REFERENCE_ROWS,
-                    &mut handle,
-                    name.as_mut_ptr(),
-                    name.len(),
-                )
-            }
-        };
-        let status = match dtype {
-            DType::F32 => with_elements::<f32, _>(&weight, |w| create(w.as_ptr().cast()))?,
-            DType::BF16 => with_elements::<bf16, _>(&weight, |w| create(w.as_ptr().cast()))?,
-            _ => with_elements::<f16, _>(&weight, |w| create(w.as_ptr().cast()))?,
+        // SAFETY: `weight` holds n·k elements of the weights' dtype, `scales` and `bias` n f32
+        // (or are null); `handle` and `name` outlive the call.
+        let status = unsafe {
+            nv_matmul_create(
+                id,
+                weights_id,
+                n as i64,
+                k as i64,
+                weight,
+                scales_ptr,
+                bias_ptr,
+                fused.activation as c_int,
+                fused.combine as c_int,
+                REFERENCE_ROWS,
+                &mut handle,
+                name.as_mut_ptr(),
+                name.len(),
+            )
         };
         // SAFETY: the C side always writes a NUL-terminated name (possibly empty) into `name`.
         let implementation = unsafe { CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned();
@@ -245,10 +296,16 @@ impl PackedMatmul {
             k,
             implementation,
         });
+        let own_dtype = weights_id == id;
         match packed {
-            Some(packed) if status == 0 && native(dtype, &packed.implementation) => Ok(Some(packed)),
-            // A 16-bit dtype with no primitive on this CPU (bf16 on AVX2) or only an emulated one.
-            _ if dtype != DType::F32 && (status == 0 || status == DNNL_UNIMPLEMENTED) => Ok(None),
+            Some(mut packed) if status == 0 && native(dtype, &packed.implementation) => {
+                if !own_dtype {
+                    packed.implementation = format!("{}, int8 weights decompressed to {dtype:?}", packed.implementation);
+                }
+                Ok(Some(packed))
+            }
+            // No primitive for this pair on this CPU (bf16 on AVX2) or only an emulated one.
+            _ if (dtype != DType::F32 || !own_dtype) && (status == 0 || status == DNNL_UNIMPLEMENTED) => Ok(None),
             _ => {
                 check(status, "packing weights")?;
                 Err(candle_core::Error::Msg("oneDNN has only its reference matmul on this CPU".into()))
@@ -256,7 +313,8 @@ impl PackedMatmul {
         }
     }
 
-    /// What oneDNN picked, e.g. `brg:avx512_core_bf16`.
+    /// What oneDNN picked, e.g. `brg_matmul:avx512_core_bf16` (and, for int8 weights, into what
+    /// they are decompressed).
     pub fn implementation(&self) -> &str {
         &self.implementation
     }
@@ -296,17 +354,19 @@ fn native(dtype: DType, implementation: &str) -> bool {
     if implementation.is_empty() || implementation.starts_with("ref") {
         return false;
     }
+    // oneDNN's jit GEMM runs 16-bit types by converting them (`gemm:jit:bf16` on AVX-512
+    // without BF16, about half the f32 rate): widening once per layer serves better.
     match dtype {
         DType::F32 => true,
+        _ if implementation.starts_with("gemm:jit") => false,
         DType::BF16 => implementation.contains("bf16") || implementation.contains("amx"),
         _ => implementation.contains("fp16") || implementation.contains("amx"),
     }
 }
 
-/// `xs` (rows, k) f32 times 16-bit `weight` (n, k) widened into the shared f32 buffer: returns
-/// (rows, n) f32.
-pub fn widened_forward(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let (n, k) = weight.dims2()?;
+/// `xs` (rows, k) f32 times weights (n, k) that `widen` writes as f32 into the shared buffer
+/// (n·k elements): returns (rows, n) f32.
+pub fn widened_forward(xs: &Tensor, n: usize, k: usize, widen: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<Tensor> {
     let rows = xs.dim(0)?;
     if xs.dims() != [rows, k] || xs.dtype() != DType::F32 {
         return Err(candle_core::Error::Msg(format!("input {xs:?} does not match ({rows}, {k}) f32")));
@@ -315,12 +375,7 @@ pub fn widened_forward(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if buffer.len() < n * k {
         buffer.resize(n * k, 0.0);
     }
-    let widened = &mut buffer[..n * k];
-    match weight.dtype() {
-        DType::BF16 => with_elements::<bf16, _>(weight, |w| widen(w, widened))?,
-        DType::F16 => with_elements::<f16, _>(weight, |w| widen(w, widened))?,
-        other => return Err(candle_core::Error::Msg(format!("{other:?} weights are not widened"))),
-    }
+    widen(&mut buffer[..n * k])?;
     let weights = buffer.as_ptr();
     with_elements::<f32, _>(xs, |x| {
         filled::<f32>(
@@ -330,6 +385,15 @@ pub fn widened_forward(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
             "running a widened matmul",
         )
     })?
+}
+
+/// 16-bit `weight` (n, k) widened to f32 into `dst`.
+pub fn widen_16bit(weight: &Tensor, dst: &mut [f32]) -> Result<()> {
+    match weight.dtype() {
+        DType::BF16 => with_elements::<bf16, _>(weight, |w| widen(w, dst)),
+        DType::F16 => with_elements::<f16, _>(weight, |w| widen(w, dst)),
+        other => Err(candle_core::Error::Msg(format!("{other:?} weights are not widened"))),
+    }
 }
 
 fn widen<H: Sync>(src: &[H], dst: &mut [f32])

@@ -6,7 +6,7 @@ use candle_core::{DType, Module, Result as CandleResult, Tensor, D};
 use super::ops::{in_token_chunks, LayerNorm};
 use crate::config::Config;
 use crate::error::Result;
-use crate::matmul::{contiguous_as, softmax_last_dim, Activation, Combine, Linear, MatmulBackend};
+use crate::matmul::{contiguous_as, softmax_last_dim, Activation, Combine, Linear, MatmulBackend, Projections};
 use crate::profile::{self, Stage};
 use crate::weights::Weights;
 
@@ -35,7 +35,7 @@ struct CrossAttention {
 }
 
 impl CrossAttention {
-    fn load(w: &Weights, cfg: &Config, backend: MatmulBackend) -> Result<Self> {
+    fn load(w: &Weights, cfg: &Config, projections: Projections) -> Result<Self> {
         let l = &cfg.latent_attention_config;
         let p = format!("{PREFIX}.cross_attend_blocks.0");
         let inner = l.num_cross_heads * l.cross_dim_head;
@@ -61,8 +61,9 @@ impl CrossAttention {
             for h in 0..l.num_cross_heads {
                 let k = (head(0, h)? * scale)?.to_dtype(dtype)?.contiguous()?;
                 let v = head(inner, h)?.t()?.to_dtype(dtype)?.contiguous()?;
-                keys.push(Linear::new(k, None, backend)?.charged_to(Stage::LatentBlock));
-                values.push(Linear::new(v, None, backend)?.charged_to(Stage::LatentBlock));
+                // Computed from the latents, not a checkpoint weight: kept in floating point.
+                keys.push(Linear::new(k, None, projections.backend)?.charged_to(Stage::LatentBlock));
+                values.push(Linear::new(v, None, projections.backend)?.charged_to(Stage::LatentBlock));
             }
             Ok((keys, values))
         };
@@ -74,20 +75,20 @@ impl CrossAttention {
         }
         Ok(Self {
             norm: LayerNorm::new(f32_param("norm.weight", l.latent_dim)?, f32_param("norm.bias", l.latent_dim)?)?,
-            to_q: Linear::new(w.get(&format!("{p}.fn.to_q.weight"), &[inner, l.latent_dim])?, None, backend)?,
+            to_q: Linear::new(w.get(&format!("{p}.fn.to_q.weight"), &[inner, l.latent_dim])?, None, projections)?,
             to_out: Linear::fused(
                 w.get(&format!("{p}.fn.to_out.weight"), &[l.latent_dim, inner])?,
                 None,
                 Activation::None,
                 Combine::Add,
-                backend,
+                projections,
             )?,
             latent_keys,
             latent_values,
             heads: l.num_cross_heads,
             head_dim: l.cross_dim_head,
             attention_dtype,
-            backend,
+            backend: projections.backend,
         })
     }
 
@@ -125,7 +126,7 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn load(w: &Weights, cfg: &Config, backend: MatmulBackend) -> Result<Self> {
+    fn load(w: &Weights, cfg: &Config, projections: Projections) -> Result<Self> {
         let d = cfg.latent_attention_config.latent_dim;
         let inner = d * FEED_FORWARD_MULT;
         let p = format!("{PREFIX}.cross_attend_blocks.1");
@@ -142,21 +143,21 @@ impl FeedForward {
                 Some(half(&proj_in_bias, 0)?),
                 Activation::None,
                 Combine::Mul,
-                backend,
+                projections,
             )?,
             gate: Linear::fused(
                 half(&proj_in, inner)?,
                 Some(half(&proj_in_bias, inner)?),
                 Activation::GeluErf,
                 Combine::None,
-                backend,
+                projections,
             )?,
             proj_out: Linear::fused(
                 w.get(&format!("{p}.fn.net.2.weight"), &[d, inner])?,
                 Some(w.get(&format!("{p}.fn.net.2.bias"), &[d])?),
                 Activation::None,
                 Combine::Add,
-                backend,
+                projections,
             )?,
         })
     }
@@ -181,10 +182,10 @@ pub struct LatentAttention {
 }
 
 impl LatentAttention {
-    pub fn load(w: &Weights, cfg: &Config, backend: MatmulBackend) -> Result<Self> {
+    pub fn load(w: &Weights, cfg: &Config, projections: Projections) -> Result<Self> {
         Ok(Self {
-            cross_attention: CrossAttention::load(w, cfg, backend)?,
-            feed_forward: FeedForward::load(w, cfg, backend)?,
+            cross_attention: CrossAttention::load(w, cfg, projections)?,
+            feed_forward: FeedForward::load(w, cfg, projections)?,
             output_normalize: cfg.latent_attention_config.output_normalize,
             flops_per_token: flops_per_token(cfg),
         })

@@ -7,7 +7,7 @@ use super::ops::{blocked_attention, in_token_chunks, RmsNorm};
 use super::rotary;
 use crate::config::Config;
 use crate::error::Result;
-use crate::matmul::{contiguous_as, Activation, Combine, Linear, MatmulBackend};
+use crate::matmul::{contiguous_as, Activation, Combine, Linear, MatmulBackend, Projections};
 use crate::profile::{self, Stage};
 use crate::weights::Weights;
 
@@ -26,7 +26,7 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn load(w: &Weights, cfg: &Config, prefix: &str, backend: MatmulBackend) -> Result<Self> {
+    fn load(w: &Weights, cfg: &Config, prefix: &str, projections: Projections) -> Result<Self> {
         let t = &cfg.text_config;
         let hd = cfg.head_dim();
         let q = w.get(&format!("{prefix}.q_proj.weight"), &[t.num_attention_heads * hd, t.hidden_size])?;
@@ -34,12 +34,12 @@ impl SelfAttention {
         let v = w.get(&format!("{prefix}.v_proj.weight"), &[t.num_key_value_heads * hd, t.hidden_size])?;
         let o = w.get(&format!("{prefix}.o_proj.weight"), &[t.hidden_size, t.num_attention_heads * hd])?;
         Ok(Self {
-            qkv: Linear::new(Tensor::cat(&[q, k, v], 0)?, None, backend)?,
-            out: Linear::fused(o, None, Activation::None, Combine::Add, backend)?,
+            qkv: Linear::new(Tensor::cat(&[q, k, v], 0)?, None, projections)?,
+            out: Linear::fused(o, None, Activation::None, Combine::Add, projections)?,
             heads: t.num_attention_heads,
             kv_heads: t.num_key_value_heads,
             head_dim: hd,
-            backend,
+            backend: projections.backend,
         })
     }
 
@@ -85,16 +85,15 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(w: &Weights, cfg: &Config, prefix: &str, backend: MatmulBackend) -> Result<Self> {
+    fn load(w: &Weights, cfg: &Config, prefix: &str, projections: Projections) -> Result<Self> {
         let t = &cfg.text_config;
         let (hs, is) = (t.hidden_size, t.intermediate_size);
-        let gate = w.get(&format!("{prefix}.gate_proj.weight"), &[is, hs])?;
-        let up = w.get(&format!("{prefix}.up_proj.weight"), &[is, hs])?;
-        let down = w.get(&format!("{prefix}.down_proj.weight"), &[hs, is])?;
+        // One weight loaded at a time, each packed (or quantized) before the next is read.
+        let weight = |name: &str, shape: [usize; 2]| w.get(&format!("{prefix}.{name}.weight"), &shape);
         Ok(Self {
-            gate: Linear::fused(gate, None, Activation::Silu, Combine::None, backend)?,
-            up: Linear::fused(up, None, Activation::None, Combine::Mul, backend)?,
-            down: Linear::fused(down, None, Activation::None, Combine::Add, backend)?,
+            gate: Linear::fused(weight("gate_proj", [is, hs])?, None, Activation::Silu, Combine::None, projections)?,
+            up: Linear::fused(weight("up_proj", [is, hs])?, None, Activation::None, Combine::Mul, projections)?,
+            down: Linear::fused(weight("down_proj", [hs, is])?, None, Activation::None, Combine::Add, projections)?,
         })
     }
 
@@ -115,7 +114,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(w: &Weights, cfg: &Config, prefix: &str, backend: MatmulBackend) -> Result<Self> {
+    fn load(w: &Weights, cfg: &Config, prefix: &str, projections: Projections) -> Result<Self> {
         let hs = cfg.text_config.hidden_size;
         let eps = cfg.text_config.rms_norm_eps;
         let norm = |name: &str| -> Result<RmsNorm> {
@@ -123,9 +122,9 @@ impl DecoderLayer {
         };
         Ok(Self {
             input_norm: norm("input_layernorm")?,
-            attention: SelfAttention::load(w, cfg, &format!("{prefix}.self_attn"), backend)?,
+            attention: SelfAttention::load(w, cfg, &format!("{prefix}.self_attn"), projections)?,
             post_attention_norm: norm("post_attention_layernorm")?,
-            mlp: Mlp::load(w, cfg, &format!("{prefix}.mlp"), backend)?,
+            mlp: Mlp::load(w, cfg, &format!("{prefix}.mlp"), projections)?,
         })
     }
 
@@ -193,11 +192,11 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    pub fn load(w: &Weights, cfg: &Config, backend: MatmulBackend) -> Result<Self> {
+    pub fn load(w: &Weights, cfg: &Config, projections: Projections) -> Result<Self> {
         let t = &cfg.text_config;
         let embed = w.get(&format!("{PREFIX}.embed_tokens.weight"), &[t.vocab_size, t.hidden_size])?;
         let layers = (0..t.num_hidden_layers)
-            .map(|i| DecoderLayer::load(w, cfg, &format!("{PREFIX}.layers.{i}"), backend))
+            .map(|i| DecoderLayer::load(w, cfg, &format!("{PREFIX}.layers.{i}"), projections))
             .collect::<Result<Vec<_>>>()?;
         let norm = w.get_as(&format!("{PREFIX}.norm.weight"), &[t.hidden_size], DType::F32)?;
         Ok(Self {

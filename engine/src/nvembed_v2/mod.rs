@@ -14,7 +14,7 @@ pub use ops::{ATTENTION_SCORE_BLOCK_BYTES, TOKEN_CHUNK_ROWS};
 
 use crate::config::Config;
 use crate::error::Result;
-use crate::matmul::MatmulBackend;
+use crate::matmul::Projections;
 use crate::weights::Weights;
 
 /// Fewest token rows a latent step processes (a shorter remainder joins the step before it): the
@@ -136,11 +136,11 @@ fn next_latent_step(rest: usize, chunk: usize) -> usize {
 }
 
 impl Model {
-    pub fn load(weights: &Weights, config: &Config, backend: MatmulBackend) -> Result<Self> {
-        let latent_attention = latent_attention::LatentAttention::load(weights, config, backend)?;
+    pub fn load(weights: &Weights, config: &Config, projections: Projections) -> Result<Self> {
+        let latent_attention = latent_attention::LatentAttention::load(weights, config, projections)?;
         let layer = mistral::layer_flops_per_token(config).max(1);
         Ok(Self {
-            decoder: mistral::Decoder::load(weights, config, backend)?,
+            decoder: mistral::Decoder::load(weights, config, projections)?,
             latent_steps: latent_attention.flops_per_token().div_ceil(layer).max(1),
             latent_attention,
         })

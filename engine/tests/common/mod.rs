@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use nvembed_engine::{DType, Device, EmbedOptions, Embedder, MatmulBackend, ModelSource};
+use nvembed_engine::{DType, Device, EmbedOptions, Embedder, MatmulBackend, ModelDtype, ModelSource};
 use serde_json::Value;
 
 /// The shipped fixture; `NVEMBED_GOLDENS_DIR` points elsewhere (the GPU check runs where the
@@ -83,11 +83,11 @@ pub fn fixture_copy() -> tempfile::TempDir {
     dir
 }
 
-pub fn load_with(dtype: DType, backend: MatmulBackend) -> Embedder {
+pub fn load_with(dtype: impl Into<ModelDtype>, backend: MatmulBackend) -> Embedder {
     load_on(dtype, &Device::Cpu, backend)
 }
 
-pub fn load_on(dtype: DType, device: &Device, backend: MatmulBackend) -> Embedder {
+pub fn load_on(dtype: impl Into<ModelDtype>, device: &Device, backend: MatmulBackend) -> Embedder {
     let files = ModelSource::Dir(fixture_dir()).resolve().expect("resolve fixture");
     Embedder::load_with(&files, dtype, device, backend).expect("load fixture")
 }
@@ -165,9 +165,15 @@ pub fn f32_golden_diff(embedder: &Embedder) -> f32 {
     worst
 }
 
-/// Cosine of a 16-bit embedder's vectors against the f32 goldens, on every finite run: each at
-/// least 0.999. Returns the worst.
+/// The least cosine a 16-bit model's vectors keep against the f32 goldens.
+pub const HALF_PRECISION_COSINE: f64 = 0.999;
+/// The least cosine an int8-weight model's vectors keep against the f32 goldens.
+pub const INT8_COSINE: f64 = 0.995;
+
+/// Cosine of a 16-bit (or int8) embedder's vectors against the f32 goldens, on every finite run:
+/// each at least `HALF_PRECISION_COSINE` (`INT8_COSINE`). Returns the worst.
 pub fn worst_golden_cosine(embedder: &Embedder) -> f64 {
+    let least = if embedder.dtype_name() == ModelDtype::Int8.name() { INT8_COSINE } else { HALF_PRECISION_COSINE };
     let g = goldens();
     let mut worst = 1f64;
     for run in runs(&g).iter().filter(|r| !is_nonfinite(r)) {
@@ -177,7 +183,7 @@ pub fn worst_golden_cosine(embedder: &Embedder) -> f64 {
             .unwrap();
         for (row, (a, b)) in got.iter().zip(&expected).enumerate() {
             let c = cosine(a, b);
-            assert!(c >= 0.999, "{:?} {} row {row}: cosine {c}", embedder.dtype(), run.name);
+            assert!(c >= least, "{} {} row {row}: cosine {c}", embedder.dtype_name(), run.name);
             worst = worst.min(c);
         }
     }
@@ -186,8 +192,9 @@ pub fn worst_golden_cosine(embedder: &Embedder) -> f64 {
 
 /// What oneDNN does on a smaller CPU, simulated on this one with `DNNL_MAX_CPU_ISA` (read once,
 /// at oneDNN's first call, so each cap runs in its own test binary): f32 matches the goldens on
-/// the capped kernels, and 16-bit models, for which the capped CPU has no native kernel, still
-/// run — widened to f32 — within the half-precision tolerance.
+/// the capped kernels, 16-bit models, for which the capped CPU has no native kernel, still
+/// run — widened to f32 — within the half-precision tolerance, and int8 weights are decompressed
+/// into f32 inside oneDNN's native kernels, within the int8 tolerance.
 pub fn check_under_isa_cap(cap: &str, forbidden_kernel: &str) {
     std::env::set_var("DNNL_MAX_CPU_ISA", cap);
     let f32_model = load_with(DType::F32, MatmulBackend::Onednn);
@@ -201,4 +208,10 @@ pub fn check_under_isa_cap(cap: &str, forbidden_kernel: &str) {
         let worst = worst_golden_cosine(&embedder);
         eprintln!("{cap}: {dtype:?} widened: worst cosine {worst:.6}");
     }
+    let int8 = load_with(ModelDtype::Int8, MatmulBackend::Onednn);
+    let kernel = int8.matmul();
+    assert_eq!(int8.dtype(), DType::F32, "{cap}: int8 activations");
+    assert!(kernel.ends_with("int8 weights decompressed to F32") && !kernel.contains(forbidden_kernel), "{cap}: {kernel}");
+    let worst = worst_golden_cosine(&int8);
+    eprintln!("{cap}: int8 on {kernel}: worst cosine {worst:.6}");
 }
