@@ -127,21 +127,24 @@ pub fn cpu() -> String {
 }
 
 
-/// Bytes of a checkpoint of `shape` held in `precision` (activations in `activations`): int8
-/// holds every projection weight as one byte plus an f32 scale per output, the rest (embeddings,
-/// norms, latents, biases, the latent block's key/value weights) in the activations' dtype.
+/// Bytes a model of `shape` holds in `precision` (activations in `activations`): int8 holds every
+/// projection weight as one byte plus an f32 scale per output; the rest (embeddings, norms,
+/// latents, biases) is in the activations' dtype. The latent block's to_kv weight is used once at
+/// load and dropped; its per-head keys and values are held instead.
 pub fn weight_bytes(shape: &Shape, precision: ModelDtype, activations: DType) -> f64 {
     let quantized = |name: &str| {
         ["_proj.weight", "to_q.weight", "to_out.weight", "net.0.weight", "net.2.weight"]
             .iter()
             .any(|end| name.ends_with(end))
     };
+    let latent_keys_values = 2 * shape.num_latents * shape.num_cross_heads * shape.cross_dim_head;
     shape
         .tensor_shapes()
         .iter()
         .map(|(name, dims)| {
             let count: usize = dims.iter().product();
             match precision {
+                _ if name.ends_with("to_kv.weight") => (latent_keys_values * activations.size_in_bytes()) as f64,
                 ModelDtype::Int8 if quantized(name) => (count + 4 * dims[0]) as f64,
                 _ => (count * activations.size_in_bytes()) as f64,
             }
