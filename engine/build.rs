@@ -19,8 +19,11 @@ fn main() {
                 prefix.display()
             );
         }
-        // The recipe stamp changes whenever oneDNN is rebuilt.
-        println!("cargo:rerun-if-changed={}", prefix.join("nvembed-recipe").display());
+        // The recipe stamp changes whenever scripts/onednn.sh rebuilds oneDNN (a prefix made by
+        // hand has none, and a missing file would rerun this script on every build).
+        let stamp = prefix.join("nvembed-recipe");
+        let watched = if stamp.is_file() { stamp } else { library.clone() };
+        println!("cargo:rerun-if-changed={}", watched.display());
         cc::Build::new()
             .file("csrc/onednn_matmul.c")
             .include(prefix.join("include"))

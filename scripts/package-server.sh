@@ -5,6 +5,12 @@
 # Usage: package-server.sh OUT_DIR   (after `make server`; prints the .deb's path)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# oneDNN is linked in statically: its licence and its third-party notices travel with it.
+install_onednn_notices() {
+  local notices=${NVEMBED_ONEDNN_PREFIX:?the Makefile sets it}/share/doc/dnnl
+  install -m 644 "$notices/LICENSE" "$1/onednn-LICENSE"
+  install -m 644 "$notices/THIRD-PARTY-PROGRAMS" "$1/onednn-THIRD-PARTY-PROGRAMS"
+}
 OUT=$1
 VERSION=$(awk -F'"' '$1 ~ /^version/ { print $2; exit }' server/Cargo.toml)
 ARCH=$(dpkg --print-architecture)
@@ -17,6 +23,7 @@ install -m 644 packaging/model-server/nvembed-model-server.service "$stage/lib/s
 install -m 644 packaging/model-server/default "$stage/etc/default/nvembed-model-server"
 install -m 644 README.md "$stage/usr/share/doc/nvembed-model-server/"
 install -m 644 packaging/copyright "$stage/usr/share/doc/nvembed-model-server/copyright"
+install_onednn_notices "$stage/usr/share/doc/nvembed-model-server"
 install -m 755 packaging/model-server/postinst "$stage/DEBIAN/postinst"
 echo /etc/default/nvembed-model-server > "$stage/DEBIAN/conffiles"
 shlibs=$(cd "$stage" && mkdir -p debian && printf 'Source: nvembed\n\nPackage: nvembed\nArchitecture: any\n' > debian/control &&

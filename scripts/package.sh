@@ -6,6 +6,12 @@
 # Usage: package.sh PG_PREFIX OUT_DIR MAJOR...   (after `make server`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# oneDNN is linked in statically: its licence and its third-party notices travel with it.
+install_onednn_notices() {
+  local notices=${NVEMBED_ONEDNN_PREFIX:?the Makefile sets it}/share/doc/dnnl
+  install -m 644 "$notices/LICENSE" "$1/onednn-LICENSE"
+  install -m 644 "$notices/THIRD-PARTY-PROGRAMS" "$1/onednn-THIRD-PARTY-PROGRAMS"
+}
 PREFIX_ROOT=$1; OUT=$2; shift 2
 VERSION=$(awk -F'"' '$1 ~ /^version/ { print $2; exit }' extension/Cargo.toml)
 ARCH=$(dpkg --print-architecture)
@@ -27,6 +33,7 @@ for major in "$@"; do
   install -m 644 "$built$("$pg_config" --sharedir)"/extension/nvembed* "$ext/"
   install -m 644 README.md "$doc/"
   install -m 644 packaging/copyright "$doc/copyright"
+  install_onednn_notices "$doc"
 
   # Shared libraries the two binaries need, as package dependencies (libc6, libgomp1, ...).
   # (dpkg-shlibdeps reads a source package's debian/control: a minimal one, removed again.)

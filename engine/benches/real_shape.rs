@@ -12,7 +12,8 @@
 //! rate at 30 rows, every layer's weights read once per round), and the batch's efficiency
 //! (FLOPs ÷ time ÷ oneDNN's GEMM rate at the decoder's shapes and 8,192 rows). CPUs without AVX-512 BF16 are simulated with `DNNL_MAX_CPU_ISA`.
 //!
-//! `cargo bench -p nvembed-engine --bench real_shape` (part of `make bench`; ~10 min on 2 cores).
+//! `cargo bench -p nvembed-engine --bench real_shape` (part of `make bench`; ~15 min on 2 cores;
+//! `REAL_SHAPE_ONLY=int8,bf16@AVX2` runs only the configurations named).
 
 mod bench_support;
 
@@ -211,7 +212,13 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let full = Shape::nv_embed_v2();
     let mut bf16_query = f64::NAN;
-    for (dtype_name, isa, batch) in CONFIGS {
+    // `REAL_SHAPE_ONLY=int8,bf16@AVX2` runs only those configurations (dtype, @ the ISA cap).
+    let only = std::env::var("REAL_SHAPE_ONLY").ok();
+    let selected = |dtype: &str, isa: Option<&str>| {
+        let name = isa.map_or(dtype.to_string(), |isa| format!("{dtype}@{isa}"));
+        only.as_deref().is_none_or(|only| only.split(',').any(|o| o == name))
+    };
+    for (dtype_name, isa, batch) in CONFIGS.into_iter().filter(|(d, i, _)| selected(d, *i)) {
         let mut command = Command::new(std::env::current_exe().expect("exe"));
         command
             .args(["--child", dtype_name, if batch { "batch" } else { "query" }])
@@ -269,7 +276,7 @@ fn main() {
             ms(f("batch_layer")),
             ms(f("batch_latent")),
             if efficiency.is_nan() { "–".into() } else { format!("{:.0}% ({:.0} GFLOP/s)", 100.0 * efficiency, f("gemm_batch")) },
-            if passages.is_nan() { "–".into() } else { format!("{passages:.2}") },
+            if passages.is_nan() { "–".into() } else { format!("{passages:.3}") },
             weights / 1e9,
             peak_rss,
             if notes.is_empty() { String::new() } else { format!(" {}", notes.join("; ")) },

@@ -146,8 +146,12 @@ impl Embedder {
         };
         let config = Config::from_file(&files.config)?;
         let encoder = InputEncoder::from_file(&files.tokenizer)?;
-        let weights = Weights::open(&files.weights, dtype, device)?;
-        let model = Model::load(&weights, &config, Projections { backend: matmul, int8 })?;
+        let projections = Projections {
+            backend: matmul,
+            int8: int8.then_some(dtype),
+        };
+        let weights = Weights::open(&files.weights, dtype, projections.weight_dtype(dtype), device)?;
+        let model = Model::load(&weights, &config, projections)?;
         Ok(Self {
             model,
             encoder,
@@ -181,8 +185,9 @@ impl Embedder {
         &self.device
     }
 
-    /// How the projections run: `candle`, oneDNN's implementation (e.g. `brg:avx512_core_bf16`),
-    /// or 16-bit weights widened to f32.
+    /// How the projections run: `candle`, oneDNN's implementation (e.g.
+    /// `brg_matmul:avx512_core_bf16`, with `, int8 weights decompressed to BF16` for int8), or
+    /// weights widened to f32; several, `; `-separated, if not all run the same way.
     pub fn matmul(&self) -> String {
         self.model.matmul()
     }

@@ -17,11 +17,13 @@ pub struct Weights {
     tensors: MmapedSafetensors,
     files: Vec<PathBuf>,
     dtype: DType,
+    /// The dtype projection weights are loaded in (f32 when they are quantized at load).
+    projection_dtype: DType,
     device: Device,
 }
 
 impl Weights {
-    pub fn open(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+    pub fn open(files: &[PathBuf], dtype: DType, projection_dtype: DType, device: &Device) -> Result<Self> {
         for f in files {
             if !f.is_file() {
                 return Err(Error::MissingFile(f.clone()));
@@ -44,6 +46,7 @@ impl Weights {
             tensors,
             files: files.to_vec(),
             dtype,
+            projection_dtype,
             device: device.clone(),
         })
     }
@@ -51,6 +54,11 @@ impl Weights {
     /// Loads `name`, which must have exactly `shape`, in the model dtype.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.get_as(name, shape, self.dtype)
+    }
+
+    /// Loads the weight of a projection, `name`, which must have exactly `shape`.
+    pub fn get_projection(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_as(name, shape, self.projection_dtype)
     }
 
     /// Loads `name` in `dtype` (used for the few parameters kept in f32 whatever the model dtype).

@@ -70,7 +70,10 @@ pub fn decoder_products(shape: &Shape) -> Vec<(usize, usize)> {
 /// layer count every layer has weights of its own, read from memory once per round as a pass
 /// reads them (what bounds a few-row pass such as one query).
 pub fn gemm_rate(products: &[(usize, usize)], copies: usize, dtype: DType, int8: bool, rows: usize, runs: usize) -> f64 {
-    let projections = Projections { backend: MatmulBackend::Onednn, int8 };
+    let projections = Projections {
+        backend: MatmulBackend::Onednn,
+        int8: int8.then_some(dtype),
+    };
     let mut products_run = Vec::new();
     let mut flops = 0.0;
     for _ in 0..copies {

@@ -3,7 +3,7 @@
 //! checkpoint as published. Halves the memory of 16-bit weights and the bytes a few-row pass
 //! reads; the activations stay in floating point.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// The largest magnitude of a quantized weight: symmetric, so -128 is never used.
@@ -22,7 +22,14 @@ impl Int8Weights {
     /// turn its whole output row into NaN.
     pub fn quantize(weight: &Tensor) -> Result<Self> {
         let (n, k) = weight.dims2()?;
-        let floats = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        // Read in place: a weight already in f32 (as the loader gives them for int8) is not
+        // copied, so loading holds one f32 weight at a time, not two.
+        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = weight.storage_and_layout();
+        let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("int8 weights are quantized from contiguous CPU tensors");
+        };
+        let floats = &cpu.as_slice::<f32>()?[start..end];
         if let Some(bad) = floats.iter().position(|w| !w.is_finite()) {
             candle_core::bail!("weight ({}, {}) of a projection is {}", bad / k, bad % k, floats[bad]);
         }
@@ -36,7 +43,8 @@ impl Int8Weights {
                 let max = w.iter().fold(0f32, |m, x| m.max(x.abs()));
                 // An all-zero row keeps scale 1 (its values are 0 whatever the scale).
                 *scale = if max > 0.0 { max / Q_MAX } else { 1.0 };
-                let inverse = 1.0 / *scale;
+                // Q_MAX / max, not 1 / scale: that overflows for rows of tiny weights.
+                let inverse = if max > 0.0 { Q_MAX / max } else { 0.0 };
                 for (q, w) in q.iter_mut().zip(w) {
                     *q = (w * inverse).round().clamp(-Q_MAX, Q_MAX) as i8;
                 }

@@ -64,17 +64,31 @@ impl MatmulBackend {
 }
 
 /// How a model's projections are built: on which backend, and whether their weights are held as
-/// int8 (weight-only, with a scale per output; oneDNN only), the activations staying in the
-/// dtype the weights are given in.
+/// int8 (weight-only, with a scale per output; oneDNN only) with activations in the given dtype.
+/// Otherwise the activations are in the dtype the weights are given in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Projections {
     pub backend: MatmulBackend,
-    pub int8: bool,
+    /// `Some(activations)`: int8 weights, quantized from the weights as given (in any float
+    /// dtype: the checkpoint's values, best unrounded).
+    pub int8: Option<DType>,
 }
 
 impl From<MatmulBackend> for Projections {
     fn from(backend: MatmulBackend) -> Self {
-        Self { backend, int8: false }
+        Self { backend, int8: None }
+    }
+}
+
+impl Projections {
+    /// The dtype to load projection weights in for a model whose activations are `activations`:
+    /// f32 for int8 (quantized from the checkpoint's values, not from a rounded copy).
+    pub fn weight_dtype(&self, activations: DType) -> DType {
+        if self.int8.is_some() {
+            DType::F32
+        } else {
+            activations
+        }
     }
 }
 
@@ -170,12 +184,14 @@ impl Linear {
     ) -> Result<Self> {
         let projections = projections.into();
         let weights = match projections.backend {
-            MatmulBackend::Candle if projections.int8 => return Err(int8_needs_onednn()),
+            MatmulBackend::Candle if projections.int8.is_some() => return Err(int8_needs_onednn()),
             MatmulBackend::Candle => Weights::Candle(candle_nn::Linear::new(weight, None)),
             #[cfg(feature = "onednn")]
-            MatmulBackend::Onednn if projections.int8 => {
+            MatmulBackend::Onednn if projections.int8.is_some() => {
+                let activations = projections.int8.unwrap_or(DType::F32);
                 let quantized = int8::Int8Weights::quantize(&weight)?;
-                match onednn::PackedMatmul::int8(&quantized, weight.dtype(), bias.as_ref(), activation, combine)? {
+                drop(weight);
+                match onednn::PackedMatmul::int8(&quantized, activations, bias.as_ref(), activation, combine)? {
                     Some(packed) => Weights::Packed(packed),
                     None => Weights::Int8Widened(quantized),
                 }
@@ -218,7 +234,8 @@ impl Linear {
         }
     }
 
-    /// Whether the weights run packed on oneDNN in their own dtype (a native kernel).
+    /// Whether the weights run packed on oneDNN in a native kernel (in their own dtype, or int8
+    /// decompressed inside it).
     pub fn packed(&self) -> bool {
         #[cfg(feature = "onednn")]
         if let Weights::Packed(_) = self.weights {

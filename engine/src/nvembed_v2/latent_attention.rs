@@ -75,9 +75,9 @@ impl CrossAttention {
         }
         Ok(Self {
             norm: LayerNorm::new(f32_param("norm.weight", l.latent_dim)?, f32_param("norm.bias", l.latent_dim)?)?,
-            to_q: Linear::new(w.get(&format!("{p}.fn.to_q.weight"), &[inner, l.latent_dim])?, None, projections)?,
+            to_q: Linear::new(w.get_projection(&format!("{p}.fn.to_q.weight"), &[inner, l.latent_dim])?, None, projections)?,
             to_out: Linear::fused(
-                w.get(&format!("{p}.fn.to_out.weight"), &[l.latent_dim, inner])?,
+                w.get_projection(&format!("{p}.fn.to_out.weight"), &[l.latent_dim, inner])?,
                 None,
                 Activation::None,
                 Combine::Add,
@@ -130,7 +130,7 @@ impl FeedForward {
         let d = cfg.latent_attention_config.latent_dim;
         let inner = d * FEED_FORWARD_MULT;
         let p = format!("{PREFIX}.cross_attend_blocks.1");
-        let proj_in = w.get(&format!("{p}.fn.net.0.weight"), &[2 * inner, d])?;
+        let proj_in = w.get_projection(&format!("{p}.fn.net.0.weight"), &[2 * inner, d])?;
         let proj_in_bias = w.get(&format!("{p}.fn.net.0.bias"), &[2 * inner])?;
         let half = |t: &Tensor, start: usize| t.narrow(0, start, inner)?.contiguous();
         Ok(Self {
@@ -153,7 +153,7 @@ impl FeedForward {
                 projections,
             )?,
             proj_out: Linear::fused(
-                w.get(&format!("{p}.fn.net.2.weight"), &[d, inner])?,
+                w.get_projection(&format!("{p}.fn.net.2.weight"), &[d, inner])?,
                 Some(w.get(&format!("{p}.fn.net.2.bias"), &[d])?),
                 Activation::None,
                 Combine::Add,
@@ -182,6 +182,12 @@ pub struct LatentAttention {
 }
 
 impl LatentAttention {
+    /// Its projections of checkpoint weights (not the keys and values made from the latents).
+    pub fn projections(&self) -> impl Iterator<Item = &Linear> {
+        let (c, f) = (&self.cross_attention, &self.feed_forward);
+        [&c.to_q, &c.to_out, &f.value, &f.gate, &f.proj_out].into_iter()
+    }
+
     pub fn load(w: &Weights, cfg: &Config, projections: Projections) -> Result<Self> {
         Ok(Self {
             cross_attention: CrossAttention::load(w, cfg, projections)?,

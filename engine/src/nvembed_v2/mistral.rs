@@ -29,10 +29,10 @@ impl SelfAttention {
     fn load(w: &Weights, cfg: &Config, prefix: &str, projections: Projections) -> Result<Self> {
         let t = &cfg.text_config;
         let hd = cfg.head_dim();
-        let q = w.get(&format!("{prefix}.q_proj.weight"), &[t.num_attention_heads * hd, t.hidden_size])?;
-        let k = w.get(&format!("{prefix}.k_proj.weight"), &[t.num_key_value_heads * hd, t.hidden_size])?;
-        let v = w.get(&format!("{prefix}.v_proj.weight"), &[t.num_key_value_heads * hd, t.hidden_size])?;
-        let o = w.get(&format!("{prefix}.o_proj.weight"), &[t.hidden_size, t.num_attention_heads * hd])?;
+        let q = w.get_projection(&format!("{prefix}.q_proj.weight"), &[t.num_attention_heads * hd, t.hidden_size])?;
+        let k = w.get_projection(&format!("{prefix}.k_proj.weight"), &[t.num_key_value_heads * hd, t.hidden_size])?;
+        let v = w.get_projection(&format!("{prefix}.v_proj.weight"), &[t.num_key_value_heads * hd, t.hidden_size])?;
+        let o = w.get_projection(&format!("{prefix}.o_proj.weight"), &[t.hidden_size, t.num_attention_heads * hd])?;
         Ok(Self {
             qkv: Linear::new(Tensor::cat(&[q, k, v], 0)?, None, projections)?,
             out: Linear::fused(o, None, Activation::None, Combine::Add, projections)?,
@@ -89,7 +89,7 @@ impl Mlp {
         let t = &cfg.text_config;
         let (hs, is) = (t.hidden_size, t.intermediate_size);
         // One weight loaded at a time, each packed (or quantized) before the next is read.
-        let weight = |name: &str, shape: [usize; 2]| w.get(&format!("{prefix}.{name}.weight"), &shape);
+        let weight = |name: &str, shape: [usize; 2]| w.get_projection(&format!("{prefix}.{name}.weight"), &shape);
         Ok(Self {
             gate: Linear::fused(weight("gate_proj", [is, hs])?, None, Activation::Silu, Combine::None, projections)?,
             up: Linear::fused(weight("up_proj", [is, hs])?, None, Activation::None, Combine::Mul, projections)?,
@@ -208,10 +208,12 @@ impl Decoder {
         })
     }
 
-    pub fn matmul(&self) -> String {
-        self.layers
-            .first()
-            .map_or_else(|| "none".into(), |layer| layer.attention.qkv.describe())
+    /// Every projection of every layer.
+    pub fn projections(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(|layer| {
+            let (attention, mlp) = (&layer.attention, &layer.mlp);
+            [&attention.qkv, &attention.out, &mlp.gate, &mlp.up, &mlp.down]
+        })
     }
 
     /// Embeds the tokens of a batch. `input_ids`: (b, l) u32; `attention_mask`: (b, l) 0/1.

@@ -155,9 +155,21 @@ impl Model {
         })
     }
 
-    /// How the projections run (the first decoder layer's, which every projection shares).
+    /// How the projections of checkpoint weights run: each distinct way, `; `-separated (one,
+    /// unless some projection fell back to another kernel than the others).
     pub fn matmul(&self) -> String {
-        self.decoder.matmul()
+        let mut kinds: Vec<String> = Vec::new();
+        for linear in self.decoder.projections().chain(self.latent_attention.projections()) {
+            let kind = linear.describe();
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+        }
+        if kinds.is_empty() {
+            "none".into()
+        } else {
+            kinds.join("; ")
+        }
     }
 
     /// Runs the next step of `pass`; false once all have run and it can be pooled.
