@@ -51,7 +51,7 @@ impl From<DType> for ModelDtype {
 }
 
 impl ModelDtype {
-    /// The name `choose_dtype` reads for it.
+    /// The name `choose_dtype` reads for it (`int8` for int8 weights, whatever the activations).
     pub fn name(self) -> &'static str {
         match self {
             Self::Float(dtype) => dtype_name(dtype),
@@ -176,9 +176,14 @@ impl Embedder {
         self.dtype
     }
 
-    /// The precision it was loaded in, as `choose_dtype` names it (`int8`, `bf16`, ...).
-    pub fn dtype_name(&self) -> &'static str {
-        self.precision.name()
+    /// The precision it was loaded in, as servers announce it: `choose_dtype`'s name (`bf16`,
+    /// ...), for int8 with the activations' dtype (`int8-bf16`, `int8-f32`; see
+    /// `nvembed_protocol::serves_dtype`).
+    pub fn dtype_name(&self) -> String {
+        match self.precision {
+            ModelDtype::Float(dtype) => dtype_name(dtype).to_string(),
+            ModelDtype::Int8 => format!("{}-{}", ModelDtype::Int8.name(), dtype_name(self.dtype)),
+        }
     }
 
     pub fn device(&self) -> &Device {

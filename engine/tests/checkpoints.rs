@@ -127,7 +127,7 @@ fn weights_stored_in_half_precision_load_into_any_dtype() {
     for dtype in precisions.into_iter().chain([ModelDtype::Int8]) {
         let files = ModelSource::Dir(dir.path().to_path_buf()).resolve().unwrap();
         let e = Embedder::load(&files, dtype, &Device::Cpu).unwrap();
-        assert_eq!(e.dtype_name(), dtype.name());
+        assert!(nvembed_protocol::serves_dtype(&e.dtype_name(), dtype.name()), "{}", e.dtype_name());
         let got = e
             .embed(PASSAGE_INSTRUCTION, &["hello world"], &EmbedOptions::default())
             .unwrap();

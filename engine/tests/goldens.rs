@@ -150,7 +150,7 @@ fn int8_weights_are_close_to_the_f32_goldens() {
     let kernel = embedder.matmul();
     // Every projection on one native kernel: `; ` would separate a second way (a fallback).
     assert!(kernel.contains("int8 weights decompressed to") && !kernel.contains("; "), "{kernel}");
-    assert_eq!(embedder.dtype_name(), "int8");
+    assert_eq!(embedder.dtype_name(), format!("int8-{}", nvembed_engine::dtype_name(embedder.dtype())));
     let worst = worst_golden_cosine(&embedder);
     eprintln!("int8 ({kernel}): worst cosine against the f32 goldens = {worst:.6}");
     let files = nvembed_engine::ModelSource::Dir(fixture_dir()).resolve().unwrap();

@@ -318,7 +318,7 @@ pub fn check_served(served: &Served) -> Result<(), String> {
         return Err(format!("it serves {}, but nvembed.model is \"{model}\"", describe(served)));
     }
     let dtype = gucs::server_settings().dtype;
-    if dtype != DEFAULT_DTYPE && served.dtype != dtype {
+    if dtype != DEFAULT_DTYPE && !nvembed_protocol::serves_dtype(&served.dtype, &dtype) {
         return Err(format!("it serves {}, but nvembed.dtype is \"{dtype}\"", describe(served)));
     }
     let settings = hash(&format!("{model}\n{dtype}"));

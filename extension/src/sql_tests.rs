@@ -201,7 +201,9 @@ pub(crate) mod tests {
             }
         }
         let (loaded, dtype) = Spi::get_two::<bool, String>("SELECT loaded, dtype FROM nvembed_status()").unwrap();
-        assert_eq!((loaded, dtype.as_deref()), (Some(true), Some("int8")));
+        // Announced with the activations' dtype, which depends on the CPU.
+        assert_eq!(loaded, Some(true));
+        assert!(["int8-bf16", "int8-f32"].contains(&dtype.as_deref().unwrap_or("")), "{dtype:?}");
         assert!(largest_diff > 1e-4, "int8 vectors equal f32's within {largest_diff}: not quantized");
         pgrx::notice!("int8 in SQL: worst cosine {worst:.6} against f32");
         serve_dtype(TEST_DTYPE);

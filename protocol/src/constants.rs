@@ -41,6 +41,14 @@ pub const DEFAULT_BATCH_TOKENS: usize = 16_384;
 /// checkpoint's own (what `torch_dtype="auto"` loads: 16-bit for NV-Embed-v2), then explicit ones;
 /// `int8` is weight-only int8 quantized at load (CPU), the activations in bf16 or f32.
 pub const DTYPE_NAMES: [&str; 5] = [DEFAULT_DTYPE, "f32", "f16", "bf16", "int8"];
+/// Whether a server that announces `served` serves what a cluster set as `setting`: the same
+/// name, or, for `int8`, `int8-` and the activations' dtype it computes in (`int8-bf16`,
+/// `int8-f32`). Two int8 servers that compute in different dtypes give different vectors, so
+/// they announce different dtypes and a cluster never mixes them.
+pub fn serves_dtype(served: &str, setting: &str) -> bool {
+    served == setting || served.split_once('-').is_some_and(|(name, _)| name == setting)
+}
+
 /// Default of `nvembed.dtype` and `--dtype`.
 pub const DEFAULT_DTYPE_C: &CStr = c"auto";
 pub const DEFAULT_DTYPE: &str = match DEFAULT_DTYPE_C.to_str() {
@@ -59,3 +67,17 @@ pub const DEFAULT_ROLE_SHARE: usize = 4;
 /// NV-Embed-v2 was evaluated on passages of 512 tokens.
 pub const DEFAULT_CHUNK_TOKENS: usize = 512;
 pub const DEFAULT_CHUNK_OVERLAP: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_int8_server_announces_its_activations_and_serves_int8_only() {
+        let int8 = DTYPE_NAMES[4];
+        assert!(serves_dtype("int8-bf16", int8) && serves_dtype("int8-f32", int8));
+        assert!(serves_dtype("bf16", "bf16") && !serves_dtype("bf16", "f32"));
+        assert!(!serves_dtype("int8-bf16", "bf16") && !serves_dtype("int8-bf16", "int8-f32"));
+        assert!(!serves_dtype("int8", "int") && !serves_dtype("f32", "int8"));
+    }
+}

@@ -68,7 +68,7 @@ impl Server {
             model: settings.model.clone(),
             revision: self.model.revision(),
             // What `auto` chose, once the model is loaded.
-            dtype: loaded.as_ref().map_or_else(|| settings.dtype.clone(), |m| m.dtype_name().to_string()),
+            dtype: loaded.as_ref().map_or_else(|| settings.dtype.clone(), |m| m.dtype_name()),
             device: settings.device.clone(),
             dimension: loaded.as_ref().map(|m| m.embedding_dim()),
             load_seconds: loaded.as_ref().map(|m| m.load_seconds()),

@@ -72,6 +72,8 @@ struct Args {
     /// Model directory or Hugging Face hub id (`org/name` or `org/name@revision`).
     #[arg(long)]
     model: String,
+    /// `auto` (the checkpoint's own), `f32`, `f16`, `bf16`, or `int8` (weight-only, quantized at
+    /// load; CPU; announced as `int8-bf16` or `int8-f32`, the activations' dtype).
     #[arg(long, default_value = nvembed_protocol::DEFAULT_DTYPE)]
     dtype: String,
     #[arg(long, default_value = "cpu")]

@@ -76,7 +76,7 @@ impl ModelSlot {
         Some(Served {
             model: self.settings.served_model_name.clone(),
             revision: self.revision.get()?.clone(),
-            dtype: model.dtype_name().to_string(),
+            dtype: model.dtype_name(),
             device: self.settings.device.clone(),
             dimension: model.embedding_dim(),
         })

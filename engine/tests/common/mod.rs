@@ -173,7 +173,8 @@ pub const INT8_COSINE: f64 = 0.995;
 /// Cosine of a 16-bit (or int8) embedder's vectors against the f32 goldens, on every finite run:
 /// each at least `HALF_PRECISION_COSINE` (`INT8_COSINE`). Returns the worst.
 pub fn worst_golden_cosine(embedder: &Embedder) -> f64 {
-    let least = if embedder.dtype_name() == ModelDtype::Int8.name() { INT8_COSINE } else { HALF_PRECISION_COSINE };
+    let int8 = nvembed_protocol::serves_dtype(&embedder.dtype_name(), ModelDtype::Int8.name());
+    let least = if int8 { INT8_COSINE } else { HALF_PRECISION_COSINE };
     let g = goldens();
     let mut worst = 1f64;
     for run in runs(&g).iter().filter(|r| !is_nonfinite(r)) {
