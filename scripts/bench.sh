@@ -75,8 +75,10 @@ tps() { "${PGBENCH[@]}" -n -f "$sqlfile" -c "$1" -j "$1" -T "$SECONDS_PER_RUN" p
 one=$(tps 1); eight=$(tps 8)
 row "concurrency: short queries, 8 sessions vs 1 (medium; $one vs $eight q/s)" "$(calc "round($eight / $one, 2)")×" "≥ 3×"
 
-one_call=$(python3 -c "print(40 / $( { t0=$(now); "${PSQL[@]}" -c "SELECT count(*) FROM nvembed_queries(ARRAY(SELECT 'how do boats number ' || g || ' cross the bay?' FROM generate_series(1, 40) g))" >/dev/null; calc "$(now) - $t0"; } ))")
-row "serving: short queries, 8 sessions vs 40 in one call (medium; $eight vs $(calc "round($one_call, 2)") q/s)" "$(calc "round($eight / $one_call, 2)")×" "≥ 0.8×"
+# The same queries in one call: numbers drawn as pgbench draws them (most have nine digits, and
+# each digit is a token), so both sides embed texts of the same lengths.
+one_call=$(python3 -c "print(80 / $( { t0=$(now); "${PSQL[@]}" -c "SELECT count(*) FROM nvembed_queries(ARRAY(SELECT 'how do boats number ' || (1 + floor(random() * 1000000000))::bigint || ' cross the bay?' FROM generate_series(1, 80) g))" >/dev/null; calc "$(now) - $t0"; } ))")
+row "serving: short queries, 8 sessions vs the same queries, 80 in one call (medium; $eight vs $(calc "round($one_call, 2)") q/s)" "$(calc "round($eight / $one_call, 2)")×" "≥ 0.85×"
 
 # 7. Serving under load: single-query latency idle vs during a bulk call of ≥ 60 s, and the time
 #    from pg_cancel_backend of a bulk call until a fresh query is served.

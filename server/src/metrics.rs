@@ -35,12 +35,18 @@ fn pass_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
+fn rows_buckets() -> Histogram {
+    // 1 to 1,024 rows: a lone query to a pass of short texts.
+    Histogram::new(exponential_buckets(1.0, 2.0, 11))
+}
+
 /// Counters by class, updated by the scheduler as calls finish.
 pub struct ByClass {
     pub calls: Family<Class, Counter>,
     pub rows: Family<Class, Counter>,
     pub tokens: Family<Class, Counter>,
     pub pass_seconds: Family<Class, Histogram, fn() -> Histogram>,
+    pub pass_rows: Family<Class, Histogram, fn() -> Histogram>,
 }
 
 impl Default for ByClass {
@@ -50,6 +56,7 @@ impl Default for ByClass {
             rows: Family::default(),
             tokens: Family::default(),
             pass_seconds: Family::new_with_constructor(pass_buckets),
+            pass_rows: Family::new_with_constructor(rows_buckets),
         }
     }
 }
@@ -72,6 +79,7 @@ pub fn render(stats: &Stats, model: &ModelFacts) -> String {
         "Duration of forward passes, from their first layer to pooling",
         by_class.pass_seconds.clone(),
     );
+    registry.register("pass_rows", "Texts in a forward pass, when it starts", by_class.pass_rows.clone());
     registry.register("queued_calls", "Calls queued or in a pass", ConstGauge::new(Stats::get(&stats.waiting) as i64));
     registry.register("active_rows", "Rows in forward passes", ConstGauge::new(Stats::get(&stats.active_rows) as i64));
     registry.register(

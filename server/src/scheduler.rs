@@ -15,6 +15,13 @@
 //! keeps `BULK_SHARE` of the model's time, one bulk layer at a time between interactive layers,
 //! so an arriving interactive call still waits for at most one bulk layer.
 //!
+//! Sessions that each wait for their one answer and then send the next call come back together
+//! after the pass that answered them: an interactive pass that answered `n` calls makes the next
+//! interactive pass wait, for at most `GATHER_SHARE` of its own time and `GATHER_MAX`, until `n`
+//! calls have arrived since it ended. Without that, the first call back after a pass (or the
+//! first of a burst) starts a pass alone, its peers queue behind it, and the sessions split for
+//! good into groups that alternate in small passes.
+//!
 //! Nothing is computed far ahead of its reader: a call's rows are taken into passes only up to
 //! `READ_AHEAD_PASSES` pass's worth of tokens beyond what its client has read (what streaming
 //! needs: one pass computing while the client consumes the one it read). A cursor that stops
@@ -42,6 +49,13 @@ pub const MIN_PASS_TOKENS: usize = 256;
 pub const READ_AHEAD_PASSES: usize = 1;
 /// Least share of the model's time that bulk work keeps while interactive calls also wait.
 pub const BULK_SHARE: f64 = 0.25;
+/// Longest wait of an interactive pass for the calls answered by the previous one to come back:
+/// a session's round trip (its result to SQL, its next statement, tokenizing) on one host or a
+/// LAN is well under this.
+pub const GATHER_MAX: Duration = Duration::from_millis(10);
+/// Largest share of the previous interactive pass's time that the next may wait for its callers:
+/// a tiny model's passes of a millisecond hardly wait at all.
+pub const GATHER_SHARE: f64 = 0.05;
 /// How often an idle scheduler with blocked calls looks again.
 const IDLE_POLL: Duration = Duration::from_millis(20);
 
@@ -103,6 +117,8 @@ pub struct Scheduler {
     inbox: Mutex<Vec<Arc<Job>>>,
     wake: Condvar,
     next_id: AtomicUsize,
+    /// Interactive calls submitted so far.
+    interactive_submitted: AtomicUsize,
     batch_tokens: usize,
     stats: Arc<Stats>,
 }
@@ -208,6 +224,34 @@ impl BulkCredit {
     }
 }
 
+/// The wait of the next interactive pass for the callers the last one answered.
+struct Gather {
+    /// Interactive calls the last interactive pass answered.
+    answered: usize,
+    /// Interactive calls submitted before its answers were sent: later ones count as back.
+    submitted_before: usize,
+    until: Instant,
+}
+
+impl Gather {
+    fn after(answered: usize, submitted_before: usize, pass_seconds: f64) -> Self {
+        let wait = GATHER_MAX.min(Duration::from_secs_f64(pass_seconds.max(0.0) * GATHER_SHARE));
+        Self {
+            answered,
+            submitted_before,
+            until: Instant::now() + wait,
+        }
+    }
+
+    /// How much longer to wait, if at all, with `submitted` interactive calls so far.
+    fn remaining(&self, submitted: usize) -> Option<Duration> {
+        if submitted.saturating_sub(self.submitted_before) >= self.answered {
+            return None;
+        }
+        self.until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
+    }
+}
+
 #[derive(Default)]
 struct Calls {
     entries: HashMap<u64, Entry>,
@@ -217,6 +261,8 @@ struct Calls {
     /// last led.
     bulk_passes: u64,
     led: HashMap<Box<str>, u64>,
+    /// Interactive calls submitted when the last interactive pass began sending its answers.
+    submitted_when_answered: usize,
 }
 
 /// Takes ready rows of the calls in `order`, in that order, while rows × longest row stays
@@ -246,6 +292,7 @@ impl Scheduler {
             inbox: Mutex::new(Vec::new()),
             wake: Condvar::new(),
             next_id: AtomicUsize::new(0),
+            interactive_submitted: AtomicUsize::new(0),
             batch_tokens: batch_tokens.max(1),
             stats,
         })
@@ -265,6 +312,9 @@ impl Scheduler {
             read: AtomicUsize::new(0),
             events: Mutex::new(sender),
         });
+        if class == WorkClass::Interactive {
+            self.interactive_submitted.fetch_add(1, Ordering::SeqCst);
+        }
         self.inbox.lock().unwrap_or_else(|p| p.into_inner()).push(job.clone());
         self.wake.notify_one();
         JobHandle { job, events }
@@ -276,14 +326,34 @@ impl Scheduler {
         let mut cost = LayerCost(None);
         let mut bulk: Option<Running> = None;
         let mut share = BulkCredit::default();
+        let mut gather: Option<Gather> = None;
         loop {
             let idle = bulk.is_none() && calls.entries.is_empty();
             self.admit(&mut calls, &cost, idle);
             self.drop_cancelled(&mut calls);
+            let submitted = self.interactive_submitted.load(Ordering::SeqCst);
+            if let Some(wait) = gather.as_ref().and_then(|g| g.remaining(submitted)) {
+                // The last pass's callers are coming back: bulk takes a layer only if it is
+                // owed one (as between interactive layers), else the model waits for them.
+                if share.due() {
+                    if let Some(seconds) = self.bulk_step(&mut bulk, &mut calls, &mut cost) {
+                        share.bulk(seconds);
+                        continue;
+                    }
+                    share.clear();
+                }
+                self.wait_for_calls(wait);
+                continue;
+            }
+            gather = None;
             if let Some(pass) = self.take_interactive_pass(&mut calls) {
+                let mut answered: Vec<u64> = pass.rows.iter().map(|&(id, _)| id).collect();
+                answered.dedup();
                 let mut pass = Some(pass);
+                let mut pass_seconds = 0.0;
                 while pass.is_some() {
                     let seconds = self.advance(&mut pass, &mut calls, &mut cost);
+                    pass_seconds += seconds;
                     Stats::add_seconds(&self.stats.interactive_micros, seconds);
                     share.interactive(seconds);
                     self.drop_cancelled(&mut calls);
@@ -294,17 +364,23 @@ impl Scheduler {
                         }
                     }
                 }
+                gather = Some(Gather::after(answered.len(), calls.submitted_when_answered, pass_seconds));
                 continue;
             }
             // No interactive call waits: bulk owes nothing for the time it now takes.
             share.clear();
             if self.bulk_step(&mut bulk, &mut calls, &mut cost).is_none() && !calls.entries.is_empty() {
                 // Every queued call waits for its client to read results.
-                let inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
-                if inbox.is_empty() {
-                    let _unused = self.wake.wait_timeout(inbox, IDLE_POLL);
-                }
+                self.wait_for_calls(IDLE_POLL);
             }
+        }
+    }
+
+    /// Waits at most `timeout` for a call to be submitted.
+    fn wait_for_calls(&self, timeout: Duration) {
+        let inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        if inbox.is_empty() {
+            let _unused = self.wake.wait_timeout(inbox, timeout);
         }
     }
 
@@ -413,6 +489,8 @@ impl Scheduler {
         match embedder.begin_pass(&members) {
             Ok(pass) => {
                 Stats::add(&self.stats.active_rows, rows.len() as u64);
+                let by_class = &self.stats.by_class.pass_rows;
+                by_class.get_or_create(&Class::from(class)).observe(rows.len() as f64);
                 Some(Running {
                     pass,
                     embedder,
@@ -484,6 +562,10 @@ impl Scheduler {
     ) {
         Stats::sub(&self.stats.active_rows, rows.len() as u64);
         if let Some(running) = slot.as_ref() {
+            if running.class == WorkClass::Interactive {
+                // Calls submitted from here on may be its callers coming back.
+                calls.submitted_when_answered = self.interactive_submitted.load(Ordering::SeqCst);
+            }
             let class = Class::from(running.class);
             let seconds = running.started.elapsed().as_secs_f64();
             self.stats.by_class.pass_seconds.get_or_create(&class).observe(seconds);

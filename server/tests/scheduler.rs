@@ -1,14 +1,16 @@
 //! The scheduler on the tiny fixture: per-call answers equal to the engine's, interactive calls
 //! overtaking bulk work, bulk work keeping its share under a steady interactive load,
-//! cancellation dropping rows mid-pass, and nothing computed far ahead of a client that does
-//! not read.
+//! cancellation dropping rows mid-pass, nothing computed far ahead of a client that does not
+//! read, and sessions that query in a loop meeting in one pass.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nvembed_engine::random_checkpoint::Shape;
 use nvembed_engine::{DType, Device, EmbedOptions, Embedder, ModelSource, PASSAGE_INSTRUCTION, QUERY_INSTRUCTION};
 use nvembed_protocol::WorkClass;
+use nvembed_server::metrics::{render, ModelFacts};
 use nvembed_server::scheduler::{Event, JobHandle, Scheduler, BULK_SHARE, READ_AHEAD_PASSES};
 use nvembed_server::stats::Stats;
 
@@ -255,4 +257,68 @@ fn a_client_with_many_bulk_calls_gets_no_more_of_the_model_than_one_with_a_singl
     // Passes are led by each client in turn: about as many of "loader"'s rows as of the other's
     // (by calls, "loader" would have had eight times as many).
     assert!(many_done <= 2 * texts.len(), "{many_done} rows of the eight calls for {one_done} of the one call");
+}
+
+/// A random checkpoint of the real tokenizer whose interactive passes take long enough (tens of
+/// milliseconds on two cores) that the gather window is far longer than a client's turnaround.
+fn slower_model(dir: &Path) -> Arc<Embedder> {
+    let shape = Shape {
+        vocab_size: 32_000,
+        hidden_size: 512,
+        intermediate_size: 1536,
+        num_hidden_layers: 4,
+        num_attention_heads: 8,
+        num_key_value_heads: 2,
+        rope_theta: 10_000.0,
+        num_latents: 512,
+        num_cross_heads: 8,
+        cross_dim_head: 64,
+    };
+    shape.write(dir).unwrap();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/fixtures/nvembed-tiny-a");
+    std::fs::copy(tiny.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let files = ModelSource::Dir(dir.to_path_buf()).resolve().unwrap();
+    Arc::new(Embedder::load(&files, DType::F32, &Device::Cpu).unwrap())
+}
+
+/// `name{class="interactive"} value` in the metrics text.
+fn interactive_metric(stats: &Stats, name: &str) -> f64 {
+    let text = render(stats, &ModelFacts { load_seconds: None, restarts: 0 });
+    let prefix = format!("{name}{{class=\"interactive\"}} ");
+    let line = text.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("{prefix} in\n{text}"));
+    line.parse().unwrap()
+}
+
+#[test]
+fn sessions_that_query_in_a_loop_keep_meeting_in_one_pass() {
+    const SESSIONS: usize = 4;
+    const ROUNDS: usize = 10;
+    let dir = tempfile::tempdir().unwrap();
+    let model = slower_model(dir.path());
+    let (scheduler, stats, _idle) = start();
+    let sessions: Vec<_> = (0..SESSIONS)
+        .map(|s| {
+            let (scheduler, model) = (scheduler.clone(), model.clone());
+            let text = format!("how do the boats of harbour {s} cross the bay in winter?");
+            // Encoded once: the session's turnaround is a channel's, not a tokenizer's.
+            let input = model.encode(QUERY_INSTRUCTION, &[text.as_str()], 32_768).unwrap();
+            std::thread::spawn(move || {
+                for _ in 0..ROUNDS {
+                    let call = scheduler.submit("app", WorkClass::Interactive, input.clone(), model.clone());
+                    vector(call.events.recv_timeout(Duration::from_secs(60)).unwrap());
+                }
+            })
+        })
+        .collect();
+    for session in sessions {
+        session.join().unwrap();
+    }
+    let passes = interactive_metric(&stats, "nvembed_pass_rows_count");
+    let rows = interactive_metric(&stats, "nvembed_pass_rows_sum");
+    let seconds = interactive_metric(&stats, "nvembed_pass_seconds_sum");
+    eprintln!("{rows} interactive rows in {passes} passes of {:.1} ms on average", seconds / passes * 1e3);
+    assert_eq!(rows as usize, SESSIONS * ROUNDS);
+    // The first calls may split into two passes; the sessions then meet: one pass per round,
+    // and one more for the sessions that started a pass late.
+    assert!(passes as usize <= ROUNDS + 1, "{rows} rows in {passes} passes");
 }
