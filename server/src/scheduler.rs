@@ -1,7 +1,8 @@
 //! The model's time, shared by every call of every session.
 //!
 //! Two classes of work. *Interactive* calls (one text: a search, a trigger) wait for nothing but
-//! the decoder layer that is running when they arrive: at every layer boundary, the interactive
+//! the decoder layer that is running when they arrive (and the gather below, at most
+//! `GATHER_MAX`): at every layer boundary, the interactive
 //! calls that arrived are gathered into one pass (calls that arrive together share it) that runs
 //! to its end before the bulk pass in flight takes its next layer. *Bulk* calls (batches,
 //! backfill) are cut into passes: at most one is in flight, sized so that one of its layers
@@ -13,12 +14,13 @@
 //!
 //! Bulk work is never starved by a steady stream of interactive calls: while both wait, bulk
 //! keeps `BULK_SHARE` of the model's time, one bulk layer at a time between interactive layers,
-//! so an arriving interactive call still waits for at most one bulk layer.
+//! so an arriving interactive call still waits for at most one bulk layer (and the gather).
 //!
 //! Sessions that each wait for their one answer and then send the next call come back together
 //! after the pass that answered them: an interactive pass that answered `n` calls makes the next
 //! interactive pass wait, for at most `GATHER_SHARE` of its own time and `GATHER_MAX`, until `n`
-//! calls have arrived since it ended. Without that, the first call back after a pass (or the
+//! interactive calls (from anyone) have been submitted since it sent its answers; bulk takes a
+//! layer meanwhile only if it is owed one. Without that, the first call back after a pass (or the
 //! first of a burst) starts a pass alone, its peers queue behind it, and the sessions split for
 //! good into groups that alternate in small passes.
 //!
@@ -113,12 +115,19 @@ impl Drop for JobHandle {
     }
 }
 
+/// Calls submitted and not yet queued by the scheduler.
+#[derive(Default)]
+struct Inbox {
+    jobs: Vec<Arc<Job>>,
+    /// Interactive calls ever submitted: counted under the same lock as the push, so a count
+    /// read by the scheduler is of calls it can take.
+    interactive_submitted: usize,
+}
+
 pub struct Scheduler {
-    inbox: Mutex<Vec<Arc<Job>>>,
+    inbox: Mutex<Inbox>,
     wake: Condvar,
     next_id: AtomicUsize,
-    /// Interactive calls submitted so far.
-    interactive_submitted: AtomicUsize,
     batch_tokens: usize,
     stats: Arc<Stats>,
 }
@@ -261,7 +270,9 @@ struct Calls {
     /// last led.
     bulk_passes: u64,
     led: HashMap<Box<str>, u64>,
-    /// Interactive calls submitted when the last interactive pass began sending its answers.
+    /// Calls the last interactive pass answered (or failed), and the interactive calls
+    /// submitted when it began to send those answers.
+    answered: usize,
     submitted_when_answered: usize,
 }
 
@@ -289,10 +300,9 @@ fn take_rows(entries: &mut HashMap<u64, Entry>, order: &VecDeque<u64>, budget: u
 impl Scheduler {
     pub fn new(batch_tokens: usize, stats: Arc<Stats>) -> Arc<Self> {
         Arc::new(Self {
-            inbox: Mutex::new(Vec::new()),
+            inbox: Mutex::new(Inbox::default()),
             wake: Condvar::new(),
             next_id: AtomicUsize::new(0),
-            interactive_submitted: AtomicUsize::new(0),
             batch_tokens: batch_tokens.max(1),
             stats,
         })
@@ -312,10 +322,12 @@ impl Scheduler {
             read: AtomicUsize::new(0),
             events: Mutex::new(sender),
         });
+        let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        inbox.jobs.push(job.clone());
         if class == WorkClass::Interactive {
-            self.interactive_submitted.fetch_add(1, Ordering::SeqCst);
+            inbox.interactive_submitted += 1;
         }
-        self.inbox.lock().unwrap_or_else(|p| p.into_inner()).push(job.clone());
+        drop(inbox);
         self.wake.notify_one();
         JobHandle { job, events }
     }
@@ -329,9 +341,8 @@ impl Scheduler {
         let mut gather: Option<Gather> = None;
         loop {
             let idle = bulk.is_none() && calls.entries.is_empty();
-            self.admit(&mut calls, &cost, idle);
+            let submitted = self.admit(&mut calls, &cost, idle);
             self.drop_cancelled(&mut calls);
-            let submitted = self.interactive_submitted.load(Ordering::SeqCst);
             if let Some(wait) = gather.as_ref().and_then(|g| g.remaining(submitted)) {
                 // The last pass's callers are coming back: bulk takes a layer only if it is
                 // owed one (as between interactive layers), else the model waits for them.
@@ -347,8 +358,8 @@ impl Scheduler {
             }
             gather = None;
             if let Some(pass) = self.take_interactive_pass(&mut calls) {
-                let mut answered: Vec<u64> = pass.rows.iter().map(|&(id, _)| id).collect();
-                answered.dedup();
+                // A pass whose callers all left ends without answering anyone.
+                calls.answered = 0;
                 let mut pass = Some(pass);
                 let mut pass_seconds = 0.0;
                 while pass.is_some() {
@@ -364,7 +375,7 @@ impl Scheduler {
                         }
                     }
                 }
-                gather = Some(Gather::after(answered.len(), calls.submitted_when_answered, pass_seconds));
+                gather = Some(Gather::after(calls.answered, calls.submitted_when_answered, pass_seconds));
                 continue;
             }
             // No interactive call waits: bulk owes nothing for the time it now takes.
@@ -379,7 +390,7 @@ impl Scheduler {
     /// Waits at most `timeout` for a call to be submitted.
     fn wait_for_calls(&self, timeout: Duration) {
         let inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
-        if inbox.is_empty() {
+        if inbox.jobs.is_empty() {
             let _unused = self.wake.wait_timeout(inbox, timeout);
         }
     }
@@ -396,14 +407,15 @@ impl Scheduler {
         Some(seconds)
     }
 
-    /// Moves submitted calls into the queues; waits for one when `block`.
-    fn admit(&self, calls: &mut Calls, cost: &LayerCost, block: bool) {
+    /// Moves submitted calls into the queues, waiting for one when `block`; returns how many
+    /// interactive calls have been submitted, all of them now queued (or answered).
+    fn admit(&self, calls: &mut Calls, cost: &LayerCost, block: bool) -> usize {
         let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
-        while block && inbox.is_empty() {
+        while block && inbox.jobs.is_empty() {
             inbox = self.wake.wait(inbox).unwrap_or_else(|p| p.into_inner());
         }
         let bulk_pass = cost.pass_tokens(self.batch_tokens);
-        for job in inbox.drain(..) {
+        for job in inbox.jobs.drain(..) {
             let longest = job.inputs.iter().map(|i| i.ids.len()).max().unwrap_or(0);
             let class = match job.class {
                 WorkClass::Interactive if longest > bulk_pass => WorkClass::Bulk,
@@ -423,6 +435,7 @@ impl Scheduler {
             };
             calls.entries.insert(job.id, entry);
         }
+        inbox.interactive_submitted
     }
 
     /// Forgets calls whose client left (their rows leave passes at the next `advance`).
@@ -561,11 +574,12 @@ impl Scheduler {
         result: Result<Vec<Vec<f32>>, String>,
     ) {
         Stats::sub(&self.stats.active_rows, rows.len() as u64);
+        let interactive = slot.as_ref().is_some_and(|running| running.class == WorkClass::Interactive);
+        if interactive {
+            // Calls submitted from here on may be its callers coming back.
+            calls.submitted_when_answered = self.inbox.lock().unwrap_or_else(|p| p.into_inner()).interactive_submitted;
+        }
         if let Some(running) = slot.as_ref() {
-            if running.class == WorkClass::Interactive {
-                // Calls submitted from here on may be its callers coming back.
-                calls.submitted_when_answered = self.interactive_submitted.load(Ordering::SeqCst);
-            }
             let class = Class::from(running.class);
             let seconds = running.started.elapsed().as_secs_f64();
             self.stats.by_class.pass_seconds.get_or_create(&class).observe(seconds);
@@ -577,6 +591,12 @@ impl Scheduler {
                 }
             }
             Err(message) => self.fail_rows(calls, rows, ErrorKind::Internal, &message),
+        }
+        if interactive {
+            // The calls it ended (a call of several texts may still have rows to come).
+            let mut ids: Vec<u64> = rows.iter().map(|&(id, _)| id).collect();
+            ids.dedup();
+            calls.answered = ids.iter().filter(|id| !calls.entries.contains_key(id)).count();
         }
         // After the answers: dropping a large pass returns its memory to the OS first.
         *slot = None;

@@ -259,8 +259,8 @@ fn a_client_with_many_bulk_calls_gets_no_more_of_the_model_than_one_with_a_singl
     assert!(many_done <= 2 * texts.len(), "{many_done} rows of the eight calls for {one_done} of the one call");
 }
 
-/// A random checkpoint of the real tokenizer whose interactive passes take long enough (tens of
-/// milliseconds on two cores) that the gather window is far longer than a client's turnaround.
+/// A random checkpoint of the real tokenizer, slower than the tiny fixture: its interactive
+/// passes take long enough for the gather window to matter.
 fn slower_model(dir: &Path) -> Arc<Embedder> {
     let shape = Shape {
         vocab_size: 32_000,
@@ -299,11 +299,16 @@ fn sessions_that_query_in_a_loop_keep_meeting_in_one_pass() {
     let sessions: Vec<_> = (0..SESSIONS)
         .map(|s| {
             let (scheduler, model) = (scheduler.clone(), model.clone());
-            let text = format!("how do the boats of harbour {s} cross the bay in winter?");
+            // ~120 tokens: a pass of the four takes a few hundred milliseconds, so the gather
+            // window is at its 10 ms cap, far above a session thread's turnaround even when
+            // the other tests keep both cores busy.
+            let text = format!("how do the boats of harbour {s} cross the bay in winter? {}", "rough seas and fog ".repeat(24));
             // Encoded once: the session's turnaround is a channel's, not a tokenizer's.
             let input = model.encode(QUERY_INSTRUCTION, &[text.as_str()], 32_768).unwrap();
             std::thread::spawn(move || {
                 for _ in 0..ROUNDS {
+                    // A SQL session's turnaround between its answer and its next query.
+                    std::thread::sleep(Duration::from_millis(1));
                     let call = scheduler.submit("app", WorkClass::Interactive, input.clone(), model.clone());
                     vector(call.events.recv_timeout(Duration::from_secs(60)).unwrap());
                 }
@@ -319,6 +324,7 @@ fn sessions_that_query_in_a_loop_keep_meeting_in_one_pass() {
     eprintln!("{rows} interactive rows in {passes} passes of {:.1} ms on average", seconds / passes * 1e3);
     assert_eq!(rows as usize, SESSIONS * ROUNDS);
     // The first calls may split into two passes; the sessions then meet: one pass per round,
-    // and one more for the sessions that started a pass late.
-    assert!(passes as usize <= ROUNDS + 1, "{rows} rows in {passes} passes");
+    // and one more for the sessions that started a pass late (11 passes; 20 without the gather,
+    // when the sessions alternate in two groups). Two more allow for late thread wake-ups.
+    assert!(passes as usize <= ROUNDS + 3, "{rows} rows in {passes} passes");
 }
