@@ -14,7 +14,8 @@
 //! CPUs without native BF16 are simulated with `DNNL_MAX_CPU_ISA`. Every configuration runs in
 //! its own process (its own RSS, its own oneDNN ISA), on 2 threads, load excluded.
 //!
-//! `cargo bench -p nvembed-engine --bench compute` (part of `make bench`).
+//! `cargo bench -p nvembed-engine --bench compute` (part of `make bench`;
+//! `COMPUTE_ONLY=bf16,f32/candle,bf16@AVX2` runs only the configurations named).
 
 mod bench_support;
 
@@ -28,10 +29,9 @@ use nvembed_engine::{
     choose_dtype, set_compute_threads, Device, EmbedOptions, Embedder, MatmulBackend, ModelDtype, ModelSource,
     PASSAGE_INSTRUCTION, QUERY_INSTRUCTION,
 };
-use bench_support::{best_of, cpu, decoder_products, gemm_rate, weight_bytes};
+use bench_support::{best_of, cpu, decoder_products, gemm_rate, selected, weight_bytes, THREADS};
 use serde_json::{json, Value};
 
-const THREADS: usize = 2;
 const PASSAGES: usize = 16;
 const PASSAGE_TOKENS: usize = 128;
 const QUERY_TOKENS: usize = 30;
@@ -165,7 +165,13 @@ fn main() {
     println!("| dtype | matmul (oneDNN ISA cap) | 16×128 batch | vs reference | efficiency: GEMM, model shapes | GEMM (M×4096)·(4096×4096) | 30-token query | vs reference | efficiency: GEMM, model shapes, weights streamed | GEMM (M×4096)·(4096×4096) | GEMM, model shapes, weights in cache | peak RSS ÷ weights |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut profiles = Vec::new();
-    for (dtype, backend, isa) in CONFIGS {
+    // `COMPUTE_ONLY=bf16,bf16/candle,f32@AVX2` runs only those configurations (dtype, / a
+    // backend other than oneDNN, @ the ISA cap).
+    let name = |dtype: &str, backend: &str, isa: Option<&str>| {
+        let backend = if backend == "onednn" { String::new() } else { format!("/{backend}") };
+        format!("{dtype}{backend}{}", isa.map_or(String::new(), |isa| format!("@{isa}")))
+    };
+    for (dtype, backend, isa) in CONFIGS.into_iter().filter(|(d, b, i)| selected("COMPUTE_ONLY", &name(d, b, *i))) {
         let mut command = Command::new(std::env::current_exe().expect("exe"));
         command
             .args(["--child", dtype, backend])

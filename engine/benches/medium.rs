@@ -10,10 +10,11 @@ mod bench_support;
 use std::process::Command;
 use std::time::Instant;
 
+use bench_support::THREADS;
+
 use nvembed_engine::random_checkpoint::Shape;
 use nvembed_engine::{DType, Device, EmbedOptions, Embedder, ModelSource, PASSAGE_INSTRUCTION};
 
-const THREADS: usize = 2;
 const PASSAGES: usize = 16;
 const TOKENS_PER_PASSAGE: usize = 128;
 const RUNS: usize = 3;

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use bench_support::{best_of, cpu, decoder_products, gemm_rate, weight_bytes};
+use bench_support::{best_of, cpu, decoder_products, gemm_rate, selected, weight_bytes, THREADS};
 use nvembed_engine::random_checkpoint::Shape;
 use nvembed_engine::{
     choose_dtype, set_compute_threads, DType, Device, EmbedOptions, Embedder, EncodedInput, MatmulBackend, ModelDtype,
@@ -33,7 +33,6 @@ use serde_json::{json, Value};
 /// Decoder layers in the benchmark's checkpoint (NV-Embed-v2 has 32): with the latent block and
 /// the embeddings, ~1.5 G parameters, ~3 GB in bf16.
 const LAYERS: usize = 3;
-const THREADS: usize = 2;
 const QUERY_TOKENS: usize = 30;
 const PASSAGES: usize = 16;
 const PASSAGE_TOKENS: usize = 512;
@@ -213,10 +212,8 @@ fn main() {
     let full = Shape::nv_embed_v2();
     let mut bf16_query = f64::NAN;
     // `REAL_SHAPE_ONLY=int8,bf16@AVX2` runs only those configurations (dtype, @ the ISA cap).
-    let only = std::env::var("REAL_SHAPE_ONLY").ok();
     let selected = |dtype: &str, isa: Option<&str>| {
-        let name = isa.map_or(dtype.to_string(), |isa| format!("{dtype}@{isa}"));
-        only.as_deref().is_none_or(|only| only.split(',').any(|o| o == name))
+        selected("REAL_SHAPE_ONLY", &isa.map_or(dtype.to_string(), |isa| format!("{dtype}@{isa}")))
     };
     for (dtype_name, isa, batch) in CONFIGS.into_iter().filter(|(d, i, _)| selected(d, *i)) {
         let mut command = Command::new(std::env::current_exe().expect("exe"));

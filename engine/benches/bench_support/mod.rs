@@ -13,6 +13,17 @@ use nvembed_engine::matmul::{Linear, Projections};
 use nvembed_engine::random_checkpoint::Shape;
 use nvembed_engine::{DType, Device, MatmulBackend, ModelDtype};
 
+/// Threads every benchmark computes on: the cores of the machines these were first run on, so
+/// that runs on bigger machines compare.
+pub const THREADS: usize = 2;
+
+/// Whether the configuration `name` (a dtype, a backend, `@` an ISA cap: `bf16`, `bf16@AVX2`,
+/// `f32/candle`) is among those the environment variable `var` lists, comma-separated; every
+/// configuration when it is unset.
+pub fn selected(var: &str, name: &str) -> bool {
+    std::env::var(var).map_or(true, |only| only.split(',').any(|o| o.trim() == name))
+}
+
 pub fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/nvembed-bench/medium")
 }

@@ -6,8 +6,12 @@
 //!   f16 where it has AVX-512 FP16);
 //! - **packed int8**: int8 weights with a scale per output, decompressed inside the matmul into
 //!   the activations' dtype (bf16 where the CPU has native BF16, f32 on AVX2 and AVX-512);
-//! - **widened**: weights on a CPU without a native kernel for them (16-bit weights on AVX2 and
-//!   on AVX-512 without BF16) stay as they are in memory and are widened layer by layer into one
+//! - **packed 16-bit, widened in the kernel**: 16-bit weights on a CPU without a native kernel
+//!   for them (AVX2, AVX-512 without BF16) packed as they are and multiplied with f32
+//!   activations by oneDNN's f32:bf16 / f32:f16 kernels, which widen each block of weights as
+//!   they load it: a pass reads them once, in 16 bits;
+//! - **widened**: where oneDNN has none of these (a width its AVX2 kernels cannot tile, a CPU
+//!   below AVX2), weights stay as they are in memory and are widened layer by layer into one
 //!   shared f32 buffer for an f32 matmul.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -196,7 +200,8 @@ struct Fused<'a> {
 /// decompressed into the activations'.
 pub struct PackedMatmul {
     handle: NonNull<nv_matmul>,
-    /// The activations' dtype (input, output and second operand).
+    /// The dtype of the input, the output and the second operand: the activations', but f32 for
+    /// 16-bit weights widened in the kernel.
     dtype: DType,
     n: usize,
     k: usize,
@@ -241,7 +246,27 @@ impl PackedMatmul {
     ) -> Result<Option<Self>> {
         let fused = Fused { bias, activation, combine };
         let (n, k) = (weights.n, weights.k);
-        Self::create(activations, S8_ID, weights.values.as_ptr().cast(), Some(&weights.scales), n, k, fused)
+        let weights_ptr = weights.values.as_ptr().cast();
+        Self::create(activations, S8_ID, weights_ptr, Some(&weights.scales), n, k, fused)
+    }
+
+    /// Packs 16-bit `weight` ((n, k)) in its own dtype to be multiplied with f32 activations,
+    /// each block widened inside the kernel (f32 input, output and second operand), or returns
+    /// `None` when oneDNN has no native kernel for that on this CPU (the caller then widens
+    /// whole layers). For CPUs without a native 16-bit kernel: a pass reads the weights once, in
+    /// 16 bits, instead of widening them into memory first; the arithmetic is the native
+    /// kernels' (exact widening, f32 products and sums, post-ops on the f32 accumulator). oneDNN
+    /// 3.14 writes no 16-bit output from these kernels on AVX2, so the caller converts.
+    pub fn widening(weight: &Tensor, bias: Option<&Tensor>, activation: Activation, combine: Combine) -> Result<Option<Self>> {
+        let (n, k) = weight.dims2()?;
+        let id = match weight.dtype() {
+            DType::BF16 | DType::F16 => dtype_id(weight.dtype())?,
+            other => return Err(candle_core::Error::Msg(format!("{other:?} weights are not widened"))),
+        };
+        let weight = weight.contiguous()?;
+        let fused = Fused { bias, activation, combine };
+        let weights_ptr = element_ptr(&weight)?;
+        Self::create(DType::F32, id, weights_ptr, None, n, k, fused)
     }
 
     fn create(
@@ -299,8 +324,11 @@ impl PackedMatmul {
         let own_dtype = weights_id == id;
         match packed {
             Some(mut packed) if status == 0 && native(dtype, &packed.implementation) => {
-                if !own_dtype {
+                if weights_id == S8_ID {
                     packed.implementation = format!("{}, int8 weights decompressed to {dtype:?}", packed.implementation);
+                } else if !own_dtype {
+                    let widened = format!("{}, 16-bit weights widened to {dtype:?} in the kernel", packed.implementation);
+                    packed.implementation = widened;
                 }
                 Ok(Some(packed))
             }
@@ -313,14 +341,20 @@ impl PackedMatmul {
         }
     }
 
-    /// What oneDNN picked, e.g. `brg_matmul:avx512_core_bf16` (and, for int8 weights, into what
-    /// they are decompressed).
+    /// What oneDNN picked, e.g. `brg_matmul:avx512_core_bf16` (and, for weights in another dtype
+    /// than the activations, into what they are decompressed or widened).
     pub fn implementation(&self) -> &str {
         &self.implementation
     }
 
-    /// `xs` (rows, k) contiguous, in the weights' dtype; `operand` (rows, n) contiguous, the
-    /// same dtype, when the matmul was made with a `Combine`. Returns (rows, n).
+    /// The dtype `forward` takes and returns: the activations', or f32 for 16-bit weights
+    /// widened in the kernel.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// `xs` (rows, k) contiguous, in `dtype()`; `operand` (rows, n) contiguous, the same dtype,
+    /// when the matmul was made with a `Combine`. Returns (rows, n).
     pub fn forward(&self, xs: &Tensor, operand: Option<&Tensor>) -> Result<Tensor> {
         let rows = xs.dim(0)?;
         if xs.dims() != [rows, self.k] || xs.dtype() != self.dtype {

@@ -54,7 +54,9 @@ impl CrossAttention {
         // head size, NV-Embed-v2's 1024).
         let scale = 1.0 / (l.cross_dim_head as f64).sqrt();
         // In the model's dtype where oneDNN has a native kernel for it (as the reference runs
-        // them), else in f32: widening them for every product would cost more than they save.
+        // them), else in f32, with the scores and their softmax (which oneDNN has in f32 on
+        // every CPU): converting the queries and scores for every product would cost more than
+        // 16-bit keys save.
         let per_head = |dtype: DType| -> Result<(Vec<Linear>, Vec<Linear>)> {
             let mut keys = Vec::with_capacity(l.num_cross_heads);
             let mut values = Vec::with_capacity(l.num_cross_heads);
@@ -69,7 +71,8 @@ impl CrossAttention {
         };
         let mut attention_dtype = latents.dtype();
         let (mut latent_keys, mut latent_values) = per_head(attention_dtype)?;
-        if attention_dtype != DType::F32 && !latent_keys.iter().chain(&latent_values).all(Linear::packed) {
+        let native = |l: &Linear| l.runs_natively_in(attention_dtype);
+        if attention_dtype != DType::F32 && !latent_keys.iter().chain(&latent_values).all(native) {
             attention_dtype = DType::F32;
             (latent_keys, latent_values) = per_head(attention_dtype)?;
         }
