@@ -19,8 +19,8 @@
 //! Sessions that each wait for their one answer and then send the next call come back together
 //! after the pass that answered them: an interactive pass that answered `n` calls makes the next
 //! interactive pass wait, for at most `GATHER_SHARE` of its own time and `GATHER_MAX`, until `n`
-//! interactive calls (from anyone) have been submitted since it sent its answers; bulk takes a
-//! layer meanwhile only if it is owed one. Without that, the first call back after a pass (or the
+//! interactive calls (from anyone) have been submitted since it sent its answers, or until the
+//! interactive calls queued fill a pass; bulk takes a layer meanwhile only if it is owed one. Without that, the first call back after a pass (or the
 //! first of a burst) starts a pass alone, its peers queue behind it, and the sessions split for
 //! good into groups that alternate in small passes.
 //!
@@ -155,6 +155,12 @@ impl Entry {
         self.job.inputs[row].ids.len()
     }
 
+    /// Tokens of the rows not yet taken into a pass.
+    fn untaken_tokens(&self) -> usize {
+        let unopened = (self.opened..self.rows()).map(|row| self.len_of(row));
+        self.pending.iter().map(|&row| self.len_of(row)).chain(unopened).sum()
+    }
+
     /// Whether a row can be taken now. Rows are put into sort windows (taken shortest first)
     /// only up to `READ_AHEAD_PASSES` passes of `pass_tokens` beyond what the client has read,
     /// counted in the call's mean tokens per row. The next row the client needs is always
@@ -276,6 +282,18 @@ struct Calls {
     submitted_when_answered: usize,
 }
 
+impl Calls {
+    /// Whether the queued interactive rows already fill a pass of `budget` padded tokens (their
+    /// tokens alone reach it; padding only adds to them).
+    fn interactive_fills(&self, budget: usize) -> bool {
+        let mut tokens = 0;
+        self.interactive.iter().any(|id| {
+            tokens += self.entries[id].untaken_tokens();
+            tokens >= budget
+        })
+    }
+}
+
 /// Takes ready rows of the calls in `order`, in that order, while rows × longest row stays
 /// within `budget` padded tokens (a first row longer than the budget runs alone).
 fn take_rows(entries: &mut HashMap<u64, Entry>, order: &VecDeque<u64>, budget: usize) -> Vec<(u64, usize)> {
@@ -343,7 +361,9 @@ impl Scheduler {
             let idle = bulk.is_none() && calls.entries.is_empty();
             let submitted = self.admit(&mut calls, &cost, idle);
             self.drop_cancelled(&mut calls);
-            if let Some(wait) = gather.as_ref().and_then(|g| g.remaining(submitted)) {
+            // No wait when the calls already queued fill a pass: those coming back would not fit.
+            let full = calls.interactive_fills(self.batch_tokens);
+            if let Some(wait) = gather.as_ref().and_then(|g| g.remaining(submitted)).filter(|_| !full) {
                 // The last pass's callers are coming back: bulk takes a layer only if it is
                 // owed one (as between interactive layers), else the model waits for them.
                 if share.due() {
