@@ -1,6 +1,7 @@
 //! The HTTP listener, for every program that is not PostgreSQL: OpenAI's `POST /v1/embeddings`
-//! (plus `input_type` and `instruction`), `GET /health` for load balancers and `GET /metrics`
-//! for Prometheus. Over TLS unless plaintext was asked for explicitly; every request but
+//! (plus `input_type` and `instruction`) and `GET /v1/models` (the one model served, with its
+//! dtype, dimension and revision: how OpenAI clients find the name to ask for), `GET /health`
+//! for load balancers and `GET /metrics` for Prometheus. Over TLS unless plaintext was asked for explicitly; every request but
 //! `/health` carries a bearer token from the tokens file. A request is a call like the native
 //! protocol's: one input is interactive work, several are bulk, admitted by the same connection
 //! limits (per client name) and token limit, and dropped from the model when its client leaves.
@@ -10,10 +11,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -53,6 +54,8 @@ pub struct HttpSettings {
 struct App {
     server: Arc<Server>,
     settings: HttpSettings,
+    /// When this listener started, in Unix seconds: the `created` of the model it lists.
+    started: u64,
 }
 
 static REFUSED: Throttled = Throttled::new();
@@ -404,6 +407,47 @@ fn response_json(vectors: Vec<Vec<f32>>, tokens: usize, model: &str, base64: boo
     serde_json::to_string(&response).expect("vectors and strings always serialize")
 }
 
+/// OpenAI's model object for the model served: `id` is the name `/v1/embeddings` asks for; the
+/// rest says what it computes (`dtype` is the configured one until the model is loaded, then
+/// what was loaded, as `nvembed_status()` shows it).
+fn model_object(app: &App) -> Value {
+    let status = app.server.status();
+    json!({
+        "id": app.server.model.settings().served_model_name,
+        "object": "model",
+        "created": app.started,
+        "owned_by": "nvembed",
+        "loaded": status.loaded,
+        "dtype": status.dtype,
+        "device": status.device,
+        "dimension": status.dimension,
+        "revision": status.revision,
+    })
+}
+
+async fn models(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    if let Err(response) = app.authenticate(&headers, peer) {
+        return response;
+    }
+    Json(json!({"object": "list", "data": [model_object(&app)]})).into_response()
+}
+
+async fn model(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = app.authenticate(&headers, peer) {
+        return response;
+    }
+    let served = &app.server.model.settings().served_model_name;
+    if id != *served {
+        return error(StatusCode::NOT_FOUND, "model_not_found", format!("this server serves {served:?}, not {id:?}"));
+    }
+    Json(model_object(&app)).into_response()
+}
+
 async fn health(State(app): State<Arc<App>>) -> Response {
     match app.server.model.health() {
         Ok(loaded) => Json(json!({"status": "ok", "loaded": loaded})).into_response(),
@@ -525,9 +569,13 @@ pub fn serve_http(
     let capped = CappedAcceptor {
         open: Arc::new(tokio::sync::Semaphore::new(server.limits.max_connections)),
     };
-    let app = Arc::new(App { server, settings });
+    let started = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let app = Arc::new(App { server, settings, started });
     let router = Router::new()
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        // Model names may hold slashes (`nvidia/NV-Embed-v2`): the rest of the path is the id.
+        .route("/v1/models/{*id}", get(model))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(app)

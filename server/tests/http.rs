@@ -1,6 +1,6 @@
 //! The HTTP listener over TLS with bearer tokens, on the tiny fixture: OpenAI's embeddings
-//! response with the engine's own vectors (float and base64, queries and passages), errors in
-//! OpenAI's shape with the right status, the health and metrics endpoints, tokens re-read on
+//! response with the engine's own vectors (float and base64, queries and passages), the model
+//! list, errors in OpenAI's shape with the right status, the health and metrics endpoints, tokens re-read on
 //! SIGHUP, and a client that never finishes its request holding up nobody.
 
 use std::io::Write;
@@ -198,6 +198,52 @@ fn bad_requests_get_openai_errors_with_the_right_status_before_any_compute() {
     // Nothing above reached the model.
     assert!(!metrics.contains("nvembed_rows_total{"), "{metrics}");
     assert!(metrics.contains("nvembed_refused_connections_total 2"), "{metrics}");
+}
+
+/// Status and JSON body of a GET with the token.
+fn get(running: &Running, path: &str, token: Option<&str>) -> (u16, Value) {
+    let mut request = running.agent.get(&format!("{}{path}", running.url));
+    if let Some(token) = token {
+        request = request.set("Authorization", &format!("Bearer {token}"));
+    }
+    match request.call() {
+        Ok(response) => (response.status(), response.into_json().unwrap()),
+        Err(ureq::Error::Status(status, response)) => (status, response.into_json().unwrap()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn models_lists_the_served_model_with_what_it_computes() {
+    let running = start(1 << 18);
+    let (status, before) = get(&running, "/v1/models", Some(TOKEN));
+    assert_eq!(status, 200, "{before}");
+    assert_eq!(before["object"], "list");
+    let listed = &before["data"][0];
+    assert_eq!(before["data"].as_array().unwrap().len(), 1);
+    assert_eq!((listed["id"].as_str(), listed["object"].as_str(), listed["owned_by"].as_str()), (Some(NAME), Some("model"), Some("nvembed")));
+    assert!(listed["created"].as_u64().unwrap() > 1_700_000_000, "{listed}");
+    // Not loaded yet: the configured dtype, no dimension.
+    assert_eq!((listed["loaded"].as_bool(), listed["dimension"].is_null()), (Some(false), true), "{listed}");
+    let dtype = listed["dtype"].as_str().unwrap().to_string();
+
+    // The name it lists is the one /v1/embeddings takes; once loaded, it says what was loaded.
+    let (status, body) = post(&running, Some(TOKEN), &json!({"input": "c", "model": listed["id"]}).to_string());
+    assert_eq!(status, 200, "{body}");
+    let (status, one) = get(&running, &format!("/v1/models/{NAME}"), Some(TOKEN));
+    assert_eq!(status, 200, "{one}");
+    let dimension = engine().embedding_dim() as u64;
+    assert_eq!((one["id"].as_str(), one["loaded"].as_bool(), one["dimension"].as_u64()), (Some(NAME), Some(true), Some(dimension)));
+    assert_eq!(one["dtype"], dtype, "the test server loads its configured dtype");
+    assert!(one["revision"].as_str().is_some_and(|r| !r.is_empty()), "{one}");
+
+    // Another name, slashes included, is OpenAI's 404; without a token, its 401.
+    let (status, body) = get(&running, "/v1/models/nvidia/NV-Embed-v2", Some(TOKEN));
+    let message = format!("this server serves {NAME:?}, not \"nvidia/NV-Embed-v2\"");
+    assert_eq!(error_of(status, &body), (404, "model_not_found".into(), message));
+    let (status, body) = get(&running, "/v1/models", None);
+    assert_eq!(error_of(status, &body).0, 401);
+    assert_eq!(error_of(status, &body).1, "invalid_api_key");
 }
 
 #[test]
