@@ -110,7 +110,10 @@ pub fn int8_activation_dtype(backend: MatmulBackend) -> Result<DType> {
 
 fn int8_needs_onednn() -> Error {
     Error::InvalidArgument(
-        "int8 weights run on the CPU with the oneDNN matmul (the default of a CPU build), not on candle's matmul".into(),
+        format!(
+            "int8 weights run on the CPU with the oneDNN matmul (the default of a CPU build), not on candle's matmul \
+             (the GPU's, or the CPU's with {MATMUL_ENV}=candle): choose another dtype there, or leave {MATMUL_ENV} unset"
+        ),
     )
 }
 
