@@ -145,17 +145,24 @@ fn status_row(server: String, status: Option<Status>, last_error: Option<String>
 }
 
 /// The local server's row (`server` is 'local'), or one row per server of `nvembed.servers`,
-/// each asked now; `last_error` is why it could not be asked, or the last error any session
-/// of this cluster met with it.
+/// each asked now; `last_error` is why the server's last attempt to load its model failed
+/// (while none is loaded), else for a remote server why it could not be asked, or the last
+/// error any session of this cluster met with it.
 fn status_rows() -> Vec<StatusRow> {
     let remotes = endpoints::remotes();
     if remotes.is_empty() {
-        return vec![status_row("local".into(), client::status(), None)];
+        let status = client::status();
+        let load_error = status.as_ref().and_then(|s| s.load_error.clone());
+        return vec![status_row("local".into(), status, load_error)];
     }
     remotes
         .iter()
         .map(|remote| match client::remote_status(remote) {
-            Ok(status) => status_row(remote.address.clone(), Some(status), endpoints::last_error(&remote.address)),
+            Ok(status) => {
+                // A server that cannot load its model says why; that comes first.
+                let last_error = status.load_error.clone().or_else(|| endpoints::last_error(&remote.address));
+                status_row(remote.address.clone(), Some(status), last_error)
+            }
             // Busy: up and answering, but this cluster's share of it is in use.
             Err(e) if e.code == PgSqlErrorCode::ERRCODE_TOO_MANY_CONNECTIONS => {
                 let mut row = status_row(remote.address.clone(), None, Some(e.message));

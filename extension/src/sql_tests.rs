@@ -388,7 +388,12 @@ pub(crate) mod tests {
     fn model_errors_name_the_path_and_recover() {
         use_fixture_exclusively();
         serve_model("/nonexistent/nvembed-model");
+        let status = "SELECT loaded::text || ' ' || coalesce(last_error, '-') FROM nvembed_status()";
+        assert_eq!(Spi::get_one::<String>(status).unwrap().as_deref(), Some("false -"), "nothing tried yet");
         assert_error("PERFORM nvembed_passage('x')", "F0000", "/nonexistent/nvembed-model");
+        // The status says why, until a model loads.
+        let after = Spi::get_one::<String>(status).unwrap().unwrap_or_default();
+        assert!(after.starts_with("false ") && after.contains("/nonexistent/nvembed-model"), "{after}");
         // A corrupt shard.
         let broken = fixture_copy("broken");
         let shard = format!("{broken}/model-00001-of-00002.safetensors");
@@ -396,9 +401,10 @@ pub(crate) mod tests {
         std::fs::write(&shard, &bytes[..bytes.len() / 3]).unwrap();
         serve_model(&broken);
         assert_error("PERFORM nvembed_passage('x')", "F0000", "model-00001-of-00002.safetensors");
-        // Fixing the setting makes the next call work.
+        // Fixing the setting makes the next call work, and clears the status's error.
         serve_model(&model_dir());
         assert_eq!(embed_sql("nvembed_passage($1)", "x").len(), 32);
+        assert_eq!(Spi::get_one::<String>(status).unwrap().as_deref(), Some("true -"));
         // Nothing to pool: an error, never NaN.
         Spi::run("SET nvembed.max_length = 10").unwrap();
         assert_error("PERFORM nvembed_query('x')", "22023", "nothing left to pool");

@@ -173,6 +173,10 @@ pub struct Status {
     /// Model time spent on each class of work since the server started.
     pub interactive_seconds: f64,
     pub bulk_seconds: f64,
+    /// Why the last attempt to load the model failed, while none is loaded (absent from older
+    /// servers' answers).
+    #[serde(default)]
+    pub load_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -88,6 +88,7 @@ impl Server {
             refused_connections: Stats::get(&self.stats.refused_connections),
             interactive_seconds: Stats::seconds(&self.stats.interactive_micros),
             bulk_seconds: Stats::seconds(&self.stats.bulk_micros),
+            load_error: self.model.health().err(),
         }
     }
 }

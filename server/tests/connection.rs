@@ -19,13 +19,18 @@ use nvembed_server::connection::serve;
 use nvembed_server::limits::{Limits, IDLE_TIMEOUT};
 
 mod common;
-use common::{fixture, tiny_server};
+use common::{fixture, server_of};
 
 /// A server in this process on a fresh socket; it runs until the test process ends.
 fn start(limits: Limits) -> (PathBuf, tempfile::TempDir) {
+    start_of(&fixture(), limits)
+}
+
+/// As `start`, of the checkpoint in `model`.
+fn start_of(model: &Path, limits: Limits) -> (PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("s.sock");
-    let server = tiny_server(limits);
+    let server = server_of(model, limits);
     let path = socket.clone();
     std::thread::spawn(move || serve(&path, server));
     let started = Instant::now();
@@ -303,6 +308,23 @@ fn an_oversized_call_is_refused_before_the_rest_of_its_texts_is_read() {
         "the call submits at least 610 tokens in 50 texts, more than nvembed.max_request_tokens (600)"
     );
     assert!(closed_within(&mut stream, Duration::from_secs(2)), "the rest of the call would be read");
+}
+
+#[test]
+fn a_model_that_cannot_be_loaded_refuses_calls_and_status_says_why() {
+    let missing = tempfile::tempdir().unwrap();
+    // A directory with no checkpoint in it.
+    let (socket, _dir) = start_of(missing.path(), limits(8));
+    let before = status(&socket);
+    assert_eq!((before.loaded, before.load_error), (false, None), "nothing tried yet");
+    let mut stream = admitted(&socket, "app", None);
+    ClientMessage::Embed(header(1, 512, 1 << 18)).write(&mut stream).unwrap();
+    let (kind, message) = refused(receive(&mut stream).unwrap());
+    assert_eq!(kind, ErrorKind::Load);
+    assert!(message.contains(&*missing.path().to_string_lossy()), "{message}");
+    let after = status(&socket);
+    assert!(!after.loaded);
+    assert_eq!(after.load_error.as_deref(), Some(message.as_str()));
 }
 
 #[test]

@@ -30,11 +30,17 @@ pub fn localhost_certificate(dir: &Path) -> (PathBuf, PathBuf, rustls::RootCertS
 }
 
 /// A server of the fixture (f32, CPU) with its scheduler running, and no listener yet.
+#[allow(dead_code)] // every test binary but one uses it
 pub fn tiny_server(limits: Limits) -> Arc<Server> {
+    server_of(&fixture(), limits)
+}
+
+/// As `tiny_server`, of the checkpoint in `model` (which need not load).
+pub fn server_of(model: &Path, limits: Limits) -> Arc<Server> {
     let stats = Arc::new(Stats::default());
     let server = Arc::new(Server::new(
         ModelSlot::new(ModelSettings {
-            model: fixture().to_string_lossy().into_owned(),
+            model: model.to_string_lossy().into_owned(),
             served_model_name: SERVED_NAME.into(),
             dtype: "f32".into(),
             device: "cpu".into(),
