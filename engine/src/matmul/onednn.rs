@@ -10,9 +10,11 @@
 //!   for them (AVX2, AVX-512 without BF16) packed as they are and multiplied with f32
 //!   activations by oneDNN's f32:bf16 / f32:f16 kernels, which widen each block of weights as
 //!   they load it: a pass reads them once, in 16 bits;
-//! - **widened**: where oneDNN has none of these (a width its AVX2 kernels cannot tile, a CPU
-//!   below AVX2), weights stay as they are in memory and are widened layer by layer into one
-//!   shared f32 buffer for an f32 matmul.
+//! - **widened**: where oneDNN has none of these (an output width its AVX2 kernels cannot tile,
+//!   not a multiple of 8), weights stay as they are in memory and are widened layer by layer
+//!   into one shared f32 buffer for an f32 matmul.
+//!
+//! Below AVX2 oneDNN has only reference kernels, and loading fails with a message that says so.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ptr::NonNull;
