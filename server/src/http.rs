@@ -1,8 +1,8 @@
 //! The HTTP listener, for every program that is not PostgreSQL: OpenAI's `POST /v1/embeddings`
 //! (plus `input_type` and `instruction`) and `GET /v1/models` (the one model served, with its
 //! dtype, dimension and revision: how OpenAI clients find the name to ask for), `GET /health`
-//! for load balancers and `GET /metrics` for Prometheus. Over TLS unless plaintext was asked for explicitly; every request but
-//! `/health` carries a bearer token from the tokens file. A request is a call like the native
+//! for load balancers and `GET /metrics` for Prometheus. Over TLS unless plaintext was asked for
+//! explicitly; every request but `/health` carries a bearer token from the tokens file. A request is a call like the native
 //! protocol's: one input is interactive work, several are bulk, admitted by the same connection
 //! limits (per client name) and token limit, and dropped from the model when its client leaves.
 
@@ -65,6 +65,11 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
     let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
     let body = json!({"error": {"message": message.into(), "type": kind, "param": null, "code": code}});
     (status, Json(body)).into_response()
+}
+
+/// OpenAI's 404 for a model name this server does not serve.
+fn model_not_found(served: &str, asked: &str) -> Response {
+    error(StatusCode::NOT_FOUND, "model_not_found", format!("this server serves {served:?}, not {asked:?}"))
 }
 
 fn refusal(refused: Refusal) -> Response {
@@ -138,11 +143,7 @@ struct Call {
 #[allow(clippy::result_large_err)] // axum's Response, returned as is
 fn validate(request: EmbeddingRequest, served_model_name: &str) -> Result<Call, Response> {
     if request.model != served_model_name {
-        return Err(error(
-            StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!("this server serves {served_model_name:?}, not {:?}", request.model),
-        ));
+        return Err(model_not_found(served_model_name, &request.model));
     }
     if request.dimensions.is_some() {
         return Err(error(
@@ -443,7 +444,7 @@ async fn model(
     }
     let served = &app.server.model.settings().served_model_name;
     if id != *served {
-        return error(StatusCode::NOT_FOUND, "model_not_found", format!("this server serves {served:?}, not {id:?}"));
+        return model_not_found(served, &id);
     }
     Json(model_object(&app)).into_response()
 }

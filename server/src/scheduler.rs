@@ -20,9 +20,10 @@
 //! after the pass that answered them: an interactive pass that answered `n` calls makes the next
 //! interactive pass wait, for at most `GATHER_SHARE` of its own time and `GATHER_MAX`, until `n`
 //! interactive calls (from anyone) have been submitted since it sent its answers, or until the
-//! interactive calls queued fill a pass; bulk takes a layer meanwhile only if it is owed one. Without that, the first call back after a pass (or the
-//! first of a burst) starts a pass alone, its peers queue behind it, and the sessions split for
-//! good into groups that alternate in small passes.
+//! interactive calls queued fill a pass; bulk takes a layer meanwhile only if it is owed one.
+//! Without that, the first call back after a pass (or the first of a burst) starts a pass alone,
+//! its peers queue behind it, and the sessions split for good into groups that alternate in small
+//! passes.
 //!
 //! Nothing is computed far ahead of its reader: a call's rows are taken into passes only up to
 //! `READ_AHEAD_PASSES` pass's worth of tokens beyond what its client has read (what streaming
@@ -362,8 +363,8 @@ impl Scheduler {
             let submitted = self.admit(&mut calls, &cost, idle);
             self.drop_cancelled(&mut calls);
             // No wait when the calls already queued fill a pass: those coming back would not fit.
-            let full = calls.interactive_fills(self.batch_tokens);
-            if let Some(wait) = gather.as_ref().and_then(|g| g.remaining(submitted)).filter(|_| !full) {
+            let waiting = gather.as_ref().and_then(|g| g.remaining(submitted));
+            if let Some(wait) = waiting.filter(|_| !calls.interactive_fills(self.batch_tokens)) {
                 // The last pass's callers are coming back: bulk takes a layer only if it is
                 // owed one (as between interactive layers), else the model waits for them.
                 if share.due() {

@@ -224,16 +224,7 @@ impl PackedMatmul {
         activation: Activation,
         combine: Combine,
     ) -> Result<Option<Self>> {
-        let (n, k) = weight.dims2()?;
-        let dtype = weight.dtype();
-        let id = dtype_id(dtype)?;
-        let weight = weight.contiguous()?;
-        let fused = Fused { bias, activation, combine };
-        match dtype {
-            DType::F32 => with_elements::<f32, _>(&weight, |w| Self::create(dtype, id, w.as_ptr().cast(), None, n, k, fused))?,
-            DType::BF16 => with_elements::<bf16, _>(&weight, |w| Self::create(dtype, id, w.as_ptr().cast(), None, n, k, fused))?,
-            _ => with_elements::<f16, _>(&weight, |w| Self::create(dtype, id, w.as_ptr().cast(), None, n, k, fused))?,
-        }
+        Self::pack(weight, weight.dtype(), Fused { bias, activation, combine })
     }
 
     /// Packs int8 `weights` to be decompressed inside the matmul and multiplied with
@@ -248,8 +239,7 @@ impl PackedMatmul {
     ) -> Result<Option<Self>> {
         let fused = Fused { bias, activation, combine };
         let (n, k) = (weights.n, weights.k);
-        let weights_ptr = weights.values.as_ptr().cast();
-        Self::create(activations, S8_ID, weights_ptr, Some(&weights.scales), n, k, fused)
+        Self::create(activations, S8_ID, weights.values.as_ptr().cast(), Some(&weights.scales), n, k, fused)
     }
 
     /// Packs 16-bit `weight` ((n, k)) in its own dtype to be multiplied with f32 activations,
@@ -260,15 +250,20 @@ impl PackedMatmul {
     /// kernels' (exact widening, f32 products and sums, post-ops on the f32 accumulator). oneDNN
     /// 3.14 writes no 16-bit output from these kernels on AVX2, so the caller converts.
     pub fn widening(weight: &Tensor, bias: Option<&Tensor>, activation: Activation, combine: Combine) -> Result<Option<Self>> {
+        if !matches!(weight.dtype(), DType::BF16 | DType::F16) {
+            return Err(candle_core::Error::Msg(format!("{:?} weights are not widened", weight.dtype())));
+        }
+        Self::pack(weight, DType::F32, Fused { bias, activation, combine })
+    }
+
+    /// Float `weight` ((n, k)) packed in its own dtype for a matmul with `activations`.
+    fn pack(weight: &Tensor, activations: DType, fused: Fused) -> Result<Option<Self>> {
         let (n, k) = weight.dims2()?;
-        let id = match weight.dtype() {
-            DType::BF16 | DType::F16 => dtype_id(weight.dtype())?,
-            other => return Err(candle_core::Error::Msg(format!("{other:?} weights are not widened"))),
-        };
+        let id = dtype_id(weight.dtype())?;
         let weight = weight.contiguous()?;
-        let fused = Fused { bias, activation, combine };
+        // Read by oneDNN while it packs them, inside `create`: `weight` outlives the call.
         let weights_ptr = element_ptr(&weight)?;
-        Self::create(DType::F32, id, weights_ptr, None, n, k, fused)
+        Self::create(activations, id, weights_ptr, None, n, k, fused)
     }
 
     fn create(
